@@ -1,0 +1,272 @@
+"""``fp8coat.AdamW``: torch's AdamW with FP8 moments, dynamic range expansion and compact master weights.
+
+The update is exactly torch's AdamW (decoupled weight decay, bias correction on both moments, eps added after
+the bias-corrected sqrt(v)); what changes is how state is stored:
+
+* m and v in FP8 (E4M3 by default; E5M2 optional, per moment), shaped like the parameter, with one fp32 absmax
+  and one uint8 exponent per 1×G group along the last dim (G = 128): 2.078 bytes per element. Parameters with
+  fewer than ``min_quantized_numel`` elements or fewer than 2 dims keep fp32 moments.
+* Dynamic range expansion (``expansion=True``) raises each group to the power k that stretches its dynamic range
+  over FP8's before quantizing (``state_codec.py``); ``expansion=False`` is plain absmax per group.
+* Master weights (``master_weights``): ``fp32`` parameters, ``bf16-remainder`` (bf16 params + int16 low bits:
+  bit-identical to fp32 masters), ``bf16-stochastic``, or ``none`` (round to nearest in the param dtype);
+  ``auto`` picks ``fp32`` for fp32 params and ``bf16-remainder`` for bf16 params.
+
+On CUDA one fused Triton launch updates every tensor of a bucket (same layout, dtype and step count): no host
+syncs, no recompilation when ``lr`` changes (a float, or a tensor read on device). Elsewhere the torch
+reference runs with the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..formats import get_format
+from ..quantization import check_group_size, triton_available
+from .layout import StateLayout, init_state, state_nbytes
+from .master_weights import MASTER_MODES, resolve_master_mode
+from .step_reference import StepScalars, adamw_step_reference
+
+__all__ = ["AdamW"]
+
+_OPTION_KEYS = ("m_format", "v_format", "group_size", "expansion", "min_quantized_numel", "master_weights")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with FP8 optimizer states.
+
+    Args:
+        params: parameters or parameter groups (each group may override any keyword below).
+        lr: learning rate, a float or a 0-d tensor (may change every step).
+        betas, eps, weight_decay, maximize: as in :class:`torch.optim.AdamW`.
+        m_format / v_format: ``"e4m3"`` (default) or ``"e5m2"`` for the first / second moment.
+        group_size: elements per quantization group along the last dim (power of two >= 16; default 128).
+        expansion: dynamic range expansion on (default) or off (plain per-group absmax, for ablations).
+        min_quantized_numel: parameters with fewer elements (or < 2 dims) keep fp32 moments (default 4096).
+        master_weights: ``"auto"`` | ``"fp32"`` | ``"bf16-remainder"`` | ``"bf16-stochastic"`` | ``"none"``.
+        backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        seed: seed of the stochastic-rounding stream.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: "float | torch.Tensor" = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        m_format: str = "e4m3",
+        v_format: str = "e4m3",
+        group_size: int = 128,
+        expansion: bool = True,
+        min_quantized_numel: int = 4096,
+        master_weights: str = "auto",
+        maximize: bool = False,
+        amsgrad: bool = False,
+        backend: "str | None" = None,
+        seed: int = 0,
+    ):
+        if amsgrad:
+            raise NotImplementedError("fp8coat.AdamW does not implement amsgrad; use torch.optim.AdamW for it")
+        if backend not in (None, "torch", "triton"):
+            raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            m_format=m_format, v_format=v_format, group_size=group_size, expansion=expansion,
+            min_quantized_numel=min_quantized_numel, master_weights=master_weights,
+        )
+        self._validate_group(defaults)
+        self.backend = backend
+        self.seed = int(seed)
+        self._layouts: dict[torch.Tensor, StateLayout] = {}
+        self._caches: dict[Any, Any] = {}
+        self._sr_calls = 0
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # configuration
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+        elif not (lr >= 0.0):
+            raise ValueError(f"invalid learning rate {lr!r}")
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
+        if not group["eps"] >= 0.0:
+            raise ValueError(f"invalid eps {group['eps']!r}")
+        if not group["weight_decay"] >= 0.0:
+            raise ValueError(f"invalid weight_decay {group['weight_decay']!r}")
+        get_format(group["m_format"])
+        get_format(group["v_format"])
+        check_group_size(group["group_size"])
+        if group["master_weights"] not in MASTER_MODES:
+            raise ValueError(f"master_weights={group['master_weights']!r} is not one of {MASTER_MODES}")
+        if not isinstance(group["min_quantized_numel"], int) or group["min_quantized_numel"] < 0:
+            raise ValueError(f"min_quantized_numel must be an int >= 0, got {group['min_quantized_numel']!r}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError("fp8coat.AdamW does not support complex parameters")
+            if not p.is_floating_point():
+                raise ValueError(f"fp8coat.AdamW needs floating-point parameters, got {p.dtype}")
+            resolve_master_mode(group["master_weights"], p, self._param_name(p))
+
+    def _param_name(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})"
+        return f"parameter of shape {tuple(p.shape)}"
+
+    def layout_of(self, p: torch.Tensor, group: "dict | None" = None) -> StateLayout:
+        """The storage layout of ``p``'s state, from its group's options."""
+        if p in self._layouts:
+            return self._layouts[p]
+        if group is None:
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"]
+        layout = StateLayout(
+            m_format=get_format(group["m_format"]) if quantized else None,
+            v_format=get_format(group["v_format"]) if quantized else None,
+            group_size=group["group_size"],
+            expand=bool(group["expansion"]),
+            master=resolve_master_mode(group["master_weights"], p, self._param_name(p)),
+        )
+        self._layouts[p] = layout
+        return layout
+
+    # ---------------------------------------------------------------------------------------------------------
+    # step
+
+    def _use_triton(self, p: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        return p.is_cuda and triton_available()
+
+    @torch.no_grad()
+    def step(self, closure: "Callable[[], Any] | None" = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sr_calls += 1
+        for gi, group in enumerate(self.param_groups):
+            items = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("fp8coat.AdamW does not support sparse gradients")
+                if grad.is_complex():
+                    raise RuntimeError("fp8coat.AdamW does not support complex gradients")
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+                state = self.state[p]
+                layout = self.layout_of(p, group)
+                if not state:
+                    state.update(init_state(p, layout))
+                items.append((p, grad, state, layout))
+            if not items:
+                continue
+            torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
+            buckets: dict[tuple, list] = {}
+            for p, grad, state, layout in items:
+                fused = self._use_triton(p) and p.is_contiguous()
+                key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused)
+                buckets.setdefault(key, []).append((p, grad if grad.is_contiguous() else grad.contiguous(), state))
+            for (layout, device, _, _, step, fused), bucket in buckets.items():
+                scalars = StepScalars(
+                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                )
+                seed = hash((self.seed, self._sr_calls, gi)) & 0x7FFFFFFF
+                if fused:
+                    from .step_triton import fused_adamw_step
+
+                    ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
+                    self._caches[ckey] = fused_adamw_step(
+                        [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
+                        seed=seed, cache=self._caches.get(ckey),
+                    )
+                else:
+                    gen = None
+                    if layout.master == "bf16-stochastic":
+                        gen = torch.Generator().manual_seed(seed)
+                    for p, grad, state in bucket:
+                        adamw_step_reference(p, grad, state, layout, scalars, generator=gen)
+        return loss
+
+    # ---------------------------------------------------------------------------------------------------------
+    # memory accounting
+
+    def state_nbytes(self, include_master: bool = True) -> int:
+        """Bytes of optimizer state on device (moments + side data, and the bf16 remainders if included)."""
+        return sum(state_nbytes(s, include_master) for s in self.state.values())
+
+    # ---------------------------------------------------------------------------------------------------------
+    # checkpointing
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by this class; FP8/uint8/int16 state tensors keep their dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype (fp8 -> fp32,
+        int16 -> bf16 would lose the remainder bits), so the tensors are set here instead, after checking
+        that each one has the dtype and shape the current options give.
+        """
+        saved_groups = state_dict["param_groups"]
+        for g in saved_groups:
+            missing = [k for k in _OPTION_KEYS if k not in g]
+            if missing:
+                raise ValueError(f"state dict is not from fp8coat.AdamW: param group lacks {missing}")
+        saved_state = state_dict["state"]
+        stripped = {
+            "state": {pid: {"step": s["step"]} for pid, s in saved_state.items()},
+            "param_groups": saved_groups,
+        }
+        super().load_state_dict(stripped)
+        self._layouts.clear()
+        self._caches.clear()
+        id_map = dict(
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        for pid, saved in saved_state.items():
+            if pid not in id_map:
+                continue
+            p = id_map[pid]
+            expected = init_state(p.detach().to("meta"), self.layout_of(p))
+            state = self.state[p]
+            for key, ref in expected.items():
+                if key == "step":
+                    continue
+                if key not in saved:
+                    raise ValueError(f"state of {self._param_name(p)} lacks {key!r}: saved with other options?")
+                value = saved[key]
+                if value.dtype != ref.dtype or value.shape != ref.shape:
+                    raise ValueError(
+                        f"state {key!r} of {self._param_name(p)} is {value.dtype} {tuple(value.shape)}, expected "
+                        f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options"
+                    )
+                state[key] = value.detach().to(device=p.device, copy=True)
+            extra = set(saved) - set(expected)
+            if extra:
+                raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(extra)}")
+

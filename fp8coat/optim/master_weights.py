@@ -1,0 +1,88 @@
+"""Master-weight modes: where the exact (fp32) value of each parameter lives.
+
+=====================  ============  ==========================================================================
+mode                   param dtype   master copy
+=====================  ============  ==========================================================================
+``fp32``               fp32          the parameter itself (COAT parity)
+``bf16-remainder``     bf16          the bf16 parameter holds the top 16 bits of the fp32 master, rounded to
+                                     nearest; an int16 state holds the low 16 bits. The fp32 master is rebuilt
+                                     exactly, so the update is bit-identical to an fp32-master run, at 4 bytes
+                                     per parameter for param + remainder (8 B/param with bf16 grads, FP8 m, v).
+``bf16-stochastic``    bf16          none: the fp32 update is rounded stochastically into bf16 (unbiased).
+``none``               any float     none: the fp32 update is rounded to nearest into the param dtype (what
+                                     ``torch.optim.AdamW`` does for low-precision params).
+=====================  ============  ==========================================================================
+
+Split rule of ``bf16-remainder`` (fp32 bits ``b``, hi = b >> 16, lo = b & 0xFFFF):
+``param_bits = hi + (lo >= 0x8000)`` (round half away from zero in magnitude) and ``remainder = lo``.
+Join: ``hi = param_bits - (lo >= 0x8000)``; ``b = hi << 16 | lo``. Unambiguous for every finite fp32 value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MASTER_MODES", "resolve_master_mode", "split_bf16_remainder", "join_bf16_remainder", "stochastic_round_bf16"]
+
+MASTER_MODES = ("auto", "fp32", "bf16-remainder", "bf16-stochastic", "none")
+
+
+def resolve_master_mode(mode: str, param: torch.Tensor, name: str = "parameter") -> str:
+    """The concrete mode for ``param`` (``auto``: fp32 params -> ``fp32``, bf16 -> ``bf16-remainder``)."""
+    if mode not in MASTER_MODES:
+        raise ValueError(f"master_weights={mode!r} is not one of {MASTER_MODES}")
+    dt = param.dtype
+    if mode == "auto":
+        if dt == torch.float32:
+            return "fp32"
+        if dt == torch.bfloat16:
+            return "bf16-remainder"
+        raise ValueError(
+            f"{name} has dtype {dt}: master_weights='auto' handles float32 and bfloat16 parameters; "
+            "pass master_weights='none' to update it in its own dtype"
+        )
+    if mode == "fp32" and dt != torch.float32:
+        raise ValueError(f"master_weights='fp32' needs float32 parameters, but {name} is {dt}")
+    if mode.startswith("bf16") and dt != torch.bfloat16:
+        raise ValueError(f"master_weights={mode!r} needs bfloat16 parameters, but {name} is {dt}")
+    if not dt.is_floating_point:
+        raise ValueError(f"{name} has non-float dtype {dt}")
+    return mode
+
+
+def _bits32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 tensor -> its bit pattern as int64 in [0, 2^32)."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _from_bits32(b: torch.Tensor) -> torch.Tensor:
+    b = torch.where(b >= 2**31, b - 2**32, b)
+    return b.to(torch.int32).view(torch.float32)
+
+
+def split_bf16_remainder(p32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (bf16 rounded to nearest (ties away), int16 low bits)."""
+    b = _bits32(p32)
+    lo = b & 0xFFFF
+    hi = ((b >> 16) + (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    to16 = lambda t: torch.where(t >= 2**15, t - 2**16, t).to(torch.int16)  # noqa: E731
+    return to16(hi).view(torch.bfloat16), to16(lo)
+
+
+def join_bf16_remainder(p16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 master from the bf16 parameter and its int16 remainder."""
+    hi = p16.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    lo = remainder.to(torch.int64) & 0xFFFF
+    hi = (hi - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    return _from_bits32((hi << 16) | lo)
+
+
+def stochastic_round_bf16(p32: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to bf16 stochastically: add 16 random bits below the kept mantissa and truncate.
+
+    ``random16`` holds integers in [0, 2^16) (any int dtype) of ``p32``'s shape. Unbiased:
+    ``E[result] = p32`` for finite values that do not overflow.
+    """
+    b = (_bits32(p32) + (random16.to(torch.int64) & 0xFFFF)) >> 16
+    b = b & 0xFFFF
+    return torch.where(b >= 2**15, b - 2**16, b).to(torch.int16).view(torch.bfloat16)

@@ -1,0 +1,292 @@
+"""Fused multi-tensor AdamW step with FP8 moments and dynamic range expansion — Triton.
+
+One launch updates every tensor of a bucket (same :class:`StateLayout`, dtypes and hyper-parameters). Each
+program owns ``BLOCK_GROUPS`` consecutive 1×G groups of one tensor and does, in registers:
+
+    decode m, v (FP8 + per-group absmax/exponent)  ->  AdamW in fp32  ->  write the parameter
+    -> per-group max and min-non-zero of the new m, v  ->  exponent k  ->  encode and write m, v + side data
+
+so each byte of state, gradient and parameter is read once and written once. Tensors are found through two
+small device tables (addresses and shapes); a program locates its tensor by binary search over the tables'
+program offsets. Hyper-parameters are fp32 arguments (a device ``lr`` tensor is read in-kernel), so steps never
+recompile and never sync with the host. Arithmetic mirrors ``step_reference.py`` operation by operation with
+FMA contraction disabled; only ``log2``/``exp2`` may differ in the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import E4M3
+from .layout import StateLayout
+from .state_codec import expand_constant
+from .step_reference import StepScalars, _f32, step_constants
+
+__all__ = ["fused_adamw_step", "POINTER_KINDS"]
+
+POINTER_KINDS = ("param", "grad", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_expo",
+                 "exp_avg_sq_absmax", "exp_avg_sq_expo", "master_remainder")
+_KIND = {k: i for i, k in enumerate(POINTER_KINDS)}
+_MASTER_CODE = {"fp32": 0, "none": 0, "bf16-remainder": 1, "bf16-stochastic": 2}
+
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float8_e4m3fn: tl.float8e4nv,
+    torch.float8_e5m2: tl.float8e5,
+}
+
+
+@triton.jit
+def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
+    return tl.load(table + kind * NT + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
+            FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+    if FP8:
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.load(amax_ptr + gidx, mask=gmask, other=0.0)
+        if EXPAND:
+            k16 = tl.load(expo_ptr + gidx, mask=gmask, other=16).to(tl.float32)
+            inv_k = tl.div_rn(tl.full(k16.shape, 16.0, tl.float32), k16)
+            mag = tl.exp2(tl.log2(tl.abs(q) * INV_FMAX) * inv_k[:, None]) * amax[:, None]
+            x = tl.where(q < 0, -mag, mag)
+        else:
+            x = q * tl.div_rn(amax, FMAX)[:, None]
+    else:
+        x = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
+                  FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, C: tl.constexpr):
+    if FP8:
+        a = tl.abs(x)
+        a = tl.where(a != a, float("inf"), a)
+        amax = tl.max(a, axis=1)
+        if EXPAND:
+            amin = tl.min(tl.where(a > 0, a, float("inf")), axis=1)
+            log_range = tl.log2(amax) - tl.log2(amin)
+            log_range = tl.where(log_range > 0, log_range, 0.0)
+            k16 = tl.floor(tl.div_rn(tl.full(log_range.shape, C, tl.float32), log_range))
+            k16 = tl.where(k16 > 255.0, 255.0, k16)
+            k16 = tl.where(k16 < 1.0, 1.0, k16)
+            inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax), 0.0)
+            r = a * inv[:, None]
+            y = FMAX * tl.exp2((k16 * 0.0625)[:, None] * tl.log2(r))
+            y = tl.where(y > FMAX, FMAX, y)
+            y = tl.where(x < 0, -y, y)
+            tl.store(expo_ptr + gidx, k16.to(tl.uint8), mask=gmask)
+        else:
+            inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax), 0.0)
+            y = x * inv[:, None]
+            y = tl.where(y > FMAX, FMAX, y)
+            y = tl.where(y < -FMAX, -FMAX, y)
+        tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(amax_ptr + gidx, amax, mask=gmask)
+    else:
+        tl.store(q_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _adamw_step_kernel(
+    table, meta, NT, lr_ptr, lr_value, seed,
+    one_minus_beta1, beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1, inv_bc2_sqrt,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
+    M_FP8: tl.constexpr, V_FP8: tl.constexpr, EXPAND: tl.constexpr,
+    M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_C: tl.constexpr, V_C: tl.constexpr,
+    MASTER: tl.constexpr, LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
+    G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    hi = lo + NT - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(meta + 3 * NT + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    t = lo
+    K = tl.load(meta + t)
+    n_groups = tl.load(meta + NT + t)
+    groups_per_row = tl.load(meta + 2 * NT + t)
+    first = tl.load(meta + 3 * NT + t)
+
+    gidx = (pid - first) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    gmask = gidx < n_groups
+    row = gidx // groups_per_row
+    col = gidx - row * groups_per_row
+    kk = col[:, None] * G + tl.arange(0, G)[None, :]
+    mask = gmask[:, None] & (kk < K)
+    offs = row[:, None] * K + kk
+
+    g_ptr = _ptr(table, 1, t, NT, G_DT)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p_ptr = _ptr(table, 0, t, NT, P_DT)
+    if MASTER == 1:
+        r_ptr = _ptr(table, 8, t, NT, tl.int16)
+        hi16 = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF
+        lo16 = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF
+        hi16 = (hi16 - (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
+        p = ((hi16 << 16) | lo16).to(tl.float32, bitcast=True)
+    elif MASTER == 2:
+        p = ((tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    m_ptr = _ptr(table, 2, t, NT, M_DT)
+    v_ptr = _ptr(table, 3, t, NT, V_DT)
+    m_amax_ptr = _ptr(table, 4, t, NT, tl.float32)
+    m_expo_ptr = _ptr(table, 5, t, NT, tl.uint8)
+    v_amax_ptr = _ptr(table, 6, t, NT, tl.float32)
+    v_expo_ptr = _ptr(table, 7, t, NT, tl.uint8)
+    m_old = _decode(m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, 1.0 / M_FMAX)
+    v_old = _decode(v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, 1.0 / V_FMAX)
+
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr)
+    else:
+        lr = lr_value
+    step_size = tl.div_rn(lr, bias_correction1)
+    wd_factor = 1.0 - lr * weight_decay
+
+    p = p * wd_factor
+    if LERP_SMALL:
+        m = m_old + one_minus_beta1 * (g - m_old)
+    else:
+        m = g - (g - m_old) * beta1
+    v = v_old * beta2 + (one_minus_beta2 * g) * g
+    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+    p = p - tl.div_rn(step_size * m, denom)
+
+    if MASTER == 1:
+        bits = p.to(tl.uint32, bitcast=True)
+        lo16 = bits & 0xFFFF
+        hi16 = ((bits >> 16) + (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
+        tl.store(p_ptr + offs, hi16.to(tl.int16), mask=mask)
+        tl.store(r_ptr + offs, lo16.to(tl.int16), mask=mask)
+    elif MASTER == 2:
+        rnd = tl.randint(seed + t.to(tl.int32), offs.to(tl.int32)) & 0xFFFF
+        bits = (p.to(tl.uint32, bitcast=True) + rnd) >> 16
+        tl.store(p_ptr + offs, bits.to(tl.int16), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+
+    _encode_store(m, m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, M_C)
+    _encode_store(v, v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, V_C)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_args(fmt):
+    if fmt is None:  # fp32 moments: the FMAX/C constants are unused
+        return False, E4M3.max, 0.0
+    return True, fmt.max, expand_constant(fmt)
+
+
+def _element_view(p: torch.Tensor, state: dict, layout: StateLayout) -> tuple[int, int]:
+    """(rows·K = numel, K) as the kernel sees the tensor: FP8 moments group along the last dim; fp32 moments
+    are treated as one flat row."""
+    shape = state["exp_avg"].shape
+    if layout.m_format is None and layout.v_format is None:
+        return p.numel(), max(p.numel(), 1)
+    return p.numel(), shape[-1]
+
+
+def _to_device(rows: "list[list[int]]", device: torch.device) -> torch.Tensor:
+    """Host int64 table -> device, asynchronously (through pinned memory) on CUDA."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class _TableCache:
+    """Device tables of one bucket, rebuilt only when its tensors move (grad addresses change every step)."""
+
+    def __init__(self):
+        self.key = None
+        self.static = None  # host list: addresses except grads
+        self.meta = None
+        self.programs = 0
+
+
+def fused_adamw_step(
+    params: "list[torch.Tensor]",
+    grads: "list[torch.Tensor]",
+    states: "list[dict]",
+    layout: StateLayout,
+    scalars: StepScalars,
+    *,
+    seed: int = 0,
+    cache: "_TableCache | None" = None,
+    block_groups: "int | None" = None,
+    num_warps: int = 8,
+) -> _TableCache:
+    """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the table cache to reuse."""
+    device = params[0].device
+    nt = len(params)
+    g_size = layout.group_size
+    m_fp8, m_fmax, m_c = _fmt_args(layout.m_format)
+    v_fp8, v_fmax, v_c = _fmt_args(layout.v_format)
+    if block_groups is None:
+        block_groups = max(1, 2048 // g_size)
+    cache = cache or _TableCache()
+
+    key = (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
+    if cache.key != key:
+        meta = [[0] * nt for _ in range(4)]
+        static = [[0] * nt for _ in POINTER_KINDS]
+        start = 0
+        for t, (p, s) in enumerate(zip(params, states)):
+            numel, k = _element_view(p, s, layout)
+            gpr = -(-k // g_size)
+            n_groups = (numel // k) * gpr if numel else 0
+            meta[0][t], meta[1][t], meta[2][t], meta[3][t] = k, n_groups, gpr, start
+            start += -(-n_groups // block_groups)
+            static[_KIND["param"]][t] = p.data_ptr()
+            for name in POINTER_KINDS[2:]:
+                if name in s:
+                    static[_KIND[name]][t] = s[name].data_ptr()
+        cache.key = key
+        cache.static = static
+        cache.meta = _to_device(meta, device)
+        cache.programs = start
+    if cache.programs == 0:
+        return cache
+    for t, gr in enumerate(grads):
+        cache.static[_KIND["grad"]][t] = gr.data_ptr()
+    table = _to_device(cache.static, device)
+
+    c = step_constants(scalars)
+    lr_is_tensor = isinstance(scalars.lr, torch.Tensor)
+    lr_tensor = scalars.lr.detach().to(device=device, dtype=torch.float32).reshape(()) if lr_is_tensor else table
+    lr_value = 0.0 if lr_is_tensor else _f32(float(scalars.lr))
+    p_dtype = tl.int16 if layout.master in ("bf16-remainder", "bf16-stochastic") else _TL_DTYPE[params[0].dtype]
+    _adamw_step_kernel[(cache.programs,)](
+        table, cache.meta, nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
+        c["one_minus_beta1"], c["beta1"], c["beta2"], c["one_minus_beta2"], c["eps"], c["weight_decay"],
+        c["bias_correction1"], c["inv_bias_correction2_sqrt"],
+        P_DT=p_dtype, G_DT=_TL_DTYPE[grads[0].dtype],
+        M_DT=_TL_DTYPE[states[0]["exp_avg"].dtype], V_DT=_TL_DTYPE[states[0]["exp_avg_sq"].dtype],
+        M_FP8=m_fp8, V_FP8=v_fp8, EXPAND=layout.expand,
+        M_FMAX=m_fmax, V_FMAX=v_fmax, M_C=m_c, V_C=v_c,
+        MASTER=_MASTER_CODE[layout.master], LR_FROM_PTR=lr_is_tensor, MAXIMIZE=scalars.maximize,
+        LERP_SMALL=c["one_minus_beta1"] < 0.5,
+        G=g_size, BLOCK_GROUPS=block_groups, SEARCH_STEPS=max(1, math.ceil(math.log2(nt)) if nt > 1 else 1),
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+    return cache
+

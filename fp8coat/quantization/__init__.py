@@ -1,0 +1,97 @@
+"""FP8 quantization primitives with one dispatch point.
+
+``backend=None`` (the default) picks the Triton kernels for CUDA tensors and the torch reference otherwise;
+``"torch"`` / ``"triton"`` force one (tests run the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``).
+Both backends compute bit-identical data and scales (see ``reference.py`` for the exact rule).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..formats import get_format
+from . import reference
+from .reference import MIN_SCALE, check_group_size, scale_from_amax
+
+__all__ = [
+    "MIN_SCALE",
+    "check_group_size",
+    "scale_from_amax",
+    "resolve_backend",
+    "quantize_per_group",
+    "dequantize_per_group",
+    "quantize_per_tensor",
+    "dequantize_per_tensor",
+    "tensor_amax",
+    "group_amax",
+]
+
+BACKENDS = ("torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(x: torch.Tensor, backend: "str | None") -> str:
+    """The backend that runs for tensor ``x``: the requested one, or Triton on CUDA and torch elsewhere."""
+    if backend is None:
+        return "triton" if (x.is_cuda and triton_available()) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' requested but triton is not installed")
+    return backend
+
+
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def quantize_per_group(x: torch.Tensor, fmt="e4m3", group_size: int = 16, *, backend: "str | None" = None):
+    """Quantize ``x`` ``(*lead, K)`` in 1×G groups along the last dim -> ``(q, scale)``.
+
+    ``q``: ``x.shape``, fp8 dtype of ``fmt``; ``scale``: fp32 ``(*lead, ceil(K/G))``; ``x ≈ q * scale``.
+    """
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().quantize_per_group_triton(x, fmt, group_size)
+    return reference.quantize_per_group(x, fmt, group_size)
+
+
+def dequantize_per_group(q, scale, group_size: int = 16, out_dtype=torch.float32, *, backend: "str | None" = None):
+    """``fp32(q) * scale`` per 1×G group, returned in ``out_dtype`` with ``q``'s shape."""
+    if resolve_backend(q, backend) == "triton":
+        return _kernels().dequantize_per_group_triton(q, scale, group_size, out_dtype)
+    return reference.dequantize_per_group(q, scale, group_size, out_dtype)
+
+
+def tensor_amax(x: torch.Tensor, *, backend: "str | None" = None) -> torch.Tensor:
+    """0-d fp32 amax of ``x`` (NaN counts as +inf), computed on ``x``'s device without a host sync."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().tensor_amax_triton(x)
+    return reference.tensor_amax(x)
+
+
+def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group amax, shape ``(*lead, ceil(K/G))`` (the first stage of group scaling)."""
+    return reference.group_amax(x, group_size)
+
+
+def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: "str | None" = None):
+    """Quantize ``x`` with one fp32 scale -> ``(q, scale)``; the scale comes from the two-stage amax if not given."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().quantize_per_tensor_triton(x, fmt, scale)
+    return reference.quantize_per_tensor(x, get_format(fmt), scale)
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
+    return reference.dequantize_per_tensor(q, scale, out_dtype)

@@ -1,0 +1,137 @@
+"""Torch reference of the FP8 quantization primitives (the semantics every Triton kernel reproduces bit for bit).
+
+Scaling rule, for a set of values X (one 1×G group along the last dim, or a whole tensor):
+
+    a      = |x|, with NaN replaced by +inf          (a non-finite value poisons its whole set, loudly)
+    amax   = max(a)                                  (fp32; 0 for an empty or all-zero set)
+    scale  = max(amax / fmax, 2^-126)                 (fp32, IEEE division; the floor keeps 1/scale finite)
+    q      = fp8( clamp(x * (1 / scale), -fmax, fmax) )   (round to nearest-even)
+    x_hat  = fp32(q) * scale
+
+Consequences: the largest |x| maps to ±fmax; exact zeros stay zero; an all-zero set gives q = 0; a set holding
+inf or NaN gets scale = inf, so every element dequantizes to NaN rather than to a silently wrong finite value.
+The arithmetic is one IEEE division per set and one multiply per element, so the Triton kernels can match it
+exactly.
+
+Per-group layout: ``x`` of shape ``(*lead, K)`` is split along the last dim into ``ceil(K / G)`` groups of ``G``
+elements (the last one partial when ``G`` does not divide ``K``); scales have shape ``(*lead, ceil(K / G))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._numerics import ieee_div
+from ..formats import FP8Format, get_format
+
+__all__ = [
+    "MIN_SCALE",
+    "abs_for_amax",
+    "scale_from_amax",
+    "group_amax",
+    "tensor_amax",
+    "quantize_with_scale",
+    "quantize_per_group",
+    "dequantize_per_group",
+    "quantize_per_tensor",
+    "dequantize_per_tensor",
+    "check_group_size",
+]
+
+MIN_SCALE = 2.0**-126  # smallest normal fp32
+
+
+def check_group_size(group_size: int) -> None:
+    """Group sizes are powers of two >= 16 (kernel tiles are powers of two)."""
+    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+
+
+def abs_for_amax(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in fp32 with NaN mapped to +inf (so that max() sees it on every backend)."""
+    a = x.float().abs()
+    return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """Dequantization scale ``max(amax / fmax, 2^-126)`` (fp32, same shape as ``amax``)."""
+    s = ieee_div(amax.float(), fmt.max)
+    return torch.where(s < MIN_SCALE, torch.full_like(s, MIN_SCALE), s)
+
+
+def _pad_last(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    k = x.shape[-1]
+    pad = (-k) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x
+
+
+def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group amax (fp32) of shape ``(*x.shape[:-1], ceil(K / G))``; NaN/inf in a group give +inf."""
+    check_group_size(group_size)
+    a = _pad_last(abs_for_amax(x), group_size)
+    a = a.reshape(*a.shape[:-1], a.shape[-1] // group_size, group_size)
+    if a.numel() == 0:
+        return a.new_zeros(a.shape[:-1])
+    return a.amax(dim=-1)
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """amax over the whole tensor as a 0-d fp32 tensor (0 for an empty tensor)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return abs_for_amax(x).amax()
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """``fp8(clamp(x * (1/scale)))`` with ``scale`` broadcastable to ``x`` (fp32)."""
+    inv = ieee_div(1.0, scale.float())
+    y = x.float() * inv
+    return y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+
+
+def quantize_per_group(x: torch.Tensor, fmt, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (``(*lead, K)``, any float dtype) in 1×G groups along the last dim.
+
+    Returns ``(q, scale)``: ``q`` has ``x``'s shape in ``fmt``'s dtype (contiguous); ``scale`` is fp32 of shape
+    ``(*lead, ceil(K / G))``.
+    """
+    fmt = get_format(fmt)
+    if x.dim() == 0:
+        raise ValueError("per-group quantization needs at least one dimension")
+    k = x.shape[-1]
+    scale = scale_from_amax(group_amax(x, group_size), fmt)
+    xp = _pad_last(x.float(), group_size)
+    xg = xp.reshape(*xp.shape[:-1], xp.shape[-1] // group_size, group_size)
+    q = quantize_with_scale(xg, scale.unsqueeze(-1), fmt).reshape(xp.shape)[..., :k]
+    return q.contiguous(), scale
+
+
+def dequantize_per_group(
+    q: torch.Tensor, scale: torch.Tensor, group_size: int, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_per_group`: ``fp32(q) * scale`` per group, cast to ``out_dtype``."""
+    check_group_size(group_size)
+    k = q.shape[-1]
+    qp = _pad_last(q.float(), group_size)
+    qg = qp.reshape(*qp.shape[:-1], qp.shape[-1] // group_size, group_size)
+    x = (qg * scale.float().unsqueeze(-1)).reshape(qp.shape)[..., :k]
+    return x.to(out_dtype).contiguous()
+
+
+def quantize_per_tensor(
+    x: torch.Tensor, fmt, scale: "torch.Tensor | None" = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` with one scale. ``scale`` (0-d fp32) is computed from ``tensor_amax(x)`` when not given.
+
+    Returns ``(q, scale)``; ``q`` has ``x``'s shape (contiguous), ``scale`` is a 0-d fp32 tensor.
+    """
+    fmt = get_format(fmt)
+    if scale is None:
+        scale = scale_from_amax(tensor_amax(x), fmt)
+    return quantize_with_scale(x, scale, fmt).contiguous(), scale
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(out_dtype)

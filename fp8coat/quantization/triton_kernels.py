@@ -1,0 +1,209 @@
+"""Triton kernels for the FP8 quantization primitives; semantics identical to ``reference.py`` bit for bit.
+
+Every kernel works on a 2-D view ``(R, K)`` of its input with arbitrary strides (any shape, non-contiguous input,
+0 elements are handled by the launchers). Divisions use ``tl.div_rn`` (IEEE round-to-nearest) so that scales match
+torch exactly; the per-element work is one multiply, a clamp and the cast.
+
+Kernels:
+  * ``_group_quant_kernel``   x -> (q, scale) per 1×G group (scale fp32, shape (R, ceil(K/G))).
+  * ``_group_dequant_kernel`` (q, scale) -> x.
+  * ``_tile_amax_kernel``     stage 1 of "group scaling": one partial amax per tile, no host sync.
+  * ``_scaled_quant_kernel``  stage 2: quantize with one scale read from device memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import FP8Format, get_format
+from .reference import MIN_SCALE, check_group_size, scale_from_amax
+
+__all__ = [
+    "quantize_per_group_triton",
+    "dequantize_per_group_triton",
+    "tensor_amax_triton",
+    "quantize_per_tensor_triton",
+]
+
+
+@triton.jit
+def _abs_nan_to_inf(x):
+    a = tl.abs(x)
+    return tl.where(a != a, float("inf"), a)
+
+
+@triton.jit
+def _clamp_cast(y, FMAX: tl.constexpr, out_ty: tl.constexpr):
+    # tl.where keeps NaN (tl.minimum/maximum may drop it)
+    y = tl.where(y > FMAX, FMAX, y)
+    y = tl.where(y < -FMAX, -FMAX, y)
+    return y.to(out_ty)
+
+
+@triton.jit
+def _group_quant_kernel(
+    x_ptr, q_ptr, s_ptr,  # x: (R, K) strided; q: (R, K) contiguous; s: (R, NG) contiguous fp32
+    R, K, NG, stride_xr, stride_xk,
+    FMAX: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    x3 = tl.reshape(x, (BLOCK_R, BLOCK_K // G, G))
+    amax = tl.max(_abs_nan_to_inf(x3), axis=2)
+    s = tl.div_rn(amax, FMAX)
+    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    y = tl.reshape(x3 * inv[:, :, None], (BLOCK_R, BLOCK_K))
+    q = _clamp_cast(y, FMAX, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+    tl.store(s_ptr + rows[:, None] * NG + gcols[None, :], s, mask=(rows[:, None] < R) & (gcols[None, :] < NG))
+
+
+@triton.jit
+def _group_dequant_kernel(
+    q_ptr, s_ptr, x_ptr,  # q: (R, K) strided; s: (R, NG) contiguous; x: (R, K) contiguous
+    R, K, NG, stride_qr, stride_qk,
+    G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * stride_qr + cols[None, :] * stride_qk, mask=mask, other=0.0).to(tl.float32)
+    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+    s = tl.load(s_ptr + rows[:, None] * NG + gcols[None, :], mask=(rows[:, None] < R) & (gcols[None, :] < NG), other=1.0)
+    x = tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // G, G)) * s[:, :, None], (BLOCK_R, BLOCK_K))
+    tl.store(x_ptr + rows[:, None] * K + cols[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_amax_kernel(
+    x_ptr, part_ptr,  # x: (R, K) strided; part: (grid_r * grid_k,) fp32
+    R, K, stride_xr, stride_xk,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(_abs_nan_to_inf(x), axis=1), axis=0)
+    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_k, amax)
+
+
+@triton.jit
+def _scaled_quant_kernel(
+    x_ptr, s_ptr, q_ptr,  # x: (R, K) strided; s: 0-d fp32 scale; q: (R, K) contiguous
+    R, K, stride_xr, stride_xk,
+    FMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr)
+    inv = tl.div_rn(1.0, s)
+    q = _clamp_cast(x * inv, FMAX, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    """(*lead, K) -> (R, K); a view when the leading dims collapse, else a copy. 0-d -> (1, 1)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _tiles(r: int, k: int, min_k: int = 16) -> tuple[int, int]:
+    """Tile (BLOCK_R, BLOCK_K) of about 4096 elements, powers of two, BLOCK_K >= min_k."""
+    block_k = max(min_k, min(1024, triton.next_power_of_2(max(k, 1))))
+    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), 4096 // block_k))
+    return block_r, block_k
+
+
+def quantize_per_group_triton(x: torch.Tensor, fmt, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = get_format(fmt)
+    check_group_size(group_size)
+    if x.dim() == 0:
+        raise ValueError("per-group quantization needs at least one dimension")
+    k = x.shape[-1]
+    ng = triton.cdiv(k, group_size)
+    q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
+    s = torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, s
+    x2 = _as_2d(x)
+    r = x2.shape[0]
+    block_r, block_k = _tiles(r, k, min_k=group_size)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    _group_quant_kernel[grid](
+        x2, q, s, r, k, ng, x2.stride(0), x2.stride(1),
+        FMAX=fmt.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
+    )
+    return q, s
+
+
+def dequantize_per_group_triton(
+    q: torch.Tensor, scale: torch.Tensor, group_size: int, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    check_group_size(group_size)
+    k = q.shape[-1]
+    ng = triton.cdiv(k, group_size)
+    if scale.shape != (*q.shape[:-1], ng):
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not match q {tuple(q.shape)} with G={group_size}")
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    q2 = _as_2d(q)
+    s2 = scale.float().contiguous()
+    r = q2.shape[0]
+    block_r, block_k = _tiles(r, k, min_k=group_size)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    _group_dequant_kernel[grid](q2, s2, out, r, k, ng, q2.stride(0), q2.stride(1), G=group_size, BLOCK_R=block_r, BLOCK_K=block_k)
+    return out
+
+
+def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
+    """Two-stage amax (per-tile partial maxima, then a device-side max): 0-d fp32, no host sync."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    x2 = _as_2d(x)
+    r, k = x2.shape
+    block_r, block_k = _tiles(r, k)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
+    return part.amax()
+
+
+def quantize_per_tensor_triton(
+    x: torch.Tensor, fmt, scale: "torch.Tensor | None" = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt: FP8Format = get_format(fmt)
+    if scale is None:
+        scale = scale_from_amax(tensor_amax_triton(x), fmt)
+    scale = scale.float().reshape(())
+    q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
+    if x.numel() == 0:
+        return q, scale
+    x2 = _as_2d(x)
+    r, k = x2.shape
+    block_r, block_k = _tiles(r, k)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    _scaled_quant_kernel[grid](x2, scale, q, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max, BLOCK_R=block_r, BLOCK_K=block_k)
+    return q, scale
