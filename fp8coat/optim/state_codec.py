@@ -19,8 +19,10 @@ two forms are equal, and this one needs only (M, k) per group — 5 bytes instea
 differences from the original kernel: the minimum really ignores zeros (the original's warp reduction does
 not), and k is capped at 255/16 (k16 fits a byte; a group with R = 1 maps all values to ±fmax exactly anyway).
 
-Without expansion (``expand=False``) the codec is plain per-group absmax: ``q = fp8(x · fmax / M)``,
-``x = q · M / fmax``.
+Without expansion (``expand=False``) the codec is plain per-group absmax, exactly the quantization primitive
+(``fp8coat.quantization.reference``): ``s = max(M / fmax, 2^-126)``, ``q = fp8(x · (1/s))``, ``x = q · s``.
+With expansion, ``M`` enters ``1/M`` and the decode as ``max(M, 2^-126)`` so that all-zero and subnormal groups
+stay finite (an all-zero group decodes to exact zeros).
 
 Arithmetic is spelled out so that the Triton step kernel can reproduce it: one IEEE division per group for
 1/M and 16/k16; per element a multiply, ``log2``, ``exp2`` and a clamp. ``log2``/``exp2`` are the only
@@ -35,6 +37,7 @@ import torch
 
 from .._numerics import ieee_div
 from ..formats import FP8Format, get_format
+from ..quantization.reference import MIN_SCALE, quantize_with_scale, scale_from_amax
 
 __all__ = [
     "EXPAND_STEPS",
@@ -79,10 +82,9 @@ def _abs_nan_to_inf(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
 
 
-def _inv_absmax(absmax: torch.Tensor, numerator: float) -> torch.Tensor:
-    """``numerator / M`` per group, 0 where M == 0 (all-zero group)."""
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return torch.where(absmax > 0, ieee_div(numerator, safe), torch.zeros_like(absmax))
+def _floored_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """``max(M, 2^-126)``: keeps ``1/M`` finite for all-zero and subnormal groups (used by encode and decode)."""
+    return torch.where(absmax < MIN_SCALE, torch.full_like(absmax, MIN_SCALE), absmax)
 
 
 def _clamp_max(y: torch.Tensor, fmax: float) -> torch.Tensor:
@@ -103,16 +105,14 @@ def encode(
     a = _abs_nan_to_inf(xg)
     absmax = a.amax(dim=-1)
     if not expand:
-        y = xg * _inv_absmax(absmax, fmt.max).unsqueeze(-1)
-        y = torch.where(y < -fmt.max, torch.full_like(y, -fmt.max), _clamp_max(y, fmt.max))
-        q = y.to(fmt.dtype).reshape(*xg.shape[:-2], -1)[..., :k]
-        return q.contiguous(), absmax, None
+        q = quantize_with_scale(xg, scale_from_amax(absmax, fmt).unsqueeze(-1), fmt)
+        return q.reshape(*xg.shape[:-2], -1)[..., :k].contiguous(), absmax, None
     amin = torch.where(a > 0, a, torch.full_like(a, float("inf"))).amin(dim=-1)
     log_range = torch.log2(absmax) - torch.log2(amin)
     log_range = torch.where(log_range > 0, log_range, torch.zeros_like(log_range))  # R == 1, all-zero, non-finite
     k16 = torch.floor(ieee_div(expand_constant(fmt), log_range)).clamp(1, MAX_EXPO)
     expo_f = k16 * (1.0 / EXPAND_STEPS)  # exact
-    r = a * _inv_absmax(absmax, 1.0).unsqueeze(-1)
+    r = a * ieee_div(1.0, _floored_absmax(absmax)).unsqueeze(-1)
     y = _clamp_max(fmt.max * torch.exp2(expo_f.unsqueeze(-1) * torch.log2(r)), fmt.max)
     y = torch.where(xg < 0, -y, y)
     q = y.to(fmt.dtype).reshape(*xg.shape[:-2], -1)[..., :k]
@@ -126,10 +126,10 @@ def decode(
     fmt = get_format(fmt)
     k = q.shape[-1]
     qg = _grouped(q.float(), group_size)
-    m = absmax.float().unsqueeze(-1)
     if expo is None:
-        x = qg * ieee_div(m, fmt.max)
+        x = qg * scale_from_amax(absmax, fmt).unsqueeze(-1)
     else:
+        m = _floored_absmax(absmax.float()).unsqueeze(-1)
         inv_k = ieee_div(float(EXPAND_STEPS), expo.float()).unsqueeze(-1)
         mag = torch.exp2(torch.log2(qg.abs() * (1.0 / fmt.max)) * inv_k) * m
         x = torch.where(qg < 0, -mag, mag)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..formats import E4M3
+from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
 from .layout import StateLayout
 from .state_codec import expand_constant
 from .step_reference import StepScalars, _f32, step_constants
@@ -42,9 +43,18 @@ _TL_DTYPE = {
 }
 
 
+MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
+
+
 @triton.jit
 def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
     return tl.load(table + kind * NT + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _plain_scale(amax, FMAX: tl.constexpr):
+    s = tl.div_rn(amax, FMAX)
+    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
 
 
 @triton.jit
@@ -56,10 +66,11 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         if EXPAND:
             k16 = tl.load(expo_ptr + gidx, mask=gmask, other=16).to(tl.float32)
             inv_k = tl.div_rn(tl.full(k16.shape, 16.0, tl.float32), k16)
+            amax = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
             mag = tl.exp2(tl.log2(tl.abs(q) * INV_FMAX) * inv_k[:, None]) * amax[:, None]
             x = tl.where(q < 0, -mag, mag)
         else:
-            x = q * tl.div_rn(amax, FMAX)[:, None]
+            x = q * _plain_scale(amax, FMAX)[:, None]
     else:
         x = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return x
@@ -79,15 +90,14 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
             k16 = tl.floor(tl.div_rn(tl.full(log_range.shape, C, tl.float32), log_range))
             k16 = tl.where(k16 > 255.0, 255.0, k16)
             k16 = tl.where(k16 < 1.0, 1.0, k16)
-            inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax), 0.0)
-            r = a * inv[:, None]
+            floored = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
+            r = a * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), floored)[:, None]
             y = FMAX * tl.exp2((k16 * 0.0625)[:, None] * tl.log2(r))
             y = tl.where(y > FMAX, FMAX, y)
             y = tl.where(x < 0, -y, y)
             tl.store(expo_ptr + gidx, k16.to(tl.uint8), mask=gmask)
         else:
-            inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax), 0.0)
-            y = x * inv[:, None]
+            y = x * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), _plain_scale(amax, FMAX))[:, None]
             y = tl.where(y > FMAX, FMAX, y)
             y = tl.where(y < -FMAX, -FMAX, y)
         tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)

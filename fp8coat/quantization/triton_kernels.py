@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8Format, get_format
-from .reference import MIN_SCALE, check_group_size, scale_from_amax
+from .reference import MIN_SCALE as _MIN_SCALE_PY
+from .reference import check_group_size, scale_from_amax
 
 __all__ = [
     "quantize_per_group_triton",
@@ -26,6 +27,9 @@ __all__ = [
     "tensor_amax_triton",
     "quantize_per_tensor_triton",
 ]
+
+
+MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
 
 
 @triton.jit

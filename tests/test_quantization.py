@@ -1,0 +1,173 @@
+"""Quantization primitives: torch reference vs Triton kernels (bit-exact), and the reference's own semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8coat.formats import E4M3, E5M2, cast_to_fp8, get_format
+from fp8coat.quantization import (
+    dequantize_per_group,
+    dequantize_per_tensor,
+    quantize_per_group,
+    quantize_per_tensor,
+    tensor_amax,
+)
+from fp8coat.quantization import reference as ref
+
+from helpers import adversarial, assert_bit_equal, device, finite_random, sqnr_db
+
+SHAPES = [(7,), (3, 16), (33, 70), (5, 3, 300), (2, 1, 129), (1, 1), (64, 256)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formats
+
+
+def test_formats_constants_match_torch():
+    for fmt in (E4M3, E5M2):
+        fi = torch.finfo(fmt.dtype)
+        assert fmt.max == fi.max
+        assert fmt.min_normal == fi.smallest_normal
+    assert E4M3.min_subnormal == 2.0**-9 and E5M2.min_subnormal == 2.0**-16
+    assert E4M3.dynamic_range == 229376.0
+    assert get_format("E5M2") is E5M2 and get_format(torch.float8_e4m3fn) is E4M3
+    with pytest.raises(ValueError, match="unknown FP8 format"):
+        get_format("e3m4")
+    with pytest.raises(ValueError, match="not an FP8 dtype"):
+        get_format(torch.float16)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_cast_to_fp8_clamps_and_keeps_nan(fmt):
+    x = torch.tensor([1e10, -1e10, float("inf"), float("-inf"), float("nan"), 0.0, 1.0])
+    q = cast_to_fp8(x, fmt).float()
+    assert q[0] == fmt.max and q[1] == -fmt.max and q[2] == fmt.max and q[3] == -fmt.max
+    assert torch.isnan(q[4]) and q[5] == 0 and q[6] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference semantics
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+@pytest.mark.parametrize("group_size", [16, 128])
+def test_per_group_reference_semantics(fmt, group_size):
+    x = finite_random((9, 300), seed=1)
+    x[0, :group_size] = 0.0  # an all-zero group
+    q, s = quantize_per_group(x, fmt, group_size, backend="torch")
+    assert q.dtype == fmt.dtype and q.shape == x.shape
+    assert s.shape == (9, -(-300 // group_size)) and s.dtype == torch.float32
+    # the group max maps exactly onto ±fmax; all-zero groups stay zero
+    qf = q.float()
+    xp = torch.nn.functional.pad(x, (0, (-300) % group_size)).reshape(9, -1, group_size)
+    qp = torch.nn.functional.pad(qf, (0, (-300) % group_size)).reshape(9, -1, group_size)
+    nonzero = xp.abs().amax(-1) > 0
+    assert torch.all(qp.abs().amax(-1)[nonzero] == fmt.max)
+    assert torch.all(q[0, :group_size].float() == 0)
+    # error bound: half an ulp of the format relative to the group's max (normal range)
+    xh = dequantize_per_group(q, s, group_size, backend="torch")
+    err = (xh - x).abs()
+    bound = (s * fmt.max).repeat_interleave(group_size, -1)[:, :300] * 2.0 ** (-fmt.mantissa_bits)
+    assert torch.all(err <= bound)
+    assert sqnr_db(x, xh) > (25 if fmt is E4M3 else 19)
+
+
+def test_non_finite_poisons_its_group_only():
+    x = finite_random((2, 64), seed=2)
+    x[0, 3] = float("nan")
+    x[1, 40] = float("inf")
+    q, s = quantize_per_group(x, E4M3, 16, backend="torch")
+    xh = dequantize_per_group(q, s, 16, backend="torch")
+    assert torch.isinf(s[0, 0]) and torch.isinf(s[1, 2])
+    assert torch.isnan(xh[0, :16]).all() and torch.isnan(xh[1, 32:48]).all()
+    finite = torch.ones_like(x, dtype=torch.bool)
+    finite[0, :16] = False
+    finite[1, 32:48] = False
+    assert torch.isfinite(xh[finite]).all()
+
+
+def test_per_tensor_equals_one_group_and_two_stage_amax():
+    x = finite_random((33, 70), seed=3)
+    q, s = quantize_per_tensor(x, E4M3, backend="torch")
+    assert s.dim() == 0
+    assert s == ref.scale_from_amax(x.abs().amax(), E4M3)
+    # per-tensor scale from the per-group maxima (group scaling) is the same number
+    s2 = ref.scale_from_amax(ref.group_amax(x, 16).amax(), E4M3)
+    assert torch.equal(s, s2)
+    assert sqnr_db(x, dequantize_per_tensor(q, s)) > 10  # wide dynamic range: a per-tensor scale loses small values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels vs reference (interpreter on CPU, native on GPU)
+
+
+def _inputs(shape, dtype, seed):
+    yield "adversarial", adversarial(shape, seed=seed).to(dtype)
+    yield "random", finite_random(shape, seed=seed + 100).to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_group_triton_bit_exact(shape, fmt, dtype):
+    for group_size in (16, 128):
+        for name, x in _inputs(shape, dtype, seed=len(shape) + group_size):
+            x = x.to(device())
+            qa, sa = quantize_per_group(x, fmt, group_size, backend="torch")
+            qb, sb = quantize_per_group(x, fmt, group_size, backend="triton")
+            assert_bit_equal(qa, qb, f"{name} q G={group_size}")
+            assert_bit_equal(sa, sb, f"{name} scale G={group_size}")
+            da = dequantize_per_group(qa, sa, group_size, torch.float32, backend="torch")
+            db = dequantize_per_group(qa, sa, group_size, torch.float32, backend="triton")
+            assert_bit_equal(da, db, f"{name} dequant G={group_size}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_per_tensor_triton_bit_exact(shape, fmt):
+    for name, x in _inputs(shape, torch.bfloat16, seed=7):
+        x = x.to(device())
+        assert_bit_equal(tensor_amax(x, backend="torch"), tensor_amax(x, backend="triton"), f"{name} amax")
+        qa, sa = quantize_per_tensor(x, fmt, backend="torch")
+        qb, sb = quantize_per_tensor(x, fmt, backend="triton")
+        assert_bit_equal(sa, sb, f"{name} scale")
+        assert_bit_equal(qa, qb, f"{name} q")
+
+
+def test_non_contiguous_and_empty_inputs():
+    base = finite_random((40, 96), seed=11).to(device())
+    views = {
+        "transposed": base.t(),
+        "sliced": base[:, 5:77],
+        "strided": base[::3, ::2],
+        "3d-permuted": base.reshape(4, 10, 96).permute(1, 0, 2),
+    }
+    for name, x in views.items():
+        assert not x.is_contiguous()
+        for backend in ("torch", "triton"):
+            q, s = quantize_per_group(x, E4M3, 16, backend=backend)
+            qc, sc = quantize_per_group(x.contiguous(), E4M3, 16, backend=backend)
+            assert_bit_equal(q, qc, f"{name} {backend}")
+            assert_bit_equal(s, sc, f"{name} {backend} scale")
+            qt, st = quantize_per_tensor(x, E5M2, backend=backend)
+            qtc, stc = quantize_per_tensor(x.contiguous(), E5M2, backend=backend)
+            assert_bit_equal(qt, qtc, f"{name} {backend} per-tensor")
+    for shape in [(0,), (0, 16), (3, 0, 32)]:
+        x = torch.empty(shape, device=device())
+        for backend in ("torch", "triton"):
+            q, s = quantize_per_group(x, E4M3, 16, backend=backend)
+            assert q.shape == x.shape and s.shape == (*shape[:-1], -(-shape[-1] // 16))
+            q, s = quantize_per_tensor(x, E4M3, backend=backend)
+            assert q.shape == x.shape and float(s) == ref.MIN_SCALE
+
+
+def test_bad_arguments():
+    x = torch.randn(4, 32)
+    for g in (0, 8, 24, 100):
+        with pytest.raises(ValueError, match="power of two"):
+            quantize_per_group(x, E4M3, g)
+    with pytest.raises(ValueError, match="unknown backend"):
+        quantize_per_group(x, E4M3, 16, backend="cuda")
+    with pytest.raises(ValueError, match="at least one dimension"):
+        quantize_per_group(torch.tensor(1.0), E4M3, 16)
