@@ -34,6 +34,7 @@ import gc
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -328,15 +329,18 @@ class Bench:
             note="states in param dtype",
         )
 
-    def fp8coat_adamw(self, master: str, expansion: bool) -> None:
+    def fp8coat_adamw(self, master: str, expansion: bool, kernel_options: "dict | None" = None) -> None:
         dtype = torch.float32 if master == "fp32" else torch.bfloat16
         key = f"fp8coat_{master}_{'exp' if expansion else 'noexp'}"
+        if kernel_options:
+            key += "_" + "_".join(f"{k[0]}{v}" for k, v in sorted(kernel_options.items()))
         backend = None if self.cuda else "torch"
         self.bench_optimizer(
             key, dtype,
             lambda ps: fp8coat.AdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                     master_weights=master, expansion=expansion, backend=backend),
-            note=f"E4M3 m/v, G=128, backend={backend or 'auto'}", fp8coat_opt=True,
+                                     master_weights=master, expansion=expansion, backend=backend,
+                                     kernel_options=kernel_options),
+            note=f"E4M3 m/v, G=128, backend={backend or 'auto'} {kernel_options or ''}", fp8coat_opt=True,
         )
 
     def torchao(self, which: str) -> None:
@@ -584,18 +588,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     b = Bench(args)
     log(f"params: {b.res['config']['numel'] / 1e9:.4f}B in {len(b.shapes)} tensors on {args.device}")
-    b.run_section("env", b.env, optional=False)
-    b.run_section("copy", b.copy_bandwidth, optional=False)
-    b.run_section("torch_fused_fp32", lambda: b.torch_fused(torch.float32), optional=False)
-    b.run_section("fp8coat_fp32_exp", lambda: b.fp8coat_adamw("fp32", True), optional=False)
-    b.run_section("fp8coat_fp32_noexp", lambda: b.fp8coat_adamw("fp32", False))
-    b.run_section("bnb_AdamW8bit", b.bnb)
-    b.run_section("torch_fused_bf16", lambda: b.torch_fused(torch.bfloat16))
-    b.run_section("fp8coat_bf16-remainder_exp", lambda: b.fp8coat_adamw("bf16-remainder", True))
-    b._params.clear()
-    b.run_section("check", b.check)
-    b.run_section("torchao_AdamWFp8", lambda: b.torchao("fp8"))
-    b.run_section("torchao_AdamW8bit", lambda: b.torchao("8bit"))
+
+    def on_term(signum, frame):  # a time limit stops the run: still save and print what was measured
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        # most important first: optional sections are skipped once --budget-s has passed
+        b.run_section("env", b.env, optional=False)
+        b.run_section("copy", b.copy_bandwidth, optional=False)
+        b.run_section("torch_fused_fp32", lambda: b.torch_fused(torch.float32), optional=False)
+        b.run_section("fp8coat_fp32_exp", lambda: b.fp8coat_adamw("fp32", True), optional=False)
+        b.run_section("fp8coat_fp32_noexp", lambda: b.fp8coat_adamw("fp32", False))
+        for bg, warps in ((8, 4), (2, 4), (16, 8), (8, 8)):  # launch tuning candidates (default: 4 groups, 4 warps)
+            opts = {"block_groups": bg, "num_warps": warps}
+            b.run_section(f"fp8coat_fp32_exp_bg{bg}_w{warps}", lambda o=opts: b.fp8coat_adamw("fp32", True, o))
+        b.run_section("bnb_AdamW8bit", b.bnb)
+        b.run_section("torch_fused_bf16", lambda: b.torch_fused(torch.bfloat16))
+        b.run_section("fp8coat_bf16-remainder_exp", lambda: b.fp8coat_adamw("bf16-remainder", True))
+        b._params.clear()
+        b.run_section("check", b.check)
+        b.run_section("torchao_AdamWFp8", lambda: b.torchao("fp8"))
+        b.run_section("torchao_AdamW8bit", lambda: b.torchao("8bit"))
+    except SystemExit as ex:
+        b.res["errors"]["stopped"] = str(ex)
+        log(str(ex))
     b.res["total_s"] = time.time() - b.t_start
     b.save()
     log("\n=== bench_optimizer ===")

@@ -124,8 +124,8 @@ def train(args) -> tuple[torch.nn.Module, torch.optim.AdamW, dict[int, dict], li
         opt.step()
         if step % args.log_every == 0 or step == 1 or step == args.steps:
             elapsed = time.perf_counter() - t0
-            log.append({"step": step, "loss": float(loss), "elapsed_s": round(elapsed, 2)})
-            print(f"step {step:5d}  loss {float(loss):.4f}  ({elapsed:.1f} s)", flush=True)
+            log.append({"step": step, "loss": loss.item(), "elapsed_s": round(elapsed, 2)})
+            print(f"step {step:5d}  loss {loss.item():.4f}  ({elapsed:.1f} s)", flush=True)
         if step in want:
             snaps[step] = snapshot(model, opt)
     return model, opt, snaps, log
@@ -159,8 +159,9 @@ def moment_stats(ref: torch.Tensor, got: torch.Tensor) -> dict:
 def evaluate(snap: dict, beta1: float, beta2: float, eps: float) -> dict:
     """All 16 (m codec, v codec) combinations for one snapshot.
 
-    Returns ``{"step", "n_elements", "mse": {m_label: {v_label: float}}, "rel": {...}, "moments": {...}}``; MSE and
-    relative error are pooled over every element of every tensor (see the module docstring).
+    Returns ``{"step", "n_elements", "mse": {m_label: {v_label: float}}, "rel": {...}, "moments": {...},
+    "per_tensor": [...]}``; MSE and relative error are pooled over every element of every tensor (see the module
+    docstring); ``per_tensor`` holds each tensor's own MSE for the E4M3/E4M3 and E4M3+Expand/E4M3+Expand pairs.
     """
     t = snap["step"]
     bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
@@ -171,7 +172,8 @@ def evaluate(snap: dict, beta1: float, beta2: float, eps: float) -> dict:
                for key in ("m", "v")}
     # Pooled contribution of elements whose decoded v is 0 but whose reference v is not (there u_q = m̂_q / eps).
     sq_err_v_flushed = {a: {b: 0.0 for b in labels} for a in labels}
-    for _name, m, v in snap["tensors"]:
+    per_tensor = []
+    for name, m, v in snap["tensors"]:
         u = update_direction(m, v, bc1, bc2, eps)
         sq_ref += float((u.double() ** 2).sum())
         n += u.numel()
@@ -181,11 +183,21 @@ def evaluate(snap: dict, beta1: float, beta2: float, eps: float) -> dict:
             for key, ref, got in (("m", m, m_q[lab]), ("v", v, v_q[lab])):
                 for k, val in moment_stats(ref, got).items():
                     moments[key][lab][k] += val
+        per_tensor_mse = {}
         for a in labels:
             for b in labels:
                 err = (update_direction(m_q[a], v_q[b], bc1, bc2, eps) - u).double() ** 2
                 sq_err[a][b] += float(err.sum())
                 sq_err_v_flushed[a][b] += float(err[(v != 0) & (v_q[b] == 0)].sum())
+                if a == b and a in ("E4M3", "E4M3+Expand"):
+                    per_tensor_mse[a] = float(err.mean())
+        per_tensor.append({
+            "name": name,
+            "shape": list(m.shape),
+            "mse_e4m3": per_tensor_mse["E4M3"],
+            "mse_e4m3_expand": per_tensor_mse["E4M3+Expand"],
+            "v_flushed_e4m3": int(((v != 0) & (v_q["E4M3"] == 0)).sum()),
+        })
     rel_norm = math.sqrt(sq_ref)
     return {
         "step": t,
@@ -207,6 +219,7 @@ def evaluate(snap: dict, beta1: float, beta2: float, eps: float) -> dict:
             }
             for key, per in moments.items()
         },
+        "per_tensor": per_tensor,
     }
 
 
@@ -279,6 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("runs/optimizer_state_error"))
+    p.add_argument("--save-states", action="store_true", help="also write the fp32 moments (states_step<t>.pt)")
     args = p.parse_args(argv)
     args.snapshot_at = sorted(s for s in set(args.snapshot_at) if 0 < s < args.steps)
     return args
@@ -306,6 +320,9 @@ def main(argv=None) -> dict:
     print(md)
     print(f"train {t_train:.1f} s, total {t_total:.1f} s")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.save_states:
+        for step, snap in snaps.items():
+            torch.save(snap, args.out / f"states_step{step}.pt")
     (args.out / "results.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")

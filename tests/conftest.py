@@ -49,3 +49,13 @@ def _patch_interpreter_float_casts() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_float_casts()
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    fp8_gpu = ON_GPU and torch.cuda.get_device_capability() >= (8, 9)
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with FP8 support (sm_89+)")
+    for item in items:
+        if "gpu" in item.keywords and not fp8_gpu:
+            item.add_marker(skip)

@@ -49,6 +49,8 @@ class AdamW(torch.optim.Optimizer):
         master_weights: ``"auto"`` | ``"fp32"`` | ``"bf16-remainder"`` | ``"bf16-stochastic"`` | ``"none"``.
         backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
         seed: seed of the stochastic-rounding stream.
+        kernel_options: launch tuning of the fused step (``block_groups``, ``num_warps``); defaults are tuned
+            on H200.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
         backend: "str | None" = None,
         seed: int = 0,
+        kernel_options: "dict | None" = None,
     ):
         if amsgrad:
             raise NotImplementedError("fp8coat.AdamW does not implement amsgrad; use torch.optim.AdamW for it")
@@ -82,6 +85,7 @@ class AdamW(torch.optim.Optimizer):
         self._validate_group(defaults)
         self.backend = backend
         self.seed = int(seed)
+        self.kernel_options = dict(kernel_options or {})
         self._layouts: dict[torch.Tensor, StateLayout] = {}
         self._caches: dict[Any, Any] = {}
         self._sr_calls = 0
@@ -187,10 +191,15 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
             buckets: dict[tuple, list] = {}
             for p, grad, state, layout in items:
-                fused = self._use_triton(p) and p.is_contiguous()
-                key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused)
-                buckets.setdefault(key, []).append((p, grad if grad.is_contiguous() else grad.contiguous(), state))
-            for (layout, device, _, _, step, fused), bucket in buckets.items():
+                fused = self._use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
+                if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
+                    grad = grad.clone(memory_format=torch.contiguous_format)
+                elif not grad.is_contiguous():
+                    grad = grad.contiguous()
+                flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
+                key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
+                buckets.setdefault(key, []).append((p, grad, state))
+            for (layout, device, _, _, step, fused, _), bucket in buckets.items():
                 scalars = StepScalars(
                     lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                     weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
@@ -202,7 +211,7 @@ class AdamW(torch.optim.Optimizer):
                     ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
                     self._caches[ckey] = fused_adamw_step(
                         [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
-                        seed=seed, cache=self._caches.get(ckey),
+                        seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
                     )
                 else:
                     gen = None
@@ -266,6 +275,7 @@ class AdamW(torch.optim.Optimizer):
                         f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options"
                     )
                 state[key] = value.detach().to(device=p.device, copy=True)
+            state["step"] = state["step"].clone()  # never share a step counter with the source optimizer
             extra = set(saved) - set(expected)
             if extra:
                 raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(extra)}")

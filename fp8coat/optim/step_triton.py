@@ -48,7 +48,8 @@ MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be c
 
 @triton.jit
 def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
-    return tl.load(table + kind * NT + t).to(tl.pointer_type(DT))
+    # the launcher checks that every address is 16-byte aligned: the hint lets loads and stores vectorize
+    return tl.multiple_of(tl.load(table + kind * NT + t).to(tl.pointer_type(DT)), 16)
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _adamw_step_kernel(
     M_FP8: tl.constexpr, V_FP8: tl.constexpr, EXPAND: tl.constexpr,
     M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_C: tl.constexpr, V_C: tl.constexpr,
     MASTER: tl.constexpr, LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
-    G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr, FLAT: tl.constexpr,
 ):
     # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program
     pid = tl.program_id(0).to(tl.int64)
@@ -131,13 +132,19 @@ def _adamw_step_kernel(
     groups_per_row = tl.load(meta + 2 * NT + t)
     first = tl.load(meta + 3 * NT + t)
 
-    gidx = (pid - first) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    local = pid - first
+    gidx = local * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     gmask = gidx < n_groups
-    row = gidx // groups_per_row
-    col = gidx - row * groups_per_row
-    kk = col[:, None] * G + tl.arange(0, G)[None, :]
-    mask = gmask[:, None] & (kk < K)
-    offs = row[:, None] * K + kk
+    if FLAT:  # every row length is a multiple of G: the program's groups are one contiguous run of elements
+        base = tl.multiple_of(local * (BLOCK_GROUPS * G), BLOCK_GROUPS * G)
+        offs = base + tl.arange(0, BLOCK_GROUPS)[:, None] * G + tl.arange(0, G)[None, :]
+        mask = gmask[:, None]
+    else:
+        row = gidx // groups_per_row
+        col = gidx - row * groups_per_row
+        kk = col[:, None] * G + tl.arange(0, G)[None, :]
+        mask = gmask[:, None] & (kk < K)
+        offs = row[:, None] * K + kk
 
     g_ptr = _ptr(table, 1, t, NT, G_DT)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -231,6 +238,7 @@ class _TableCache:
         self.static = None  # host list: addresses except grads
         self.meta = None
         self.programs = 0
+        self.flat = False
 
 
 def fused_adamw_step(
@@ -242,8 +250,8 @@ def fused_adamw_step(
     *,
     seed: int = 0,
     cache: "_TableCache | None" = None,
-    block_groups: "int | None" = None,
-    num_warps: int = 8,
+    block_groups: int = 4,
+    num_warps: int = 4,
 ) -> _TableCache:
     """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the table cache to reuse."""
     device = params[0].device
@@ -251,17 +259,17 @@ def fused_adamw_step(
     g_size = layout.group_size
     m_fp8, m_fmax, m_c = _fmt_args(layout.m_format)
     v_fp8, v_fmax, v_c = _fmt_args(layout.v_format)
-    if block_groups is None:
-        block_groups = max(1, 2048 // g_size)
     cache = cache or _TableCache()
 
     key = (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
     if cache.key != key:
+        flat = True
         meta = [[0] * nt for _ in range(4)]
         static = [[0] * nt for _ in POINTER_KINDS]
         start = 0
         for t, (p, s) in enumerate(zip(params, states)):
             numel, k = _element_view(p, s, layout)
+            flat = flat and k % g_size == 0
             gpr = -(-k // g_size)
             n_groups = (numel // k) * gpr if numel else 0
             meta[0][t], meta[1][t], meta[2][t], meta[3][t] = k, n_groups, gpr, start
@@ -270,13 +278,18 @@ def fused_adamw_step(
             for name in POINTER_KINDS[2:]:
                 if name in s:
                     static[_KIND[name]][t] = s[name].data_ptr()
+        if any(a % 16 for row in static for a in row):
+            raise ValueError("fused AdamW step needs 16-byte aligned parameters and states")
         cache.key = key
         cache.static = static
         cache.meta = _to_device(meta, device)
         cache.programs = start
+        cache.flat = flat
     if cache.programs == 0:
         return cache
     for t, gr in enumerate(grads):
+        if gr.data_ptr() % 16:
+            raise ValueError("fused AdamW step needs 16-byte aligned gradients")
         cache.static[_KIND["grad"]][t] = gr.data_ptr()
     table = _to_device(cache.static, device)
 
@@ -296,6 +309,7 @@ def fused_adamw_step(
         MASTER=_MASTER_CODE[layout.master], LR_FROM_PTR=lr_is_tensor, MAXIMIZE=scalars.maximize,
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
         G=g_size, BLOCK_GROUPS=block_groups, SEARCH_STEPS=max(1, math.ceil(math.log2(nt)) if nt > 1 else 1),
+        FLAT=cache.flat,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return cache

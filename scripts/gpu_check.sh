@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU run: install the carried wheels (torchao, bitsandbytes) if present, print the environment, run the tests
+# marked `gpu` and the benchmarks. Each section runs under its own time limit and writes $OUT/<section>.log; a
+# failing or timed-out section does not stop the others. A summary is printed last and written to $OUT/summary.txt.
+#
+# Usage, from the repository root:  bash scripts/gpu_check.sh            (OUT defaults to /tmp/fp8coat_gpu)
+# To add a benchmark: write a section_<name> function below and add "<name> <limit_s>" to SECTIONS.
+# Total limits: ~15 s install + 45 + 150 + 300 s = under 8.5 minutes worst case; normally about 4-5 minutes.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+export OUT="${OUT:-/tmp/fp8coat_gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+SECTIONS=(
+  "env 45"
+  "pytest_gpu 200"
+  "bench_optimizer 300"
+)
+
+section_env() {
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw \
+    --format=csv || true
+  python3 - <<'EOF'
+import sys, torch, triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+for mod in ("transformers", "torchao", "bitsandbytes"):
+    try:
+        print(mod, __import__(mod).__version__)
+    except Exception as ex:
+        print(mod, "absent:", type(ex).__name__, str(ex)[:200])
+EOF
+}
+
+section_pytest_gpu() {
+  # the GPU-only tests (real shapes) plus the device-aware kernel/optimizer suites, natively on the GPU
+  python3 -m pytest -q -rs tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py
+}
+
+section_bench_optimizer() {
+  # BENCH_ARGS: extra arguments, e.g. BENCH_ARGS=--dry-run for a quick run without a GPU
+  python3 benchmarks/bench_optimizer.py --out "$OUT" --budget-s 200 ${BENCH_ARGS:-}
+}
+
+# --------------------------------------------------------------------------------------------------------------
+
+t_all=$SECONDS
+if compgen -G ".carry/wheels/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl; then
+    export PYTHONPATH="/tmp/site:$PWD"
+  else
+    echo "wheel install failed; continuing without them"
+    export PYTHONPATH="$PWD"
+  fi
+else
+  export PYTHONPATH="$PWD"
+fi
+echo "PYTHONPATH=$PYTHONPATH (install took $((SECONDS - t_all))s)"
+
+summary=()
+failed=0
+for entry in "${SECTIONS[@]}"; do
+  read -r name limit <<< "$entry"
+  echo "=== [$name] (limit ${limit}s) ==="
+  t0=$SECONDS
+  # the function runs in a child bash so that `timeout` can stop it and everything it started
+  timeout -k 15 "$limit" bash -c "$(declare -f "section_$name"); set -o pipefail; section_$name" 2>&1 \
+    | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  status="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; elif [ "$rc" -ne 0 ]; then status="FAILED"; fi
+  [ "$status" = "ok" ] || failed=$((failed + 1))
+  summary+=("$(printf '%-18s %-8s rc=%-4s %4ss' "$name" "$status" "$rc" "$((SECONDS - t0))")")
+done
+
+{
+  echo "=== summary (total $((SECONDS - t_all))s) ==="
+  printf '%s\n' "${summary[@]}"
+} | tee "$OUT/summary.txt"
+[ "$failed" -eq 0 ]
