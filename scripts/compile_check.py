@@ -109,22 +109,23 @@ def main() -> int:
 
     table = torch.empty(9, 64, dtype=torch.int64)
     meta = torch.empty(4, 64, dtype=torch.int64)
-    BG, warps = int(os.environ.get("BG", 4)), int(os.environ.get("WARPS", 4))
-    for name, master, p_dt, g_dt, expand, flat in [
-        ("adamw fp32 dre", 0, tl.float32, tl.float32, True, True),
-        ("adamw fp32 dre ragged", 0, tl.float32, tl.float32, True, False),
-        ("adamw fp32 plain", 0, tl.float32, tl.float32, False, True),
-        ("adamw bf16-remainder dre", 1, tl.int16, tl.bfloat16, True, True),
-        ("adamw bf16-stochastic dre", 2, tl.int16, tl.bfloat16, True, True),
+    BG, warps = int(os.environ.get("BG", 8)), int(os.environ.get("WARPS", 4))
+    for name, master, p_dt, g_dt, expand, flat, ieee in [
+        ("adamw fp32 dre", 0, tl.float32, tl.float32, True, True, True),
+        ("adamw fp32 dre approx-math", 0, tl.float32, tl.float32, True, True, False),
+        ("adamw fp32 dre ragged", 0, tl.float32, tl.float32, True, False, True),
+        ("adamw fp32 plain", 0, tl.float32, tl.float32, False, True, True),
+        ("adamw bf16-remainder dre", 1, tl.int16, tl.bfloat16, True, True, True),
+        ("adamw bf16-stochastic dre", 2, tl.int16, tl.bfloat16, True, True, True),
     ]:
         rows.append(report(f"{name} BG={BG} warps={warps}", compile_sm90(
             st._adamw_step_kernel,
-            dict(table=table, meta=meta, NT=45, lr_ptr=one, lr_value=1e-3, seed=7, one_minus_beta1=0.1, beta1=0.9,
+            dict(table=table, meta=meta, prog_tensor=torch.empty(64, dtype=torch.int32), NT=45, lr_ptr=one, lr_value=1e-3, seed=7, one_minus_beta1=0.1, beta1=0.9,
                  beta2=0.95, one_minus_beta2=0.05, eps=1e-8, weight_decay=0.1, bias_correction1=0.1,
                  inv_bc2_sqrt=1.2),
             dict(P_DT=p_dt, G_DT=g_dt, M_DT=tl.float8e4nv, V_DT=tl.float8e4nv, M_FP8=True, V_FP8=True,
                  EXPAND=expand, M_FMAX=448.0, V_FMAX=448.0, M_C=265.8, V_C=265.8, MASTER=master,
-                 LR_FROM_PTR=False, MAXIMIZE=False, LERP_SMALL=True, G=128, BLOCK_GROUPS=BG, SEARCH_STEPS=6, FLAT=flat),
+                 LR_FROM_PTR=False, MAXIMIZE=False, LERP_SMALL=True, G=128, BLOCK_GROUPS=BG, FLAT=flat, IEEE=ieee, FAST=True),
             num_warps=warps, enable_fp_fusion=False)))
     return 0
 

@@ -37,7 +37,7 @@ EOF
 
 section_pytest_gpu() {
   # the GPU-only tests (real shapes) plus the device-aware kernel/optimizer suites, natively on the GPU
-  python3 -m pytest -q -rs tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py
+  python3 -m pytest -q -rs ${PYTEST_FILES:-tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py}
 }
 
 section_bench_optimizer() {

@@ -5,8 +5,15 @@ then round-tripped through the FP8 state codec and the pooled MSE of m̂/(√v̂
 per-group E4M3 and E4M3 with expansion, for both moments. The metric and model come from
 ``scripts/optimizer_state_error.py``.
 
-Measured with this setup (torch 2.13 CPU): MSE ratio expand / plain ≈ 0.33 (the full 300-step run gives 0.31 at
-step 100); plain E4M3 relative error ≈ 0.03. With expansion a no-op the ratio would be exactly 1.
+Measured with this setup (torch 2.13 CPU, seeds 0 / 1 / 2):
+
+* MSE ratio expand / plain: 0.013 / 0.27 / 0.25. With seed 0, plain E4M3 flushes one tiny v entry of the
+  embedding to 0 (u_q = m̂/eps there), which carries 95% of its squared error; without that entry the ratio
+  is 0.27.
+* relative L2 error of each moment, expand / plain: m 0.43 / 0.44 / 0.48, v 0.46 / 0.41 / 0.44.
+* plain E4M3 relative error of each moment: 0.022 to 0.027.
+
+With expansion a no-op every ratio would be exactly 1.
 """
 
 import importlib.util
@@ -55,18 +62,26 @@ def result():
 def test_expansion_lowers_update_error_e4m3(result):
     plain = result["mse"]["E4M3"]["E4M3"]
     expand = result["mse"]["E4M3+Expand"]["E4M3+Expand"]
-    # Both errors are real, non-zero quantization errors of a few percent (guards against degenerate states).
-    assert 0.01 < result["rel"]["E4M3"]["E4M3"] < 0.1
     assert expand > 0
-    # Measured ≈ 0.33; 0.5 leaves room for platform differences and still fails if expansion does nothing (1.0).
+    # Measured 0.013 (seed 0); 0.5 still fails if expansion does nothing (ratio 1).
+    assert expand / plain < 0.5, (expand, plain)
+
+
+def test_expansion_lowers_update_error_without_flushed_entries(result):
+    """The gain is not only the few tiny-v entries that plain E4M3 flushes to 0: it holds on all other entries."""
+    share = result["share_of_sq_err_from_flushed_v"]
+    plain = result["mse"]["E4M3"]["E4M3"] * (1.0 - share["E4M3"]["E4M3"])
+    expand = result["mse"]["E4M3+Expand"]["E4M3+Expand"] * (1.0 - share["E4M3+Expand"]["E4M3+Expand"])
+    # Measured 0.25 to 0.27 over three seeds.
     assert expand / plain < 0.5, (expand, plain)
 
 
 def test_expansion_helps_each_moment(result):
-    mse = result["mse"]
-    # Expanding only m, or only v, already helps (measured ≈ 0.47 and ≈ 0.86 of plain).
-    assert mse["E4M3+Expand"]["E4M3"] < 0.7 * mse["E4M3"]["E4M3"]
-    assert mse["E4M3"]["E4M3+Expand"] < 0.95 * mse["E4M3"]["E4M3"]
     for key in ("m", "v"):
         moments = result["moments"][key]
-        assert moments["E4M3+Expand"]["rel_err"] < 0.8 * moments["E4M3"]["rel_err"], key
+        # Real quantization error of a few percent (guards against degenerate, e.g. all-zero, states).
+        assert 0.01 < moments["E4M3"]["rel_err"] < 0.05, key
+        # Measured 0.41 to 0.48 over three seeds.
+        assert moments["E4M3+Expand"]["rel_err"] < 0.6 * moments["E4M3"]["rel_err"], key
+        # Expansion maps a group's smallest non-zero value into the FP8 range: nothing is flushed to 0.
+        assert moments["E4M3+Expand"]["flushed"] == 0, key

@@ -17,6 +17,7 @@ so the two agree bit for bit except where ``log2``/``exp2`` of the FP8 codec dif
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class StepScalars:
 
 def _f32(x: float) -> float:
     """Round a Python float to the nearest fp32 value."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def step_constants(s: StepScalars) -> dict:

@@ -15,7 +15,7 @@ FMA contraction disabled; only ``log2``/``exp2`` may differ in the last bit.
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -53,6 +53,26 @@ def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
 
 
 @triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 in fp32: the MUFU approximation (lg2.approx.ftz: ~2^-22 abs. error, subnormals -> -inf) on GPU;
+    tl.log2 elsewhere (the interpreter, which cannot run inline PTX)."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """exp2 in fp32: the MUFU approximation (ex2.approx.ftz: ~2 ulp, subnormal results -> 0) on GPU;
+    tl.exp2 elsewhere."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
 def _plain_scale(amax, FMAX: tl.constexpr):
     s = tl.div_rn(amax, FMAX)
     return tl.where(s < MIN_SCALE, MIN_SCALE, s)
@@ -60,7 +80,7 @@ def _plain_scale(amax, FMAX: tl.constexpr):
 
 @triton.jit
 def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
-            FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+            FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FAST: tl.constexpr):
     if FP8:
         q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.load(amax_ptr + gidx, mask=gmask, other=0.0)
@@ -68,7 +88,12 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
             k16 = tl.load(expo_ptr + gidx, mask=gmask, other=16).to(tl.float32)
             inv_k = tl.div_rn(tl.full(k16.shape, 16.0, tl.float32), k16)
             amax = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
-            mag = tl.exp2(tl.log2(tl.abs(q) * INV_FMAX) * inv_k[:, None]) * amax[:, None]
+            if FAST:
+                # M·(|q|/fmax)^(1/k) = exp2(log2|q| / k + (log2 M - log2(fmax) / k)): one MUFU pair, one FMA
+                bias = _log2(amax, FAST) - _log2(tl.full(amax.shape, FMAX, tl.float32), FAST) * inv_k
+                mag = _exp2(_log2(tl.abs(q), FAST) * inv_k[:, None] + bias[:, None], FAST)
+            else:
+                mag = _exp2(_log2(tl.abs(q) * INV_FMAX, FAST) * inv_k[:, None], FAST) * amax[:, None]
             x = tl.where(q < 0, -mag, mag)
         else:
             x = q * _plain_scale(amax, FMAX)[:, None]
@@ -79,22 +104,28 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
 
 @triton.jit
 def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
-                  FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, C: tl.constexpr):
+                  FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, C: tl.constexpr, FAST: tl.constexpr):
     if FP8:
         a = tl.abs(x)
         a = tl.where(a != a, float("inf"), a)
         amax = tl.max(a, axis=1)
         if EXPAND:
             amin = tl.min(tl.where(a > 0, a, float("inf")), axis=1)
-            log_range = tl.log2(amax) - tl.log2(amin)
+            log_range = _log2(amax, FAST) - _log2(amin, FAST)
             log_range = tl.where(log_range > 0, log_range, 0.0)
             k16 = tl.floor(tl.div_rn(tl.full(log_range.shape, C, tl.float32), log_range))
             k16 = tl.where(k16 > 255.0, 255.0, k16)
             k16 = tl.where(k16 < 1.0, 1.0, k16)
             floored = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
-            r = a * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), floored)[:, None]
-            y = FMAX * tl.exp2((k16 * 0.0625)[:, None] * tl.log2(r))
-            y = tl.where(y > FMAX, FMAX, y)
+            k = k16 * 0.0625
+            if FAST:
+                # fmax·(|x|/M)^k = exp2(k·log2|x| + (log2 fmax - k·log2 M)); the satfinite cast clamps at fmax
+                bias = _log2(tl.full(amax.shape, FMAX, tl.float32), FAST) - k * _log2(floored, FAST)
+                y = _exp2(k[:, None] * _log2(a, FAST) + bias[:, None], FAST)
+            else:
+                r = a * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), floored)[:, None]
+                y = FMAX * _exp2(k[:, None] * _log2(r, FAST), FAST)
+                y = tl.where(y > FMAX, FMAX, y)
             y = tl.where(x < 0, -y, y)
             tl.store(expo_ptr + gidx, k16.to(tl.uint8), mask=gmask)
         else:
@@ -109,24 +140,18 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
 
 @triton.jit
 def _adamw_step_kernel(
-    table, meta, NT, lr_ptr, lr_value, seed,
+    table, meta, prog_tensor, NT, lr_ptr, lr_value, seed,
     one_minus_beta1, beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1, inv_bc2_sqrt,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
     M_FP8: tl.constexpr, V_FP8: tl.constexpr, EXPAND: tl.constexpr,
     M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_C: tl.constexpr, V_C: tl.constexpr,
     MASTER: tl.constexpr, LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
-    G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr, FLAT: tl.constexpr,
+    G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
 ):
-    # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program
+    # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program;
+    # prog_tensor: int32 (programs,) the tensor each program works on
     pid = tl.program_id(0).to(tl.int64)
-    lo = pid * 0
-    hi = lo + NT - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        go = tl.load(meta + 3 * NT + mid) <= pid
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid - 1)
-    t = lo
+    t = tl.load(prog_tensor + pid).to(tl.int64)
     K = tl.load(meta + t)
     n_groups = tl.load(meta + NT + t)
     groups_per_row = tl.load(meta + 2 * NT + t)
@@ -168,14 +193,14 @@ def _adamw_step_kernel(
     m_expo_ptr = _ptr(table, 5, t, NT, tl.uint8)
     v_amax_ptr = _ptr(table, 6, t, NT, tl.float32)
     v_expo_ptr = _ptr(table, 7, t, NT, tl.uint8)
-    m_old = _decode(m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, 1.0 / M_FMAX)
-    v_old = _decode(v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, 1.0 / V_FMAX)
+    m_old = _decode(m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, 1.0 / M_FMAX, FAST)
+    v_old = _decode(v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, 1.0 / V_FMAX, FAST)
 
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr)
     else:
         lr = lr_value
-    step_size = tl.div_rn(lr, bias_correction1)
+    step_size = lr / bias_correction1 if not IEEE else tl.div_rn(lr, bias_correction1)
     wd_factor = 1.0 - lr * weight_decay
 
     p = p * wd_factor
@@ -184,8 +209,12 @@ def _adamw_step_kernel(
     else:
         m = g - (g - m_old) * beta1
     v = v_old * beta2 + (one_minus_beta2 * g) * g
-    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
-    p = p - tl.div_rn(step_size * m, denom)
+    if IEEE:  # correctly rounded: bit-identical to the torch reference
+        denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+        p = p - tl.div_rn(step_size * m, denom)
+    else:  # hardware approximations (sqrt.approx, div.full): a few ulp, fewer instructions
+        denom = tl.sqrt(v) * inv_bc2_sqrt + eps
+        p = p - (step_size * m) / denom
 
     if MASTER == 1:
         bits = p.to(tl.uint32, bitcast=True)
@@ -200,8 +229,8 @@ def _adamw_step_kernel(
     else:
         tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
 
-    _encode_store(m, m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, M_C)
-    _encode_store(v, v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, V_C)
+    _encode_store(m, m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, M_C, FAST)
+    _encode_store(v, v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, V_C, FAST)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,23 +251,72 @@ def _element_view(p: torch.Tensor, state: dict, layout: StateLayout) -> tuple[in
     return p.numel(), shape[-1]
 
 
-def _to_device(rows: "list[list[int]]", device: torch.device) -> torch.Tensor:
-    """Host int64 table -> device, asynchronously (through pinned memory) on CUDA."""
-    t = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+class _LaunchPlan:
+    """Device-side description of one bucket, rebuilt only when its parameters or states move.
 
+    ``table`` (int64, 9 × NT addresses) is uploaded once; each step only the gradient row changes, written into a
+    small ring of pinned host buffers and copied asynchronously (a slot is reused only once its previous copy has
+    completed, which an event tells without stalling the stream).
+    """
 
-class _TableCache:
-    """Device tables of one bucket, rebuilt only when its tensors move (grad addresses change every step)."""
+    RING = 4
 
-    def __init__(self):
-        self.key = None
-        self.static = None  # host list: addresses except grads
-        self.meta = None
-        self.programs = 0
-        self.flat = False
+    def __init__(self, params, states, layout: StateLayout, block_groups: int):
+        device = params[0].device
+        nt = len(params)
+        g_size = layout.group_size
+        meta = [[0] * nt for _ in range(4)]
+        static = [[0] * nt for _ in POINTER_KINDS]
+        programs_per_tensor = []
+        self.flat = True
+        start = 0
+        for t, (p, s) in enumerate(zip(params, states)):
+            numel, k = _element_view(p, s, layout)
+            self.flat = self.flat and k % g_size == 0
+            gpr = -(-k // g_size)
+            n_groups = (numel // k) * gpr if numel else 0
+            meta[0][t], meta[1][t], meta[2][t], meta[3][t] = k, n_groups, gpr, start
+            n_prog = -(-n_groups // block_groups)
+            programs_per_tensor.append(n_prog)
+            start += n_prog
+            static[_KIND["param"]][t] = p.data_ptr()
+            for name in POINTER_KINDS[2:]:
+                if name in s:
+                    static[_KIND[name]][t] = s[name].data_ptr()
+        if any(a % 16 for row in static for a in row):
+            raise ValueError("fused AdamW step needs 16-byte aligned parameters and states")
+        self.key = self.make_key(params, states, block_groups)
+        self.programs = start
+        self.nt = nt
+        self.device = device
+        self.table = torch.tensor(static, dtype=torch.int64).to(device)
+        self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
+        self.prog_tensor = torch.repeat_interleave(
+            torch.arange(nt, dtype=torch.int32), torch.tensor(programs_per_tensor, dtype=torch.int64)
+        ).to(device)
+        self._ring = []
+        self._slot = 0
+        if device.type == "cuda":
+            self._ring = [(torch.empty(nt, dtype=torch.int64).pin_memory(), torch.cuda.Event()) for _ in range(self.RING)]
+
+    @staticmethod
+    def make_key(params, states, block_groups: int) -> tuple:
+        return (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
+
+    def set_grads(self, grads: "list[torch.Tensor]") -> None:
+        addresses = [g.data_ptr() for g in grads]
+        if any(a % 16 for a in addresses):
+            raise ValueError("fused AdamW step needs 16-byte aligned gradients")
+        row = self.table[_KIND["grad"]]
+        if not self._ring:
+            row.copy_(torch.tensor(addresses, dtype=torch.int64))
+            return
+        host, done = self._ring[self._slot]
+        done.synchronize()  # the copy that last used this slot (RING steps ago) has long finished
+        host.numpy()[:] = addresses
+        row.copy_(host, non_blocking=True)
+        done.record()
+        self._slot = (self._slot + 1) % self.RING
 
 
 def fused_adamw_step(
@@ -249,57 +327,32 @@ def fused_adamw_step(
     scalars: StepScalars,
     *,
     seed: int = 0,
-    cache: "_TableCache | None" = None,
-    block_groups: int = 4,
+    cache: "_LaunchPlan | None" = None,
+    block_groups: int = 8,
     num_warps: int = 4,
-) -> _TableCache:
-    """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the table cache to reuse."""
-    device = params[0].device
-    nt = len(params)
-    g_size = layout.group_size
+    exact_math: bool = True,
+) -> _LaunchPlan:
+    """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the launch plan to reuse.
+
+    ``exact_math=False`` uses the hardware's approximate sqrt and division in the update (a few ulp; not
+    bit-identical to the torch reference).
+    """
+    plan = cache
+    if plan is None or plan.key != _LaunchPlan.make_key(params, states, block_groups):
+        plan = _LaunchPlan(params, states, layout, block_groups)
+    if plan.programs == 0:
+        return plan
+    plan.set_grads(grads)
     m_fp8, m_fmax, m_c = _fmt_args(layout.m_format)
     v_fp8, v_fmax, v_c = _fmt_args(layout.v_format)
-    cache = cache or _TableCache()
-
-    key = (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
-    if cache.key != key:
-        flat = True
-        meta = [[0] * nt for _ in range(4)]
-        static = [[0] * nt for _ in POINTER_KINDS]
-        start = 0
-        for t, (p, s) in enumerate(zip(params, states)):
-            numel, k = _element_view(p, s, layout)
-            flat = flat and k % g_size == 0
-            gpr = -(-k // g_size)
-            n_groups = (numel // k) * gpr if numel else 0
-            meta[0][t], meta[1][t], meta[2][t], meta[3][t] = k, n_groups, gpr, start
-            start += -(-n_groups // block_groups)
-            static[_KIND["param"]][t] = p.data_ptr()
-            for name in POINTER_KINDS[2:]:
-                if name in s:
-                    static[_KIND[name]][t] = s[name].data_ptr()
-        if any(a % 16 for row in static for a in row):
-            raise ValueError("fused AdamW step needs 16-byte aligned parameters and states")
-        cache.key = key
-        cache.static = static
-        cache.meta = _to_device(meta, device)
-        cache.programs = start
-        cache.flat = flat
-    if cache.programs == 0:
-        return cache
-    for t, gr in enumerate(grads):
-        if gr.data_ptr() % 16:
-            raise ValueError("fused AdamW step needs 16-byte aligned gradients")
-        cache.static[_KIND["grad"]][t] = gr.data_ptr()
-    table = _to_device(cache.static, device)
-
     c = step_constants(scalars)
     lr_is_tensor = isinstance(scalars.lr, torch.Tensor)
-    lr_tensor = scalars.lr.detach().to(device=device, dtype=torch.float32).reshape(()) if lr_is_tensor else table
+    device = plan.device
+    lr_tensor = scalars.lr.detach().to(device=device, dtype=torch.float32).reshape(()) if lr_is_tensor else plan.meta
     lr_value = 0.0 if lr_is_tensor else _f32(float(scalars.lr))
     p_dtype = tl.int16 if layout.master in ("bf16-remainder", "bf16-stochastic") else _TL_DTYPE[params[0].dtype]
-    _adamw_step_kernel[(cache.programs,)](
-        table, cache.meta, nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
+    _adamw_step_kernel[(plan.programs,)](
+        plan.table, plan.meta, plan.prog_tensor, plan.nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
         c["one_minus_beta1"], c["beta1"], c["beta2"], c["one_minus_beta2"], c["eps"], c["weight_decay"],
         c["bias_correction1"], c["inv_bias_correction2_sqrt"],
         P_DT=p_dtype, G_DT=_TL_DTYPE[grads[0].dtype],
@@ -308,9 +361,8 @@ def fused_adamw_step(
         M_FMAX=m_fmax, V_FMAX=v_fmax, M_C=m_c, V_C=v_c,
         MASTER=_MASTER_CODE[layout.master], LR_FROM_PTR=lr_is_tensor, MAXIMIZE=scalars.maximize,
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
-        G=g_size, BLOCK_GROUPS=block_groups, SEARCH_STEPS=max(1, math.ceil(math.log2(nt)) if nt > 1 else 1),
-        FLAT=cache.flat,
+        G=layout.group_size, BLOCK_GROUPS=block_groups, FLAT=plan.flat, IEEE=exact_math,
+        FAST=device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return cache
-
+    return plan
