@@ -171,3 +171,28 @@ def test_bad_arguments():
         quantize_per_group(x, E4M3, 16, backend="cuda")
     with pytest.raises(ValueError, match="at least one dimension"):
         quantize_per_group(torch.tensor(1.0), E4M3, 16)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (33, 70), (100, 48), (64, 128), (5, 3)])
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_quantize_transpose_bit_exact(shape, fmt):
+    from fp8coat.quantization import quantize_transpose
+
+    for name, x in _inputs(shape, torch.bfloat16, seed=13):
+        x = x.to(device())
+        s = ref.scale_from_amax(ref.tensor_amax(x), fmt)
+        for rowwise in (True, False):
+            qa, qta = quantize_transpose(x, fmt, s, rowwise, backend="torch")
+            qb, qtb = quantize_transpose(x, fmt, s, rowwise, backend="triton")
+            assert qta.shape == (shape[1], -(-shape[0] // 16) * 16)
+            assert_bit_equal(qta, qtb, f"{name} qt")
+            assert torch.all(qta[:, shape[0]:].float() == 0)
+            if rowwise:
+                assert_bit_equal(qa, qb, f"{name} q")
+                assert_bit_equal(qa.t(), qta[:, : shape[0]], f"{name} q vs qt")
+            else:
+                assert qa is None and qb is None
+    xt = finite_random((48, 40), seed=3).to(device()).t()  # non-contiguous input
+    s = ref.scale_from_amax(ref.tensor_amax(xt), E4M3)
+    assert_bit_equal(quantize_transpose(xt, E4M3, s, backend="triton")[1],
+                     quantize_transpose(xt.contiguous(), E4M3, s, backend="torch")[1], "strided")

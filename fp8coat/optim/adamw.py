@@ -213,6 +213,8 @@ class AdamW(torch.optim.Optimizer):
                         [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
                         seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
                     )
+                    for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
+                        torch.autograd.graph.increment_version(p)
                 else:
                     gen = None
                     if layout.master == "bf16-stochastic":

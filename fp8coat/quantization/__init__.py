@@ -26,6 +26,7 @@ __all__ = [
     "dequantize_per_tensor",
     "tensor_amax",
     "group_amax",
+    "quantize_transpose",
 ]
 
 BACKENDS = ("torch", "triton")
@@ -91,6 +92,14 @@ def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: "st
     if resolve_backend(x, backend) == "triton":
         return _kernels().quantize_per_tensor_triton(x, fmt, scale)
     return reference.quantize_per_tensor(x, get_format(fmt), scale)
+
+
+def quantize_transpose(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
+                       *, backend: "str | None" = None):
+    """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad))``; see ``reference.quantize_transpose``."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to)
+    return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to)
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "dequantize_per_group_triton",
     "tensor_amax_triton",
     "quantize_per_tensor_triton",
+    "quantize_transpose_triton",
 ]
 
 
@@ -122,6 +123,27 @@ def _scaled_quant_kernel(
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
 
 
+@triton.jit
+def _quant_transpose_kernel(
+    x_ptr, s_ptr, q_ptr, qt_ptr,  # x: (M, K) strided; s: 0-d fp32; q: (M, K) contiguous; qt: (K, M_pad) contiguous
+    M, K, M_pad, stride_xm, stride_xk,
+    FMAX: tl.constexpr, ROWWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.div_rn(1.0, tl.load(s_ptr))
+    q = _clamp_cast(x * inv, FMAX, qt_ptr.dtype.element_ty)
+    if ROWWISE:
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    # padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there
+    tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
+    tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], tl.trans(q), mask=tmask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 
@@ -193,6 +215,24 @@ def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
     return part.amax()
+
+
+def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16):
+    """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad))."""
+    fmt = get_format(fmt)
+    m, k = x.shape
+    m_pad = -(-m // pad_to) * pad_to
+    q = torch.empty((m, k), dtype=fmt.dtype, device=x.device) if rowwise else None
+    qt = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
+    if qt.numel() == 0:
+        return q, qt
+    block_m, block_k = 64, 64
+    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
+    _quant_transpose_kernel[grid](
+        x, scale.float().reshape(()), q if rowwise else qt, qt, m, k, m_pad, x.stride(0), x.stride(1),
+        FMAX=fmt.max, ROWWISE=rowwise, BLOCK_M=block_m, BLOCK_K=block_k,
+    )
+    return q, qt
 
 
 def quantize_per_tensor_triton(

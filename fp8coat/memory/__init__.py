@@ -1,0 +1,5 @@
+"""Memory accounting: bytes saved for backward (exact, CPU or GPU), optimizer state bytes."""
+
+from .saved import SavedTensors, measure_saved_tensors
+
+__all__ = ["SavedTensors", "measure_saved_tensors"]

@@ -1,0 +1,84 @@
+"""FP8-saving activation modules and the gated MLP of Llama-family models.
+
+* Activation modules (``nn.GELU``, ``nn.SiLU`` and HF's GELU/SiLU classes) save their input as E4M3 1×G
+  per-group and recompute the function in backward.
+* The gated MLP (``down(act(gate(x)) * up(x))``) runs gate and up as one FP8 GEMM pair on a shared quantized
+  input, then one fused SwiGLU/GeGLU op that saves gate and up in FP8 and recomputes ``act(gate)`` in backward
+  (neither the activation output nor the product is kept), then the FP8 down projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..recipe import Recipe
+from .linear import _weight_nk, fp8_linear_kwargs
+
+__all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
+
+# HF activation class name -> our kind
+_HF_KINDS = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "SiLUActivation": "silu",
+}
+
+
+def activation_kind(module: torch.nn.Module) -> "str | None":
+    """``gelu`` | ``gelu_tanh`` | ``silu`` for supported activation modules, else None."""
+    if isinstance(module, torch.nn.SiLU):
+        return "silu"
+    if isinstance(module, torch.nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    name = type(module).__name__
+    if name == "GELUActivation" and getattr(module, "act", None) is not None:
+        fn = module.act
+        if fn is torch.nn.functional.gelu or getattr(fn, "__name__", "") == "_gelu_python":
+            return "gelu"
+        return None
+    return _HF_KINDS.get(name)
+
+
+def _apply(kind: str, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    from ..ops import activations as A
+
+    if kind == "silu":
+        return A.silu(x, group_size=group_size)
+    return A.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none", group_size=group_size)
+
+
+class FP8ActivationMixin:
+    _fp8coat_recipe: Recipe
+    _fp8coat_kind: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        return _apply(self._fp8coat_kind, x, self._fp8coat_recipe.activation_group_size)
+
+
+class FP8GatedMLPMixin:
+    """For modules with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (SiLU -> SwiGLU, GELU -> GeGLU)."""
+
+    _fp8coat_recipe: Recipe
+    _fp8coat_kind: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from ..ops import activations as A
+        from ..ops.linear import linears
+
+        recipe = self._fp8coat_recipe
+        g = recipe.activation_group_size
+        gate, up = linears(
+            x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
+            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], **fp8_linear_kwargs(recipe),
+        )
+        if self._fp8coat_kind == "silu":
+            act = A.swiglu(gate, up, group_size=g)
+        else:
+            act = A.geglu(gate, up, approximate="tanh" if self._fp8coat_kind == "gelu_tanh" else "none", group_size=g)
+        return self.down_proj(act)

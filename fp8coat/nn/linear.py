@@ -1,0 +1,75 @@
+"""FP8 linear modules: ``nn.Linear`` (and HF ``Conv1D``) computing through :func:`fp8coat.ops.linear.linears`.
+
+Sibling projections that read the same input (q/k/v, gate/up) share an :class:`InputShare`: the first one
+called quantizes the input once and runs all GEMMs; the others pick up their outputs. The shared input is saved
+for backward once (one FP8 transposed copy instead of three).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.linear import FP8WeightCache, linears
+from ..recipe import Recipe
+
+__all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs"]
+
+
+def fp8_linear_kwargs(recipe: Recipe) -> dict:
+    return dict(fast_accum=recipe.fast_accum, emulate=recipe.emulate, fwd_format=recipe.forward_format)
+
+
+def _weight_nk(module) -> torch.Tensor:
+    """The weight as (out_features, in_features): nn.Linear stores it so; HF Conv1D stores (in, out)."""
+    if getattr(module, "_fp8coat_transposed", False):
+        return module.weight.t()
+    return module.weight
+
+
+class InputShare:
+    """Runs a group of sibling FP8 linears (same input) as one quantization + several GEMMs."""
+
+    def __init__(self, members: "list[torch.nn.Module]"):
+        self.members = members
+        self._x = None
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._x is x and id(module) in self._outputs:
+            out = self._outputs.pop(id(module))
+            if not self._outputs:
+                self._x = None
+            return out
+        if module is not self.members[0]:  # called out of order or with another input: run alone
+            return _single(module, x)
+        recipe = module._fp8coat_recipe
+        outs = linears(
+            x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
+            [m._fp8coat_cache for m in self.members], **fp8_linear_kwargs(recipe),
+        )
+        self._x = x
+        self._outputs = {id(m): o for m, o in zip(self.members[1:], outs[1:])}
+        return outs[0]
+
+
+def _single(module, x: torch.Tensor) -> torch.Tensor:
+    return linears(x, [_weight_nk(module)], [module.bias], [module._fp8coat_cache],
+                   **fp8_linear_kwargs(module._fp8coat_recipe))[0]
+
+
+class FP8LinearMixin:
+    """Forward of a converted linear layer: FP8 in training mode, the original forward in eval mode."""
+
+    _fp8coat_recipe: Recipe
+    _fp8coat_cache: FP8WeightCache
+    _fp8coat_share: "InputShare | None" = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        if self._fp8coat_share is not None:
+            return self._fp8coat_share.forward(self, x)
+        return _single(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self._fp8coat_recipe.forward_format}/{self._fp8coat_recipe.backward_format}"

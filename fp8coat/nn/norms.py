@@ -1,0 +1,46 @@
+"""FP8-saving norms: RMSNorm (HF Llama/Mistral/Qwen2/Qwen3, ``torch.nn.RMSNorm``) and ``nn.LayerNorm``.
+
+Training mode saves the norm's input as E4M3 1×G per-group plus fp32 statistics (``fp8coat.ops.norms``); eval
+mode runs the module's original forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..recipe import Recipe
+
+__all__ = ["FP8RMSNormMixin", "FP8LayerNormMixin", "RMSNORM_CLASS_NAMES"]
+
+# RMSNorms computing weight · x / rms(x) (Gemma's (1 + weight) variant is deliberately absent)
+RMSNORM_CLASS_NAMES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm")
+
+
+def _eps(module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    return float(torch.finfo(torch.float32).eps)  # torch.nn.RMSNorm's default when eps is None
+
+
+class FP8RMSNormMixin:
+    _fp8coat_recipe: Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from ..ops.norms import rmsnorm
+
+        return rmsnorm(x, self.weight, _eps(self), self._fp8coat_recipe.activation_group_size)
+
+
+class FP8LayerNormMixin:
+    _fp8coat_recipe: Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from ..ops.norms import layernorm
+
+        return layernorm(x, self.weight, self.bias, _eps(self), self._fp8coat_recipe.activation_group_size)

@@ -1,0 +1,289 @@
+"""FP8 linear layers that save only FP8 inputs for backward.
+
+For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, sharing ONE quantized input:
+
+    forward   X8, sX  = E4M3 per-tensor (scale from a two-stage amax, on device)
+              W8, sW  = E4M3 per-tensor, cached per module until the weight changes (version counter / storage)
+              Y_i     = (X8·sX)(W8_i·sW_i)ᵀ + b_i         torch._scaled_mm on CUDA (fast accumulation), fp32
+                                                           emulation elsewhere; output in X's dtype
+              saved:  X8ᵀ (K×M_pad, FP8, the K-major copy wgrad needs) and sX — or, with ``save_input_hp``,
+                      the high-precision X itself when another op keeps it anyway (attention output)
+    backward  G8_i    = E5M2 per-tensor of dY_i, row-major and transposed
+              dX      = Σ_i (G8_i·sG_i)(W8_i·sW_i)        precise accumulation, summed in fp32
+              dW_i    = (G8_iᵀ·sG_i)(X8·sX)               in the weight's dtype
+              db_i    = Σ_rows dY_i
+
+Hopper's FP8 GEMMs take both operands K-major ("TN"): the forward uses X8 (row-major) and W8 (row-major = W8ᵀ
+column-major); dgrad needs W8ᵀ row-major (transposed on the fly from the cached W8: 1 byte/element), wgrad needs
+G8ᵀ and X8ᵀ row-major, with the token dimension (their inner dimension) padded with zeros to a multiple of 16.
+``torch._scaled_mm`` also needs K and N to be multiples of 16: other sizes run the emulated GEMM (same
+quantization, fp32 matmul).
+
+Registered as the custom op ``fp8coat::linears`` with autograd, so ``torch.compile`` treats it as opaque.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+import torch
+
+from ..formats import get_format
+from ..quantization import quantize_per_tensor, quantize_transpose, scale_from_amax, tensor_amax
+
+__all__ = ["FP8WeightCache", "linears", "linear", "fp8_mm", "fp8_gemm_supported"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 weight cache
+
+
+class FP8WeightCache:
+    """E4M3 per-tensor copy of one weight, recomputed only when the weight changes.
+
+    The key is the weight's storage address, shape, dtype and version counter: in-place updates (optimizer
+    steps, ``load_state_dict``, FSDP all-gathers) bump the version, so every micro-batch between two optimizer
+    steps reuses one quantization and no global "first micro-batch" flag exists. Caches are registered under an
+    integer handle so that an opaque custom op can find them at run time.
+    """
+
+    _registry: "dict[int, weakref.ref]" = {}
+    _next = itertools.count(1)
+
+    def __init__(self, fmt: str = "e4m3"):
+        self.fmt = get_format(fmt)
+        self.key = None
+        self.q: "torch.Tensor | None" = None
+        self.scale: "torch.Tensor | None" = None
+        self.handle = next(self._next)
+        self._registry[self.handle] = weakref.ref(self)
+        weakref.finalize(self, self._registry.pop, self.handle, None)
+
+    @classmethod
+    def lookup(cls, handle: int) -> "FP8WeightCache | None":
+        ref = cls._registry.get(handle)
+        return ref() if ref is not None else None
+
+    def get(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
+        if key != self.key:
+            self.q, self.scale = quantize_per_tensor(w.detach(), self.fmt)
+            self.key = key
+        return self.q, self.scale
+
+    def __deepcopy__(self, memo) -> "FP8WeightCache":
+        return FP8WeightCache(self.fmt)  # a copy of a module gets its own (empty) cache under a new handle
+
+    def clear(self) -> None:
+        self.key = self.q = self.scale = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.q is None else self.q.numel() + 4
+
+
+def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = FP8WeightCache.lookup(handle) if handle > 0 else None
+    if cache is not None:
+        return cache.get(w)
+    return quantize_per_tensor(w.detach(), fmt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_mm(
+    a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype,
+    *, fast_accum: bool = False, emulate: bool = False,
+) -> torch.Tensor:
+    """``(a·scale_a) @ (b_t·scale_b)ᵀ`` for FP8 ``a`` (M×K) and ``b_t`` (N×K), both row-major; out (M×N).
+
+    CUDA with FP8 tensor cores and K, N multiples of 16: ``torch._scaled_mm``. Otherwise the emulation computes
+    the same product in fp32 (FP8 products are exact in fp32) and applies the scales at the end, like the GEMM.
+    """
+    m, k = a.shape
+    n = b_t.shape[0]
+    if not emulate and fp8_gemm_supported(a.device) and k % 16 == 0 and n % 16 == 0:
+        return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    out = (a.float() @ b_t.float().t()) * (scale_a.float() * scale_b.float())
+    return out.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+def _input_scale(x2: torch.Tensor, fmt) -> torch.Tensor:
+    return scale_from_amax(tensor_amax(x2), fmt)
+
+
+@torch.library.custom_op("fp8coat::linears", mutates_args=())
+def _linears_fwd(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    cache_handles: list[int],
+    save_input_hp: bool,
+    fast_accum: bool,
+    emulate: bool,
+    fwd_format: str,
+) -> list[torch.Tensor]:
+    """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
+
+    ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
+    wrapper of custom ops cannot return gradients for a list with holes)."""
+    fmt = get_format(fwd_format)
+    x2 = x.reshape(-1, x.shape[-1])
+    sx = _input_scale(x2, fmt)
+    xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True)
+    ys = []
+    bias_iter = iter(biases)
+    for w, hb, h in zip(weights, has_bias, cache_handles):
+        b = next(bias_iter) if hb else None
+        wq, sw = _weight_fp8(w, h, fmt)
+        y = fp8_mm(xq, sx, wq, sw, x.dtype, fast_accum=fast_accum, emulate=emulate)
+        if b is not None:
+            y = y + b.to(y.dtype)
+        ys.append(y.reshape(*x.shape[:-1], w.shape[0]))
+    saved = xqt.new_empty(0) if save_input_hp else xqt  # with save_input_hp, setup_context saves x itself
+    return ys + [saved, sx]
+
+
+@_linears_fwd.register_fake
+def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, emulate, fwd_format):
+    m = 1
+    for s in x.shape[:-1]:
+        m *= s
+    k = x.shape[-1]
+    ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+    fp8 = get_format(fwd_format).dtype
+    saved = x.new_empty((0,), dtype=fp8) if save_input_hp else x.new_empty((k, -(-m // 16) * 16), dtype=fp8)
+    return ys + [saved, x.new_empty((), dtype=torch.float32)]
+
+
+@torch.library.custom_op("fp8coat::linears_backward", mutates_args=())
+def _linears_bwd(
+    grads: list[torch.Tensor],
+    x_saved: torch.Tensor,
+    x_scale: torch.Tensor,
+    weights: list[torch.Tensor],
+    cache_handles: list[int],
+    has_bias: list[bool],
+    x_shape: list[int],
+    x_dtype: torch.dtype,
+    save_input_hp: bool,
+    emulate: bool,
+    fwd_format: str,
+    bwd_format: str,
+) -> list[torch.Tensor]:
+    """Returns ``[dx, *dw_i, *db_i (for biased layers)]``."""
+    fmt, gfmt = get_format(fwd_format), get_format(bwd_format)
+    k = x_shape[-1]
+    m = 1
+    for s in x_shape[:-1]:
+        m *= s
+    if save_input_hp:
+        _, xqt = quantize_transpose(x_saved.reshape(-1, k), fmt, x_scale, rowwise=False)
+    else:
+        xqt = x_saved
+    dx = None
+    dws, dbs = [], []
+    for g, w, h, hb in zip(grads, weights, cache_handles, has_bias):
+        g2 = g.reshape(-1, w.shape[0])
+        sg = _input_scale(g2, gfmt)
+        gq, gqt = quantize_transpose(g2, gfmt, sg, rowwise=True)
+        wq, sw = _weight_fp8(w, h, fmt)
+        part = fp8_mm(gq, sg, wq.t().contiguous(), sw, torch.float32, emulate=emulate)
+        dx = part if dx is None else dx + part
+        dws.append(fp8_mm(gqt, sg, xqt, x_scale, w.dtype, emulate=emulate))
+        if hb:
+            dbs.append(g2.float().sum(0))
+    dx = dx.to(x_dtype).reshape(x_shape)
+    dbs = [db.to(w.dtype) for db, w in zip(dbs, [w for w, hb in zip(weights, has_bias) if hb])]
+    return [dx] + dws + dbs
+
+
+@_linears_bwd.register_fake
+def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtype, save_input_hp, emulate,
+      fwd_format, bwd_format):
+    dx = x_saved.new_empty(x_shape, dtype=x_dtype)
+    dws = [torch.empty_like(w) for w in weights]
+    dbs = [w.new_empty((w.shape[0],)) for w, hb in zip(weights, has_bias) if hb]
+    return [dx] + dws + dbs
+
+
+def _setup(ctx, inputs, output):
+    x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format = inputs
+    saved, x_scale = output[-2], output[-1]
+    ctx.mark_non_differentiable(saved, x_scale)
+    if save_input_hp:
+        saved = x
+    ctx.save_for_backward(saved, x_scale, *weights)
+    ctx.meta = dict(
+        handles=list(handles), has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
+        save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, n=len(weights),
+    )
+
+
+def _backward(ctx, grads):
+    meta = ctx.meta
+    saved, x_scale, *weights = ctx.saved_tensors
+    n = meta["n"]
+    ys_grads = list(grads[:n])
+    for i, g in enumerate(ys_grads):  # an output that did not reach the loss
+        if g is None:
+            ys_grads[i] = torch.zeros(*meta["x_shape"][:-1], weights[i].shape[0], dtype=meta["x_dtype"],
+                                      device=x_scale.device)
+    out = torch.ops.fp8coat.linears_backward(
+        ys_grads, saved, x_scale, weights, meta["handles"], meta["has_bias"], meta["x_shape"], meta["x_dtype"],
+        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT,
+    )
+    dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]
+    return dx, list(dws), list(dbs), None, None, None, None, None, None
+
+
+_BWD_FORMAT = "e5m2"
+torch.library.register_autograd("fp8coat::linears", _backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public functions
+
+
+def linears(
+    x: torch.Tensor,
+    weights: "list[torch.Tensor]",
+    biases: "list[torch.Tensor | None] | None" = None,
+    caches: "list[FP8WeightCache | None] | None" = None,
+    *,
+    save_input_hp: bool = False,
+    fast_accum: bool = True,
+    emulate: bool = False,
+    fwd_format: str = "e4m3",
+) -> "list[torch.Tensor]":
+    """Several FP8 linear layers on one input, quantized once: returns ``[x @ W_iᵀ + b_i]``.
+
+    ``x``: (..., K) bf16/fp16/fp32; ``weights[i]``: (N_i, K) any float dtype (gradients come back in it);
+    ``caches``: optional :class:`FP8WeightCache` per weight. ``save_input_hp`` keeps ``x`` itself for backward
+    instead of its FP8 transposed copy (use it when ``x`` is saved by another op anyway).
+    """
+    n = len(weights)
+    biases = list(biases) if biases is not None else [None] * n
+    handles = [c.handle if c is not None else 0 for c in (caches or [None] * n)]
+    out = torch.ops.fp8coat.linears(x, list(weights), [b for b in biases if b is not None],
+                                    [b is not None for b in biases], handles, save_input_hp, fast_accum, emulate,
+                                    fwd_format)
+    return list(out[:n])
+
+
+def linear(x, weight, bias=None, cache: "FP8WeightCache | None" = None, **kwargs) -> torch.Tensor:
+    """One FP8 linear layer: ``x @ weightᵀ + bias`` (see :func:`linears`)."""
+    return linears(x, [weight], [bias], [cache], **kwargs)[0]

@@ -1,0 +1,75 @@
+"""Recipes: one frozen description of what a converted model computes in FP8.
+
+=============  ==================  =====================================  =======================================
+recipe         linear GEMMs        saved for backward                     notes
+=============  ==================  =====================================  =======================================
+``bf16``       BF16                as the original model                  the baseline; ``convert`` changes nothing
+``fp8-linear`` E4M3 × E4M3 fwd,    FP8 (E4M3, per-tensor, transposed)     TransformerEngine / torchao-like
+               E5M2 grads          linear inputs; the rest as before
+``coat``       as ``fp8-linear``   + FP8 (E4M3, 1×16 per-group) inputs    COAT's precision flow: norms and
+                                   of norms and activation functions      activations save FP8, recompute the rest
+=============  ==================  =====================================  =======================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .formats import get_format
+
+__all__ = ["Recipe", "RECIPES", "get_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``fp8coat.convert`` quantizes.
+
+    Attributes:
+        name: preset name (``bf16``, ``fp8-linear``, ``coat``) or a user label.
+        fp8_linear: run linear layers as FP8 GEMMs that save only FP8 inputs.
+        fp8_activations: norms and activation functions save their inputs in FP8 (per-group).
+        forward_format / backward_format: FP8 formats of activations and weights / of output gradients.
+        activation_group_size: G of the 1×G groups of saved non-linear inputs.
+        fast_accum: Hopper fast accumulation in the forward GEMM (backward GEMMs always accumulate precisely).
+        emulate: compute the FP8 GEMMs as dequantize + fp32 matmul even on CUDA (same quantization; for GPUs
+            without FP8 tensor cores and for testing). Always on for CPU tensors.
+    """
+
+    name: str
+    fp8_linear: bool
+    fp8_activations: bool
+    forward_format: str = "e4m3"
+    backward_format: str = "e5m2"
+    activation_group_size: int = 16
+    fast_accum: bool = True
+    emulate: bool = False
+
+    def __post_init__(self):
+        get_format(self.forward_format)
+        get_format(self.backward_format)
+        if self.fp8_activations and not self.fp8_linear:
+            raise ValueError("fp8_activations needs fp8_linear (the precision flow feeds FP8 GEMMs)")
+
+    def with_options(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        if not self.fp8_linear:
+            return f"{self.name} (BF16)"
+        acts = f", FP8 1x{self.activation_group_size} activations" if self.fp8_activations else ""
+        return f"{self.name} ({self.forward_format.upper()}/{self.backward_format.upper()} GEMMs{acts})"
+
+
+RECIPES = {
+    "bf16": Recipe("bf16", fp8_linear=False, fp8_activations=False),
+    "fp8-linear": Recipe("fp8-linear", fp8_linear=True, fp8_activations=False),
+    "coat": Recipe("coat", fp8_linear=True, fp8_activations=True),
+}
+
+
+def get_recipe(recipe: "str | Recipe") -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe in RECIPES:
+        return RECIPES[recipe]
+    raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)} or a fp8coat.Recipe")

@@ -1,0 +1,146 @@
+"""FP8 linear op: numerics vs fp32, what it saves, the weight cache, shapes, compile, GPU GEMM path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8coat.ops.linear import FP8WeightCache, fp8_mm, linear, linears
+from fp8coat.memory import measure_saved_tensors
+from fp8coat.quantization import quantize_per_tensor
+
+from helpers import device, sqnr_db
+
+
+def _ref(x, ws, bs):
+    xr = x.detach().float().requires_grad_()
+    wr = [w.detach().float().requires_grad_() for w in ws]
+    br = [b.detach().float().requires_grad_() if b is not None else None for b in bs]
+    ys = [xr @ w.t() + (b if b is not None else 0) for w, b in zip(wr, br)]
+    return xr, wr, br, ys
+
+
+@pytest.mark.parametrize("shape,k,ns", [((4, 33), 64, [128, 48]), ((2, 3, 17), 70, [33]), ((256,), 128, [64, 64, 32])])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linears_match_fp32_reference(shape, k, ns, dtype):
+    """Outputs and all gradients within SQNR thresholds (measured: ~27-30 dB outputs, ~25-31 dB grads)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, k, generator=g).to(device(), dtype).requires_grad_()
+    ws = [(torch.randn(n, k, generator=g) / k**0.5).to(device()).requires_grad_() for n in ns]
+    bs = [torch.randn(n, generator=g).to(device()).requires_grad_() if i % 2 else None for i, n in enumerate(ns)]
+    caches = [FP8WeightCache() for _ in ns]
+    ys = linears(x, ws, bs, caches)
+    for y, n in zip(ys, ns):
+        assert y.shape == (*shape, n) and y.dtype == dtype
+    gouts = [torch.randn(y.shape, generator=g).to(device()) for y in ys]
+    sum((y.float() * go).sum() for y, go in zip(ys, gouts)).backward()
+    xr, wr, br, yr = _ref(x, ws, bs)
+    sum((y * go).sum() for y, go in zip(yr, gouts)).backward()
+    for y, r in zip(ys, yr):
+        assert sqnr_db(r, y.detach().float()) > 20
+    assert sqnr_db(xr.grad, x.grad.float()) > 18
+    for w, r in zip(ws, wr):
+        assert w.grad.dtype == w.dtype and sqnr_db(r.grad, w.grad) > 18
+    for b, r in zip(bs, br):
+        if b is not None:
+            assert sqnr_db(r.grad, b.grad) > 40  # bias grads come from the unquantized dY
+
+
+def test_saves_only_fp8_transposed_input_once_for_shared_layers():
+    x = torch.randn(3, 50, 64, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(n, 64, device=device(), requires_grad=True) for n in (64, 32, 32)]
+    _, rep = measure_saved_tensors(lambda: linears(x, ws), modules=None)
+    m_pad = -(-150 // 16) * 16
+    fp8 = [e for e in rep.entries if e[2] == torch.float8_e4m3fn]
+    assert len(fp8) == 1 and fp8[0][3] == (64, m_pad)  # one K-major copy for three layers, tokens padded to 16
+    weights = sum(w.numel() * 4 for w in ws)
+    assert rep.total_bytes == 64 * m_pad + 4 + weights  # FP8 input, its scale, and the weights themselves
+    mod = torch.nn.ModuleList([torch.nn.Linear(64, 64)]).to(device())
+    _, rep = measure_saved_tensors(lambda: linear(x, mod[0].weight, mod[0].bias), modules=mod)
+    assert rep.total_bytes == 64 * m_pad + 4 and rep.parameter_bytes == 64 * 64 * 4
+
+
+def test_save_input_hp_keeps_the_input_itself():
+    x = torch.randn(40, 64, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(32, 64, device=device()))
+    lin = torch.nn.ModuleList([torch.nn.Linear(1, 1)])
+    _, rep = measure_saved_tensors(lambda: linear(x, w, save_input_hp=True), modules=lin)
+    assert [e[2] for e in rep.entries if e[4] > 4] == [torch.bfloat16, torch.float32]  # x and the weight
+    y = linear(x, w, save_input_hp=True)
+    y.float().sum().backward()
+    y2 = linear(x.detach().requires_grad_(), w)
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(y, y2)
+
+
+def test_weight_cache_reused_until_the_weight_changes():
+    w = torch.nn.Parameter(torch.randn(32, 64, device=device()))
+    cache = FP8WeightCache()
+    x = torch.randn(8, 64, device=device())
+    linear(x, w, cache=cache)
+    q1 = cache.q
+    linear(x, w, cache=cache)  # second micro-batch: same quantized tensor object
+    assert cache.q is q1
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step bumps the version counter
+    y = linear(x, w, cache=cache)
+    assert cache.q is not q1
+    ref_q, ref_s = quantize_per_tensor(w.detach(), "e4m3")
+    assert torch.equal(cache.q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(cache.scale, ref_s)
+    assert torch.isfinite(y).all()
+
+
+def test_weight_cache_sees_fused_optimizer_updates():
+    """fp8coat.AdamW's fused kernel writes parameters through raw pointers: it must bump their versions."""
+    import fp8coat
+
+    lin = torch.nn.Linear(64, 64).to(device())
+    cache = FP8WeightCache()
+    opt = fp8coat.AdamW(lin.parameters(), lr=0.1, backend="triton")
+    x = torch.randn(8, 64, device=device())
+    linear(x, lin.weight, lin.bias, cache).sum().backward()
+    q1 = cache.q
+    opt.step()
+    linear(x, lin.weight, lin.bias, cache)
+    assert cache.q is not q1
+
+
+def test_emulated_gemm_is_exact_fp8_math():
+    g = torch.Generator().manual_seed(1)
+    a, sa = quantize_per_tensor(torch.randn(20, 48, generator=g), "e4m3")
+    b, sb = quantize_per_tensor(torch.randn(24, 48, generator=g), "e4m3")
+    out = fp8_mm(a, sa, b, sb, torch.float32, emulate=True)
+    ref = (a.double() @ b.double().t()) * (sa.double() * sb.double())
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_linears_under_torch_compile_match_eager():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 24, 32, generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(48, 32, generator=g).requires_grad_()
+    cache = FP8WeightCache()
+
+    def f(x, w):
+        return linear(x, w, cache=cache).float().pow(2).sum()
+
+    f(x, w).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    torch.compile(f)(x, w).backward()
+    assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [4096, 4000])
+def test_scaled_mm_path_matches_emulation_on_gpu(m):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, 4096, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(11008, 4096, device="cuda", generator=g) / 64).bfloat16().requires_grad_()
+    outs = {}
+    for emulate in (False, True):
+        x.grad = w.grad = None
+        y = linear(x, w, emulate=emulate, fast_accum=False)
+        y.float().pow(2).mean().backward()
+        outs[emulate] = (y.detach().float(), x.grad.float(), w.grad.float())
+    for a, b in zip(outs[False], outs[True]):
+        assert sqnr_db(b, a) > 40  # same FP8 operands; only accumulation order/precision differs
