@@ -1,9 +1,18 @@
 """fp8coat: memory-efficient FP8 training (COAT: FP8 optimizer states with dynamic range expansion,
-FP8 activations with mixed granularity)."""
+FP8 activations with mixed granularity).
 
+    model = fp8coat.convert(model, "coat")            # FP8 linears + FP8-saved activations, same parameter names
+    opt = fp8coat.AdamW(model.parameters(), lr=3e-4)  # FP8 optimizer states with dynamic range expansion
+"""
+
+from .conversion import conversion_summary, convert, unconvert
 from .formats import E4M3, E5M2, FP8Format, get_format
 from .optim import AdamW
+from .recipe import RECIPES, Recipe, get_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamW", "E4M3", "E5M2", "FP8Format", "get_format", "__version__"]
+__all__ = [
+    "AdamW", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
+    "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
+]

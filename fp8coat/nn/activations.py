@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..recipe import Recipe
-from .linear import _weight_nk, fp8_linear_kwargs
+from .linear import _weight_nk, fp8_linear_kwargs, take_offer
 
 __all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
 
@@ -60,25 +60,37 @@ class FP8ActivationMixin:
 
 
 class FP8GatedMLPMixin:
-    """For modules with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (SiLU -> SwiGLU, GELU -> GeGLU)."""
+    """For modules with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (SiLU -> SwiGLU, GELU -> GeGLU).
+
+    Saved for backward: gate and up in FP8 (by the SwiGLU op) — and nothing else: the gate/up GEMMs rebuild their
+    input from the preceding FP8 norm's saved tensors (when it offered them), and the down GEMM rebuilds its input
+    silu(gate)·up from the SwiGLU op's saved gate and up.
+    """
 
     _fp8coat_recipe: Recipe
     _fp8coat_kind: str
+    _fp8coat_offer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         from ..ops import activations as A
-        from ..ops.linear import linears
+        from ..ops.linear import Recompute, linears
+        from ..quantization import resolve_backend
 
         recipe = self._fp8coat_recipe
         g = recipe.activation_group_size
+        kw = fp8_linear_kwargs(recipe)
         gate, up = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
-            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], **fp8_linear_kwargs(recipe),
+            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], recompute=take_offer(self, x), **kw,
         )
-        if self._fp8coat_kind == "silu":
-            act = A.swiglu(gate, up, group_size=g)
-        else:
-            act = A.geglu(gate, up, approximate="tanh" if self._fp8coat_kind == "gelu_tanh" else "none", group_size=g)
-        return self.down_proj(act)
+        if self._fp8coat_kind != "silu":
+            approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"
+            return self.down_proj(A.geglu(gate, up, approximate=approximate, group_size=g))
+        if not torch.is_grad_enabled():
+            return self.down_proj(A.swiglu(gate, up, group_size=g))
+        act, g_q, g_s, u_q, u_s = torch.ops.fp8coat.swiglu(gate, up, g, resolve_backend(gate, None))
+        down = self.down_proj
+        return linears(act, [_weight_nk(down)], [down.bias], [down._fp8coat_cache],
+                       recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), 0.0, g), **kw)[0]

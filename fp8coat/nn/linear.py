@@ -2,7 +2,8 @@
 
 Sibling projections that read the same input (q/k/v, gate/up) share an :class:`InputShare`: the first one
 called quantizes the input once and runs all GEMMs; the others pick up their outputs. The shared input is saved
-for backward once (one FP8 transposed copy instead of three).
+for backward once (one FP8 transposed copy instead of three) — or not at all: when the input is the output of an
+FP8 norm that offered its saved tensors (``_fp8coat_offer``), backward rebuilds it from them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class InputShare:
         self.members = members
         self._x = None
         self._outputs: dict[int, torch.Tensor] = {}
+        self._fp8coat_offer = None  # (tensor, Recompute) set by the FP8 norm producing this group's input
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._x is x and id(module) in self._outputs:
@@ -45,11 +47,20 @@ class InputShare:
         recipe = module._fp8coat_recipe
         outs = linears(
             x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
-            [m._fp8coat_cache for m in self.members], **fp8_linear_kwargs(recipe),
+            [m._fp8coat_cache for m in self.members], recompute=take_offer(self, x), **fp8_linear_kwargs(recipe),
         )
         self._x = x
         self._outputs = {id(m): o for m, o in zip(self.members[1:], outs[1:])}
         return outs[0]
+
+
+def take_offer(consumer, x: torch.Tensor):
+    """The producer's :class:`Recompute` if ``x`` is the tensor it offered (then the offer is consumed)."""
+    offer = consumer._fp8coat_offer
+    consumer._fp8coat_offer = None
+    if offer is not None and offer[0] is x:
+        return offer[1]
+    return None
 
 
 def _single(module, x: torch.Tensor) -> torch.Tensor:

@@ -25,14 +25,25 @@ def _eps(module) -> float:
 
 
 class FP8RMSNormMixin:
+    """With a consumer (the q/k/v group or the gated MLP reading this norm's output), the norm offers its saved
+    FP8 input and statistics: the consumer's linears rebuild their input from them in backward and save nothing
+    of their own."""
+
     _fp8coat_recipe: Recipe
+    _fp8coat_consumer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        from ..ops.linear import Recompute
         from ..ops.norms import rmsnorm
 
-        return rmsnorm(x, self.weight, _eps(self), self._fp8coat_recipe.activation_group_size)
+        group = self._fp8coat_recipe.activation_group_size
+        if self._fp8coat_consumer is None or not torch.is_grad_enabled():
+            return rmsnorm(x, self.weight, _eps(self), group)
+        y, x_q, x_s, rstd = torch.ops.fp8coat.rmsnorm(x, self.weight, _eps(self), group)
+        self._fp8coat_consumer._fp8coat_offer = (y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), _eps(self), group))
+        return y
 
 
 class FP8LayerNormMixin:

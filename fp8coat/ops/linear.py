@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import dataclass
 import torch
 
 from ..formats import get_format
-from ..quantization import quantize_per_tensor, quantize_transpose, scale_from_amax, tensor_amax
+from ..quantization import (
+    dequantize_per_group, quantize_per_tensor, quantize_transpose, scale_from_amax, tensor_amax,
+)
 
-__all__ = ["FP8WeightCache", "linears", "linear", "fp8_mm", "fp8_gemm_supported"]
+__all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,6 +120,39 @@ def fp8_mm(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# recomputing the input from its producer's saved FP8 tensors
+
+
+def recompute_input(kind: str, src: "list[torch.Tensor]", eps: float, group_size: int, dtype: torch.dtype):
+    """Rebuild a linear layer's input from what the op that produced it saved anyway (no extra memory).
+
+    ``rmsnorm``: src = [x_q, x_s, rstd(, weight)] -> (dequant(x)·rstd)·w; ``swiglu``: src = [g_q, g_s, u_q, u_s]
+    -> silu(g)·u. Computed in fp32 from the per-group FP8 copies and cast to ``dtype``.
+    """
+    if kind == "rmsnorm":
+        x = dequantize_per_group(src[0], src[1], group_size, torch.float32)
+        y = x * src[2].unsqueeze(-1)
+        if len(src) > 3:
+            y = y * src[3].float()
+        return y.to(dtype)
+    if kind == "swiglu":
+        g = dequantize_per_group(src[0], src[1], group_size, torch.float32)
+        u = dequantize_per_group(src[2], src[3], group_size, torch.float32)
+        return (g * torch.sigmoid(g) * u).to(dtype)
+    raise ValueError(f"unknown recompute kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """How to rebuild a linear layer's input in backward instead of saving it (see :func:`recompute_input`)."""
+
+    kind: str
+    tensors: tuple
+    eps: float = 0.0
+    group_size: int = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # custom ops
 
 
@@ -135,6 +171,10 @@ def _linears_fwd(
     fast_accum: bool,
     emulate: bool,
     fwd_format: str,
+    recompute_kind: str,
+    recompute_src: list[torch.Tensor],
+    recompute_eps: float,
+    recompute_group: int,
 ) -> list[torch.Tensor]:
     """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
 
@@ -143,7 +183,8 @@ def _linears_fwd(
     fmt = get_format(fwd_format)
     x2 = x.reshape(-1, x.shape[-1])
     sx = _input_scale(x2, fmt)
-    xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True)
+    saves_own_copy = not save_input_hp and not recompute_kind
+    xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True, transposed=saves_own_copy)
     ys = []
     bias_iter = iter(biases)
     for w, hb, h in zip(weights, has_bias, cache_handles):
@@ -153,19 +194,22 @@ def _linears_fwd(
         if b is not None:
             y = y + b.to(y.dtype)
         ys.append(y.reshape(*x.shape[:-1], w.shape[0]))
-    saved = xqt.new_empty(0) if save_input_hp else xqt  # with save_input_hp, setup_context saves x itself
+    # otherwise setup_context saves x itself (save_input_hp) or the producer's tensors (recompute)
+    saved = xqt if saves_own_copy else xq.new_empty(0)
     return ys + [saved, sx]
 
 
 @_linears_fwd.register_fake
-def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, emulate, fwd_format):
+def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
+      recompute_src, recompute_eps, recompute_group):
     m = 1
     for s in x.shape[:-1]:
         m *= s
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
     fp8 = get_format(fwd_format).dtype
-    saved = x.new_empty((0,), dtype=fp8) if save_input_hp else x.new_empty((k, -(-m // 16) * 16), dtype=fp8)
+    own = not save_input_hp and not recompute_kind
+    saved = x.new_empty((k, -(-m // 16) * 16), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
     return ys + [saved, x.new_empty((), dtype=torch.float32)]
 
 
@@ -183,6 +227,10 @@ def _linears_bwd(
     emulate: bool,
     fwd_format: str,
     bwd_format: str,
+    recompute_kind: str,
+    recompute_src: list[torch.Tensor],
+    recompute_eps: float,
+    recompute_group: int,
 ) -> list[torch.Tensor]:
     """Returns ``[dx, *dw_i, *db_i (for biased layers)]``."""
     fmt, gfmt = get_format(fwd_format), get_format(bwd_format)
@@ -190,7 +238,10 @@ def _linears_bwd(
     m = 1
     for s in x_shape[:-1]:
         m *= s
-    if save_input_hp:
+    if recompute_kind:
+        x_rec = recompute_input(recompute_kind, recompute_src, recompute_eps, recompute_group, x_dtype)
+        _, xqt = quantize_transpose(x_rec.reshape(-1, k), fmt, x_scale, rowwise=False)
+    elif save_input_hp:
         _, xqt = quantize_transpose(x_saved.reshape(-1, k), fmt, x_scale, rowwise=False)
     else:
         xqt = x_saved
@@ -213,7 +264,7 @@ def _linears_bwd(
 
 @_linears_bwd.register_fake
 def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtype, save_input_hp, emulate,
-      fwd_format, bwd_format):
+      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_eps, recompute_group):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
     dws = [torch.empty_like(w) for w in weights]
     dbs = [w.new_empty((w.shape[0],)) for w, hb in zip(weights, has_bias) if hb]
@@ -221,22 +272,26 @@ def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtyp
 
 
 def _setup(ctx, inputs, output):
-    x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format = inputs
+    (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
+     recompute_src, recompute_eps, recompute_group) = inputs
     saved, x_scale = output[-2], output[-1]
     ctx.mark_non_differentiable(saved, x_scale)
     if save_input_hp:
         saved = x
-    ctx.save_for_backward(saved, x_scale, *weights)
+    ctx.save_for_backward(saved, x_scale, *weights, *recompute_src)
     ctx.meta = dict(
         handles=list(handles), has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
         save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, n=len(weights),
+        recompute=(recompute_kind, len(recompute_src), recompute_eps, recompute_group),
     )
 
 
 def _backward(ctx, grads):
     meta = ctx.meta
-    saved, x_scale, *weights = ctx.saved_tensors
     n = meta["n"]
+    kind, n_src, eps, group = meta["recompute"]
+    saved, x_scale, *rest = ctx.saved_tensors
+    weights, src = rest[:n], rest[n:]
     ys_grads = list(grads[:n])
     for i, g in enumerate(ys_grads):  # an output that did not reach the loss
         if g is None:
@@ -244,10 +299,10 @@ def _backward(ctx, grads):
                                       device=x_scale.device)
     out = torch.ops.fp8coat.linears_backward(
         ys_grads, saved, x_scale, weights, meta["handles"], meta["has_bias"], meta["x_shape"], meta["x_dtype"],
-        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT,
+        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT, kind, list(src), eps, group,
     )
     dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]
-    return dx, list(dws), list(dbs), None, None, None, None, None, None
+    return dx, list(dws), list(dbs), None, None, None, None, None, None, None, [None] * n_src, None, None
 
 
 _BWD_FORMAT = "e5m2"
@@ -268,19 +323,24 @@ def linears(
     fast_accum: bool = True,
     emulate: bool = False,
     fwd_format: str = "e4m3",
+    recompute: "Recompute | None" = None,
 ) -> "list[torch.Tensor]":
     """Several FP8 linear layers on one input, quantized once: returns ``[x @ W_iᵀ + b_i]``.
 
     ``x``: (..., K) bf16/fp16/fp32; ``weights[i]``: (N_i, K) any float dtype (gradients come back in it);
     ``caches``: optional :class:`FP8WeightCache` per weight. ``save_input_hp`` keeps ``x`` itself for backward
-    instead of its FP8 transposed copy (use it when ``x`` is saved by another op anyway).
+    instead of its FP8 transposed copy (use it when ``x`` is saved by another op anyway); ``recompute`` saves
+    nothing of ``x`` and rebuilds it in backward from its producer's saved FP8 tensors.
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
     handles = [c.handle if c is not None else 0 for c in (caches or [None] * n)]
     out = torch.ops.fp8coat.linears(x, list(weights), [b for b in biases if b is not None],
                                     [b is not None for b in biases], handles, save_input_hp, fast_accum, emulate,
-                                    fwd_format)
+                                    fwd_format, recompute.kind if recompute else "",
+                                    list(recompute.tensors) if recompute else [],
+                                    float(recompute.eps) if recompute else 0.0,
+                                    int(recompute.group_size) if recompute else 16)
     return list(out[:n])
 
 

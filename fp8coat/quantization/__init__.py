@@ -95,11 +95,12 @@ def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: "st
 
 
 def quantize_transpose(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
-                       *, backend: "str | None" = None):
-    """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad))``; see ``reference.quantize_transpose``."""
+                       transposed: bool = True, *, backend: "str | None" = None):
+    """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad) or None)``; see
+    ``reference.quantize_transpose``."""
     if resolve_backend(x, backend) == "triton":
-        return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to)
-    return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to)
+        return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to, transposed)
+    return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to, transposed)
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:

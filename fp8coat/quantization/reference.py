@@ -142,17 +142,19 @@ def padded(n: int, multiple: int = 16) -> int:
 
 
 def quantize_transpose(
-    x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16
-) -> tuple["torch.Tensor | None", torch.Tensor]:
+    x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16, transposed: bool = True
+) -> tuple["torch.Tensor | None", "torch.Tensor | None"]:
     """Per-tensor quantization of a 2-D ``x`` (M, K) into a row-major copy and a transposed copy.
 
     Returns ``(q, qt)``: ``q`` (M, K) (None when ``rowwise`` is False) and ``qt`` (K, M_pad) with
     ``M_pad = ceil(M / pad_to) * pad_to``, zero beyond column M — the K-major operand Hopper's FP8 GEMMs need for
-    weight gradients, padded so that its inner dimension is a multiple of 16.
+    weight gradients, padded so that its inner dimension is a multiple of 16 (None when ``transposed`` is False).
     """
     fmt = get_format(fmt)
     m, k = x.shape
     q = quantize_with_scale(x, scale, fmt)
+    if not transposed:
+        return (q.contiguous() if rowwise else None), None
     qt = torch.zeros((k, padded(m, pad_to)), dtype=fmt.dtype, device=x.device)
     qt[:, :m] = q.t()
     return (q.contiguous() if rowwise else None), qt

@@ -127,7 +127,8 @@ def _scaled_quant_kernel(
 def _quant_transpose_kernel(
     x_ptr, s_ptr, q_ptr, qt_ptr,  # x: (M, K) strided; s: 0-d fp32; q: (M, K) contiguous; qt: (K, M_pad) contiguous
     M, K, M_pad, stride_xm, stride_xk,
-    FMAX: tl.constexpr, ROWWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    FMAX: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -139,9 +140,10 @@ def _quant_transpose_kernel(
     q = _clamp_cast(x * inv, FMAX, qt_ptr.dtype.element_ty)
     if ROWWISE:
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    # padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there
-    tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
-    tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], tl.trans(q), mask=tmask)
+    if TRANSPOSED:
+        # padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there
+        tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
+        tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], tl.trans(q), mask=tmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,20 +219,22 @@ def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
     return part.amax()
 
 
-def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16):
-    """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad))."""
+def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
+                              transposed: bool = True):
+    """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad) or None)."""
     fmt = get_format(fmt)
     m, k = x.shape
     m_pad = -(-m // pad_to) * pad_to
     q = torch.empty((m, k), dtype=fmt.dtype, device=x.device) if rowwise else None
-    qt = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
-    if qt.numel() == 0:
+    qt = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device) if transposed else None
+    if m_pad * k == 0 or not (rowwise or transposed):
         return q, qt
     block_m, block_k = 64, 64
-    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
+    grid = (triton.cdiv(m_pad if transposed else m, block_m), triton.cdiv(k, block_k))
     _quant_transpose_kernel[grid](
-        x, scale.float().reshape(()), q if rowwise else qt, qt, m, k, m_pad, x.stride(0), x.stride(1),
-        FMAX=fmt.max, ROWWISE=rowwise, BLOCK_M=block_m, BLOCK_K=block_k,
+        x, scale.float().reshape(()), q if rowwise else qt, qt if transposed else q, m, k, m_pad,
+        x.stride(0), x.stride(1),
+        FMAX=fmt.max, ROWWISE=rowwise, TRANSPOSED=transposed, BLOCK_M=block_m, BLOCK_K=block_k,
     )
     return q, qt
 

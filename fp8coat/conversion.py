@@ -103,7 +103,23 @@ def convert(
                            _fp8coat_kind=activation_kind(module.act_fn))
             elif activation_kind(module) is not None:
                 swap_class(module, FP8ActivationMixin, _fp8coat_recipe=recipe, _fp8coat_kind=activation_kind(module))
+        for module in selected.values():
+            _link_norms_to_consumers(module)
     return model
+
+
+def _link_norms_to_consumers(block: torch.nn.Module) -> None:
+    """In a pre-norm decoder block, let each FP8 RMSNorm hand its saved tensors to the linears reading its output
+    (``input_layernorm`` -> q/k/v, ``post_attention_layernorm`` -> the gated MLP)."""
+    pairs = []
+    attn = getattr(block, "self_attn", None)
+    q = getattr(attn, "q_proj", None)
+    if q is not None and getattr(q, "_fp8coat_share", None) is not None:
+        pairs.append((getattr(block, "input_layernorm", None), q._fp8coat_share))
+    pairs.append((getattr(block, "post_attention_layernorm", None), getattr(block, "mlp", None)))
+    for norm, consumer in pairs:
+        if isinstance(norm, FP8RMSNormMixin) and isinstance(consumer, (InputShare, FP8GatedMLPMixin)):
+            object.__setattr__(norm, "_fp8coat_consumer", consumer)  # a plain reference, not a submodule
 
 
 def _in_features(m: torch.nn.Module) -> int:

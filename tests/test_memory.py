@@ -1,0 +1,70 @@
+"""Activation memory: bytes saved for backward by one Llama decoder layer, counted exactly (unique storages)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fp8coat
+from fp8coat.memory import measure_saved_tensors
+
+transformers = pytest.importorskip("transformers")
+
+B, S, H, HEADS, INTER = 2, 128, 256, 4, 688  # Llama-2 proportions: MHA, intermediate = 2.6875 · hidden
+U = B * S * H * 2  # bytes of one bf16 activation of hidden size
+
+
+def _layer_and_inputs():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=H, intermediate_size=INTER, num_hidden_layers=1,
+                                   num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=S)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).bfloat16()  # pure BF16: params and activations, no autocast
+    x = torch.randn(B, S, H, dtype=torch.bfloat16, requires_grad=True)
+    pos = model.model.rotary_emb(x, torch.arange(S)[None])
+    return model, x, pos
+
+
+def _saved(model, x, pos):
+    layer = model.model.layers[0]
+    layer.train()
+    out, report = measure_saved_tensors(lambda: layer(x, position_embeddings=pos), modules=layer)
+    out.float().sum().backward()  # the graph is intact
+    return report
+
+
+def test_coat_layer_saves_at_most_045_of_bf16():
+    model, x, pos = _layer_and_inputs()
+    bf16 = _saved(model, x, pos)
+    reports = {"bf16": bf16}
+    for recipe in ("fp8-linear", "coat"):
+        converted = fp8coat.convert(copy.deepcopy(model), recipe)
+        reports[recipe] = _saved(converted, x, pos)
+    for name, rep in reports.items():
+        print(f"\n{name}: {rep.total_bytes / U:.2f} U saved for backward (U = {U} bytes), parameters apart")
+        print(rep.table(U))
+    ratio = reports["coat"].total_bytes / bf16.total_bytes
+    print(f"\ncoat / bf16 = {ratio:.3f}; fp8-linear / bf16 = {reports['fp8-linear'].total_bytes / bf16.total_bytes:.3f}")
+    assert ratio <= 0.45
+    assert reports["fp8-linear"].total_bytes < bf16.total_bytes
+    # what coat saves: FP8 inputs of norms/SwiGLU/linears + the attention core's own BF16 tensors, nothing else
+    allowed = {torch.float8_e4m3fn, torch.float32}
+    bf16_entries = [e for e in reports["coat"].entries if e[2] == torch.bfloat16]
+    assert all(e[0].startswith(("ScaledDotProduct", "Mul", "Neg", "Cat", "Slice")) for e in bf16_entries), bf16_entries
+    assert {e[2] for e in reports["coat"].entries} <= allowed | {torch.bfloat16}
+
+
+def test_measure_counts_unique_storages_and_separates_parameters():
+    lin = torch.nn.Linear(32, 32)
+    x = torch.randn(8, 32, requires_grad=True)
+
+    def fwd():
+        y = lin(x)
+        return (y * y).sum() + (y[:4] * y[2:6]).sum() + (x * x).sum()
+
+    _, rep = measure_saved_tensors(fwd, modules=lin)
+    # y saved once (its views too), x once (by addmm and the mul): 2 storages
+    assert rep.total_bytes == 8 * 32 * 4 * 2
+    assert rep.parameter_bytes == 32 * 32 * 4  # the weight, saved by addmm, reported apart
