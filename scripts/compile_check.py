@@ -23,7 +23,7 @@ from triton.compiler import ASTSource, make_backend
 
 _TYPES = {
     torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float8_e4m3fn: "*fp8e4nv",
-    torch.float8_e5m2: "*fp8e5", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",
+    torch.float8_e5m2: "*fp8e5", torch.float64: "*fp64", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",
 }
 
 
@@ -81,6 +81,67 @@ def report(name: str, kernel) -> dict:
     return row
 
 
+def _activation_rows() -> list:
+    """FP8-saving activations (fp8coat.ops.activations) at a Llama-7B MLP shape, 8192 x 11008 bf16."""
+    from fp8coat.formats import E4M3
+    from fp8coat.ops import activations as act
+
+    r, k, g = 8192, 11008, 16
+    ng = k // g
+    block_r, block_k = act._tiles(r, k, g, on_gpu=True)
+    k_tiles = triton.cdiv(k, block_k)
+    x = torch.empty(r, k, dtype=torch.bfloat16)
+    q = torch.empty(r, k, dtype=torch.float8_e4m3fn)
+    s = torch.empty(r, ng, dtype=torch.float32)
+    rows = []
+    for name, code, gated in [("swiglu", act.ACTIVATIONS["silu"], True), ("gelu", act.ACTIVATIONS["gelu"], False),
+                              ("gelu tanh", act.ACTIVATIONS["gelu_tanh"], False)]:
+        rows.append(report(f"{name} fwd {r}x{k} bf16 tile={block_r}x{block_k}", compile_sm90(
+            act._act_fwd_kernel,
+            dict(x_ptr=x, u_ptr=x, out_ptr=x, xq_ptr=q, xs_ptr=s, uq_ptr=q, us_ptr=s, R=r, K=k, NG=ng,
+                 K_TILES=k_tiles, stride_xr=k, stride_xk=1, stride_ur=k, stride_uk=1),
+            dict(ACT=code, GATED=gated, FMAX=E4M3.max, G=g, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=True),
+            num_warps=act._GPU_TILE[2], enable_fp_fusion=False)))
+        rows.append(report(f"{name} bwd {r}x{k} bf16 tile={block_r}x{block_k}", compile_sm90(
+            act._act_bwd_kernel,
+            dict(dy_ptr=x, xq_ptr=q, xs_ptr=s, uq_ptr=q, us_ptr=s, dx_ptr=x, du_ptr=x, R=r, K=k, NG=ng,
+                 K_TILES=k_tiles, stride_dr=k, stride_dk=1),
+            dict(ACT=code, GATED=gated, G=g, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=True),
+            num_warps=act._GPU_TILE[2], enable_fp_fusion=False)))
+    return rows
+
+
+def _norm_rows(r: int = 8192, h: int = 4096) -> list:
+    """RMSNorm / LayerNorm with FP8-saved input (fp8coat.ops.norms), forward and backward, r x h bf16."""
+    from fp8coat.formats import E4M3
+    from fp8coat.ops import norms
+
+    g = 16
+    ng = triton.cdiv(h, g)
+    block_r, block_h, warps = norms._tiles(r, h, g)
+    x = torch.empty(r, h, dtype=torch.bfloat16)
+    q = torch.empty(r, h, dtype=torch.float8_e4m3fn)
+    s = torch.empty(r, ng, dtype=torch.float32)
+    stat = torch.empty(r, dtype=torch.float32)
+    w = torch.empty(h, dtype=torch.bfloat16)
+    part = torch.empty(264, h, dtype=torch.float64)
+    rows = []
+    for name, ln in [("rmsnorm", False), ("layernorm", True)]:
+        rows.append(report(f"{name} fwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}", compile_sm90(
+            norms._norm_fwd_kernel,
+            dict(x_ptr=x, w_ptr=w, b_ptr=w, y_ptr=x, q_ptr=q, s_ptr=s, mean_ptr=stat, rstd_ptr=stat,
+                 R=r, H=h, NG=ng, stride_xr=h, stride_xh=1, eps=1e-6),
+            dict(LAYERNORM=ln, HAS_W=True, HAS_B=ln, FMAX=E4M3.max, G=g, BLOCK_R=block_r, BLOCK_H=block_h),
+            num_warps=warps, enable_fp_fusion=False)))
+        rows.append(report(f"{name} bwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}", compile_sm90(
+            norms._norm_bwd_kernel,
+            dict(dy_ptr=x, q_ptr=q, s_ptr=s, mean_ptr=stat, rstd_ptr=stat, w_ptr=w, dx_ptr=x, dw_ptr=part,
+                 db_ptr=part, R=r, H=h, NG=ng, stride_dyr=h, stride_dyh=1, n_blocks=triton.cdiv(r, block_r)),
+            dict(LAYERNORM=ln, HAS_W=True, HAS_DB=ln, G=g, BLOCK_R=block_r, BLOCK_H=block_h),
+            num_warps=warps, enable_fp_fusion=False)))
+    return rows
+
+
 def main() -> int:
     from fp8coat.formats import E4M3, E5M2
     from fp8coat.optim import step_triton as st
@@ -106,6 +167,15 @@ def main() -> int:
     rows.append(report("scaled_quant e5m2", compile_sm90(
         qk._scaled_quant_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
         dict(FMAX=E5M2.max, BLOCK_R=block_r, BLOCK_K=block_k))))
+
+    rows += _activation_rows()
+    rows += _norm_rows()
+
+    qt = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
+    rows.append(report("quant_transpose", compile_sm90(
+        qk._quant_transpose_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q, qt_ptr=qt, M=4096, K=4096, M_pad=4096,
+                                         stride_xm=4096, stride_xk=1),
+        dict(FMAX=E4M3.max, ROWWISE=True, TRANSPOSED=True, BLOCK_M=64, BLOCK_K=64))))
 
     table = torch.empty(9, 64, dtype=torch.int64)
     meta = torch.empty(4, 64, dtype=torch.int64)

@@ -5,7 +5,7 @@
 #
 # Usage, from the repository root:  bash scripts/gpu_check.sh            (OUT defaults to /tmp/fp8coat_gpu)
 # To add a benchmark: write a section_<name> function below and add "<name> <limit_s>" to SECTIONS.
-# Total limits: ~15 s install + 45 + 150 + 300 s = under 8.5 minutes worst case; normally about 4-5 minutes.
+# A device command may run 600 s at most: choose sections with GPU_SECTIONS (see below) to stay inside it.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -17,7 +17,17 @@ SECTIONS=(
   "env 45"
   "pytest_gpu 200"
   "bench_optimizer 300"
+  "bench_layers 330"
 )
+# GPU_SECTIONS="pytest_gpu bench_layers" runs a subset (one device command may run at most 600 s)
+if [ -n "${GPU_SECTIONS:-}" ]; then
+  selected=()
+  for entry in "${SECTIONS[@]}"; do
+    read -r name _ <<< "$entry"
+    case " $GPU_SECTIONS " in *" $name "*) selected+=("$entry") ;; esac
+  done
+  SECTIONS=("${selected[@]}")
+fi
 
 section_env() {
   nvidia-smi -L
@@ -43,6 +53,11 @@ section_pytest_gpu() {
 section_bench_optimizer() {
   # BENCH_ARGS: extra arguments, e.g. BENCH_ARGS=--dry-run for a quick run without a GPU
   python3 benchmarks/bench_optimizer.py --out "$OUT" --budget-s 200 ${BENCH_ARGS:-}
+}
+
+section_bench_layers() {
+  # FP8 linear / decoder layer / 4-layer model training vs BF16 and torchao; BENCH_LAYERS_ARGS: extra arguments
+  python3 benchmarks/bench_layers.py --out "$OUT" --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-}
 }
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ holds for backward is collected — ``_saved_*`` attributes of built-in nodes, `
 attributes of Python/custom-op nodes — and counted once per **storage** (a view keeps its whole storage alive;
 one tensor saved by three ops costs once). Storages of the given modules' parameters and buffers are reported
 apart (``parameter_bytes``): they exist whether or not backward runs. Each storage is attributed to the first
-autograd op (node name) that saved it and to the innermost module that was running when it was saved.
+autograd op (node name, in forward order) that saved it and to the innermost module that was running when it was
+saved.
 """
 
 from __future__ import annotations
@@ -124,12 +125,16 @@ def measure_saved_tensors(
     report = SavedTensors()
     seen_nodes, seen_storages = set(), set()
     todo = [t.grad_fn for t in _flatten_tensors(out) if t.grad_fn is not None]
+    nodes = []
     while todo:
         node = todo.pop()
         if node is None or node in seen_nodes:
             continue
         seen_nodes.add(node)
+        nodes.append(node)
         todo.extend(nxt for nxt, _ in node.next_functions)
+    nodes.sort(key=lambda n: n._sequence_nr() if hasattr(n, "_sequence_nr") else 0)  # forward order
+    for node in nodes:
         op = _op_name(node)
         for t in _node_tensors(node):
             if not t.numel():

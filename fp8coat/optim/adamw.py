@@ -233,6 +233,11 @@ class AdamW(torch.optim.Optimizer):
     # ---------------------------------------------------------------------------------------------------------
     # checkpointing
 
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["fp8coat"] = {"stochastic_rounding_calls": self._sr_calls, "seed": self.seed}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class; FP8/uint8/int16 state tensors keep their dtypes.
 
@@ -240,6 +245,9 @@ class AdamW(torch.optim.Optimizer):
         int16 -> bf16 would lose the remainder bits), so the tensors are set here instead, after checking
         that each one has the dtype and shape the current options give.
         """
+        extra = state_dict.get("fp8coat", {})
+        self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
+        self.seed = int(extra.get("seed", self.seed))
         saved_groups = state_dict["param_groups"]
         for g in saved_groups:
             missing = [k for k in _OPTION_KEYS if k not in g]

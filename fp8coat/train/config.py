@@ -1,0 +1,76 @@
+"""Configuration of one training run (``fp8coat train``), validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..optim.master_weights import MASTER_MODES
+from ..recipe import RECIPES
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. Two runs with equal configs see the same data in the same order."""
+
+    out_dir: str = "runs/train"
+    # model and precision
+    model: str = "tiny"
+    recipe: str = "coat"
+    master_weights: str = "auto"  # fp8coat.AdamW master-weight mode; params are bf16 unless "fp32"
+    optimizer: str = "fp8coat"  # "fp8coat" (FP8 states) or "torch" (torch.optim.AdamW, fp32 states)
+    expansion: bool = True  # dynamic range expansion of the FP8 optimizer states
+    compile: bool = False
+    # data
+    data: str = "shakespeare"  # "shakespeare", "mix", or path(s) to text files / folders (comma-separated)
+    tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path
+    vocab_size: int = 16384
+    val_fraction: float = 0.02
+    # schedule
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
+        if self.master_weights not in MASTER_MODES:
+            raise ValueError(f"unknown master-weight mode {self.master_weights!r}; expected one of {MASTER_MODES}")
+        if self.optimizer not in ("fp8coat", "torch"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'fp8coat' or 'torch'")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"need lr > 0 and 0 <= min-lr-ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"val-fraction must lie in (0, 0.5), got {self.val_fraction}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,0 +1,187 @@
+"""The training loop behind ``fp8coat train``: data -> model -> convert -> optimizer -> steps, with evaluation,
+checkpoints (exact resume), a JSONL metrics log and a progress line.
+
+Per step: ``grad_accum`` micro-batches of ``batch_size × seq_len`` tokens (batch ``i`` of the run depends only on
+the seed and ``i``), loss = token-mean cross-entropy in fp32, gradients clipped to ``grad_clip`` (global L2 norm),
+AdamW with linear warm-up and cosine decay. Parameters are bf16 (``fp8coat.AdamW`` keeps the exact fp32 master as
+bf16 + 16-bit remainders) unless ``master_weights="fp32"`` or ``optimizer="torch"`` (fp32 params, bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..conversion import convert
+from ..memory import measure_saved_tensors
+from ..optim import AdamW
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .presets import build_model
+from .progress import MetricsLog, Progress
+from .schedule import lr_at
+
+__all__ = ["train", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings included), not on 1-D tensors (norm weights, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    groups = _param_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "torch":
+        fused = next(model.parameters()).is_cuda
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+    return AdamW(groups, lr=cfg.lr, betas=betas, expansion=cfg.expansion, master_weights=cfg.master_weights,
+                 seed=cfg.seed)
+
+
+def _loss(model, ids: torch.Tensor, autocast: bool) -> torch.Tensor:
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> float:
+    """Mean validation loss over fixed batches, in eval mode (unquantized forward)."""
+    was_training = model.training
+    model.eval()
+    total = sum(_loss(model, b.to(device), autocast).item() for b in batches) / len(batches)
+    model.train(was_training)
+    return total
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items()
+               if isinstance(v, torch.Tensor) and k != "step")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None, quiet: bool = False) -> dict:
+    """Run (or resume) one training run; returns its summary (also written to ``<out_dir>/summary.json``)."""
+    from ..data import batch_iterator, eval_batches, prepare_dataset, TokenDataset
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    data = prepare_dataset(cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_ds, val_ds = TokenDataset(data.train_path), TokenDataset(data.val_path)
+    val = eval_batches(val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # validates seq_len vs. the data
+
+    fp32_params = cfg.optimizer == "torch" or cfg.master_weights == "fp32"
+    autocast = fp32_params and cfg.recipe == "bf16"
+    dtype = torch.float32 if fp32_params else torch.bfloat16
+    model, source = build_model(cfg.model, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
+    model = convert(model, cfg.recipe)
+    model.train()
+    optimizer = _make_optimizer(cfg, model)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(cfg.out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {cfg.out_dir}/checkpoints")
+        start = load_checkpoint(ckpt, model, optimizer)["step"]
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), truncate_after_step=start)
+    label = label or cfg.recipe
+    if not quiet:
+        print(f"[{label}] {source}: {n_params / 1e6:.1f}M params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
+              f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} params, device {device}, data {data.description} "
+              f"({data.n_train_tokens / 1e6:.1f}M train tokens), {cfg.steps} steps of "
+              f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens" + (f", resuming at step {start}" if resume else ""),
+              flush=True)
+
+    step_model = torch.compile(model) if cfg.compile else model
+    progress = Progress(cfg.steps, label) if not quiet else None
+    batches = batch_iterator(train_ds, cfg.batch_size, cfg.seq_len, cfg.seed, start_step=start * cfg.grad_accum)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    last = {}
+    t_log, steps_since = time.time(), 0
+    val_loss = None
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):
+            loss = _loss(step_model, next(batches).to(device), autocast)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_since += 1
+        done = step + 1
+        is_eval = (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps
+        if done % cfg.log_every == 0 or is_eval or done == start + 1:
+            train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
+            if not math.isfinite(train_loss):
+                raise RuntimeError(f"step {done}: loss is {train_loss}; stopping (lower --lr or check the data)")
+            elapsed = time.time() - t_log
+            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": done * tokens_per_step, "tok_per_s": steps_since * tokens_per_step / elapsed}
+            if device.type == "cuda":
+                record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if is_eval:
+                val_loss = evaluate(model, val, device, autocast)
+                record["val_loss"] = val_loss
+            log.write(record)
+            last = record
+            if progress:
+                progress.update(done, loss=train_loss, val_loss=record.get("val_loss"), lr=lr,
+                                tok_per_s=record["tok_per_s"], mem_gib=record.get("mem_gib"))
+            t_log, steps_since = time.time(), 0
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            save_checkpoint(cfg.out_dir, done, model, optimizer, {"config": cfg.to_dict(), "last": last},
+                            data.tokenizer_path)
+    if progress:
+        progress.close()
+    log.close()
+
+    summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, last, val_loss)
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _summary(cfg, model, optimizer, val, device, autocast, n_params, last, val_loss) -> dict:
+    history = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    tail = [r["loss"] for r in history if "loss" in r][-5:]
+    speeds = [r["tok_per_s"] for r in history[1:] if "tok_per_s" in r]
+    summary = {
+        "recipe": cfg.recipe, "optimizer": cfg.optimizer, "params": n_params, "steps": cfg.steps,
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "final_val_loss": val_loss,
+        "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        "optimizer_state_bytes": _state_bytes(optimizer),
+    }
+    if device.type == "cuda":
+        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # counted exactly on the CPU: bytes one micro-batch keeps for backward
+        model.train()
+        _, saved = measure_saved_tensors(lambda: _loss(model, val[0].to(device), autocast), modules=model)
+        summary["saved_activation_bytes"] = saved.total_bytes
+    return summary
