@@ -1,5 +1,21 @@
-"""Training text: corpora fetched from package registries and cached, tokenization, token files."""
+"""Training text: corpora (fetched once and cached, or your own files), tokenizers, token files and batches.
 
-from .corpus import cache_dir, shakespeare_text
+    data = prepare_dataset("mix", tokenizer="bpe", vocab_size=16384)        # encodes once, then cached
+    train = batch_iterator(data.train_dataset(), batch_size=32, seq_len=512, seed=0, start_step=step)
+    val = eval_batches(data.val_dataset(), batch_size=32, seq_len=512, n_batches=8)
 
-__all__ = ["cache_dir", "shakespeare_text"]
+Batches are ``torch.int64 (batch, seq_len + 1)`` windows (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+"""
+
+from .batches import TokenDataset, batch_iterator, eval_batches
+from .corpus import Document, cache_dir, describe_source, load_corpus, shakespeare_text
+from .split import split_documents
+from .tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
+from .tokens import PreparedData, prepare_dataset
+
+__all__ = [
+    "cache_dir", "shakespeare_text", "Document", "load_corpus", "describe_source",
+    "train_tokenizer", "load_tokenizer", "ByteTokenizer",
+    "prepare_dataset", "PreparedData", "split_documents",
+    "TokenDataset", "batch_iterator", "eval_batches",
+]

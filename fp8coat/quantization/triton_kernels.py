@@ -137,13 +137,15 @@ def _quant_transpose_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     inv = tl.div_rn(1.0, tl.load(s_ptr))
-    q = _clamp_cast(x * inv, FMAX, qt_ptr.dtype.element_ty)
+    y = x * inv
     if ROWWISE:
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], _clamp_cast(y, FMAX, qt_ptr.dtype.element_ty), mask=mask)
     if TRANSPOSED:
-        # padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there
+        # transpose the fp32 tile, then cast: (the same values; a transposed fp8 tile from fp32 input came out
+        # wrong on sm_90 with triton 3.6). Padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there.
         tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
-        tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], tl.trans(q), mask=tmask)
+        qt = _clamp_cast(tl.trans(y), FMAX, qt_ptr.dtype.element_ty)
+        tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], qt, mask=tmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
