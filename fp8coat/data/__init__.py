@@ -14,8 +14,18 @@ from .tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
 from .tokens import PreparedData, prepare_dataset
 
 __all__ = [
-    "cache_dir", "shakespeare_text", "Document", "load_corpus", "describe_source",
-    "train_tokenizer", "load_tokenizer", "ByteTokenizer",
-    "prepare_dataset", "PreparedData", "split_documents",
-    "TokenDataset", "batch_iterator", "eval_batches",
+    "ByteTokenizer",
+    "Document",
+    "PreparedData",
+    "TokenDataset",
+    "batch_iterator",
+    "cache_dir",
+    "describe_source",
+    "eval_batches",
+    "load_corpus",
+    "load_tokenizer",
+    "prepare_dataset",
+    "shakespeare_text",
+    "split_documents",
+    "train_tokenizer",
 ]

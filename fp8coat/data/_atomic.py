@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_dir", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
 
 
 def _partial_name(path: Path) -> Path:

@@ -7,6 +7,7 @@ documents of a split each followed by the end-of-text id. A window is ``seq_len 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,14 @@ _SPLIT_NAMES = {"train": "training split", "val": "validation split"}
 class TokenDataset:
     """A token file as a read-only ``np.memmap`` (``.tokens``, 1-D, ``dtype``); ``len()`` = number of tokens.
 
-    ``split``: name used in messages (default: from the file name, ``train.bin`` -> "training split").
+    ``dtype``: default: the ``"dtype"`` of a ``manifest.json`` next to the file (as written by ``prepare_dataset``),
+    else ``uint16``. ``split``: name used in messages (default: from the file name, ``train.bin`` -> "training
+    split").
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: np.dtype | str = np.uint16, split: str | None = None):
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype | str | None = None, split: str | None = None):
         self.path = Path(path)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype if dtype is not None else _manifest_dtype(self.path))
         self.split = split or _SPLIT_NAMES.get(self.path.stem, f"token file {self.path.name}")
         if not self.path.is_file():
             raise FileNotFoundError(f"token file {self.path} does not exist")
@@ -56,6 +59,13 @@ class TokenDataset:
         """``torch.int64 (len(starts), seq_len + 1)``: the windows starting at ``starts``."""
         idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len + 1, dtype=np.int64)
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+
+def _manifest_dtype(path: Path) -> str:
+    try:
+        return json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))["dtype"]
+    except (OSError, ValueError, KeyError):
+        return "uint16"
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

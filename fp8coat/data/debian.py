@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["gcide_documents", "kjv_documents", "linux_doc_documents", "download_deb", "deb_files"]
+__all__ = ["deb_files", "download_deb", "gcide_documents", "kjv_documents", "linux_doc_documents"]
 
 GCIDE_PART_CHARS = 1_000_000
 LINUX_DOC_PACKAGE = "linux-doc-6.1"
@@ -44,7 +44,7 @@ def download_deb(package: str, dest: str | os.PathLike) -> Path:
     cmd = ["apt-get", "download", "-q"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd += ["-o", "APT::Sandbox::User=root"]  # the _apt user cannot write into a root-owned temp folder
-    proc = subprocess.run(cmd + [package], cwd=dest, capture_output=True, text=True)
+    proc = subprocess.run(cmd + [package], cwd=dest, capture_output=True, text=True, check=False)
     debs = sorted(Path(dest).glob(f"{package}_*.deb"))
     if proc.returncode != 0 or not debs:
         raise RuntimeError(f"could not download {package} via apt-get: {_tail(proc.stderr + proc.stdout)}")
@@ -113,7 +113,7 @@ def _run_bible(root: Path) -> str:
     # -l: line limit (large: one verse per line); -p: where bible.data is; the range is the whole Bible.
     cmd = [str(binary), "-l", "100000", "-p", str(data_dir), "gen1:1-rev22:21"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=300, check=False)
     except OSError as e:
         raise RuntimeError(f"could not run the bible program extracted from bible-kjv ({e}); "
                            "it needs libreadline8 (apt-get install libreadline8)") from e

@@ -26,8 +26,15 @@ import numpy as np
 from ._atomic import atomic_file
 from .corpus import Document, Source, cache_dir, corpus_identity, load_corpus
 
-__all__ = ["EOT", "ByteTokenizer", "train_tokenizer", "load_tokenizer", "cached_bpe_tokenizer", "eot_id",
-           "encode_ids"]
+__all__ = [
+    "EOT",
+    "ByteTokenizer",
+    "cached_bpe_tokenizer",
+    "encode_ids",
+    "eot_id",
+    "load_tokenizer",
+    "train_tokenizer",
+]
 
 EOT = "<|endoftext|>"
 EOT_ALIASES = (EOT, "<|end_of_text|>", "</s>", "<eos>")

@@ -6,13 +6,16 @@ Cache layout (``<cache>`` = the ``cache`` argument or :func:`fp8coat.data.cache_
         train.bin                       training tokens, flat uint16 (vocab <= 65536) or uint32, native byte order
         val.bin                         validation tokens, same format
         tokenizer.json                  copy of the tokenizer used (absent for the byte tokenizer)
-        manifest.json                   what is in the files (see ``PreparedData`` and ``_manifest``)
+        manifest.json                   format, key, source, corpus_identity, tokenizer, vocab_size, eot_id,
+                                        dtype, split, train/val {file, tokens, documents (names)}, seconds
     <cache>/tokenizers/bpe<V>-<key>.json  trained BPE tokenizers (see ``cached_bpe_tokenizer``)
     <cache_dir>/corpora/<name>.jsonl    fetched named corpora (always under ``cache_dir()``)
 
-``key`` hashes (corpus identity: named corpus content hash, or path/size/mtime of every user file; tokenizer;
-vocabulary size; val_fraction; seed), so any change of these prepares a new dataset and the same arguments reuse
-the existing one without reading or encoding the corpus again.
+``key`` hashes (corpus: names of named corpora, path/size/mtime of every user file; tokenizer; vocabulary size;
+val_fraction; seed), so any change of these prepares a new dataset and the same arguments reuse the existing one
+without reading or encoding the corpus again. A named corpus that was fetched again with different content (its
+hash is recorded in the manifest) also prepares a new dataset; a machine without the corpus files (a dataset
+folder copied to a machine without network) reuses the dataset as it is.
 
 Each split is its documents in corpus order, each followed by the end-of-text id. Validation is a seeded random
 set of whole documents (:func:`fp8coat.data.split.split_documents`); a single-document corpus is instead cut at
@@ -39,7 +42,7 @@ from .corpus import MIXES, NAMED_CORPORA, Document, Source, cache_dir, corpus_id
 from .split import split_documents
 from .tokenizer import ByteTokenizer, cached_bpe_tokenizer, encode_ids, eot_id, load_tokenizer
 
-__all__ = ["PreparedData", "prepare_dataset", "TokenDataset", "batch_iterator", "eval_batches"]
+__all__ = ["PreparedData", "TokenDataset", "batch_iterator", "eval_batches", "prepare_dataset"]
 
 DATASET_FORMAT = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _pieces)
@@ -69,6 +72,10 @@ class PreparedData:
     @property
     def dir(self) -> Path:
         return self.train_path.parent
+
+    @property
+    def description(self) -> str:
+        return self.source
 
     def train_dataset(self) -> TokenDataset:
         return TokenDataset(self.train_path, self.dtype, "training split")
@@ -129,9 +136,10 @@ def _encode_documents(tokenizer, docs: list[Document], dtype: np.dtype, progress
     tty = sys.stderr.isatty()
     out: list[list[np.ndarray]] = [[] for _ in docs]
     done, n_tokens, t0, start = 0, 0, time.perf_counter(), 0
-    bpe = not isinstance(tokenizer, ByteTokenizer)
-    if bpe:  # a literal "<|endoftext|>" inside a text is text, not a separator
-        literal, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    # a literal "<|endoftext|>" inside a text is text, not a separator (tokenizers >= 0.14)
+    literal = getattr(tokenizer, "encode_special_tokens", None) if not isinstance(tokenizer, ByteTokenizer) else None
+    if literal is not None:
+        tokenizer.encode_special_tokens = True
     try:
         while start < len(pieces):
             end, size = start, 0
@@ -149,7 +157,7 @@ def _encode_documents(tokenizer, docs: list[Document], dtype: np.dtype, progress
                       f"{n_tokens / 1e6:.2f} M tokens, {dt:.1f} s", end="" if start < len(pieces) else "\n",
                       file=sys.stderr, flush=True)
     finally:
-        if bpe:
+        if literal is not None:
             tokenizer.encode_special_tokens = literal
     return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in out]
 
@@ -188,6 +196,21 @@ def _tokenizer_identity(tokenizer: str | os.PathLike, vocab_size: int) -> tuple[
     return "file", "file@" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _reuse(folder: Path, source: Source) -> PreparedData | None:
+    """The dataset in ``folder`` if intact and made from the same corpus content, else None.
+
+    Named corpora are keyed by name so that a dataset folder copied to a machine without the corpus files is still
+    found; where the corpus files are present, their content hash must match the one recorded.
+    """
+    try:
+        data = PreparedData.from_dir(folder)
+        recorded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["corpus_identity"]
+    except (ValueError, KeyError, OSError):
+        return None  # damaged: rebuild
+    local = corpus_identity(source, content=None)
+    return data if local is None or local == recorded else None
+
+
 def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathLike = "bpe", vocab_size: int = 16384,
                     val_fraction: float = 0.02, seed: int = 0, cache: str | os.PathLike | None = None,
                     progress: bool | None = None) -> PreparedData:
@@ -198,22 +221,24 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
     (its end-of-text token separates documents). ``val_fraction``: share of tokens held out, as whole documents
     chosen with ``seed``. ``cache``: root for tokenizers and datasets (default :func:`cache_dir`).
     ``progress``: print progress on stderr (default: for corpora of 8 M characters or more).
-    Returns the :class:`PreparedData`; a second call with the same arguments reuses the files.
+    Returns the :class:`PreparedData`; a second call with the same arguments reuses the files. ``source`` may also
+    be a prepared dataset folder (one holding a ``manifest.json``), returned as it is (other arguments ignored).
     """
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "manifest.json").is_file():
+        return PreparedData.from_dir(source)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     kind, tok_identity = _tokenizer_identity(tokenizer, vocab_size)
     root = Path(cache) if cache is not None else cache_dir()
-    identity = corpus_identity(source)
-    key_data = {"format": DATASET_FORMAT, "corpus": identity, "tokenizer": tok_identity,
-                "val_fraction": float(val_fraction), "seed": int(seed)}
+    key_data = {"format": DATASET_FORMAT, "corpus": corpus_identity(source, content=False),
+                "tokenizer": tok_identity, "val_fraction": float(val_fraction), "seed": int(seed)}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     final = root / "datasets" / f"{_slug(source, kind, vocab_size)}-{key}"
     if (final / "manifest.json").is_file():
-        try:
-            return PreparedData.from_dir(final)
-        except (ValueError, KeyError, OSError):
-            shutil.rmtree(final, ignore_errors=True)  # damaged by hand: rebuild
+        cached = _reuse(final, source)
+        if cached is not None:
+            return cached
+        shutil.rmtree(final, ignore_errors=True)
 
     t0 = time.perf_counter()
     docs = load_corpus(source)
@@ -242,7 +267,7 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
     else:
         split, train_idx, val_idx = "tail", [0], [0]
         stream = np.concatenate([arrays[0], eot_arr])
-        cut = max(1, len(stream) - max(1, int(round(val_fraction * len(stream)))))
+        cut = max(1, len(stream) - max(1, round(val_fraction * len(stream))))
         train_parts, val_parts = [stream[:cut]], [stream[cut:]]
 
     with atomic_dir(final) as tmp:
@@ -252,6 +277,7 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
         manifest = {
             "format": DATASET_FORMAT, "key": key, "key_data": key_data, "source": describe_source(source),
+            "corpus_identity": corpus_identity(source),
             "tokenizer": {"kind": kind, "origin": os.fspath(tok_path) if tok_path else None},
             "vocab_size": vocab, "eot_id": eot, "dtype": dtype.name, "split": split,
             "val_fraction": val_fraction, "seed": seed, "characters": chars,

@@ -231,6 +231,14 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
     qt = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device) if transposed else None
     if m_pad * k == 0 or not (rowwise or transposed):
         return q, qt
+    if transposed and x.element_size() == 4:
+        # 4-byte inputs: the fused transposed store gave wrong values on sm_90 (triton 3.6) while the interpreter
+        # and 2-byte inputs are right. Quantize the transposed view with the plain kernel instead.
+        if rowwise:
+            q = quantize_per_tensor_triton(x, fmt, scale)[0]
+        qt.zero_()
+        qt[:, :m] = quantize_per_tensor_triton(x.t(), fmt, scale)[0]
+        return q, qt
     block_m, block_k = 64, 64
     grid = (triton.cdiv(m_pad if transposed else m, block_m), triton.cdiv(k, block_k))
     _quant_transpose_kernel[grid](
