@@ -1,9 +1,10 @@
-# Set-up and entry points. `make demo` and `make test` create .venv and install everything on first use.
+# Set-up and entry points. `make compare` (the main job) and `make test` create .venv and install everything on
+# first use (CPU build of torch pinned in constraints.txt).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean-venv
+.PHONY: compare test clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -11,8 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m fp8coat demo
+compare: $(STAMP)
+	$(PY) -m fp8coat compare --variants bf16,coat --out-dir runs/compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q

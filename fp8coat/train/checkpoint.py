@@ -29,6 +29,9 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, toke
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep the run's own progress line readable
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:

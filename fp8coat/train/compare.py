@@ -70,7 +70,7 @@ def _table(results: dict, seeds: "list[int]") -> str:
     ref_val = _mean_std([r["final_val_loss"] for r in ref])[0] if ref else None
     ref_train = _mean_std([r["final_train_loss"] for r in ref])[0] if ref else None
     cuda = any("peak_mem_gib" in r for rs in results.values() for r in rs)
-    mem_cols = "peak GPU memory |" if cuda else "optimizer state | saved activations (1 micro-batch) |"
+    mem_cols = "peak GPU memory |" if cuda else "optimizer state | saved for backward by the decoder (1 micro-batch) |"
     lines = [f"| variant | final train loss | final val loss | val gap vs bf16 | train gap vs bf16 | tok/s | {mem_cols}",
              "|---|---|---|---|---|---|" + ("---|" if cuda else "---|---|")]
 

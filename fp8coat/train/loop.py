@@ -9,6 +9,7 @@ bf16 + 16-bit remainders) unless ``master_weights="fp32"`` or ``optimizer="torch
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -26,7 +27,9 @@ from .presets import build_model
 from .progress import MetricsLog, Progress
 from .schedule import lr_at
 
-__all__ = ["train", "resolve_device"]
+__all__ = ["train", "resolve_device", "FINAL_WINDOW"]
+
+FINAL_WINDOW = 20  # steps averaged into the final training loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +122,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last = {}
+    recent: "collections.deque[torch.Tensor]" = collections.deque(maxlen=FINAL_WINDOW)  # per-step losses, on device
     t_log, steps_since = time.time(), 0
     val_loss = None
     for step in range(start, cfg.steps):
@@ -130,6 +134,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
             loss = _loss(step_model, next(batches).to(device), autocast)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        recent.append(loss_sum / cfg.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -161,27 +166,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
         progress.close()
     log.close()
 
-    summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, last, val_loss)
+    final_train = float(torch.stack(list(recent)).mean()) if recent else None
+    summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def _summary(cfg, model, optimizer, val, device, autocast, n_params, last, val_loss) -> dict:
+def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss) -> dict:
     history = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    tail = [r["loss"] for r in history if "loss" in r][-5:]
     speeds = [r["tok_per_s"] for r in history[1:] if "tok_per_s" in r]
     summary = {
         "recipe": cfg.recipe, "optimizer": cfg.optimizer, "params": n_params, "steps": cfg.steps,
-        "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "final_train_loss": final_train,  # mean over the last FINAL_WINDOW steps
         "final_val_loss": val_loss,
         "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
         "optimizer_state_bytes": _state_bytes(optimizer),
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # counted exactly on the CPU: bytes one micro-batch keeps for backward
+    else:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
         model.train()
-        _, saved = measure_saved_tensors(lambda: _loss(model, val[0].to(device), autocast), modules=model)
+        body = getattr(model, "model", model)  # HF causal LMs: the decoder without the LM head and the loss
+        ids = val[0][:, :-1].to(device)
+        _, saved = measure_saved_tensors(lambda: body(input_ids=ids, use_cache=False).last_hidden_state,
+                                         modules=model)
         summary["saved_activation_bytes"] = saved.total_bytes
     return summary

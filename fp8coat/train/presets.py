@@ -12,7 +12,7 @@ preset          hidden  layers  heads  MLP       note
 ``llama2-7b``    4096     32     32     11008    Llama-2-7B shape
 ==============  ======  ======  =====  ========  ====================================================
 
-Besides a preset name, ``model`` may be a path to an HF config JSON (random init) or to a pretrained HF
+Every preset has a context of 4096 positions. Besides a preset name, ``model`` may be a path to an HF config JSON (random init) or to a pretrained HF
 checkpoint directory (fine-tuning); the tokenizer's vocabulary must fit the model's.
 """
 
@@ -23,7 +23,9 @@ import os
 
 import torch
 
-__all__ = ["PRESETS", "build_model"]
+__all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "build_model"]
+
+PRESET_MAX_POSITIONS = 4096  # context length of every preset (RoPE)
 
 PRESETS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
@@ -41,12 +43,13 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
     import transformers
 
     if model in PRESETS:
-        cfg = transformers.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(seq_len, 128),
+        cfg = transformers.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=PRESET_MAX_POSITIONS,
                                        tie_word_embeddings=False, **PRESETS[model])
         source = f"preset {model}"
     elif os.path.isdir(model) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model)):
-        m = transformers.AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype)
+        m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         _check_vocab(m.config, vocab_size, model)
+        _check_positions(m.config, seq_len)
         return m.to(device), f"pretrained {model}"
     elif os.path.isfile(model) or os.path.isdir(model):
         path = os.path.join(model, "config.json") if os.path.isdir(model) else model
@@ -57,14 +60,18 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
     else:
         raise ValueError(f"unknown model {model!r}: expected a preset ({', '.join(PRESETS)}), an HF config JSON "
                          "or a pretrained checkpoint directory")
-    if seq_len > getattr(cfg, "max_position_embeddings", seq_len):
-        raise ValueError(f"sequence length {seq_len} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
+    _check_positions(cfg, seq_len)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
-        m = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return m, source
+
+
+def _check_positions(cfg, seq_len: int) -> None:
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"sequence length {seq_len} exceeds the model's max_position_embeddings {limit}")
 
 
 def _check_vocab(cfg, vocab_size: int, where: str) -> None:

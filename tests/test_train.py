@@ -1,0 +1,87 @@
+"""The main job on the CPU: `fp8coat train` / `fp8coat compare` smoke runs, exact resume, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from fp8coat.cli import main
+from fp8coat.train.progress import MetricsLog
+
+pytest.importorskip("transformers")
+
+COMMON = ["--model", "tiny", "--tokenizer", "bytes", "--batch-size", "4", "--seq-len", "32", "--log-every", "1",
+          "--eval-batches", "2", "--warmup-steps", "2"]
+
+
+def _run(args) -> int:
+    torch.set_num_threads(2)
+    return main(args)
+
+
+def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
+    out = tmp_path / "run"
+    assert _run(["train", "--out-dir", str(out), "--steps", "6", "--eval-every", "3", "--save-every", "3", *COMMON]) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000006"]
+    ckpt = out / "checkpoints" / "step_000006"
+    assert {"config.json", "model.safetensors", "optimizer.pt", "state.json"} <= set(os.listdir(ckpt))
+    log = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in log if "val_loss" in r] == [3, 6]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "coat" and summary["final_val_loss"] > 0
+    assert summary["saved_activation_bytes"] > 0 and summary["optimizer_state_bytes"] > 0
+
+
+@pytest.mark.parametrize("recipe,master", [("coat", "auto"), ("bf16", "bf16-stochastic")])
+def test_resume_continues_with_identical_losses(tmp_path, recipe, master):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--recipe", recipe, "--master-weights", master, "--eval-every", "0", *COMMON]
+    assert _run(["train", "--out-dir", str(full), "--steps", "8", "--save-every", "4", *args]) == 0
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_000008")
+    assert _run(["train", "--out-dir", str(part), "--steps", "8", "--save-every", "4", "--resume", *args]) == 0
+    a = MetricsLog.read(full / "metrics.jsonl")
+    b = MetricsLog.read(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))  # history up to the checkpoint kept, then continued
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical after resuming at step 4
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+
+
+def test_compare_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), "--variants", "bf16,coat-noexp", "--steps", "4",
+                 "--eval-every", "2", *COMMON]) == 0
+    table = (out / "compare.md").read_text()
+    assert "| bf16 |" in table and "| coat-noexp |" in table and "val gap vs bf16" in table
+    assert (out / "loss.png").stat().st_size > 1000
+    results = json.loads((out / "compare.json").read_text())["results"]
+    assert results["coat-noexp"][0]["history"][0]["step"] == 1
+    assert "| coat-noexp |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--recipe", "fp4"], "unknown recipe"),
+    (["--seq-len", "5000"], "sequence length 5000 exceeds"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--model", "giant"], "unknown model"),
+])
+def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert _run(["train", "--out-dir", str(out), "--steps", "2", *COMMON, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_data_folder_is_rejected(tmp_path, capsys):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "empty.txt").write_text("")
+    out = tmp_path / "run"
+    assert _run(["train", "--out-dir", str(out), "--data", str(tmp_path / "texts"), *COMMON]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not out.exists()
