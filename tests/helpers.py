@@ -60,6 +60,6 @@ def finite_random(shape, dtype=torch.float32, seed: int = 0, scale_range=(-6.0, 
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
