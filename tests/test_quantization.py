@@ -196,3 +196,13 @@ def test_quantize_transpose_bit_exact(shape, fmt):
     s = ref.scale_from_amax(ref.tensor_amax(xt), E4M3)
     assert_bit_equal(quantize_transpose(xt, E4M3, s, backend="triton")[1],
                      quantize_transpose(xt.contiguous(), E4M3, s, backend="torch")[1], "strided")
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (7,), (33, 70), (300, 1000)])
+def test_tensor_scale_one_pass_matches_reference(shape):
+    from fp8coat.quantization import tensor_scale
+
+    for name, x in _inputs(shape, torch.bfloat16, seed=21):
+        x = x.to(device())
+        for fmt in (E4M3, E5M2):
+            assert_bit_equal(tensor_scale(x, fmt, backend="torch"), tensor_scale(x, fmt, backend="triton"), name)

@@ -14,7 +14,7 @@ For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, 
               db_i    = Σ_rows dY_i
 
 Hopper's FP8 GEMMs take both operands K-major ("TN"): the forward uses X8 (row-major) and W8 (row-major = W8ᵀ
-column-major); dgrad needs W8ᵀ row-major (transposed on the fly from the cached W8: 1 byte/element), wgrad needs
+column-major); dgrad needs W8ᵀ row-major (re-quantized from W with the cached scale, transposed, in one kernel), wgrad needs
 G8ᵀ and X8ᵀ row-major, with the token dimension (their inner dimension) padded with zeros to a multiple of 16.
 ``torch._scaled_mm`` also needs K and N to be multiples of 16: other sizes run the emulated GEMM (same
 quantization, fp32 matmul).
@@ -31,7 +31,7 @@ import torch
 
 from ..formats import get_format
 from ..quantization import (
-    dequantize_per_group, quantize_per_tensor, quantize_transpose, scale_from_amax, tensor_amax,
+    dequantize_per_group, quantize_per_tensor, quantize_transpose, tensor_scale,
 )
 
 __all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
@@ -157,7 +157,7 @@ class Recompute:
 
 
 def _input_scale(x2: torch.Tensor, fmt) -> torch.Tensor:
-    return scale_from_amax(tensor_amax(x2), fmt)
+    return tensor_scale(x2, fmt)
 
 
 @torch.library.custom_op("fp8coat::linears", mutates_args=())
@@ -247,12 +247,16 @@ def _linears_bwd(
         xqt = x_saved
     dx = None
     dws, dbs = [], []
+    part_dtype = x_dtype if len(weights) == 1 else torch.float32  # several layers: sum the dgrads in fp32
     for g, w, h, hb in zip(grads, weights, cache_handles, has_bias):
-        g2 = g.reshape(-1, w.shape[0])
+        n = w.shape[0]
+        g2 = g.reshape(-1, n)
         sg = _input_scale(g2, gfmt)
         gq, gqt = quantize_transpose(g2, gfmt, sg, rowwise=True)
-        wq, sw = _weight_fp8(w, h, fmt)
-        part = fp8_mm(gq, sg, wq.t().contiguous(), sw, torch.float32, emulate=emulate)
+        _, sw = _weight_fp8(w, h, fmt)
+        # Wᵀ in FP8 straight from W with the cached scale: the same bytes as transposing the cached W8
+        _, wqt = quantize_transpose(w.detach(), fmt, sw, rowwise=False)
+        part = fp8_mm(gq, sg, wqt[:, :n], sw, part_dtype, emulate=emulate)
         dx = part if dx is None else dx + part
         dws.append(fp8_mm(gqt, sg, xqt, x_scale, w.dtype, emulate=emulate))
         if hb:

@@ -27,6 +27,7 @@ __all__ = [
     "tensor_amax",
     "group_amax",
     "quantize_transpose",
+    "tensor_scale",
 ]
 
 BACKENDS = ("torch", "triton")
@@ -80,6 +81,13 @@ def tensor_amax(x: torch.Tensor, *, backend: "str | None" = None) -> torch.Tenso
     if resolve_backend(x, backend) == "triton":
         return _kernels().tensor_amax_triton(x)
     return reference.tensor_amax(x)
+
+
+def tensor_scale(x: torch.Tensor, fmt="e4m3", *, backend: "str | None" = None) -> torch.Tensor:
+    """Per-tensor dequantization scale ``max(amax(x) / fmax, 2^-126)`` (0-d fp32, on x's device, no host sync)."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().tensor_scale_triton(x, fmt)
+    return scale_from_amax(reference.tensor_amax(x), get_format(fmt))
 
 
 def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:

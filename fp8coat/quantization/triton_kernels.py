@@ -27,10 +27,12 @@ __all__ = [
     "tensor_amax_triton",
     "quantize_per_tensor_triton",
     "quantize_transpose_triton",
+    "tensor_scale_triton",
 ]
 
 
 MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
+MIN_SCALE_VALUE = _MIN_SCALE_PY
 
 
 @triton.jit
@@ -103,6 +105,19 @@ def _tile_amax_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(_abs_nan_to_inf(x), axis=1), axis=0)
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_k, amax)
+
+
+@triton.jit
+def _finalize_scale_kernel(part_ptr, n, scale_ptr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: amax over the n partial maxima -> scale = max(amax / FMAX, 2^-126), written to scale_ptr."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0))
+    amax = tl.max(acc, axis=0)  # partials are >= 0 and NaN-free (NaN was mapped to +inf)
+    s = tl.div_rn(amax, FMAX)
+    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    tl.store(scale_ptr, s)
 
 
 @triton.jit
@@ -249,12 +264,28 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
     return q, qt
 
 
+def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
+    """Per-tensor scale ``max(amax(x) / fmax, 2^-126)`` as a 0-d fp32 device tensor: two launches, no host sync."""
+    fmt = get_format(fmt)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return scale.fill_(MIN_SCALE_VALUE)
+    x2 = _as_2d(x)
+    r, k = x2.shape
+    block_r, block_k = _tiles(r, k)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
+    _finalize_scale_kernel[(1,)](part, part.numel(), scale, FMAX=fmt.max, BLOCK=1024)
+    return scale
+
+
 def quantize_per_tensor_triton(
     x: torch.Tensor, fmt, scale: "torch.Tensor | None" = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fmt: FP8Format = get_format(fmt)
     if scale is None:
-        scale = scale_from_amax(tensor_amax_triton(x), fmt)
+        scale = tensor_scale_triton(x, fmt)
     scale = scale.float().reshape(())
     q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
     if x.numel() == 0:
