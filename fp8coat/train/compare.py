@@ -66,7 +66,9 @@ def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_di
 
 
 def _table(results: dict, seeds: "list[int]") -> str:
-    ref = results.get("bf16")
+    """Markdown summary; gaps are relative to the first variant named ``bf16...`` (the BF16 reference)."""
+    ref_name = next((v for v in results if v.startswith("bf16")), None)
+    ref = results.get(ref_name) if ref_name else None
     ref_val = _mean_std([r["final_val_loss"] for r in ref])[0] if ref else None
     ref_train = _mean_std([r["final_train_loss"] for r in ref])[0] if ref else None
     cuda = any("peak_mem_gib" in r for rs in results.values() for r in rs)

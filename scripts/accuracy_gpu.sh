@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Accuracy study on the GPU: a ~60M-parameter Llama pretrained on the larger real-text mix with the BF16 reference
+# (autocast + torch fused AdamW), coat, and coat without dynamic range expansion; then a coat fine-tuning run from
+# the BF16 checkpoint. The GPU box has no network: carry the prepared token files (prepare them here with
+# `python scripts/accuracy_gpu.sh --prepare`, which writes .carry/datasets/).
+#
+#   STAGE=pretrain VARIANTS=coat,coat-noexp SEEDS=1 TAG=s1 bash scripts/accuracy_gpu.sh     # a part per call
+#   STAGE=finetune SEEDS=0 bash scripts/accuracy_gpu.sh    # bf16 pretrain, then bf16 / coat fine-tunes from it
+# Run directories (checkpoints) stay in $RUNS on the machine; $OUT gets compare-<stage>-<tag>.{json,md,png}
+# (flat names: the device returns few, small files). Merge the JSON files with scripts/merge_compare.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/accuracy}"
+RUNS="${RUNS:-/tmp/fp8coat-runs}"
+TAG="${TAG:-run}"
+MIX="${MIX:-.carry/datasets/mix}"
+FT_DATA="${FT_DATA:-.carry/datasets/shakespeare-mixtok}"
+
+if [ "${1:-}" = "--prepare" ]; then  # on a machine with network access
+  python3 - <<'PY'
+import os, shutil
+from fp8coat.data import prepare_dataset
+os.makedirs(".carry/datasets", exist_ok=True)
+mix = prepare_dataset("mix", tokenizer="bpe", vocab_size=16384, seed=0)
+shutil.copytree(mix.dir, ".carry/datasets/mix", dirs_exist_ok=True)
+ft = prepare_dataset("shakespeare", tokenizer=mix.tokenizer_path, seed=0)
+shutil.copytree(ft.dir, ".carry/datasets/shakespeare-mixtok", dirs_exist_ok=True)
+print(mix.description, mix.n_train_tokens, "|", ft.description, ft.n_train_tokens)
+PY
+  exit 0
+fi
+
+COMMON=(--model 60m --seq-len 512 --batch-size 64 --lr 1.5e-3 --beta1 0.9 --beta2 0.95 --weight-decay 0.1
+        --warmup-steps 50 --min-lr-ratio 0.1 --grad-clip 1.0 --eval-every 100 --eval-batches 20 --log-every 25)
+if [ -n "${SMOKE:-}" ]; then  # a CPU check of the whole flow with a tiny model
+  COMMON=(--model tiny --seq-len 64 --batch-size 4 --lr 3e-3 --warmup-steps 2 --eval-every 5 --eval-batches 2
+          --log-every 1)
+fi
+STEPS="${STEPS:-500}"
+
+export_results() {  # $1: stage
+  mkdir -p "$OUT"
+  for f in compare.json compare.md loss.png; do
+    [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "$OUT/compare-$1-$TAG.${f##*.}"
+  done
+  cat "$RUNS/$1/compare.md"
+}
+
+case "${STAGE:-pretrain}" in
+  pretrain)
+    python3 -m fp8coat compare "${COMMON[@]}" --data "$MIX" --steps "$STEPS" --save-every "$STEPS" \
+      --variants "${VARIANTS:-bf16-torchopt,coat,coat-noexp}" --seeds "${SEEDS:-0}" --out-dir "$RUNS/pretrain"
+    export_results pretrain ;;
+  finetune)
+    seed="${SEEDS:-0}"
+    python3 -m fp8coat compare "${COMMON[@]}" --data "$MIX" --steps "$STEPS" --save-every "$STEPS" \
+      --variants bf16-torchopt --seeds "$seed" --out-dir "$RUNS/pretrain-base"
+    ckpt="$(ls -d "$RUNS"/pretrain-base/bf16-torchopt_seed"$seed"/checkpoints/step_* | tail -n 1)"
+    python3 -m fp8coat compare "${COMMON[@]}" --model "$ckpt" --data "$FT_DATA" --lr "${FT_LR:-3e-4}" \
+      --warmup-steps 20 --steps "${FT_STEPS:-200}" --variants "${FT_VARIANTS:-bf16-torchopt,coat}" --seeds "$seed" \
+      --out-dir "$RUNS/finetune"
+    export_results pretrain-base
+    export_results finetune ;;
+  *) echo "unknown STAGE=${STAGE}" >&2; exit 2 ;;
+esac
