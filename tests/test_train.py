@@ -85,3 +85,21 @@ def test_empty_data_folder_is_rejected(tmp_path, capsys):
     assert _run(["train", "--out-dir", str(out), "--data", str(tmp_path / "texts"), *COMMON]) == 2
     assert "empty" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_finetune_from_checkpoint_reuses_its_tokenizer(tmp_path):
+    pre = tmp_path / "pre"
+    assert _run(["train", "--out-dir", str(pre), "--steps", "20", "--recipe", "bf16", "--optimizer", "torch",
+                 "--tokenizer", "bpe", "--vocab-size", "512", "--model", "tiny", "--batch-size", "4", "--seq-len", "32",
+                 "--eval-batches", "2", "--warmup-steps", "1", "--log-every", "1", "--lr", "1e-2"]) == 0
+    ckpt = pre / "checkpoints" / "step_000020"
+    assert (ckpt / "tokenizer.json").exists()
+    ft = tmp_path / "ft"
+    assert _run(["train", "--out-dir", str(ft), "--steps", "3", "--recipe", "coat", "--model", str(ckpt),
+                 "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--warmup-steps", "1",
+                 "--log-every", "1"]) == 0
+    summary = json.loads((ft / "summary.json").read_text())
+    assert summary["params"] == json.loads((pre / "summary.json").read_text())["params"]
+    pre_log, ft_log = MetricsLog.read(pre / "metrics.jsonl"), MetricsLog.read(ft / "metrics.jsonl")
+    # the fine-tune starts where the pretraining ended, far below a random init's loss
+    assert ft_log[0]["loss"] < pre_log[0]["loss"] - 0.5, (pre_log[0]["loss"], pre_log[-1]["loss"], ft_log[0]["loss"])

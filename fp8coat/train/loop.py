@@ -83,7 +83,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    data = prepare_dataset(cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+    tokenizer = cfg.tokenizer
+    ckpt_tokenizer = os.path.join(cfg.model, "tokenizer.json")
+    if tokenizer == "bpe" and os.path.isfile(ckpt_tokenizer):  # fine-tuning: keep the checkpoint's tokenizer
+        tokenizer = ckpt_tokenizer
+    data = prepare_dataset(cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
                            val_fraction=cfg.val_fraction, seed=cfg.seed)
     train_ds, val_ds = TokenDataset(data.train_path), TokenDataset(data.val_path)
     val = eval_batches(val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # validates seq_len vs. the data
