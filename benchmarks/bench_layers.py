@@ -67,35 +67,7 @@ COMPILE_COST_S = 45.0  # estimated seconds a compiled run needs beyond an eager 
 TARGET_TOK_S, TARGET_PEAK_GIB = 120e3, 9.5  # model4 targets for fp8coat
 
 
-def log(*args) -> None:
-    print(*args, flush=True)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, warmup: int, iters: int) -> dict:
-    """Median / min / max ms of ``fn`` after ``warmup`` calls; CUDA events around each call, synchronized."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    cuda = torch.device(device).type == "cuda"
-    times = []
-    for _ in range(iters):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+from harness import log, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -35,13 +35,14 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
 import traceback
 
 import torch
+
+from harness import log, sync, time_back_to_back_ms, time_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,9 +51,6 @@ from fp8coat.optim.master_weights import join_bf16_remainder  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,49 +99,9 @@ def make_grad(shape, dtype, device, gen) -> torch.Tensor:
 # measurement helpers
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(step, device, warmup: int, steps: int) -> dict:
     """Median ms per step (each step bracketed by events, synchronized), and the back-to-back mean."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    cuda = torch.device(device).type == "cuda"
-    times = []
-    for _ in range(steps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(steps):
-            step()
-        e.record()
-        e.synchronize()
-        b2b = s.elapsed_time(e) / steps
-    else:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        b2b = (time.perf_counter() - t0) * 1e3 / steps
-    return {
-        "ms": statistics.median(times),
-        "ms_min": min(times),
-        "ms_max": max(times),
-        "ms_b2b": b2b,
-    }
+    return {**time_ms(step, device, warmup, steps), "ms_b2b": time_back_to_back_ms(step, device, steps)}
 
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:

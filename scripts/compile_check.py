@@ -84,7 +84,8 @@ def report(name: str, kernel) -> dict:
 def _activation_rows() -> list:
     """FP8-saving activations (fp8coat.ops.activations) at a Llama-7B MLP shape, 8192 x 11008 bf16."""
     from fp8coat.formats import E4M3
-    from fp8coat.ops import activations as act
+    from fp8coat.ops import activation_kernels as act
+    from fp8coat.ops.activations import ACTIVATIONS
 
     r, k, g = 8192, 11008, 16
     ng = k // g
@@ -94,8 +95,8 @@ def _activation_rows() -> list:
     q = torch.empty(r, k, dtype=torch.float8_e4m3fn)
     s = torch.empty(r, ng, dtype=torch.float32)
     rows = []
-    for name, code, gated in [("swiglu", act.ACTIVATIONS["silu"], True), ("gelu", act.ACTIVATIONS["gelu"], False),
-                              ("gelu tanh", act.ACTIVATIONS["gelu_tanh"], False)]:
+    for name, code, gated in [("swiglu", ACTIVATIONS["silu"], True), ("gelu", ACTIVATIONS["gelu"], False),
+                              ("gelu tanh", ACTIVATIONS["gelu_tanh"], False)]:
         rows.append(report(f"{name} fwd {r}x{k} bf16 tile={block_r}x{block_k}", compile_sm90(
             act._act_fwd_kernel,
             dict(x_ptr=x, u_ptr=x, out_ptr=x, xq_ptr=q, xs_ptr=s, uq_ptr=q, us_ptr=s, R=r, K=k, NG=ng,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..formats import FP8Format, get_format
 from .reference import MIN_SCALE as _MIN_SCALE_PY
-from .reference import check_group_size, scale_from_amax
+from .reference import check_group_size
 
 __all__ = [
     "quantize_per_group_triton",
@@ -50,6 +50,22 @@ def _clamp_cast(y, FMAX: tl.constexpr, out_ty: tl.constexpr):
 
 
 @triton.jit
+def group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
+                      FMAX: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-1×G quantization of the fp32 tile ``x`` (BLOCK_R × BLOCK_K, masked lanes hold 0) at tile column
+    ``pid_k``; stores q into (R, K) and the scales into (R, NG), both contiguous. Shared by producer kernels."""
+    x3 = tl.reshape(x, (BLOCK_R, BLOCK_K // G, G))
+    amax = tl.max(_abs_nan_to_inf(x3), axis=2)
+    s = tl.div_rn(amax, FMAX)
+    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    y = tl.reshape(x3 * inv[:, :, None], (BLOCK_R, BLOCK_K))
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _clamp_cast(y, FMAX, q_ptr.dtype.element_ty), mask=mask)
+    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+    tl.store(s_ptr + rows[:, None] * NG + gcols[None, :], s, mask=(rows[:, None] < R) & (gcols[None, :] < NG))
+
+
+@triton.jit
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr,  # x: (R, K) strided; q: (R, K) contiguous; s: (R, NG) contiguous fp32
     R, K, NG, stride_xr, stride_xk,
@@ -61,16 +77,7 @@ def _group_quant_kernel(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    x3 = tl.reshape(x, (BLOCK_R, BLOCK_K // G, G))
-    amax = tl.max(_abs_nan_to_inf(x3), axis=2)
-    s = tl.div_rn(amax, FMAX)
-    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
-    inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    y = tl.reshape(x3 * inv[:, :, None], (BLOCK_R, BLOCK_K))
-    q = _clamp_cast(y, FMAX, q_ptr.dtype.element_ty)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
-    tl.store(s_ptr + rows[:, None] * NG + gcols[None, :], s, mask=(rows[:, None] < R) & (gcols[None, :] < NG))
+    group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG, FMAX, G, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
