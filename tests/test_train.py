@@ -103,3 +103,14 @@ def test_finetune_from_checkpoint_reuses_its_tokenizer(tmp_path):
     pre_log, ft_log = MetricsLog.read(pre / "metrics.jsonl"), MetricsLog.read(ft / "metrics.jsonl")
     # the fine-tune starts where the pretraining ended, far below a random init's loss
     assert ft_log[0]["loss"] < pre_log[0]["loss"] - 0.5, (pre_log[0]["loss"], pre_log[-1]["loss"], ft_log[0]["loss"])
+
+
+def test_chunked_loss_matches_full_logits(tmp_path):
+    runs = {}
+    for flag in ("--chunked-loss", "--no-chunked-loss"):
+        out = tmp_path / flag
+        assert _run(["train", "--out-dir", str(out), "--steps", "5", "--recipe", "coat", "--eval-every", "0",
+                     flag, *COMMON]) == 0
+        runs[flag] = MetricsLog.read(out / "metrics.jsonl")
+    for a, b in zip(runs["--chunked-loss"], runs["--no-chunked-loss"]):
+        assert abs(a["loss"] - b["loss"]) < 2e-3 * b["loss"], (a, b)

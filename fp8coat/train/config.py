@@ -22,6 +22,7 @@ class TrainConfig:
     optimizer: str = "fp8coat"  # "fp8coat" (FP8 states) or "torch" (torch.optim.AdamW, fp32 states)
     expansion: bool = True  # dynamic range expansion of the FP8 optimizer states
     compile: bool = False
+    chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
     # data
     data: str = "shakespeare"  # "shakespeare", "mix", or path(s) to text files / folders (comma-separated)
     tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..conversion import convert
 from ..memory import measure_saved_tensors
+from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -55,11 +56,23 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
                  seed=cfg.seed)
 
 
-def _loss(model, ids: torch.Tensor, autocast: bool) -> torch.Tensor:
+def _loss(model, ids: torch.Tensor, autocast: bool, head: "torch.nn.Linear | None" = None) -> torch.Tensor:
+    """Token-mean next-token cross-entropy (fp32). With ``head`` (the LM head), ``model`` is the decoder body and
+    the loss goes through :func:`linear_cross_entropy`: the logits are never held for backward."""
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if head is not None:
+            hidden = model(input_ids=x, use_cache=False).last_hidden_state
+            return linear_cross_entropy(hidden, head.weight, y)
         logits = model(input_ids=x, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _can_chunk_loss(model) -> bool:
+    head = getattr(model, "lm_head", None)
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+            and getattr(model.config, "final_logit_softcapping", None) is None
+            and getattr(model.config, "logit_scale", None) is None)
 
 
 @torch.no_grad()
@@ -119,7 +132,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
               f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens" + (f", resuming at step {start}" if resume else ""),
               flush=True)
 
-    step_model = torch.compile(model) if cfg.compile else model
+    head = model.lm_head if cfg.chunked_loss and _can_chunk_loss(model) else None
+    step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
+    if cfg.compile:
+        step_model = torch.compile(step_model)  # a wrapper: the model's own module names stay unchanged
     progress = Progress(cfg.steps, label) if not quiet else None
     batches = batch_iterator(train_ds, cfg.batch_size, cfg.seq_len, cfg.seed, start_step=start * cfg.grad_accum)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -135,7 +151,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum):
-            loss = _loss(step_model, next(batches).to(device), autocast)
+            loss = _loss(step_model, next(batches).to(device), autocast, head)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         recent.append(loss_sum / cfg.grad_accum)
