@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..formats import E4M3
 from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
+from ..quantization.triton_kernels import scale_from_amax_tl
 from .layout import StateLayout
 from .state_codec import expand_constant
 from .step_reference import StepScalars, _f32, step_constants
@@ -73,12 +74,6 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _plain_scale(amax, FMAX: tl.constexpr):
-    s = tl.div_rn(amax, FMAX)
-    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
-
-
-@triton.jit
 def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
             FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FAST: tl.constexpr):
     if FP8:
@@ -96,7 +91,7 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
                 mag = _exp2(_log2(tl.abs(q) * INV_FMAX, FAST) * inv_k[:, None], FAST) * amax[:, None]
             x = tl.where(q < 0, -mag, mag)
         else:
-            x = q * _plain_scale(amax, FMAX)[:, None]
+            x = q * scale_from_amax_tl(amax, FMAX)[:, None]
     else:
         x = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return x
@@ -129,7 +124,7 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
             y = tl.where(x < 0, -y, y)
             tl.store(expo_ptr + gidx, k16.to(tl.uint8), mask=gmask)
         else:
-            y = x * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), _plain_scale(amax, FMAX))[:, None]
+            y = x * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale_from_amax_tl(amax, FMAX))[:, None]
             y = tl.where(y > FMAX, FMAX, y)
             y = tl.where(y < -FMAX, -FMAX, y)
         tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)

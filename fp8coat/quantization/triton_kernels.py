@@ -50,14 +50,19 @@ def _clamp_cast(y, FMAX: tl.constexpr, out_ty: tl.constexpr):
 
 
 @triton.jit
+def scale_from_amax_tl(amax, FMAX: tl.constexpr):
+    """Triton twin of ``reference.scale_from_amax``: ``max(amax / FMAX, 2^-126)`` (IEEE division)."""
+    s = tl.div_rn(amax, FMAX)
+    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
+
+
+@triton.jit
 def group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
                       FMAX: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-1×G quantization of the fp32 tile ``x`` (BLOCK_R × BLOCK_K, masked lanes hold 0) at tile column
     ``pid_k``; stores q into (R, K) and the scales into (R, NG), both contiguous. Shared by producer kernels."""
     x3 = tl.reshape(x, (BLOCK_R, BLOCK_K // G, G))
-    amax = tl.max(_abs_nan_to_inf(x3), axis=2)
-    s = tl.div_rn(amax, FMAX)
-    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    s = scale_from_amax_tl(tl.max(_abs_nan_to_inf(x3), axis=2), FMAX)
     inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     y = tl.reshape(x3 * inv[:, :, None], (BLOCK_R, BLOCK_K))
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], _clamp_cast(y, FMAX, q_ptr.dtype.element_ty), mask=mask)
@@ -122,9 +127,7 @@ def _finalize_scale_kernel(part_ptr, n, scale_ptr, FMAX: tl.constexpr, BLOCK: tl
         offs = start + tl.arange(0, BLOCK)
         acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0))
     amax = tl.max(acc, axis=0)  # partials are >= 0 and NaN-free (NaN was mapped to +inf)
-    s = tl.div_rn(amax, FMAX)
-    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
-    tl.store(scale_ptr, s)
+    tl.store(scale_ptr, scale_from_amax_tl(amax, FMAX))
 
 
 @triton.jit
