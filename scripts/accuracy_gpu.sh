@@ -6,6 +6,8 @@
 #
 #   STAGE=pretrain VARIANTS=coat,coat-noexp SEEDS=1 TAG=s1 bash scripts/accuracy_gpu.sh     # a part per call
 #   STAGE=finetune SEEDS=0 bash scripts/accuracy_gpu.sh    # bf16 pretrain, then bf16 / coat fine-tunes from it
+#   STAGE=all bash scripts/accuracy_gpu.sh   # everything at once: one process per (variant, seed), spread over all
+#                                            # GPUs (several per GPU); $OUT gets accuracy.tar.gz + merged tables
 # Run directories (checkpoints) stay in $RUNS on the machine; $OUT gets compare-<stage>-<tag>.{json,md,png}
 # (flat names: the device returns few, small files). Merge the JSON files with scripts/merge_compare.py.
 set -euo pipefail
@@ -62,5 +64,49 @@ case "${STAGE:-pretrain}" in
       --out-dir "$RUNS/finetune"
     export_results pretrain-base
     export_results finetune ;;
+  all)
+    # One `fp8coat compare` process per (variant, seed) so that each finished run is complete on its own even if
+    # the deadline stops the others; the fine-tunes start from the bf16 seed-0 checkpoint once it exists.
+    # GPU_LIST="1 2 3" keeps the runs off GPU 0 (e.g. for a benchmark running there at the same time)
+    read -r -a gpus <<< "${GPU_LIST:-$(python3 -c 'import torch; print(*range(max(torch.cuda.device_count(), 1)))')}"
+    n_gpu=${#gpus[@]}
+    end=$(( $(date +%s) + ${DEADLINE_S:-520} ))
+    left() { echo $(( end - $(date +%s) )); }
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+    mkdir -p "$RUNS/logs" "$OUT"
+    i=0
+    for seed in ${SEEDS_ALL:-0 1 2}; do
+      for variant in ${VARIANTS_ALL:-bf16-torchopt coat coat-noexp}; do
+        gpu=${gpus[$((i % n_gpu))]}; i=$((i + 1))
+        dir="$RUNS/pretrain-$variant-seed$seed"
+        cmd=(python3 -m fp8coat compare "${COMMON[@]}" --data "$MIX" --steps "$STEPS" --save-every "$STEPS"
+             --variants "$variant" --seeds "$seed" --out-dir "$dir")
+        if [ "$variant" = bf16-torchopt ] && [ "$seed" = 0 ]; then
+          ft=(python3 -m fp8coat compare "${COMMON[@]}" --data "$FT_DATA" --lr "${FT_LR:-3e-4}" --warmup-steps 20
+              --steps "${FT_STEPS:-200}" --variants "${FT_VARIANTS:-bf16-torchopt,coat}" --seeds 0
+              --out-dir "$RUNS/finetune")
+          ( CUDA_VISIBLE_DEVICES=$gpu timeout "$(left)" "${cmd[@]}" \
+            && ckpt="$(ls -d "$dir"/bf16-torchopt_seed0/checkpoints/step_* | tail -n 1)" \
+            && CUDA_VISIBLE_DEVICES=$gpu timeout "$(left)" "${ft[@]}" --model "$ckpt" ) \
+            >"$RUNS/logs/$variant-seed$seed.log" 2>&1 &
+        else
+          CUDA_VISIBLE_DEVICES=$gpu timeout "$(left)" "${cmd[@]}" >"$RUNS/logs/$variant-seed$seed.log" 2>&1 &
+        fi
+      done
+    done
+    echo "started $i runs on $n_gpu GPU(s)"
+    wait || true
+    for log in "$RUNS"/logs/*.log; do echo "== $log"; tail -n 3 "$log"; done
+    shopt -s nullglob
+    jsons=("$RUNS"/pretrain-*/compare.json)
+    [ ${#jsons[@]} -gt 0 ] && python3 scripts/merge_compare.py "$RUNS/pretrain" "${jsons[@]}"
+    for d in pretrain finetune; do
+      for f in compare.json compare.md loss.png; do
+        [ -f "$RUNS/$d/$f" ] && cp "$RUNS/$d/$f" "$OUT/compare-$d-$TAG.${f##*.}"
+      done
+    done
+    (cd "$RUNS" && tar czf "$OUT/accuracy-$TAG.tar.gz" logs pretrain-*/compare.* pretrain-*/*/metrics.jsonl \
+       finetune/compare.* finetune/*/metrics.jsonl 2>/dev/null) || true
+    ls -la "$OUT" ;;
   *) echo "unknown STAGE=${STAGE}" >&2; exit 2 ;;
 esac
