@@ -306,8 +306,11 @@ class Bench:
     # -- model4 -----------------------------------------------------------------------------------------------
 
     def train(self, key: str, make_opt, *, recipe: "str | None" = None, torchao: bool = False,
-              compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager") -> None:
-        """Training steps of the 4-layer model: tok/s, peak memory, final loss."""
+              compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager",
+              chunked_loss: bool = False) -> None:
+        """Training steps of the 4-layer model: tok/s, peak memory, final loss. ``chunked_loss``: the LM head and
+        cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept)."""
+        from fp8coat.ops.cross_entropy import linear_cross_entropy
         from transformers import LlamaForCausalLM
 
         a, dev = self.args, self.device
@@ -329,9 +332,15 @@ class Bench:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()  # the peak starts at what is allocated now: the parameters
 
-        def step() -> float:
+        def forward_loss() -> torch.Tensor:
             with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp):
-                loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+                if chunked_loss:
+                    hidden = fn.model(input_ids=ids, use_cache=False).last_hidden_state
+                    return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:])
+                return fn(input_ids=ids, labels=ids, use_cache=False).loss
+
+        def step() -> float:
+            loss = forward_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -350,9 +359,24 @@ class Bench:
         row = {"step_s": st, "tok_per_s": tokens / st, "first_step_s": times[0], "loss_first": losses[0],
                "loss": losses[-1], "compiled": compiled, "compile_mode": a.compile if compiled else None,
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
-               "ref": ref, "n_params": sum(p.numel() for p in model.parameters())}
+               "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss}
         if self.cuda:
             row["peak_GiB"] = torch.cuda.max_memory_allocated() / GIB
+            # one more step, phase by phase: what is resident before it and the peak inside each phase
+            row["resident_GiB"] = torch.cuda.memory_allocated() / GIB
+            phases = {}
+            for phase, run in (("forward", forward_loss), ("backward", lambda: loss.backward()),
+                               ("optimizer", opt.step)):
+                torch.cuda.reset_peak_memory_stats()
+                out = run()
+                loss = out if phase == "forward" else loss
+                sync(dev)
+                phases[phase] = torch.cuda.max_memory_allocated() / GIB
+            opt.zero_grad(set_to_none=True)
+            del loss
+            row["peak_by_phase_GiB"] = phases
+            log(f"  {key}: resident {row['resident_GiB']:.2f} GiB; peak by phase "
+                + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
         self.res["rows"]["model4"][key] = row
         log(f"  {key}: {row['tok_per_s']:,.0f} tok/s, step {st * 1e3:.1f} ms (first {times[0]:.1f}s)"
             + (f", peak {row['peak_GiB']:.2f} GiB" if "peak_GiB" in row else "")
@@ -505,6 +529,12 @@ def main(argv=None) -> int:
         b.run("model4", "fp8coat_coat_eager",
               lambda: b.train("fp8coat_coat_eager", fp8coat_adamw(), recipe="coat", param_dtype=bf16),
               optional=False)
+        b.run("model4", "fp8coat_coat_eager_stochastic_chunkedloss",
+              lambda: b.train("fp8coat_coat_eager_stochastic_chunkedloss", fp8coat_adamw("bf16-stochastic"),
+                              recipe="coat", param_dtype=bf16, chunked_loss=True))
+        b.run("model4", "fp8coat_coat_eager_chunkedloss",
+              lambda: b.train("fp8coat_coat_eager_chunkedloss", fp8coat_adamw(), recipe="coat", param_dtype=bf16,
+                              chunked_loss=True))
         b.run("model4", "fp8coat_fp8-linear_eager",
               lambda: b.train("fp8coat_fp8-linear_eager", fp8coat_adamw(), recipe="fp8-linear", param_dtype=bf16))
         b.run("model4", "torchao_fp8_compiled_adamwfp8",

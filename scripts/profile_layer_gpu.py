@@ -87,8 +87,21 @@ def profile_recipe(recipe: str, args) -> None:
         print(f"{sum(times) / args.steps:8.3f} {len(times) / args.steps:6.1f}  {short(name)}")
     rest = sum(sum(t) for _, t in rows[args.top:]) / args.steps
     print(f"{rest:8.3f} {'':6}  ({len(rows) - args.top} more kernel names)")
+    if args.cprofile:  # where the host time of a step goes (Python functions, by own time)
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.steps):
+            step()
+        sync(args)
+        pr.disable()
+        print(f"--- {recipe}: host time by function over {args.steps} steps")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(args.top)
     del step
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -101,6 +114,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=11008)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    ap.add_argument("--cprofile", action="store_true", help="also a cProfile of the host time")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     for recipe in args.recipes.split(","):

@@ -24,15 +24,14 @@ Registered as the custom op ``fp8coat::linears`` with autograd, so ``torch.compi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
-from dataclasses import dataclass
 import torch
 
 from ..formats import get_format
-from ..quantization import (
-    dequantize_per_group, quantize_per_tensor, quantize_transpose, tensor_scale,
-)
+from ..quantization import quantize_per_tensor, quantize_transpose, tensor_scale
+from .recompute import Recompute, recompute_input, recompute_quantized_t
 
 __all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
 
@@ -98,7 +97,12 @@ def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: "int | None") -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def fp8_mm(
@@ -117,39 +121,6 @@ def fp8_mm(
                                 use_fast_accum=fast_accum)
     out = (a.float() @ b_t.float().t()) * (scale_a.float() * scale_b.float())
     return out.to(out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# recomputing the input from its producer's saved FP8 tensors
-
-
-def recompute_input(kind: str, src: "list[torch.Tensor]", eps: float, group_size: int, dtype: torch.dtype):
-    """Rebuild a linear layer's input from what the op that produced it saved anyway (no extra memory).
-
-    ``rmsnorm``: src = [x_q, x_s, rstd(, weight)] -> (dequant(x)·rstd)·w; ``swiglu``: src = [g_q, g_s, u_q, u_s]
-    -> silu(g)·u. Computed in fp32 from the per-group FP8 copies and cast to ``dtype``.
-    """
-    if kind == "rmsnorm":
-        x = dequantize_per_group(src[0], src[1], group_size, torch.float32)
-        y = x * src[2].unsqueeze(-1)
-        if len(src) > 3:
-            y = y * src[3].float()
-        return y.to(dtype)
-    if kind == "swiglu":
-        g = dequantize_per_group(src[0], src[1], group_size, torch.float32)
-        u = dequantize_per_group(src[2], src[3], group_size, torch.float32)
-        return (g * torch.sigmoid(g) * u).to(dtype)
-    raise ValueError(f"unknown recompute kind {kind!r}")
-
-
-@dataclass(frozen=True)
-class Recompute:
-    """How to rebuild a linear layer's input in backward instead of saving it (see :func:`recompute_input`)."""
-
-    kind: str
-    tensors: tuple
-    eps: float = 0.0
-    group_size: int = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,8 +210,7 @@ def _linears_bwd(
     for s in x_shape[:-1]:
         m *= s
     if recompute_kind:
-        x_rec = recompute_input(recompute_kind, recompute_src, recompute_eps, recompute_group, x_dtype)
-        _, xqt = quantize_transpose(x_rec.reshape(-1, k), fmt, x_scale, rowwise=False)
+        xqt = recompute_quantized_t(recompute_kind, recompute_src, recompute_group, x_dtype, x_scale, fmt)
     elif save_input_hp:
         _, xqt = quantize_transpose(x_saved.reshape(-1, k), fmt, x_scale, rowwise=False)
     else:
