@@ -39,3 +39,21 @@ def test_saves_no_logits():
     assert rep.total_bytes == 256 * 32 * 4 + 256 * 8 + 256 * 4 + 8  # hidden, labels, per-token logsumexp, count
     _, full = measure_saved_tensors(lambda: F.cross_entropy((h @ w.t()).float(), y), modules=holder)
     assert full.total_bytes > 256 * 1000 * 4  # the logits
+
+
+def test_default_chunk_size():
+    from fp8coat.ops.cross_entropy import default_chunk
+
+    assert default_chunk(32000) == 1024  # 1024 × 32000 × 4 B = 125 MiB
+    assert default_chunk(16384) == 2048
+    assert default_chunk(128256) == 256
+    assert default_chunk(10**9) == 64
+    for v in (1000, 32000, 50257, 151936):
+        c = default_chunk(v)
+        assert c & (c - 1) == 0 and (c * v * 4 <= 128 * 2**20 or c == 64)
+
+
+def test_bad_chunk():
+    h, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(h, w, y, chunk=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "default_chunk"]
 
 IGNORE_INDEX = -100
 
@@ -53,15 +53,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if d_hidden is not None:
                 d_hidden[s: s + chunk] = d_logits @ weight
             if d_weight is not None:
-                d_weight += (d_logits.t() @ h).float()
+                d_weight += d_logits.t() @ h  # accumulated in fp32 without an fp32 copy of the product
         return d_hidden, (d_weight.to(weight.dtype) if d_weight is not None else None), None, None
 
 
+CHUNK_BYTES = 128 * 2**20  # default chunk: the tokens whose fp32 logits fit in this
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Tokens per chunk whose fp32 logits take at most 128 MiB, a power of two >= 64 (1024 for a 32k vocab)."""
+    tokens = max(1, CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    return max(64, 1 << (tokens.bit_length() - 1))
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 4096) -> torch.Tensor:
+                         chunk: "int | None" = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 = ignored), chunked over tokens.
 
-    ``hidden``: (..., H); ``weight``: (V, H); ``labels``: (...,) int64. Returns a 0-d fp32 tensor.
+    ``hidden``: (..., H); ``weight``: (V, H); ``labels``: (...,) int64; ``chunk``: tokens per chunk (default:
+    :func:`default_chunk` of V — the transient memory is a few chunk-sized fp32 logit blocks plus an fp32 copy of
+    the weight's gradient). Returns a 0-d fp32 tensor.
     """
+    if chunk is None:
+        chunk = default_chunk(weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     h = hidden.reshape(-1, hidden.shape[-1])
     return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), int(chunk))
