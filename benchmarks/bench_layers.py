@@ -315,6 +315,9 @@ class Bench:
 
         a, dev = self.args, self.device
         cfg = llama_config(a, a.layers)
+        self.free()
+        # memory still held by earlier runs of this process: subtracted from every figure below
+        leftover = torch.cuda.memory_allocated() if self.cuda else 0
         torch.manual_seed(0)
         with torch.device(dev):
             model = LlamaForCausalLM(cfg)
@@ -361,9 +364,10 @@ class Bench:
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
                "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss}
         if self.cuda:
-            row["peak_GiB"] = torch.cuda.max_memory_allocated() / GIB
+            row["peak_GiB"] = (torch.cuda.max_memory_allocated() - leftover) / GIB
+            row["leftover_GiB"] = leftover / GIB
             # one more step, phase by phase: what is resident before it and the peak inside each phase
-            row["resident_GiB"] = torch.cuda.memory_allocated() / GIB
+            row["resident_GiB"] = (torch.cuda.memory_allocated() - leftover) / GIB
             phases = {}
             for phase, run in (("forward", forward_loss), ("backward", lambda: loss.backward()),
                                ("optimizer", opt.step)):
@@ -371,11 +375,12 @@ class Bench:
                 out = run()
                 loss = out if phase == "forward" else loss
                 sync(dev)
-                phases[phase] = torch.cuda.max_memory_allocated() / GIB
+                phases[phase] = (torch.cuda.max_memory_allocated() - leftover) / GIB
             opt.zero_grad(set_to_none=True)
             del loss
             row["peak_by_phase_GiB"] = phases
-            log(f"  {key}: resident {row['resident_GiB']:.2f} GiB; peak by phase "
+            log(f"  {key}: resident {row['resident_GiB']:.2f} GiB (+{row['leftover_GiB']:.2f} left by earlier runs, "
+                "not counted); peak by phase "
                 + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
         self.res["rows"]["model4"][key] = row
         log(f"  {key}: {row['tok_per_s']:,.0f} tok/s, step {st * 1e3:.1f} ms (first {times[0]:.1f}s)"
