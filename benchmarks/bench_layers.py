@@ -307,7 +307,7 @@ class Bench:
 
     def train(self, key: str, make_opt, *, recipe: "str | None" = None, torchao: bool = False,
               compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager",
-              chunked_loss: bool = False) -> None:
+              chunked_loss: bool = False, in_backward: bool = False) -> None:
         """Training steps of the 4-layer model: tok/s, peak memory, final loss. ``chunked_loss``: the LM head and
         cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept)."""
         from fp8coat.ops.cross_entropy import linear_cross_entropy
@@ -330,6 +330,7 @@ class Bench:
             convert_to_float8_training(model, module_filter_fn=lambda m, n: "lm_head" not in n)
         fn = compile_fn(model, a.compile, model.model.layers) if compiled else model
         opt = make_opt(model.parameters())
+        hooks = fp8coat.StepInBackward(opt) if in_backward else None  # opt.step() below then finds no gradients
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
         self.free()
         if self.cuda:
@@ -362,7 +363,8 @@ class Bench:
         row = {"step_s": st, "tok_per_s": tokens / st, "first_step_s": times[0], "loss_first": losses[0],
                "loss": losses[-1], "compiled": compiled, "compile_mode": a.compile if compiled else None,
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
-               "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss}
+               "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss,
+               "step_in_backward": in_backward}
         if self.cuda:
             row["peak_GiB"] = (torch.cuda.max_memory_allocated() - leftover) / GIB
             row["leftover_GiB"] = leftover / GIB
@@ -382,6 +384,8 @@ class Bench:
             log(f"  {key}: resident {row['resident_GiB']:.2f} GiB (+{row['leftover_GiB']:.2f} left by earlier runs, "
                 "not counted); peak by phase "
                 + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        if hooks is not None:
+            hooks.remove()
         self.res["rows"]["model4"][key] = row
         log(f"  {key}: {row['tok_per_s']:,.0f} tok/s, step {st * 1e3:.1f} ms (first {times[0]:.1f}s)"
             + (f", peak {row['peak_GiB']:.2f} GiB" if "peak_GiB" in row else "")
@@ -540,6 +544,12 @@ def main(argv=None) -> int:
         b.run("model4", "fp8coat_coat_eager_chunkedloss",
               lambda: b.train("fp8coat_coat_eager_chunkedloss", fp8coat_adamw(), recipe="coat", param_dtype=bf16,
                               chunked_loss=True))
+        b.run("model4", "fp8coat_coat_eager_inbackward_chunkedloss",
+              lambda: b.train("fp8coat_coat_eager_inbackward_chunkedloss", fp8coat_adamw(), recipe="coat",
+                              param_dtype=bf16, chunked_loss=True, in_backward=True))
+        b.run("model4", "fp8coat_coat_compiled_stochastic_chunkedloss",
+              lambda: b.train("fp8coat_coat_compiled_stochastic_chunkedloss", fp8coat_adamw("bf16-stochastic"),
+                              recipe="coat", param_dtype=bf16, chunked_loss=True, compiled=True), compiled=True)
         b.run("model4", "fp8coat_fp8-linear_eager",
               lambda: b.train("fp8coat_fp8-linear_eager", fp8coat_adamw(), recipe="fp8-linear", param_dtype=bf16))
         b.run("model4", "torchao_fp8_compiled_adamwfp8",

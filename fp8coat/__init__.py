@@ -7,12 +7,12 @@ FP8 activations with mixed granularity).
 
 from .conversion import conversion_summary, convert, unconvert
 from .formats import E4M3, E5M2, FP8Format, get_format
-from .optim import AdamW
+from .optim import AdamW, StepInBackward
 from .recipe import RECIPES, Recipe, get_recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
+    "AdamW", "StepInBackward", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
     "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
 ]

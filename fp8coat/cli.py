@@ -26,6 +26,7 @@ _HELP = {
     "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "device": "auto | cpu | cuda | cuda:N",
+    "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
 }
 
 

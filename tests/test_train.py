@@ -114,3 +114,21 @@ def test_chunked_loss_matches_full_logits(tmp_path):
         runs[flag] = MetricsLog.read(out / "metrics.jsonl")
     for a, b in zip(runs["--chunked-loss"], runs["--no-chunked-loss"]):
         assert abs(a["loss"] - b["loss"]) < 2e-3 * b["loss"], (a, b)
+
+
+def test_step_in_backward_gives_the_same_run(tmp_path, capsys):
+    """--step-in-backward (with gradient accumulation) reproduces the usual step's losses exactly; it needs
+    --grad-clip 0, and --grad-clip 0 means no clipping."""
+    runs = {}
+    for flag in ("--step-in-backward", "--no-step-in-backward"):
+        out = tmp_path / flag
+        assert _run(["train", "--out-dir", str(out), "--steps", "4", "--grad-accum", "2", "--grad-clip", "0",
+                     "--eval-every", "0", flag, *COMMON]) == 0
+        runs[flag] = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["loss"] for r in runs["--step-in-backward"]] == [r["loss"] for r in runs["--no-step-in-backward"]]
+    assert all(r["grad_norm"] is None for r in runs["--step-in-backward"])
+    assert all(r["grad_norm"] > 0 for r in runs["--no-step-in-backward"])
+    capsys.readouterr()
+    assert _run(["train", "--out-dir", str(tmp_path / "bad"), "--steps", "1", "--step-in-backward", *COMMON]) != 0
+    assert "pass --grad-clip 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

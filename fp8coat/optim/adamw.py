@@ -89,6 +89,7 @@ class AdamW(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, StateLayout] = {}
         self._caches: dict[Any, Any] = {}
         self._sr_calls = 0
+        self._group_of: "dict[int, tuple] | None" = None  # id(param) -> (group, index), built on first use
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class AdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._group_of = None
         group = self.param_groups[-1]
         self._validate_group(group)
         for p in group["params"]:
@@ -168,60 +170,84 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            return loss  # nothing to do (e.g. every parameter was already updated in backward)
         self._sr_calls += 1
         for gi, group in enumerate(self.param_groups):
-            items = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("fp8coat.AdamW does not support sparse gradients")
-                if grad.is_complex():
-                    raise RuntimeError("fp8coat.AdamW does not support complex gradients")
-                if grad.shape != p.shape:
-                    raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
-                state = self.state[p]
-                layout = self.layout_of(p, group)
-                if not state:
-                    state.update(init_state(p, layout))
-                items.append((p, grad, state, layout))
-            if not items:
-                continue
-            torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
-            buckets: dict[tuple, list] = {}
-            for p, grad, state, layout in items:
-                fused = self._use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
-                if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
-                    grad = grad.clone(memory_format=torch.contiguous_format)
-                elif not grad.is_contiguous():
-                    grad = grad.contiguous()
-                flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
-                key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
-                buckets.setdefault(key, []).append((p, grad, state))
-            for (layout, device, _, _, step, fused, _), bucket in buckets.items():
-                scalars = StepScalars(
-                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
-                )
-                seed = hash((self.seed, self._sr_calls, gi)) & 0x7FFFFFFF
-                if fused:
-                    from .step_triton import fused_adamw_step
-
-                    ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
-                    self._caches[ckey] = fused_adamw_step(
-                        [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
-                        seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
-                    )
-                    for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
-                        torch.autograd.graph.increment_version(p)
-                else:
-                    gen = None
-                    if layout.master == "bf16-stochastic":
-                        gen = torch.Generator().manual_seed(seed)
-                    for p, grad, state in bucket:
-                        adamw_step_reference(p, grad, state, layout, scalars, generator=gen)
+            self._step_group(gi, group, group["params"])
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params: "list[torch.Tensor]", *, new_step: bool) -> None:
+        """Update only ``params`` (each must belong to this optimizer) from their current gradients.
+
+        Used by :class:`fp8coat.optim.StepInBackward`, which updates every parameter as soon as its gradient is
+        complete. ``new_step``: True for the first call of an optimizer step (it advances the stochastic-rounding
+        seed, as :meth:`step` does once per call).
+        """
+        if new_step:
+            self._sr_calls += 1
+        if self._group_of is None:
+            self._group_of = {id(p): (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
+        for p in params:
+            where = self._group_of.get(id(p))
+            if where is None:
+                raise ValueError("step_params: a parameter that this optimizer does not hold")
+            gi, index = where  # one launch per parameter; the seed also names the parameter (independent rounding)
+            self._step_group(gi, self.param_groups[gi], [p], salt=index)
+
+    def _step_group(self, gi: int, group: dict, params: "list[torch.Tensor]", salt: "int | None" = None) -> None:
+        items = []
+        for p in params:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError("fp8coat.AdamW does not support sparse gradients")
+            if grad.is_complex():
+                raise RuntimeError("fp8coat.AdamW does not support complex gradients")
+            if grad.shape != p.shape:
+                raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+            state = self.state[p]
+            layout = self.layout_of(p, group)
+            if not state:
+                state.update(init_state(p, layout))
+            items.append((p, grad, state, layout))
+        if not items:
+            return
+        torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
+        buckets: dict[tuple, list] = {}
+        for p, grad, state, layout in items:
+            fused = self._use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
+            if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
+                grad = grad.clone(memory_format=torch.contiguous_format)
+            elif not grad.is_contiguous():
+                grad = grad.contiguous()
+            flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
+            key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
+            buckets.setdefault(key, []).append((p, grad, state))
+        for (layout, device, _, _, step, fused, _), bucket in buckets.items():
+            scalars = StepScalars(
+                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+            )
+            seed = hash((self.seed, self._sr_calls, gi) + (() if salt is None else (salt,))) & 0x7FFFFFFF
+            if fused:
+                from .step_triton import fused_adamw_step
+
+                ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
+                self._caches[ckey] = fused_adamw_step(
+                    [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
+                    seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
+                )
+                for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
+                    torch.autograd.graph.increment_version(p)
+            else:
+                gen = None
+                if layout.master == "bf16-stochastic":
+                    gen = torch.Generator().manual_seed(seed)
+                for p, grad, state in bucket:
+                    adamw_step_reference(p, grad, state, layout, scalars, generator=gen)
 
     # ---------------------------------------------------------------------------------------------------------
     # memory accounting
@@ -246,6 +272,7 @@ class AdamW(torch.optim.Optimizer):
         that each one has the dtype and shape the current options give.
         """
         extra = state_dict.get("fp8coat", {})
+        self._group_of = None
         self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
         self.seed = int(extra.get("seed", self.seed))
         saved_groups = state_dict["param_groups"]

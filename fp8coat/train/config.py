@@ -23,6 +23,7 @@ class TrainConfig:
     expansion: bool = True  # dynamic range expansion of the FP8 optimizer states
     compile: bool = False
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
+    step_in_backward: bool = False  # update each parameter as soon as its gradient exists; no gradients kept
     # data
     data: str = "shakespeare"  # "shakespeare", "mix", or path(s) to text files / folders (comma-separated)
     tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path
@@ -64,6 +65,13 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"need lr > 0 and 0 <= min-lr-ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.step_in_backward and self.optimizer != "fp8coat":
+            raise ValueError("step-in-backward needs the fp8coat optimizer (--optimizer fp8coat)")
+        if self.step_in_backward and self.grad_clip > 0:
+            raise ValueError("step-in-backward updates each parameter before the other gradients exist, so the "
+                             "global gradient norm cannot be clipped: pass --grad-clip 0")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"val-fraction must lie in (0, 0.5), got {self.val_fraction}")
         return self

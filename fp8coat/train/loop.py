@@ -10,6 +10,7 @@ bf16 + 16-bit remainders) unless ``master_weights="fp32"`` or ``optimizer="torch
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ..conversion import convert
 from ..memory import measure_saved_tensors
 from ..ops.cross_entropy import linear_cross_entropy
-from ..optim import AdamW
+from ..optim import AdamW, StepInBackward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .presets import build_model
@@ -112,6 +113,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
     model = convert(model, cfg.recipe)
     model.train()
     optimizer = _make_optimizer(cfg, model)
+    in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
     n_params = sum(p.numel() for p in model.parameters())
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -150,14 +152,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             loss = _loss(step_model, next(batches).to(device), autocast, head)
-            (loss / cfg.grad_accum).backward()
+            last_micro = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if in_backward is None or last_micro else in_backward.accumulating():
+                (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
             loss_sum += loss.detach()
         recent.append(loss_sum / cfg.grad_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
+        if in_backward is None:
+            # --grad-clip 0: no clipping (the norm is still measured for the log)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         steps_since += 1
         done = step + 1
         is_eval = (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps
@@ -166,7 +173,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"step {done}: loss is {train_loss}; stopping (lower --lr or check the data)")
             elapsed = time.time() - t_log
-            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens": done * tokens_per_step, "tok_per_s": steps_since * tokens_per_step / elapsed}
             if device.type == "cuda":
                 record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
