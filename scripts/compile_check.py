@@ -177,6 +177,15 @@ def main() -> int:
         qk._quant_transpose_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q, qt_ptr=qt, M=4096, K=4096, M_pad=4096,
                                          stride_xm=4096, stride_xk=1),
         dict(FMAX=E4M3.max, ROWWISE=True, TRANSPOSED=True, BLOCK_M=64, BLOCK_K=64))))
+    from fp8coat.ops import recompute_kernels as rk
+
+    rstd = torch.empty(4096, dtype=torch.float32)
+    for name, kind in (("recompute rmsnorm+weight -> fp8 transposed", 1), ("recompute swiglu -> fp8 transposed", 2)):
+        rows.append(report(name, compile_sm90(
+            rk._recompute_kernel, dict(a_q=q, a_s=s, b_q=q, b_s=s, rstd_ptr=rstd, w_ptr=x, scale_ptr=one,
+                                       out_ptr=qt, M=4096, K=4096, NG=256, M_PAD=4096),
+            dict(KIND=kind, ROUND=1, STORE_T=True, FMAX=E4M3.max, G=16, BLOCK_M=64, BLOCK_K=64, LIBDEVICE=True),
+            enable_fp_fusion=False)))
 
     table = torch.empty(9, 64, dtype=torch.int64)
     meta = torch.empty(4, 64, dtype=torch.int64)
