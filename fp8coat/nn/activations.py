@@ -76,7 +76,6 @@ class FP8GatedMLPMixin:
             return super().forward(x)
         from ..ops import activations as A
         from ..ops.linear import Recompute, linears
-        from ..quantization import resolve_backend
 
         recipe = self._fp8coat_recipe
         g = recipe.activation_group_size
@@ -90,7 +89,7 @@ class FP8GatedMLPMixin:
             return self.down_proj(A.geglu(gate, up, approximate=approximate, group_size=g))
         if not torch.is_grad_enabled():
             return self.down_proj(A.swiglu(gate, up, group_size=g))
-        act, g_q, g_s, u_q, u_s = torch.ops.fp8coat.swiglu(gate, up, g, resolve_backend(gate, None))
+        act, g_q, g_s, u_q, u_s = A.swiglu_with_saved(gate, up, group_size=g)
         down = self.down_proj
         return linears(act, [_weight_nk(down)], [down.bias], [down._fp8coat_cache],
                        recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), 0.0, g), **kw)[0]

@@ -36,12 +36,12 @@ class FP8RMSNormMixin:
         if not self.training:
             return super().forward(x)
         from ..ops.linear import Recompute
-        from ..ops.norms import rmsnorm
+        from ..ops.norms import rmsnorm, rmsnorm_with_saved
 
         group = self._fp8coat_recipe.activation_group_size
         if self._fp8coat_consumer is None or not torch.is_grad_enabled():
             return rmsnorm(x, self.weight, _eps(self), group)
-        y, x_q, x_s, rstd = torch.ops.fp8coat.rmsnorm(x, self.weight, _eps(self), group)
+        y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
         self._fp8coat_consumer._fp8coat_offer = (y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), _eps(self), group))
         return y
 

@@ -49,6 +49,7 @@ Autograd and ``torch.compile``: each op is a ``torch.library.custom_op`` (``fp8c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,8 +57,9 @@ import torch
 from ..formats import E4M3
 from ..quantization import resolve_backend
 from ..quantization.reference import check_group_size, dequantize_per_group, quantize_per_group
+from .eager import call, register_eager
 
-__all__ = ["swiglu", "geglu", "gelu", "silu", "ACTIVATIONS"]
+__all__ = ["swiglu", "swiglu_with_saved", "geglu", "gelu", "silu", "ACTIVATIONS"]
 
 FP8 = E4M3
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -188,10 +190,12 @@ def _fake_saved(x: torch.Tensor, group_size: int):
 # custom ops: gated (swiglu, geglu)
 
 
-@torch.library.custom_op("fp8coat::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, group_size: int, backend: str
+def _swiglu_op_impl(gate: torch.Tensor, up: torch.Tensor, group_size: int, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(activation_forward(gate, up, ACTIVATIONS["silu"], group_size, backend))
+
+
+_swiglu_op = torch.library.custom_op("fp8coat::swiglu", _swiglu_op_impl, mutates_args=())
 
 
 @_swiglu_op.register_fake
@@ -199,10 +203,12 @@ def _(gate, up, group_size, backend):
     return (gate.new_empty(gate.shape), *_fake_saved(gate, group_size), *_fake_saved(up, group_size))
 
 
-@torch.library.custom_op("fp8coat::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
+def _swiglu_backward_op_impl(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
                         up_s: torch.Tensor, group_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return activation_backward(dy, gate_q, gate_s, up_q, up_s, ACTIVATIONS["silu"], group_size, backend)
+
+
+_swiglu_backward_op = torch.library.custom_op("fp8coat::swiglu_backward", _swiglu_backward_op_impl, mutates_args=())
 
 
 @_swiglu_backward_op.register_fake
@@ -210,10 +216,12 @@ def _(dy, gate_q, gate_s, up_q, up_s, group_size, backend):
     return dy.new_empty(dy.shape), dy.new_empty(dy.shape)
 
 
-@torch.library.custom_op("fp8coat::geglu", mutates_args=())
-def _geglu_op(gate: torch.Tensor, up: torch.Tensor, approximate: str, group_size: int, backend: str
+def _geglu_op_impl(gate: torch.Tensor, up: torch.Tensor, approximate: str, group_size: int, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(activation_forward(gate, up, _act_code("gelu", approximate), group_size, backend))
+
+
+_geglu_op = torch.library.custom_op("fp8coat::geglu", _geglu_op_impl, mutates_args=())
 
 
 @_geglu_op.register_fake
@@ -221,11 +229,13 @@ def _(gate, up, approximate, group_size, backend):
     return (gate.new_empty(gate.shape), *_fake_saved(gate, group_size), *_fake_saved(up, group_size))
 
 
-@torch.library.custom_op("fp8coat::geglu_backward", mutates_args=())
-def _geglu_backward_op(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
+def _geglu_backward_op_impl(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
                        up_s: torch.Tensor, approximate: str, group_size: int, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     return activation_backward(dy, gate_q, gate_s, up_q, up_s, _act_code("gelu", approximate), group_size, backend)
+
+
+_geglu_backward_op = torch.library.custom_op("fp8coat::geglu_backward", _geglu_backward_op_impl, mutates_args=())
 
 
 @_geglu_backward_op.register_fake
@@ -236,31 +246,42 @@ def _(dy, gate_q, gate_s, up_q, up_s, approximate, group_size, backend):
 def _setup_gated(ctx, inputs, output):
     _, gate_q, gate_s, up_q, up_s = output
     ctx.mark_non_differentiable(gate_q, gate_s, up_q, up_s)
+    ctx.set_materialize_grads(False)  # no zero tensors for the FP8 outputs' (absent) gradients
     ctx.save_for_backward(gate_q, gate_s, up_q, up_s)
     ctx.args = inputs[2:]  # (approximate,) group_size, backend
 
 
-def _swiglu_autograd(ctx, d_out, *unused):
-    dg, du = _swiglu_backward_op(d_out, *ctx.saved_tensors, *ctx.args)
+def _swiglu_autograd(ctx, d_out, *unused, _bwd=None):
+    if d_out is None:
+        return None, None, None, None
+    dg, du = (_bwd or _swiglu_backward_op)(d_out, *ctx.saved_tensors, *ctx.args)
     return dg, du, None, None
 
 
-def _geglu_autograd(ctx, d_out, *unused):
-    dg, du = _geglu_backward_op(d_out, *ctx.saved_tensors, *ctx.args)
+def _geglu_autograd(ctx, d_out, *unused, _bwd=None):
+    if d_out is None:
+        return None, None, None, None, None
+    dg, du = (_bwd or _geglu_backward_op)(d_out, *ctx.saved_tensors, *ctx.args)
     return dg, du, None, None, None
 
 
 torch.library.register_autograd("fp8coat::swiglu", _swiglu_autograd, setup_context=_setup_gated)
 torch.library.register_autograd("fp8coat::geglu", _geglu_autograd, setup_context=_setup_gated)
+register_eager(_swiglu_op, _swiglu_op_impl, _setup_gated,
+               functools.partial(_swiglu_autograd, _bwd=_swiglu_backward_op_impl))
+register_eager(_geglu_op, _geglu_op_impl, _setup_gated,
+               functools.partial(_geglu_autograd, _bwd=_geglu_backward_op_impl))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # custom ops: plain (silu, gelu)
 
 
-@torch.library.custom_op("fp8coat::silu", mutates_args=())
-def _silu_op(x: torch.Tensor, group_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _silu_op_impl(x: torch.Tensor, group_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(activation_forward(x, None, ACTIVATIONS["silu"], group_size, backend))
+
+
+_silu_op = torch.library.custom_op("fp8coat::silu", _silu_op_impl, mutates_args=())
 
 
 @_silu_op.register_fake
@@ -268,10 +289,12 @@ def _(x, group_size, backend):
     return (x.new_empty(x.shape), *_fake_saved(x, group_size))
 
 
-@torch.library.custom_op("fp8coat::silu_backward", mutates_args=())
-def _silu_backward_op(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, group_size: int, backend: str
+def _silu_backward_op_impl(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, group_size: int, backend: str
                       ) -> torch.Tensor:
     return activation_backward(dy, x_q, x_s, None, None, ACTIVATIONS["silu"], group_size, backend)[0]
+
+
+_silu_backward_op = torch.library.custom_op("fp8coat::silu_backward", _silu_backward_op_impl, mutates_args=())
 
 
 @_silu_backward_op.register_fake
@@ -279,10 +302,12 @@ def _(dy, x_q, x_s, group_size, backend):
     return dy.new_empty(dy.shape)
 
 
-@torch.library.custom_op("fp8coat::gelu", mutates_args=())
-def _gelu_op(x: torch.Tensor, approximate: str, group_size: int, backend: str
+def _gelu_op_impl(x: torch.Tensor, approximate: str, group_size: int, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(activation_forward(x, None, _act_code("gelu", approximate), group_size, backend))
+
+
+_gelu_op = torch.library.custom_op("fp8coat::gelu", _gelu_op_impl, mutates_args=())
 
 
 @_gelu_op.register_fake
@@ -290,10 +315,12 @@ def _(x, approximate, group_size, backend):
     return (x.new_empty(x.shape), *_fake_saved(x, group_size))
 
 
-@torch.library.custom_op("fp8coat::gelu_backward", mutates_args=())
-def _gelu_backward_op(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, approximate: str, group_size: int,
+def _gelu_backward_op_impl(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, approximate: str, group_size: int,
                       backend: str) -> torch.Tensor:
     return activation_backward(dy, x_q, x_s, None, None, _act_code("gelu", approximate), group_size, backend)[0]
+
+
+_gelu_backward_op = torch.library.custom_op("fp8coat::gelu_backward", _gelu_backward_op_impl, mutates_args=())
 
 
 @_gelu_backward_op.register_fake
@@ -304,20 +331,27 @@ def _(dy, x_q, x_s, approximate, group_size, backend):
 def _setup_plain(ctx, inputs, output):
     _, x_q, x_s = output
     ctx.mark_non_differentiable(x_q, x_s)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_q, x_s)
     ctx.args = inputs[1:]  # (approximate,) group_size, backend
 
 
-def _silu_autograd(ctx, d_out, *unused):
-    return _silu_backward_op(d_out, *ctx.saved_tensors, *ctx.args), None, None
+def _silu_autograd(ctx, d_out, *unused, _bwd=None):
+    if d_out is None:
+        return None, None, None
+    return (_bwd or _silu_backward_op)(d_out, *ctx.saved_tensors, *ctx.args), None, None
 
 
-def _gelu_autograd(ctx, d_out, *unused):
-    return _gelu_backward_op(d_out, *ctx.saved_tensors, *ctx.args), None, None, None
+def _gelu_autograd(ctx, d_out, *unused, _bwd=None):
+    if d_out is None:
+        return None, None, None, None
+    return (_bwd or _gelu_backward_op)(d_out, *ctx.saved_tensors, *ctx.args), None, None, None
 
 
 torch.library.register_autograd("fp8coat::silu", _silu_autograd, setup_context=_setup_plain)
 torch.library.register_autograd("fp8coat::gelu", _gelu_autograd, setup_context=_setup_plain)
+register_eager(_silu_op, _silu_op_impl, _setup_plain, functools.partial(_silu_autograd, _bwd=_silu_backward_op_impl))
+register_eager(_gelu_op, _gelu_op_impl, _setup_plain, functools.partial(_gelu_autograd, _bwd=_gelu_backward_op_impl))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +362,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backen
            ) -> torch.Tensor:
     """``silu(gate) · up``; saves gate and up as FP8 E4M3 with 1×G fp32 scales, recomputes silu in backward."""
     _check(gate, up, group_size)
-    return _swiglu_op(gate, up, group_size, resolve_backend(gate, backend))[0]
+    return swiglu_with_saved(gate, up, group_size, backend=backend)[0]
+
+
+def swiglu_with_saved(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backend: "str | None" = None):
+    """SwiGLU returning ``(out, gate_q, gate_s, up_q, up_s)``: the output and the FP8 tensors its backward keeps
+    (which the following FP8 linear layer can rebuild its input from)."""
+    _check(gate, up, group_size)
+    return call(_swiglu_op, gate, up, group_size, resolve_backend(gate, backend))
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", group_size: int = 16, *,
@@ -336,13 +377,13 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", group
     """``gelu(gate, approximate) · up``; saves gate and up as FP8 E4M3 with 1×G fp32 scales."""
     _check(gate, up, group_size)
     _act_code("gelu", approximate)
-    return _geglu_op(gate, up, approximate, group_size, resolve_backend(gate, backend))[0]
+    return call(_geglu_op, gate, up, approximate, group_size, resolve_backend(gate, backend))[0]
 
 
 def silu(x: torch.Tensor, group_size: int = 16, *, backend: "str | None" = None) -> torch.Tensor:
     """``x · σ(x)``; saves x as FP8 E4M3 with 1×G fp32 scales."""
     _check(x, None, group_size)
-    return _silu_op(x, group_size, resolve_backend(x, backend))[0]
+    return call(_silu_op, x, group_size, resolve_backend(x, backend))[0]
 
 
 def gelu(x: torch.Tensor, approximate: str = "none", group_size: int = 16, *, backend: "str | None" = None
@@ -350,4 +391,4 @@ def gelu(x: torch.Tensor, approximate: str = "none", group_size: int = 16, *, ba
     """``x · Φ(x)`` (``approximate="tanh"``: the tanh approximation); saves x as FP8 E4M3 with 1×G fp32 scales."""
     _check(x, None, group_size)
     _act_code("gelu", approximate)
-    return _gelu_op(x, approximate, group_size, resolve_backend(x, backend))[0]
+    return call(_gelu_op, x, approximate, group_size, resolve_backend(x, backend))[0]

@@ -131,8 +131,7 @@ def _input_scale(x2: torch.Tensor, fmt) -> torch.Tensor:
     return tensor_scale(x2, fmt)
 
 
-@torch.library.custom_op("fp8coat::linears", mutates_args=())
-def _linears_fwd(
+def _forward_impl(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
@@ -170,6 +169,9 @@ def _linears_fwd(
     return ys + [saved, sx]
 
 
+_linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutates_args=())
+
+
 @_linears_fwd.register_fake
 def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
       recompute_src, recompute_eps, recompute_group):
@@ -184,8 +186,7 @@ def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, em
     return ys + [saved, x.new_empty((), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fp8coat::linears_backward", mutates_args=())
-def _linears_bwd(
+def _backward_impl(
     grads: list[torch.Tensor],
     x_saved: torch.Tensor,
     x_scale: torch.Tensor,
@@ -236,6 +237,9 @@ def _linears_bwd(
     return [dx] + dws + dbs
 
 
+_linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_impl, mutates_args=())
+
+
 @_linears_bwd.register_fake
 def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtype, save_input_hp, emulate,
       fwd_format, bwd_format, recompute_kind, recompute_src, recompute_eps, recompute_group):
@@ -260,7 +264,10 @@ def _setup(ctx, inputs, output):
     )
 
 
-def _backward(ctx, grads):
+def _backward(ctx, grads, backward_fn=None):
+    """Gradients in the custom op's input order; ``backward_fn``: the backward op (default: the registered
+    custom op; the eager path passes the plain implementation)."""
+    backward_fn = backward_fn or torch.ops.fp8coat.linears_backward
     meta = ctx.meta
     n = meta["n"]
     kind, n_src, eps, group = meta["recompute"]
@@ -271,7 +278,7 @@ def _backward(ctx, grads):
         if g is None:
             ys_grads[i] = torch.zeros(*meta["x_shape"][:-1], weights[i].shape[0], dtype=meta["x_dtype"],
                                       device=x_scale.device)
-    out = torch.ops.fp8coat.linears_backward(
+    out = backward_fn(
         ys_grads, saved, x_scale, weights, meta["handles"], meta["has_bias"], meta["x_shape"], meta["x_dtype"],
         meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT, kind, list(src), eps, group,
     )
@@ -281,6 +288,37 @@ def _backward(ctx, grads):
 
 _BWD_FORMAT = "e5m2"
 torch.library.register_autograd("fp8coat::linears", _backward, setup_context=_setup)
+
+
+class _LinearsEager(torch.autograd.Function):
+    """The eager path of ``fp8coat::linears``: the same forward, saved tensors and backward, called directly.
+
+    Dispatching a ``torch.library`` custom op with autograd costs about as much host time per call as the op's
+    own kernel launches; ``torch.compile`` (and anything that is not a plain tensor, e.g. fake tensors) goes
+    through the registered op instead. ``tensors`` = weights, the biases present, the recompute sources.
+    """
+
+    @staticmethod
+    def forward(ctx, args: tuple, x: torch.Tensor, *tensors: torch.Tensor):
+        (n, n_bias, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, eps, group) = args
+        weights, biases, src = list(tensors[:n]), list(tensors[n:n + n_bias]), list(tensors[n + n_bias:])
+        inputs = (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, src,
+                  eps, group)
+        out = _forward_impl(*inputs)
+        ctx.set_materialize_grads(False)
+        _setup(ctx, inputs, out)
+        ctx.n_bias = n_bias
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dx, dws, dbs, *_ = _backward(ctx, grads, _backward_impl)
+        n_src = ctx.meta["recompute"][1]
+        return (None, dx, *dws, *dbs, *([None] * n_src))
+
+
+def _plain(tensors) -> bool:
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,12 +347,19 @@ def linears(
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
     handles = [c.handle if c is not None else 0 for c in (caches or [None] * n)]
-    out = torch.ops.fp8coat.linears(x, list(weights), [b for b in biases if b is not None],
-                                    [b is not None for b in biases], handles, save_input_hp, fast_accum, emulate,
-                                    fwd_format, recompute.kind if recompute else "",
-                                    list(recompute.tensors) if recompute else [],
-                                    float(recompute.eps) if recompute else 0.0,
-                                    int(recompute.group_size) if recompute else 16)
+    present = [b for b in biases if b is not None]
+    has_bias = [b is not None for b in biases]
+    kind = recompute.kind if recompute else ""
+    src = list(recompute.tensors) if recompute else []
+    eps = float(recompute.eps) if recompute else 0.0
+    group = int(recompute.group_size) if recompute else 16
+    tensors = [*weights, *present, *src]
+    if not torch.compiler.is_compiling() and _plain([x, *tensors]):
+        args = (n, len(present), has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, eps, group)
+        out = _LinearsEager.apply(args, x, *tensors)
+    else:
+        out = torch.ops.fp8coat.linears(x, list(weights), present, has_bias, handles, save_input_hp, fast_accum,
+                                        emulate, fwd_format, kind, src, eps, group)
     return list(out[:n])
 
 

@@ -40,6 +40,7 @@ Autograd and ``torch.compile``: ``rmsnorm`` / ``layernorm`` call the custom ops 
 H + 4·ceil(H/G) + 4 (+ 4) bytes per row instead of H·sizeof(x.dtype).
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -48,6 +49,7 @@ from ..formats import E4M3
 from ..quantization import resolve_backend
 from ..quantization import reference as qref
 from ..quantization.reference import check_group_size
+from .eager import call, register_eager
 
 try:
     import triton
@@ -399,11 +401,13 @@ def _empty_like_scales(x: torch.Tensor, group_size: int):
     return x_q, x_s, row
 
 
-@torch.library.custom_op("fp8coat::rmsnorm", mutates_args=())
-def _rmsnorm_op(
+def _rmsnorm_impl(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, group_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return rmsnorm_fwd(x, weight, eps, group_size)
+
+
+_rmsnorm_op = torch.library.custom_op("fp8coat::rmsnorm", _rmsnorm_impl, mutates_args=())
 
 
 @_rmsnorm_op.register_fake
@@ -412,13 +416,16 @@ def _(x, weight, eps, group_size):
     return x.new_empty(x.shape), x_q, x_s, rstd
 
 
-@torch.library.custom_op("fp8coat::rmsnorm_backward", mutates_args=())
-def _rmsnorm_backward_op(
+def _rmsnorm_backward_impl(
     dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, rstd: torch.Tensor,
     weight: Optional[torch.Tensor], group_size: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     dx, dw = rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size)
     return dx, dw if dw is not None else dy.new_empty(0)
+
+
+_rmsnorm_backward_op = torch.library.custom_op("fp8coat::rmsnorm_backward", _rmsnorm_backward_impl,
+                                               mutates_args=())
 
 
 @_rmsnorm_backward_op.register_fake
@@ -430,24 +437,31 @@ def _rmsnorm_setup_context(ctx, inputs, output):
     _, weight, _, group_size = inputs
     _, x_q, x_s, rstd = output
     ctx.mark_non_differentiable(x_q, x_s, rstd)
+    ctx.set_materialize_grads(False)  # no zero tensors for the FP8 outputs' (absent) gradients
     ctx.save_for_backward(x_q, x_s, rstd, weight)
     ctx.group_size = group_size
 
 
-def _rmsnorm_backward(ctx, dy, _dq, _ds, _drstd):
+def _rmsnorm_backward(ctx, dy, _dq, _ds, _drstd, _bwd=None):
+    if dy is None:
+        return None, None, None, None
     x_q, x_s, rstd, weight = ctx.saved_tensors
-    dx, dw = torch.ops.fp8coat.rmsnorm_backward(dy, x_q, x_s, rstd, weight, ctx.group_size)
+    dx, dw = (_bwd or _rmsnorm_backward_op)(dy, x_q, x_s, rstd, weight, ctx.group_size)
     return dx, (dw if weight is not None else None), None, None
 
 
 torch.library.register_autograd("fp8coat::rmsnorm", _rmsnorm_backward, setup_context=_rmsnorm_setup_context)
+register_eager(_rmsnorm_op, _rmsnorm_impl, _rmsnorm_setup_context,
+               functools.partial(_rmsnorm_backward, _bwd=_rmsnorm_backward_impl))
 
 
-@torch.library.custom_op("fp8coat::layernorm", mutates_args=())
-def _layernorm_op(
+def _layernorm_impl(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, group_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return layernorm_fwd(x, weight, bias, eps, group_size)
+
+
+_layernorm_op = torch.library.custom_op("fp8coat::layernorm", _layernorm_impl, mutates_args=())
 
 
 @_layernorm_op.register_fake
@@ -456,13 +470,16 @@ def _(x, weight, bias, eps, group_size):
     return x.new_empty(x.shape), x_q, x_s, torch.empty_like(rstd), rstd
 
 
-@torch.library.custom_op("fp8coat::layernorm_backward", mutates_args=())
-def _layernorm_backward_op(
+def _layernorm_backward_impl(
     dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     weight: Optional[torch.Tensor], group_size: int, has_bias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = layernorm_bwd(dy, x_q, x_s, mean, rstd, weight, group_size, has_bias=has_bias)
     return dx, dw if dw is not None else dy.new_empty(0), db if db is not None else dy.new_empty(0)
+
+
+_layernorm_backward_op = torch.library.custom_op("fp8coat::layernorm_backward", _layernorm_backward_impl,
+                                                 mutates_args=())
 
 
 @_layernorm_backward_op.register_fake
@@ -477,28 +494,39 @@ def _layernorm_setup_context(ctx, inputs, output):
     _, weight, bias, _, group_size = inputs
     _, x_q, x_s, mean, rstd = output
     ctx.mark_non_differentiable(x_q, x_s, mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_q, x_s, mean, rstd, weight)
     ctx.group_size = group_size
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _layernorm_backward(ctx, dy, _dq, _ds, _dmean, _drstd):
+def _layernorm_backward(ctx, dy, _dq, _ds, _dmean, _drstd, _bwd=None):
+    if dy is None:
+        return None, None, None, None, None
     x_q, x_s, mean, rstd, weight = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dx, dw, db = torch.ops.fp8coat.layernorm_backward(dy, x_q, x_s, mean, rstd, weight, ctx.group_size, has_bias)
+    dx, dw, db = (_bwd or _layernorm_backward_op)(dy, x_q, x_s, mean, rstd, weight, ctx.group_size, has_bias)
     return dx, (dw if weight is not None else None), (db.to(ctx.bias_dtype) if has_bias else None), None, None
 
 
 torch.library.register_autograd("fp8coat::layernorm", _layernorm_backward, setup_context=_layernorm_setup_context)
+register_eager(_layernorm_op, _layernorm_impl, _layernorm_setup_context,
+               functools.partial(_layernorm_backward, _bwd=_layernorm_backward_impl))
 
 
 def rmsnorm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, group_size: int = 16) -> torch.Tensor:
     """Differentiable RMSNorm whose backward keeps x only as FP8 (x_q, x_s) plus rstd."""
-    return torch.ops.fp8coat.rmsnorm(x, weight, float(eps), group_size)[0]
+    return rmsnorm_with_saved(x, weight, eps, group_size)[0]
+
+
+def rmsnorm_with_saved(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, group_size: int = 16):
+    """RMSNorm returning ``(y, x_q, x_s, rstd)``: the output and the FP8 tensors its backward keeps (which a
+    following FP8 linear layer can rebuild its input from)."""
+    return call(_rmsnorm_op, x, weight, float(eps), group_size)
 
 
 def layernorm(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, group_size: int = 16
 ) -> torch.Tensor:
     """Differentiable LayerNorm whose backward keeps x only as FP8 (x_q, x_s) plus mean and rstd."""
-    return torch.ops.fp8coat.layernorm(x, weight, bias, float(eps), group_size)[0]
+    return call(_layernorm_op, x, weight, bias, float(eps), group_size)[0]
