@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,7 @@ COMPILE_COST_S = 45.0  # estimated seconds a compiled run needs beyond an eager 
 TARGET_TOK_S, TARGET_PEAK_GIB = 120e3, 9.5  # model4 targets for fp8coat
 
 
-from harness import log, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from harness import finish, log, stop_on_sigterm, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -504,10 +503,7 @@ def main(argv=None) -> int:
     log(f"bench_layers on {args.device}: hidden {h}, heads {args.heads}, ffn {f}, batch {args.batch} x seq "
         f"{args.seq}, {args.steps} timed after {args.warmup} warm-up, compile={args.compile}, budget {args.budget_s}s")
 
-    def on_term(signum, frame):  # a time limit stops the run: still save and print what was measured
-        raise SystemExit(f"stopped by signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     for name in ("recompile_limit", "cache_size_limit"):  # one entry per recipe and call site; never fall back
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -571,11 +567,7 @@ def main(argv=None) -> int:
     except SystemExit as ex:
         b.res["errors"]["stopped"] = str(ex)
         log(str(ex))
-    b.res["total_s"] = time.time() - b.t_start
-    b.save()
-    log("\n=== bench_layers ===")
-    log(table(b.res))
-    log(f"total {b.res['total_s']:.0f}s; json: {os.path.join(args.out, JSON_NAME)}")
+    finish(b, "bench_layers", table(b.res), os.path.join(args.out, JSON_NAME))
     return 0
 
 

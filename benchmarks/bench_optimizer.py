@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import traceback
 
 import torch
 
-from harness import log, sync, time_back_to_back_ms, time_ms  # noqa: E402
+from harness import finish, log, stop_on_sigterm, sync, time_back_to_back_ms, time_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -547,10 +546,7 @@ def main(argv=None) -> int:
     b = Bench(args)
     log(f"params: {b.res['config']['numel'] / 1e9:.4f}B in {len(b.shapes)} tensors on {args.device}")
 
-    def on_term(signum, frame):  # a time limit stops the run: still save and print what was measured
-        raise SystemExit(f"stopped by signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     try:
         # most important first: optional sections are skipped once --budget-s has passed
         b.run_section("env", b.env, optional=False)
@@ -574,11 +570,7 @@ def main(argv=None) -> int:
     except SystemExit as ex:
         b.res["errors"]["stopped"] = str(ex)
         log(str(ex))
-    b.res["total_s"] = time.time() - b.t_start
-    b.save()
-    log("\n=== bench_optimizer ===")
-    log(table(b.res))
-    log(f"total {b.res['total_s']:.0f}s; json: {os.path.join(args.out, 'bench_optimizer.json')}")
+    finish(b, "bench_optimizer", table(b.res), os.path.join(args.out, 'bench_optimizer.json'))
     return 0
 
 

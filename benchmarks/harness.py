@@ -1,5 +1,5 @@
-"""Shared timing helpers of the GPU benchmarks: warm-up, then CUDA events around each call (or a host clock on
-the CPU), median / min / max in milliseconds."""
+"""Shared helpers of the GPU benchmarks: timing (warm-up, then CUDA events around each call, or a host clock on
+the CPU; median / min / max in milliseconds), stopping on a time limit, the final save and summary."""
 
 from __future__ import annotations
 
@@ -55,3 +55,23 @@ def time_back_to_back_ms(fn, device, iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def stop_on_sigterm() -> None:
+    """A time limit (SIGTERM) raises SystemExit, so that a benchmark still saves and prints what it measured."""
+    import signal
+
+    def on_term(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def finish(bench, name: str, table: str, json_path: str) -> None:
+    """Record the total time, save ``bench.res`` (``bench.save()``) and print the summary table."""
+    bench.res["total_s"] = time.time() - bench.t_start
+    bench.save()
+    log(f"\n=== {name} ===")
+    log(table)
+    log(f"total {bench.res['total_s']:.0f}s; json: {json_path}")
+
