@@ -37,10 +37,11 @@ def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
     assert summary["saved_activation_bytes"] > 0 and summary["optimizer_state_bytes"] > 0
 
 
-@pytest.mark.parametrize("recipe,master", [("coat", "auto"), ("bf16", "bf16-stochastic")])
-def test_resume_continues_with_identical_losses(tmp_path, recipe, master):
+@pytest.mark.parametrize("recipe,master,extra", [("coat", "auto", []), ("bf16", "bf16-stochastic", []),
+                                                 ("coat", "bf16-stochastic", ["--step-in-backward", "--grad-clip", "0"])])
+def test_resume_continues_with_identical_losses(tmp_path, recipe, master, extra):
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["--recipe", recipe, "--master-weights", master, "--eval-every", "0", *COMMON]
+    args = ["--recipe", recipe, "--master-weights", master, "--eval-every", "0", *extra, *COMMON]
     assert _run(["train", "--out-dir", str(full), "--steps", "8", "--save-every", "4", *args]) == 0
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step_000008")
