@@ -19,7 +19,8 @@ G8ᵀ and X8ᵀ row-major, with the token dimension (their inner dimension) padd
 ``torch._scaled_mm`` also needs K and N to be multiples of 16: other sizes run the emulated GEMM (same
 quantization, fp32 matmul).
 
-Registered as the custom op ``fp8coat::linears`` with autograd, so ``torch.compile`` treats it as opaque.
+Registered as the custom op ``fp8coat::linears`` with autograd, so ``torch.compile`` treats it as opaque; eager
+calls run the same functions through a plain ``autograd.Function`` (see ``fp8coat.ops.eager``).
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def _setup(ctx, inputs, output):
      recompute_src, recompute_eps, recompute_group) = inputs
     saved, x_scale = output[-2], output[-1]
     ctx.mark_non_differentiable(saved, x_scale)
+    ctx.set_materialize_grads(False)  # outputs that do not reach the loss: None, handled in _backward
     if save_input_hp:
         saved = x
     ctx.save_for_backward(saved, x_scale, *weights, *recompute_src)
@@ -305,7 +307,6 @@ class _LinearsEager(torch.autograd.Function):
         inputs = (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, src,
                   eps, group)
         out = _forward_impl(*inputs)
-        ctx.set_materialize_grads(False)
         _setup(ctx, inputs, out)
         ctx.n_bias = n_bias
         return tuple(out)
