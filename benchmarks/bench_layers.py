@@ -543,6 +543,9 @@ def main(argv=None) -> int:
         b.run("model4", "fp8coat_coat_eager_inbackward_chunkedloss",
               lambda: b.train("fp8coat_coat_eager_inbackward_chunkedloss", fp8coat_adamw(), recipe="coat",
                               param_dtype=bf16, chunked_loss=True, in_backward=True))
+        b.run("model4", "fp8coat_coat_compiled_stochastic_inbackward",
+              lambda: b.train("fp8coat_coat_compiled_stochastic_inbackward", fp8coat_adamw("bf16-stochastic"),
+                              recipe="coat", param_dtype=bf16, compiled=True, in_backward=True), compiled=True)
         b.run("model4", "fp8coat_coat_compiled_stochastic_chunkedloss",
               lambda: b.train("fp8coat_coat_compiled_stochastic_chunkedloss", fp8coat_adamw("bf16-stochastic"),
                               recipe="coat", param_dtype=bf16, chunked_loss=True, compiled=True), compiled=True)
