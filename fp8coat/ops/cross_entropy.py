@@ -46,10 +46,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s: s + chunk]
             lab = labels[s: s + chunk]
-            probs = torch.exp((h @ weight.t()).float() - lse[s: s + chunk, None])  # softmax
+            probs = (h @ weight.t()).float()
+            probs.sub_(lse[s: s + chunk, None]).exp_()  # softmax, in place: one fp32 chunk alive
             valid = (lab != IGNORE_INDEX)
             probs[torch.arange(len(lab), device=lab.device)[valid], lab[valid]] -= 1.0
-            d_logits = (probs * (scale * valid)[:, None]).to(hidden.dtype)
+            d_logits = probs.mul_((scale * valid)[:, None]).to(hidden.dtype)
+            del probs
             if d_hidden is not None:
                 d_hidden[s: s + chunk] = d_logits @ weight
             if d_weight is not None:
