@@ -66,7 +66,7 @@ COMPILE_COST_S = 45.0  # estimated seconds a compiled run needs beyond an eager 
 TARGET_TOK_S, TARGET_PEAK_GIB = 120e3, 9.5  # model4 targets for fp8coat
 
 
-from harness import finish, log, stop_on_sigterm, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from harness import finish, log, problem_lines, stop_on_sigterm, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -456,10 +456,7 @@ def table(res: dict) -> str:
             lines.append(f"target {k}: tok/s {r['tok_per_s']:,.0f} {'>=' if ok_t else '<'} {TARGET_TOK_S:,.0f} "
                          f"[{'ok' if ok_t else 'MISS'}], peak {_fmt(r.get('peak_GiB'), '.2f', 'n/a')} GiB "
                          f"{'<=' if ok_m else 'vs'} {TARGET_PEAK_GIB} [{'ok' if ok_m else 'MISS'}]")
-    if res["errors"]:
-        lines += ["", "errors: " + "; ".join(f"{k}: {v[:160]}" for k, v in res["errors"].items())]
-    if res["skipped"]:
-        lines += ["skipped: " + ", ".join(res["skipped"])]
+    lines += problem_lines(res)
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ import traceback
 
 import torch
 
-from harness import finish, log, stop_on_sigterm, sync, time_back_to_back_ms, time_ms  # noqa: E402
+from harness import finish, log, problem_lines, stop_on_sigterm, sync, time_back_to_back_ms, time_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -507,10 +507,7 @@ def table(res: dict) -> str:
             s = c["summary"]
             lines.append(f"| {key} ({s['backend']}) | {s['ok']} | {s['all_bit_identical']} | "
                          f"{s['code_eq_min']:.6f} | {s['max_code_step']} | {s['param_eq']:.6f} |")
-    if res["errors"]:
-        lines += ["", "errors: " + "; ".join(f"{k}: {v[:160]}" for k, v in res["errors"].items())]
-    if res["skipped"]:
-        lines += ["skipped (package absent or time budget): " + ", ".join(res["skipped"])]
+    lines += problem_lines(res, "skipped (package absent or time budget)")
     return "\n".join(lines)
 
 

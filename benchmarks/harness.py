@@ -75,3 +75,13 @@ def finish(bench, name: str, table: str, json_path: str) -> None:
     log(table)
     log(f"total {bench.res['total_s']:.0f}s; json: {json_path}")
 
+
+def problem_lines(res: dict, skipped_label: str = "skipped") -> "list[str]":
+    """The errors and skipped runs of a benchmark's results, as summary-table footer lines."""
+    lines = []
+    if res["errors"]:
+        lines += ["", "errors: " + "; ".join(f"{k}: {v[:160]}" for k, v in res["errors"].items())]
+    if res["skipped"]:
+        lines += [f"{skipped_label}: " + ", ".join(res["skipped"])]
+    return lines
+
