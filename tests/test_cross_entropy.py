@@ -36,9 +36,37 @@ def test_saves_no_logits():
     holder = torch.nn.ModuleList([torch.nn.Linear(1, 1)])
     holder[0].weight = w
     _, rep = measure_saved_tensors(lambda: linear_cross_entropy(h, w, y, chunk=64), modules=holder)
-    assert rep.total_bytes == 256 * 32 * 4 + 256 * 8 + 256 * 4 + 8  # hidden, labels, per-token logsumexp, count
+    assert rep.total_bytes == 256 * 32 * 4 + 1000 * 32 * 4  # the gradients of hidden and weight, computed in forward
     _, full = measure_saved_tensors(lambda: F.cross_entropy((h @ w.t()).float(), y), modules=holder)
     assert full.total_bytes > 256 * 1000 * 4  # the logits
+
+
+@pytest.mark.parametrize("wants", ["both", "hidden", "weight"])
+def test_scaled_loss_partial_grads_and_no_grad(wants):
+    """backward scales the gradients computed in forward by the incoming gradient; only the requested ones exist;
+    under no_grad the loss is the same and nothing is computed for backward."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(50, 16, generator=g).requires_grad_(wants in ("both", "hidden"))
+    w = torch.randn(30, 16, generator=g).requires_grad_(wants in ("both", "weight"))
+    y = torch.randint(0, 30, (50,), generator=g)
+    y[::7] = -100
+    (linear_cross_entropy(h, w, y, chunk=8) * -2.5).backward()
+    h2, w2 = h.detach().clone().requires_grad_(h.requires_grad), w.detach().clone().requires_grad_(w.requires_grad)
+    ref = F.cross_entropy(h2 @ w2.t(), y)
+    (ref * -2.5).backward()
+    for a, b in ((h, h2), (w, w2)):
+        assert (a.grad is None) == (not b.requires_grad)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk=8), ref.detach(), rtol=1e-6, atol=0)
+
+
+def test_all_tokens_ignored():
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.full((6,), -100), chunk=4)
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
 
 
 def test_default_chunk_size():
@@ -57,3 +85,74 @@ def test_bad_chunk():
     h, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.randint(0, 5, (4,))
     with pytest.raises(ValueError, match="chunk"):
         linear_cross_entropy(h, w, y, chunk=0)
+
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [7, 300, 5000])
+@pytest.mark.parametrize("case", ["normal", "huge", "masked_vocab"])
+def test_triton_chunk_matches_reference(dtype, vocab, case):
+    """The fused kernel (interpreter on CPU, native on CUDA) against ``_chunk_torch``: loss to fp32 rounding,
+    gradient within one rounding of the logits' dtype."""
+    from fp8coat.ops.cross_entropy import IGNORE_INDEX, _chunk_torch
+    from fp8coat.ops.cross_entropy_kernels import ce_chunk_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(vocab)
+    rows = 9
+    z = torch.randn(rows, vocab, generator=g) * (3e3 if case == "huge" else 4.0)
+    if case == "masked_vocab":
+        z[:, ::3] = float("-inf")  # e.g. tokens banned by a mask
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[2] = labels[5] = IGNORE_INDEX
+    if case == "masked_vocab":
+        labels[labels % 3 == 0] += 1
+        labels.clamp_(max=vocab - 1)
+        labels[labels % 3 == 0] = IGNORE_INDEX
+    z, labels = z.to(dtype).to(dev), labels.to(dev)
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
+    ref_loss, ref_grad = _chunk_torch(z.clone(), labels, count, True)
+    got = z.clone()
+    loss = ce_chunk_triton(got, labels, count, True, IGNORE_INDEX)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6 * float(ref_loss.abs().max()))
+    assert (loss[[2, 5]] == 0).all()
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
+    torch.testing.assert_close(got.float(), ref_grad.float(), rtol=ulp, atol=1e-6 / vocab)
+    assert (got[[2, 5]] == 0).all()
+    # loss only: the logits are left alone
+    z2 = z.clone()
+    loss2 = ce_chunk_triton(z2, labels, count, False, IGNORE_INDEX)
+    assert torch.equal(loss2, loss) and torch.equal(z2, z)
+
+
+def test_triton_chunk_nan_row_stays_nan():
+    from fp8coat.ops.cross_entropy import IGNORE_INDEX
+    from fp8coat.ops.cross_entropy_kernels import ce_chunk_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    z = torch.randn(3, 40, device=dev)
+    z[1, 7] = float("nan")
+    loss = ce_chunk_triton(z, torch.tensor([1, 2, 3], device=dev), torch.tensor(3.0, device=dev), True, IGNORE_INDEX)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isnan(z[1]).all() and torch.isfinite(z[[0, 2]]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_full_logits_cross_entropy():
+    """On CUDA (fused kernel, fp32 accumulation of the weight gradient) against bf16 logits + F.cross_entropy."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3000, 256, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(32000, 256, device="cuda", generator=g) / 16).bfloat16().requires_grad_()
+    y = torch.randint(0, 32000, (3000,), device="cuda", generator=g)
+    y[::11] = -100
+    loss = linear_cross_entropy(h, w, y, chunk=512)
+    (loss * 2).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ w2.t()).float(), y)
+    (ref * 2).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    for a, b in ((h.grad, h2.grad), (w.grad, w2.grad)):
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < 1e-2, err  # bf16 gradients; the reference rounds its fp32 softmax gradient to bf16 once too

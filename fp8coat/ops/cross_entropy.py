@@ -1,62 +1,108 @@
-"""LM-head + cross-entropy without materializing the logits for backward.
+"""LM-head + cross-entropy without materializing the logits.
 
 ``linear_cross_entropy(hidden, weight, labels)`` = ``F.cross_entropy(hidden @ weightᵀ, labels)`` (token mean,
-``ignore_index`` -100) computed over chunks of tokens: the forward keeps only ``hidden`` (which the decoder keeps
-anyway) and a per-token log-sum-exp (fp32), and backward recomputes each chunk's logits. For a 32k vocabulary the
-fp32 logits and their gradient cost 2 × tokens × 32000 × 4 bytes (2 GiB at 8192 tokens); here the peak is one
-chunk's worth. Logits are computed in the dtype of ``hidden``/``weight`` (bf16) and reduced in fp32, like the
-usual ``logits.float()`` + ``cross_entropy``.
+``ignore_index`` -100) computed over chunks of tokens. When gradients are needed, the forward computes them right
+away, chunk by chunk (softmax minus one-hot, then ``d_hidden = d_logits·W`` and ``d_W += d_logitsᵀ·hidden``
+accumulated in fp32), and keeps only ``d_hidden`` and ``d_W`` (in the input dtypes) for backward, which scales them
+by the incoming gradient. For a 32k vocabulary the fp32 logits and their gradient would cost
+2 × tokens × 32000 × 4 bytes (2 GiB at 8192 tokens); here the peak is one chunk's worth plus the fp32 ``d_W``
+accumulator. The logits are computed once (no recomputation in backward) and nothing synchronizes with the host.
+On CUDA each chunk's loss and logit gradient come from one Triton kernel that overwrites the logits with their
+gradient (``cross_entropy_kernels.py``; reference: ``_chunk_torch``). Logits are computed in the dtype of ``hidden``/``weight`` (bf16) and reduced in fp32, like the usual
+``logits.float()`` + ``cross_entropy``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..quantization import resolve_backend
 
 __all__ = ["linear_cross_entropy", "default_chunk"]
 
 IGNORE_INDEX = -100
 
 
+def _chunk_torch(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, write_grad: bool):
+    """Reference of one chunk: (per-token loss (C,) fp32, gradient of the mean loss w.r.t. ``logits`` in their
+    dtype or None). Ignored tokens contribute 0 to both; ``count`` (0-d fp32): kept tokens in the whole batch."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp_min(0)[:, None]
+    picked = z.gather(1, safe)[:, 0]
+    loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    if not write_grad:
+        return loss, None
+    probs = z.sub_(lse[:, None]).exp_()  # softmax, in place: one fp32 chunk alive
+    probs.scatter_add_(1, safe, -torch.ones_like(picked)[:, None])  # minus one-hot
+    w = torch.where(valid, 1.0 / count.float(), torch.zeros_like(lse))  # d(mean loss)/d(token loss)
+    return loss, probs.mul_(w[:, None]).to(logits.dtype)
+
+
+def _chunk(logits, labels, count, write_grad):
+    if resolve_backend(logits, None) == "triton":
+        from .cross_entropy_kernels import ce_chunk_triton
+
+        loss = ce_chunk_triton(logits, labels, count, write_grad, IGNORE_INDEX)
+        return loss, (logits if write_grad else None)
+    return _chunk_torch(logits, labels, count, write_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_addmm_in_place(device_type: str) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=float32, out=c)`` accumulates bf16 products into an fp32 ``c``
+    here (CUDA builds of recent torch): checked once per device type on a tiny product."""
+    try:
+        a = torch.ones(2, 3, dtype=torch.bfloat16, device=device_type)
+        c = torch.full((2, 2), 0.5, device=device_type)
+        torch.addmm(c, a, a.t(), out_dtype=torch.float32, out=c)
+        return bool((c == 3.5).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate(d_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """``d_weight += d_logitsᵀ·h`` in fp32: straight into ``d_weight`` where supported, else through a product
+    in the inputs' dtype."""
+    if d_logits.dtype != torch.float32 and _fp32_addmm_in_place(d_weight.device.type):
+        torch.addmm(d_weight, d_logits.t(), h, out_dtype=torch.float32, out=d_weight)
+    else:
+        d_weight += d_logits.t() @ h
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
+    def forward(ctx, hidden, weight, labels, chunk, want_dh, want_dw):
         n = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        count = valid.sum().clamp_min(1)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        count = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.empty_like(hidden) if want_dh else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         for s in range(0, n, chunk):
-            logits = (hidden[s: s + chunk] @ weight.t()).float()
-            lse[s: s + chunk] = torch.logsumexp(logits, dim=-1)
-            lab = labels[s: s + chunk]
-            picked = logits.gather(1, lab.clamp_min(0)[:, None])[:, 0]
-            total += ((lse[s: s + chunk] - picked) * valid[s: s + chunk]).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk = chunk
-        ctx.count = count
+            h = hidden[s: s + chunk]
+            loss, d_logits = _chunk(h @ weight.t(), labels[s: s + chunk], count, want_dh or want_dw)
+            total += loss.sum()
+            if want_dh:
+                d_hidden[s: s + chunk] = d_logits @ weight
+            if want_dw:
+                _accumulate(d_weight, d_logits, h)
+            del d_logits
+        if want_dw:
+            d_weight = d_weight.to(weight.dtype)
+        ctx.save_for_backward(d_hidden, d_weight)
         return total / count
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        chunk = ctx.chunk
-        scale = grad / ctx.count
-        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s: s + chunk]
-            lab = labels[s: s + chunk]
-            probs = (h @ weight.t()).float()
-            probs.sub_(lse[s: s + chunk, None]).exp_()  # softmax, in place: one fp32 chunk alive
-            valid = (lab != IGNORE_INDEX)
-            probs[torch.arange(len(lab), device=lab.device)[valid], lab[valid]] -= 1.0
-            d_logits = probs.mul_((scale * valid)[:, None]).to(hidden.dtype)
-            del probs
-            if d_hidden is not None:
-                d_hidden[s: s + chunk] = d_logits @ weight
-            if d_weight is not None:
-                d_weight += d_logits.t() @ h  # accumulated in fp32 without an fp32 copy of the product
-        return d_hidden, (d_weight.to(weight.dtype) if d_weight is not None else None), None, None
+        d_hidden, d_weight = ctx.saved_tensors
+        if ctx.needs_input_grad[0] and d_hidden is None or ctx.needs_input_grad[1] and d_weight is None:
+            raise RuntimeError("linear_cross_entropy: the forward ran without gradients (torch.no_grad?)")
+        dh = d_hidden * grad.to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
+        dw = d_weight * grad.to(d_weight.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None
 
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: the tokens whose fp32 logits fit in this
@@ -73,12 +119,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 = ignored), chunked over tokens.
 
     ``hidden``: (..., H); ``weight``: (V, H); ``labels``: (...,) int64; ``chunk``: tokens per chunk (default:
-    :func:`default_chunk` of V — the transient memory is a few chunk-sized fp32 logit blocks plus an fp32 copy of
-    the weight's gradient). Returns a 0-d fp32 tensor.
+    :func:`default_chunk` of V — the transient memory is a few chunk-sized fp32 logit blocks plus an fp32
+    accumulator of the weight's gradient). Gradients are computed in the forward when grad mode is on and an
+    input requires them; ``backward`` then only scales them. Returns a 0-d fp32 tensor.
     """
     if chunk is None:
         chunk = default_chunk(weight.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     h = hidden.reshape(-1, hidden.shape[-1])
-    return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), int(chunk))
+    grad = torch.is_grad_enabled()
+    want_dh, want_dw = grad and h.requires_grad, grad and weight.requires_grad
+    return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), int(chunk), want_dh, want_dw)
