@@ -9,7 +9,10 @@ Sections (each variant is one row; ratios are against the BF16 row of the same s
   ``torch.nn.functional.linear``; ``fp8`` is ``fp8coat.ops.linear.linears`` with one ``FP8WeightCache`` per weight,
   cleared before every step (the weight changes at every optimizer step, so it is quantized once per step);
   ``fp8_cached`` keeps the cache (micro-batches between two optimizer steps). Median ms, TFLOP/s (6·M·N·K per
-  forward + backward) and the relative error of y, dX, dW against BF16.
+  forward + backward) and the relative error of y, dX, dW against BF16. Three timings: each call synchronized
+  (host latency included: the GPU idles while the first kernels are launched), calls queued back to back (the host
+  runs ahead, as between the layers of a training step) and CUDA-graph replays of one fwd+bwd (launch gaps
+  removed: the device-side cost).
 * ``layer``: one Llama-2-7B decoder layer (hidden 4096, 32 heads, MHA, intermediate 11008, sdpa, bf16 parameters),
   input (4, 2048, 4096) bf16 requiring grad. Median fwd+bwd ms; bytes saved for backward by unique storage
   (``fp8coat.memory.measure_saved_tensors``, parameters apart; eager variants only: its module hooks would make a
@@ -66,7 +69,10 @@ COMPILE_COST_S = 45.0  # estimated seconds a compiled run needs beyond an eager 
 TARGET_TOK_S, TARGET_PEAK_GIB = 120e3, 9.5  # model4 targets for fp8coat
 
 
-from harness import finish, log, problem_lines, stop_on_sigterm, sync, time_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+# benchmarks/ is on sys.path when run as a script
+from harness import (  # noqa: E402
+    finish, graph_replay_ms, log, problem_lines, stop_on_sigterm, sync, time_back_to_back_ms, time_ms,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,6 +209,9 @@ class Bench:
             row = {"shape": key, "impl": impl, "M": m, "K": k, "N": n, "count": count, "ms": t["ms"],
                    "ms_min": t["ms_min"], "ms_max": t["ms_max"], "fwd_ms": tf["ms"],
                    "TFLOPs": flops / t["ms"] / 1e9}
+            if self.cuda:  # calls queued back to back (the host runs ahead, as in training) and graph replays
+                row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda: step(fwd), dev, 10) for _ in range(5))
+                row["graph_ms"] = graph_replay_ms(lambda: step(fwd), 10)
             ys = fwd()
             grads = torch.autograd.grad(ys, [x, *ws], dys)
             out = [y.detach() for y in ys] + list(grads)
@@ -342,21 +351,35 @@ class Bench:
                     return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:])
                 return fn(input_ids=ids, labels=ids, use_cache=False).loss
 
+        phase_ms: "dict[str, list[float]]" = {"forward": [], "backward": [], "optimizer": []}
+
         def step() -> float:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda else None
+            if ev:
+                ev[0].record()
             loss = forward_loss()
+            if ev:
+                ev[1].record()
             loss.backward()
+            if ev:
+                ev[2].record()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss
+            if ev:
+                ev[3].record()
+            return loss, ev
 
         times, losses = [], []
         for i in range(a.warmup + a.steps):
             sync(dev)
             t0 = time.perf_counter()
-            loss = step()
+            loss, ev = step()
             sync(dev)
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
+            if ev and i >= a.warmup:  # device time between the phase boundaries (launch gaps included)
+                for j, phase in enumerate(phase_ms):
+                    phase_ms[phase].append(ev[j].elapsed_time(ev[j + 1]))
         st = statistics.median(times[a.warmup:])
         tokens = a.batch * a.seq
         row = {"step_s": st, "tok_per_s": tokens / st, "first_step_s": times[0], "loss_first": losses[0],
@@ -364,6 +387,8 @@ class Bench:
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
                "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss,
                "step_in_backward": in_backward}
+        if self.cuda:
+            row["ms_by_phase"] = {k: statistics.median(v) for k, v in phase_ms.items()}
         if self.cuda:
             row["peak_GiB"] = (torch.cuda.max_memory_allocated() - leftover) / GIB
             row["leftover_GiB"] = leftover / GIB
@@ -388,7 +413,9 @@ class Bench:
         self.res["rows"]["model4"][key] = row
         log(f"  {key}: {row['tok_per_s']:,.0f} tok/s, step {st * 1e3:.1f} ms (first {times[0]:.1f}s)"
             + (f", peak {row['peak_GiB']:.2f} GiB" if "peak_GiB" in row else "")
-            + f", loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+            + f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            + ("; ms forward / backward / optimizer " + " / ".join(f"{v:.1f}" for v in row["ms_by_phase"].values())
+               if "ms_by_phase" in row else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,8 +432,9 @@ def table(res: dict) -> str:
     rows = res["rows"]
     if rows["linear"]:
         lines += ["linear (fwd+bwd = y, dX, dW; M = tokens)",
-                  "| shape | impl | fwd ms | fwd+bwd ms | TFLOP/s | x vs bf16 | err y / dX / dW |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| shape | impl | fwd ms | fwd+bwd ms | TFLOP/s | x vs bf16 | back to back ms | x | graph replay ms "
+                  "| x | err y / dX / dW |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in rows["linear"].items():
             if r.get("oom"):
                 lines.append(f"| {key} | out of memory ||||||")
@@ -414,8 +442,12 @@ def table(res: dict) -> str:
             base = rows["linear"].get(r.get("ref"), {})
             ratio = base["ms"] / r["ms"] if "ms" in base and "ms" in r else None
             err = (f"{r['err_y']:.1e} / {r['err_dx']:.1e} / {r['err_dw']:.1e}" if "err_y" in r else "-")
+            extra = []
+            for col in ("b2b_ms", "graph_ms"):
+                x = base[col] / r[col] if r.get(col) and base.get(col) else None
+                extra += [_fmt(r.get(col), ".3f"), _fmt(x, ".2f")]
             lines.append(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['ms']:.3f} | {r['TFLOPs']:.1f} | "
-                         f"{_fmt(ratio, '.2f')} | {err} |")
+                         f"{_fmt(ratio, '.2f')} | {' | '.join(extra)} | {err} |")
         lines.append("")
     if rows["layer"]:
         lines += ["layer (one decoder layer; U = B*S*H*2 bytes)",
@@ -435,8 +467,8 @@ def table(res: dict) -> str:
     if rows["model4"]:
         lines += ["model4 (4-layer Llama-7B shape, bs x seq tokens per step)",
                   "| run | tok/s | x vs bf16 eager | x vs torchao | peak GiB | loss first -> last | step ms "
-                  "| first step s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| fwd / bwd / opt ms | first step s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         m = rows["model4"]
         b_ref = m.get("bf16amp_eager", {}).get("tok_per_s")
         t_ref = m.get("torchao_fp8_compiled_adamwfp8", {}).get("tok_per_s")
@@ -448,6 +480,7 @@ def table(res: dict) -> str:
             lines.append(f"| {key} | {tps:,.0f} | {_fmt(tps / b_ref if b_ref else None, '.2f')} | "
                          f"{_fmt(tps / t_ref if t_ref else None, '.2f')} | {_fmt(r.get('peak_GiB'), '.2f')} | "
                          f"{r['loss_first']:.3f} -> {r['loss']:.3f} | {r['step_s'] * 1e3:.1f} | "
+                         f"{' / '.join(f'{v:.1f}' for v in r.get('ms_by_phase', {}).values()) or '-'} | "
                          f"{r['first_step_s']:.1f} |")
         ours = {k: r for k, r in m.items() if k.startswith("fp8coat") and not r.get("oom")}
         for k, r in ours.items():

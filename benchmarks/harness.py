@@ -57,6 +57,27 @@ def time_back_to_back_ms(fn, device, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def graph_replay_ms(fn, iters: int, repeats: int = 5) -> "float | None":
+    """Median over ``repeats`` of the mean ms of ``iters`` back-to-back replays of a CUDA graph of ``fn`` (launch
+    gaps removed: the device-side cost of ``fn``). None, with the reason logged, when ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as ex:  # noqa: BLE001 - report and go on: the other timings stand
+        log(f"  (no graph timing: {type(ex).__name__}: {str(ex)[:200]})")
+        return None
+    times = [time_back_to_back_ms(graph.replay, "cuda", iters) for _ in range(repeats)]
+    del graph
+    return statistics.median(times)
+
+
 def stop_on_sigterm() -> None:
     """A time limit (SIGTERM) raises SystemExit, so that a benchmark still saves and prints what it measured."""
     import signal

@@ -18,6 +18,7 @@ SECTIONS=(
   "pytest_gpu 200"
   "bench_optimizer 300"
   "bench_layers 330"
+  "profile 120"
 )
 # GPU_SECTIONS="pytest_gpu bench_layers" runs a subset (one device command may run at most 600 s);
 # LIMIT_<SECTION>=seconds changes one section's limit (natively, all test files take > 200 s)
@@ -59,6 +60,12 @@ section_bench_optimizer() {
 section_bench_layers() {
   # FP8 linear / decoder layer / 4-layer model training vs BF16 and torchao; BENCH_LAYERS_ARGS: extra arguments
   python3 benchmarks/bench_layers.py --out "$OUT" --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-}
+}
+
+section_profile() {
+  # host vs GPU time of one FP8 linear fwd+bwd, kernel breakdowns of the linear and of one decoder layer
+  python3 scripts/profile_linear_gpu.py --no-checks
+  python3 scripts/profile_layer_gpu.py --recipes bf16,coat --cprofile --top 25
 }
 
 # --------------------------------------------------------------------------------------------------------------
