@@ -68,7 +68,7 @@ def graph_replay_ms(fn, iters: int, repeats: int = 5) -> "float | None":
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):  # the warmed-up stream (per-stream library workspaces exist)
             fn()
     except Exception as ex:  # noqa: BLE001 - report and go on: the other timings stand
         log(f"  (no graph timing: {type(ex).__name__}: {str(ex)[:200]})")
