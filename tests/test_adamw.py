@@ -98,6 +98,7 @@ LAYOUT_CASES = [
     ("remainder-plain", "e4m3", "e4m3", False, "bf16-remainder", torch.bfloat16, torch.bfloat16),
     ("remainder-dre", "e4m3", "e4m3", True, "bf16-remainder", torch.bfloat16, torch.bfloat16),
     ("none-bf16", "e4m3", "e4m3", False, "none", torch.bfloat16, torch.bfloat16),
+    ("stochastic-plain", "e4m3", "e4m3", False, "bf16-stochastic", torch.bfloat16, torch.bfloat16),
 ]
 
 
@@ -130,9 +131,9 @@ def test_fused_kernel_matches_reference(case, flat):
         sc = StepScalars(lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, step=step)
         for s in states_a + states_b:
             s["step"] += 1
-        for p, gr, s in zip(params_a, grads, states_a):
-            adamw_step_reference(p, gr, s, layout, sc)
-        fused_adamw_step(params_b, grads, states_b, layout, sc)
+        for i, (p, gr, s) in enumerate(zip(params_a, grads, states_a)):
+            adamw_step_reference(p, gr, s, layout, sc, sr_key=1000 * step + i)  # tensor i of the launch: seed + i
+        fused_adamw_step(params_b, grads, states_b, layout, sc, seed=1000 * step)
         exact = not expand or mf is None
         for i, (pa, pb, sa, sb) in enumerate(zip(params_a, params_b, states_a, states_b)):
             if exact:
@@ -227,6 +228,35 @@ def test_stochastic_rounding_is_unbiased():
     # std of the mean <= spacing/2/sqrt(n); 5 sigma
     assert (mean - x.double()).abs().max() < 5 * spacing / 2 / n**0.5
     assert (mean - x.double()).abs().mean() < spacing / 20  # nearest rounding would give ~spacing/4
+
+
+def test_random16_bits_are_uniform_and_key_dependent():
+    from fp8coat.optim.master_weights import mix32, random16
+
+    offs = torch.arange(1 << 16)
+    a, b = random16(7, offs), random16(8, offs)
+    assert a.min() >= 0 and a.max() < 1 << 16
+    counts = torch.bincount(a >> 12, minlength=16).double()  # 16 bins of 4096 expected each
+    chi2 = ((counts - 4096) ** 2 / 4096).sum()
+    assert chi2 < 40, chi2  # 15 degrees of freedom: p < 1e-3 above ~37.7
+    assert (a == b).double().mean() < 1e-3  # another key: independent bits
+    for bit in range(16):  # every bit is set about half the time
+        assert abs(((a >> bit) & 1).double().mean() - 0.5) < 0.01
+    x = torch.arange(1 << 12, dtype=torch.int64)
+    assert torch.unique(mix32(x)).numel() == x.numel()  # a bijection on its inputs
+
+
+def test_stochastic_rounding_with_random16_is_unbiased():
+    from fp8coat.optim.master_weights import random16
+
+    x = torch.rand(2000, generator=torch.Generator().manual_seed(1)) + 1.0
+    n = 400
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for key in range(n):  # one key per optimizer step, as in training
+        acc += stochastic_round_bf16(x, random16(key * 7919 + 3, torch.arange(x.numel()))).double()
+    spacing = 2.0**-7
+    err = (acc / n - x.double()).abs()
+    assert err.max() < 5 * spacing / 2 / n**0.5 and err.mean() < spacing / 20
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -41,7 +41,7 @@ def test_quantization_bit_exact_at_real_shapes(shape, fmt):
 
 
 @pytest.mark.parametrize("expand", [False, True])
-@pytest.mark.parametrize("master", ["fp32", "bf16-remainder"])
+@pytest.mark.parametrize("master", ["fp32", "bf16-remainder", "bf16-stochastic"])
 def test_fused_step_matches_reference_at_real_shapes(expand, master):
     from fp8coat.optim.step_triton import fused_adamw_step
 
@@ -59,9 +59,9 @@ def test_fused_step_matches_reference_at_real_shapes(expand, master):
         sc = StepScalars(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
         for s in sa + sb:
             s["step"] += 1
-        for p, gr, s in zip(pa, grads, sa):
-            adamw_step_reference(p, gr, s, layout, sc)
-        fused_adamw_step(pb, grads, sb, layout, sc)
+        for i, (p, gr, s) in enumerate(zip(pa, grads, sa)):
+            adamw_step_reference(p, gr, s, layout, sc, sr_key=77 * step + i)
+        fused_adamw_step(pb, grads, sb, layout, sc, seed=77 * step)
         torch.cuda.synchronize()
         for i in range(len(shapes)):
             if not expand:

@@ -242,12 +242,9 @@ class AdamW(torch.optim.Optimizer):
                 )
                 for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
                     torch.autograd.graph.increment_version(p)
-            else:
-                gen = None
-                if layout.master == "bf16-stochastic":
-                    gen = torch.Generator().manual_seed(seed)
-                for p, grad, state in bucket:
-                    adamw_step_reference(p, grad, state, layout, scalars, generator=gen)
+            else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
+                for i, (p, grad, state) in enumerate(bucket):
+                    adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i)
 
     # ---------------------------------------------------------------------------------------------------------
     # memory accounting

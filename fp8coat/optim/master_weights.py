@@ -8,7 +8,9 @@ mode                   param dtype   master copy
                                      nearest; an int16 state holds the low 16 bits. The fp32 master is rebuilt
                                      exactly, so the update is bit-identical to an fp32-master run, at 4 bytes
                                      per parameter for param + remainder (8 B/param with bf16 grads, FP8 m, v).
-``bf16-stochastic``    bf16          none: the fp32 update is rounded stochastically into bf16 (unbiased).
+``bf16-stochastic``    bf16          none: the fp32 update is rounded stochastically into bf16 (unbiased);
+                                     the 16 random bits of each element are a hash of (step key, element
+                                     offset) — :func:`random16` — identical in the torch and Triton steps.
 ``none``               any float     none: the fp32 update is rounded to nearest into the param dtype (what
                                      ``torch.optim.AdamW`` does for low-precision params).
 =====================  ============  ==========================================================================
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MASTER_MODES", "resolve_master_mode", "split_bf16_remainder", "join_bf16_remainder", "stochastic_round_bf16"]
+__all__ = ["MASTER_MODES", "resolve_master_mode", "split_bf16_remainder", "join_bf16_remainder", "stochastic_round_bf16",
+           "mix32", "random16"]
 
 MASTER_MODES = ("auto", "fp32", "bf16-remainder", "bf16-stochastic", "none")
 
@@ -86,3 +89,21 @@ def stochastic_round_bf16(p32: torch.Tensor, random16: torch.Tensor) -> torch.Te
     b = (_bits32(p32) + (random16.to(torch.int64) & 0xFFFF)) >> 16
     b = b & 0xFFFF
     return torch.where(b >= 2**15, b - 2**16, b).to(torch.int16).view(torch.bfloat16)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer, elementwise on integers in [0, 2^32) held as int64 (a bijection of 32-bit
+    words with full avalanche). The fused Triton step uses the same function for stochastic rounding."""
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def random16(key: int, offsets: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits (int64 in [0, 2^16)) for each element offset of one tensor under a 32-bit ``key``:
+    ``mix32(offset ^ mix32(key)) & 0xFFFF`` — the bits the fused Triton step adds below a bf16 mantissa."""
+    k = mix32(torch.tensor(key & 0xFFFFFFFF, dtype=torch.int64))
+    return mix32(offsets.to(torch.int64) ^ k.to(offsets.device)) & 0xFFFF

@@ -25,7 +25,7 @@ import torch
 from .._numerics import ieee_div, ieee_sqrt
 from . import state_codec
 from .layout import MOMENTS, StateLayout
-from .master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16
+from .master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16, random16
 
 __all__ = ["StepScalars", "step_constants", "adamw_step_reference"]
 
@@ -93,9 +93,13 @@ def adamw_step_reference(
     state: dict,
     layout: StateLayout,
     scalars: StepScalars,
-    generator: "torch.Generator | None" = None,
+    sr_key: int = 0,
 ) -> None:
-    """Update ``param`` and ``state`` in place (``state['step']`` must already hold ``scalars.step``)."""
+    """Update ``param`` and ``state`` in place (``state['step']`` must already hold ``scalars.step``).
+
+    ``sr_key``: with ``bf16-stochastic`` masters, the 32-bit key of the rounding bits
+    (``master_weights.random16(sr_key, element offsets)``, the same bits as the fused Triton step for this
+    tensor)."""
     shape = state["exp_avg"].shape
     c = step_constants(scalars)
     dev = param.device
@@ -129,7 +133,7 @@ def adamw_step_reference(
         pv.copy_(hi)
         state["master_remainder"].copy_(lo)
     elif layout.master == "bf16-stochastic":
-        rnd = torch.randint(0, 1 << 16, shape, generator=generator, dtype=torch.int32, device="cpu").to(dev)
+        rnd = random16(sr_key, torch.arange(pv.numel(), device=dev)).reshape(shape)
         pv.copy_(stochastic_round_bf16(p32, rnd))
     else:  # fp32 in place, or round-to-nearest into the param dtype
         pv.copy_(p32)

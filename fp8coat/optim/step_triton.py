@@ -54,6 +54,25 @@ def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin:
+    ``master_weights.mix32``."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _random16(key, offs):
+    """16 pseudo-random bits per element: ``mix32(offs ^ mix32(key)) & 0xFFFF`` (torch twin:
+    ``master_weights.random16``), a few integer operations instead of a Philox generator."""
+    return _mix32(offs.to(tl.uint32) ^ _mix32(key.to(tl.uint32))) & 0xFFFF
+
+
+@triton.jit
 def _log2(x, FAST: tl.constexpr):
     """log2 in fp32: the MUFU approximation (lg2.approx.ftz: ~2^-22 abs. error, subnormals -> -inf) on GPU;
     tl.log2 elsewhere (the interpreter, which cannot run inline PTX)."""
@@ -218,7 +237,7 @@ def _adamw_step_kernel(
         tl.store(p_ptr + offs, hi16.to(tl.int16), mask=mask)
         tl.store(r_ptr + offs, lo16.to(tl.int16), mask=mask)
     elif MASTER == 2:
-        rnd = tl.randint(seed + t.to(tl.int32), offs.to(tl.int32)) & 0xFFFF
+        rnd = _random16(seed + t, offs)
         bits = (p.to(tl.uint32, bitcast=True) + rnd) >> 16
         tl.store(p_ptr + offs, bits.to(tl.int16), mask=mask)
     else:
