@@ -551,15 +551,16 @@ def main(argv=None) -> int:
         b.run_section("torch_fused_fp32", lambda: b.torch_fused(torch.float32), optional=False)
         b.run_section("fp8coat_fp32_exp", lambda: b.fp8coat_adamw("fp32", True), optional=False)
         b.run_section("fp8coat_fp32_noexp", lambda: b.fp8coat_adamw("fp32", False))
-        # launch tuning candidates (default: 8 groups of 128 per program, 4 warps, exact math)
-        for opts in ({"block_groups": 16}, {"block_groups": 16, "num_warps": 8}, {"exact_math": False},
-                     {"block_groups": 16, "exact_math": False}):
+        # candidates (default: 8 groups of 128 per program, 4 warps; with expansion approximate sqrt/div + FMA)
+        for opts in ({"exact_math": True}, {"block_groups": 16}, {"block_groups": 16, "num_warps": 8},
+                     {"block_groups": 4}):
             tag = "_".join(f"{k}{v}" for k, v in opts.items())
             b.run_section(f"fp8coat_fp32_exp_{tag}", lambda o=opts: b.fp8coat_adamw("fp32", True, o))
         b.run_section("fp8coat_fp32_noexp_approx", lambda: b.fp8coat_adamw("fp32", False, {"exact_math": False}))
         b.run_section("bnb_AdamW8bit", b.bnb)
         b.run_section("torch_fused_bf16", lambda: b.torch_fused(torch.bfloat16))
         b.run_section("fp8coat_bf16-remainder_exp", lambda: b.fp8coat_adamw("bf16-remainder", True))
+        b.run_section("fp8coat_bf16-stochastic_exp", lambda: b.fp8coat_adamw("bf16-stochastic", True))
         b._params.clear()
         b.run_section("check", b.check)
         b.run_section("torchao_AdamWFp8", lambda: b.torchao("fp8"))

@@ -49,8 +49,8 @@ class AdamW(torch.optim.Optimizer):
         master_weights: ``"auto"`` | ``"fp32"`` | ``"bf16-remainder"`` | ``"bf16-stochastic"`` | ``"none"``.
         backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
         seed: seed of the stochastic-rounding stream.
-        kernel_options: launch tuning of the fused step (``block_groups``, ``num_warps``); defaults are tuned
-            on H200.
+        kernel_options: options of the fused step (``block_groups``, ``num_warps``, ``exact_math``; see
+            ``fp8coat.optim.step_triton.fused_adamw_step``); defaults are tuned on H200.
     """
 
     def __init__(

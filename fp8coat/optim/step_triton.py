@@ -9,8 +9,10 @@ program owns ``BLOCK_GROUPS`` consecutive 1×G groups of one tensor and does, in
 so each byte of state, gradient and parameter is read once and written once. Tensors are found through two
 small device tables (addresses and shapes); a program locates its tensor by binary search over the tables'
 program offsets. Hyper-parameters are fp32 arguments (a device ``lr`` tensor is read in-kernel), so steps never
-recompile and never sync with the host. Arithmetic mirrors ``step_reference.py`` operation by operation with
-FMA contraction disabled; only ``log2``/``exp2`` may differ in the last bit.
+recompile and never sync with the host. Without expansion the arithmetic mirrors ``step_reference.py``
+operation by operation (FMA contraction disabled): bit-identical. With expansion (the default) the kernel uses
+the hardware's approximate log2/exp2, sqrt and division and FMA contraction: within a few ulp of the reference
+(``exact_math=True`` keeps the exact arithmetic except log2/exp2).
 """
 
 from __future__ import annotations
@@ -344,13 +346,18 @@ def fused_adamw_step(
     cache: "_LaunchPlan | None" = None,
     block_groups: int = 8,
     num_warps: int = 4,
-    exact_math: bool = True,
+    exact_math: "bool | None" = None,
 ) -> _LaunchPlan:
     """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the launch plan to reuse.
 
-    ``exact_math=False`` uses the hardware's approximate sqrt and division in the update (a few ulp; not
-    bit-identical to the torch reference).
+    ``exact_math``: True = correctly rounded sqrt and division and no FMA contraction, operation by operation
+    what the torch reference computes (bit-identical without expansion); False = the hardware's approximate
+    sqrt and division and FMA contraction (a few ulp; fewer instructions in an instruction-bound kernel).
+    Default (None): exact without expansion; approximate with expansion, whose MUFU log2/exp2 already differ
+    from the reference in the last bit.
     """
+    if exact_math is None:
+        exact_math = not layout.expand
     plan = cache
     if plan is None or plan.key != _LaunchPlan.make_key(params, states, block_groups):
         plan = _LaunchPlan(params, states, layout, block_groups)
@@ -377,6 +384,6 @@ def fused_adamw_step(
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
         G=layout.group_size, BLOCK_GROUPS=block_groups, FLAT=plan.flat, IEEE=exact_math,
         FAST=device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
-        num_warps=num_warps, enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=not exact_math,
     )
     return plan
