@@ -75,8 +75,12 @@ def test_fused_step_matches_reference_at_real_shapes(expand, master):
                     same = (ca == cb).float().mean().item()
                     assert same > 0.999, (key, i, step, same)
                     assert torch.equal(sa[i][key + "_absmax"] > 0, sb[i][key + "_absmax"] > 0)
-                rel = ((pa[i].float() - pb[i].float()).abs().max() / pa[i].float().abs().max()).item()
-                assert rel < 1e-3, (i, step, rel)
+                diff = (pa[i].float() - pb[i].float()).abs()
+                if master == "bf16-stochastic":  # nearly equal fp32 updates may round to neighbouring bf16 values
+                    assert (diff <= pa[i].float().abs() * 2.0**-7 + 1e-30).all(), (i, step)
+                else:
+                    rel = (diff.max() / pa[i].float().abs().max()).item()
+                    assert rel < 1e-3, (i, step, rel)
 
 
 def test_adamw_on_gpu_trains_like_torch_adamw():

@@ -154,7 +154,7 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         tl.store(q_ptr + offs, x, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not select another compiled variant
 def _adamw_step_kernel(
     table, meta, prog_tensor, NT, lr_ptr, lr_value, seed,
     one_minus_beta1, beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1, inv_bc2_sqrt,
