@@ -76,6 +76,7 @@ def test_default_chunk_size():
     assert default_chunk(16384) == 2048
     assert default_chunk(128256) == 256
     assert default_chunk(10**9) == 64
+    assert default_chunk(32000, bytes_per_logit=2) == 2048  # bf16 logits, fused kernel
     for v in (1000, 32000, 50257, 151936):
         c = default_chunk(v)
         assert c & (c - 1) == 0 and (c * v * 4 <= 128 * 2**20 or c == 64)

@@ -108,9 +108,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 CHUNK_BYTES = 128 * 2**20  # default chunk: the tokens whose fp32 logits fit in this
 
 
-def default_chunk(vocab_size: int) -> int:
-    """Tokens per chunk whose fp32 logits take at most 128 MiB, a power of two >= 64 (1024 for a 32k vocab)."""
-    tokens = max(1, CHUNK_BYTES // (4 * max(vocab_size, 1)))
+def default_chunk(vocab_size: int, bytes_per_logit: int = 4) -> int:
+    """Tokens per chunk whose logits take at most 128 MiB, a power of two >= 64: 1024 for a 32k vocabulary with
+    fp32 logits (the torch path upcasts each chunk), 2048 with bf16 logits (the fused CUDA kernel works in place)."""
+    tokens = max(1, CHUNK_BYTES // (bytes_per_logit * max(vocab_size, 1)))
     return max(64, 1 << (tokens.bit_length() - 1))
 
 
@@ -119,12 +120,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 = ignored), chunked over tokens.
 
     ``hidden``: (..., H); ``weight``: (V, H); ``labels``: (...,) int64; ``chunk``: tokens per chunk (default:
-    :func:`default_chunk` of V — the transient memory is a few chunk-sized fp32 logit blocks plus an fp32
+    :func:`default_chunk` of V and the logits' bytes — about 128 MiB of logits per chunk, plus an fp32
     accumulator of the weight's gradient). Gradients are computed in the forward when grad mode is on and an
     input requires them; ``backward`` then only scales them. Returns a 0-d fp32 tensor.
     """
     if chunk is None:
-        chunk = default_chunk(weight.shape[0])
+        fused = resolve_backend(hidden, None) == "triton"
+        chunk = default_chunk(weight.shape[0], hidden.element_size() if fused else 4)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     h = hidden.reshape(-1, hidden.shape[-1])
