@@ -165,6 +165,10 @@ def main() -> int:
     rows.append(report("tile_amax", compile_sm90(
         qk._tile_amax_kernel, dict(x_ptr=x, part_ptr=part, **common), dict(BLOCK_R=block_r, BLOCK_K=block_k))))
     one = torch.empty((), dtype=torch.float32)
+    counter = torch.empty(1, dtype=torch.int32)
+    rows.append(report("amax_scale (last program finalizes)", compile_sm90(
+        qk._amax_scale_kernel, dict(x_ptr=x, part_ptr=part, count_ptr=counter, scale_ptr=one, **common),
+        dict(FMAX=E4M3.max, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=1024))))
     rows.append(report("scaled_quant e5m2", compile_sm90(
         qk._scaled_quant_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
         dict(FMAX=E5M2.max, BLOCK_R=block_r, BLOCK_K=block_k))))

@@ -120,14 +120,30 @@ def _tile_amax_kernel(
 
 
 @triton.jit
-def _finalize_scale_kernel(part_ptr, n, scale_ptr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: amax over the n partial maxima -> scale = max(amax / FMAX, 2^-126), written to scale_ptr."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0))
-    amax = tl.max(acc, axis=0)  # partials are >= 0 and NaN-free (NaN was mapped to +inf)
-    tl.store(scale_ptr, scale_from_amax_tl(amax, FMAX))
+def _amax_scale_kernel(
+    x_ptr, part_ptr, count_ptr, scale_ptr,  # part: (programs,) fp32; count: int32 zero; scale: 0-d fp32 (out)
+    R, K, stride_xr, stride_xk,
+    FMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-tile amax like ``_tile_amax_kernel``; the program that finishes last reduces the partials and writes
+    the scale (the finalize step in the same launch). The atomic counter (acquire-release) makes every other
+    program's partial visible to it."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(_abs_nan_to_inf(x), axis=1), axis=0)
+    n = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_k, amax)
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == n - 1:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0, volatile=True))
+        tl.store(scale_ptr, scale_from_amax_tl(tl.max(acc, axis=0), FMAX))
 
 
 @triton.jit
@@ -275,7 +291,8 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
 
 
 def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
-    """Per-tensor scale ``max(amax(x) / fmax, 2^-126)`` as a 0-d fp32 device tensor: two launches, no host sync."""
+    """Per-tensor scale ``max(amax(x) / fmax, 2^-126)`` as a 0-d fp32 device tensor: one Triton launch (plus a
+    memset of its counter), no host sync."""
     fmt = get_format(fmt)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -285,8 +302,9 @@ def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
     block_r, block_k = _tiles(r, k)
     grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
-    _finalize_scale_kernel[(1,)](part, part.numel(), scale, FMAX=fmt.max, BLOCK=1024)
+    count = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _amax_scale_kernel[grid](x2, part, count, scale, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max,
+                             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=1024)
     return scale
 
 
