@@ -121,7 +121,7 @@ def test_triton_chunk_matches_reference(dtype, vocab, case):
     assert (loss[[2, 5]] == 0).all()
     # bf16: one rounding step; fp32: the GPU's exp is a few ulp off the CPU's (and torch's) exp
     rtol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(got.float(), ref_grad.float(), rtol=rtol, atol=1e-9)
+    torch.testing.assert_close(got.float(), ref_grad.float(), rtol=rtol, atol=1e-7)  # p - 1 cancels at the label
     assert (got[[2, 5]] == 0).all()
     # loss only: the logits are left alone
     z2 = z.clone()

@@ -77,7 +77,8 @@ def test_fused_step_matches_reference_at_real_shapes(expand, master):
                     assert torch.equal(sa[i][key + "_absmax"] > 0, sb[i][key + "_absmax"] > 0)
                 diff = (pa[i].float() - pb[i].float()).abs()
                 if master == "bf16-stochastic":  # nearly equal fp32 updates may round to neighbouring bf16 values
-                    assert (diff <= pa[i].float().abs() * 2.0**-7 + 1e-30).all(), (i, step)
+                    rel = (diff.max() / pa[i].float().abs().max()).item()
+                    assert rel <= 2.0**-7, (i, step, rel)  # at most one bf16 step of the largest element
                 else:
                     rel = (diff.max() / pa[i].float().abs().max()).item()
                     assert rel < 1e-3, (i, step, rel)
