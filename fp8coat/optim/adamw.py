@@ -87,6 +87,7 @@ class AdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self.kernel_options = dict(kernel_options or {})
         self._layouts: dict[torch.Tensor, StateLayout] = {}
+        self._interned: dict[StateLayout, StateLayout] = {}
         self._caches: dict[Any, Any] = {}
         self._sr_calls = 0
         self._group_of: "dict[int, tuple] | None" = None  # id(param) -> (group, index), built on first use
@@ -151,6 +152,7 @@ class AdamW(torch.optim.Optimizer):
             expand=bool(group["expansion"]),
             master=resolve_master_mode(group["master_weights"], p, self._param_name(p)),
         )
+        layout = self._interned.setdefault(layout, layout)  # equal layouts share one object (cheap bucket keys)
         self._layouts[p] = layout
         return layout
 
@@ -217,16 +219,20 @@ class AdamW(torch.optim.Optimizer):
             return
         torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
         buckets: dict[tuple, list] = {}
+        layouts: dict[int, StateLayout] = {}
+        use_triton = self._use_triton
         for p, grad, state, layout in items:
-            fused = self._use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
+            fused = use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
             if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
                 grad = grad.clone(memory_format=torch.contiguous_format)
             elif not grad.is_contiguous():
                 grad = grad.contiguous()
             flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
-            key = (layout, p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
+            layouts[id(layout)] = layout  # interned by layout_of: equal layouts are one object
+            key = (id(layout), p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
             buckets.setdefault(key, []).append((p, grad, state))
-        for (layout, device, _, _, step, fused, _), bucket in buckets.items():
+        for (layout_id, device, _, _, step, fused, _), bucket in buckets.items():
+            layout = layouts[layout_id]
             scalars = StepScalars(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
@@ -240,8 +246,8 @@ class AdamW(torch.optim.Optimizer):
                     [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
                     seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
                 )
-                for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
-                    torch.autograd.graph.increment_version(p)
+                # the kernel writes through raw pointers: tell autograd and the FP8 weight caches
+                torch.autograd.graph.increment_version([b[0] for b in bucket])
             else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
                 for i, (p, grad, state) in enumerate(bucket):
                     adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i)
