@@ -246,8 +246,8 @@ class AdamW(torch.optim.Optimizer):
                     [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
                     seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
                 )
-                # the kernel writes through raw pointers: tell autograd and the FP8 weight caches
-                torch.autograd.graph.increment_version([b[0] for b in bucket])
+                for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
+                    torch.autograd.graph.increment_version(p)  # (one tensor per call: torch < 2.6 takes no list)
             else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
                 for i, (p, grad, state) in enumerate(bucket):
                     adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i)
