@@ -128,6 +128,8 @@ class Bench:
         off, or (optional runs) when the budget would be exceeded; exceptions are recorded, never raised."""
         if self.args.sections and section not in self.args.sections and section != "env":
             return
+        if self.args.only and key not in self.args.only and section != "env":
+            return
         name = f"{section}/{key}"
         if compiled and self.args.compile == "none":
             self.res["skipped"].append(f"{name} (compile off)")
@@ -315,7 +317,7 @@ class Bench:
 
     def train(self, key: str, make_opt, *, recipe: "str | None" = None, torchao: bool = False,
               compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager",
-              chunked_loss: bool = False, in_backward: bool = False) -> None:
+              chunked_loss: bool = False, in_backward: "bool | str" = False) -> None:
         """Training steps of the 4-layer model: tok/s, peak memory, final loss. ``chunked_loss``: the LM head and
         cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept)."""
         from fp8coat.ops.cross_entropy import linear_cross_entropy
@@ -338,7 +340,8 @@ class Bench:
             convert_to_float8_training(model, module_filter_fn=lambda m, n: "lm_head" not in n)
         fn = compile_fn(model, a.compile, model.model.layers) if compiled else model
         opt = make_opt(model.parameters())
-        hooks = fp8coat.StepInBackward(opt) if in_backward else None  # opt.step() below then finds no gradients
+        # opt.step() below then finds no gradients; "serial": the updates on the backward's own stream
+        hooks = fp8coat.StepInBackward(opt, overlap=in_backward != "serial") if in_backward else None
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
         self.free()
         if self.cuda:
@@ -496,6 +499,7 @@ def table(res: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sections", default="", help="comma list of linear,layer,model4 (default: all)")
+    ap.add_argument("--only", default="", help="comma list of row keys to run (default: all rows of the sections)")
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     ap.add_argument("--budget-s", type=float, default=270.0, help="optional runs start only within this")
     ap.add_argument("--steps", type=int, default=10, help="timed iterations / training steps (median)")
@@ -522,6 +526,7 @@ def parse_args(argv=None):
     args.compile = args.compile or ("none" if args.dry_run else "layers")
     args.tokens = args.batch * args.seq
     args.sections = [s for s in args.sections.split(",") if s]
+    args.only = [s for s in args.only.split(",") if s]
     os.makedirs(args.out, exist_ok=True)
     return args
 
@@ -576,6 +581,13 @@ def main(argv=None) -> int:
         b.run("model4", "fp8coat_coat_compiled_stochastic_inbackward",
               lambda: b.train("fp8coat_coat_compiled_stochastic_inbackward", fp8coat_adamw("bf16-stochastic"),
                               recipe="coat", param_dtype=bf16, compiled=True, in_backward=True), compiled=True)
+        b.run("model4", "fp8coat_coat_compiled_stochastic_inbackward_chunkedloss",
+              lambda: b.train("fp8coat_coat_compiled_stochastic_inbackward_chunkedloss",
+                              fp8coat_adamw("bf16-stochastic"), recipe="coat", param_dtype=bf16, chunked_loss=True,
+                              compiled=True, in_backward=True), compiled=True)
+        b.run("model4", "fp8coat_coat_compiled_stochastic_inbackward_serial",
+              lambda: b.train("fp8coat_coat_compiled_stochastic_inbackward_serial", fp8coat_adamw("bf16-stochastic"),
+                              recipe="coat", param_dtype=bf16, compiled=True, in_backward="serial"), compiled=True)
         b.run("model4", "fp8coat_coat_compiled_stochastic_chunkedloss",
               lambda: b.train("fp8coat_coat_compiled_stochastic_chunkedloss", fp8coat_adamw("bf16-stochastic"),
                               recipe="coat", param_dtype=bf16, chunked_loss=True, compiled=True), compiled=True)

@@ -18,6 +18,12 @@ does nothing, ``zero_grad`` has nothing to clear.
 Not possible in this mode: clipping by the global gradient norm (a parameter is updated before the other
 gradients exist), or reading gradients after backward. Updates are bit-identical to ``optimizer.step()`` for the
 fp32 and bf16-remainder master modes; with stochastic rounding each parameter draws its own random bits.
+
+On CUDA the updates run on a side stream (``overlap=True``, the default), so they overlap with the rest of the
+backward pass instead of adding to it: each update waits for the work queued so far on the backward's stream (its
+gradient is complete, the last reads of the parameter are done), the gradient's memory is released to the
+allocator only once the update has read it (``record_stream``), and when backward ends its stream waits for the
+side stream, so the next forward sees the updated parameters.
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ __all__ = ["StepInBackward"]
 class StepInBackward:
     """Run ``optimizer``'s update for each parameter from a post-accumulate-grad hook, then drop its gradient."""
 
-    def __init__(self, optimizer: AdamW):
+    def __init__(self, optimizer: AdamW, overlap: bool = True):
         if not isinstance(optimizer, AdamW):
             raise TypeError(f"StepInBackward needs an fp8coat.AdamW, got {type(optimizer).__name__}")
         self.optimizer = optimizer
+        self.overlap = overlap
         self._accumulating = False
         self._in_pass = False
+        self._side: "dict[torch.device, torch.cuda.Stream]" = {}  # one update stream per device
+        self._joins: "dict[torch.device, torch.cuda.Stream]" = {}  # backward streams to join at the end of a pass
         self._handles = [
             p.register_post_accumulate_grad_hook(self._on_grad)
             for group in optimizer.param_groups for p in group["params"] if p.requires_grad
@@ -52,11 +61,25 @@ class StepInBackward:
         if first:  # the first update of this backward pass starts a new optimizer step
             self._in_pass = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
-        self.optimizer.step_params([p], new_step=first)
+        if self.overlap and p.is_cuda:
+            main = torch.cuda.current_stream(p.device)
+            side = self._side.get(p.device)
+            if side is None:
+                side = self._side[p.device] = torch.cuda.Stream(p.device)
+            side.wait_stream(main)  # the gradient is complete and the parameter's last reads are queued before
+            with torch.cuda.stream(side):
+                self.optimizer.step_params([p], new_step=first)
+            p.grad.record_stream(side)  # its memory is reused only after the update has read it
+            self._joins[p.device] = main
+        else:
+            self.optimizer.step_params([p], new_step=first)
         p.grad = None
 
     def _end_pass(self) -> None:
         self._in_pass = False
+        for dev, main in self._joins.items():  # the next forward must see the updated parameters
+            main.wait_stream(self._side[dev])
+        self._joins.clear()
 
     @contextlib.contextmanager
     def accumulating(self):
