@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv, next_power_of_2
 from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
 from ..quantization.triton_kernels import group_quant_store
 from .activations import _C, _C3, _INV_SQRT_2PI, _K2, _SQRT1_2, _TANH_CLAMP, FP8
@@ -150,21 +151,21 @@ def _tiles(r: int, k: int, group_size: int, on_gpu: bool) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_K), powers of two: ~2K elements per program on the GPU (16 per thread per tensor with
     4 warps); 16K in the interpreter, where each program costs ~1.5 ms of Python."""
     max_k, elems = _GPU_TILE[:2] if on_gpu else (4096, 16384)
-    block_k = max(group_size, min(max_k, triton.next_power_of_2(max(k, 1))))
-    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), elems // block_k))
+    block_k = max(group_size, min(max_k, next_power_of_2(max(k, 1))))
+    block_r = max(1, min(next_power_of_2(max(r, 1)), elems // block_k))
     return block_r, block_k
 
 
 def _launch_geometry(x2: torch.Tensor, group_size: int):
     r, k = x2.shape
     block_r, block_k = _tiles(r, k, group_size, x2.is_cuda and not _interpreting())
-    k_tiles = triton.cdiv(k, block_k)
-    return r, k, block_r, block_k, k_tiles, (triton.cdiv(r, block_r) * k_tiles,)
+    k_tiles = cdiv(k, block_k)
+    return r, k, block_r, block_k, k_tiles, (cdiv(r, block_r) * k_tiles,)
 
 
 def forward_triton(x: torch.Tensor, u: "torch.Tensor | None", act: int, group_size: int):
     n = x.shape[-1]
-    ng = triton.cdiv(n, group_size)
+    ng = cdiv(n, group_size)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     tensors = [torch.empty(x.shape, dtype=FP8.dtype, device=x.device),
                torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)]
@@ -188,7 +189,7 @@ def forward_triton(x: torch.Tensor, u: "torch.Tensor | None", act: int, group_si
 
 def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):
     n = dy.shape[-1]
-    ng = triton.cdiv(n, group_size)
+    ng = cdiv(n, group_size)
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
     du = torch.empty_like(dx) if uq is not None else None
     if dy.numel() == 0:

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import next_power_of_2
+
 
 @triton.jit
 def _ce_chunk_kernel(
@@ -63,7 +65,7 @@ def ce_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, count: torch.Ten
         return loss
     if logits.stride(1) != 1:
         raise ValueError("ce_chunk_triton: the logits' columns must be contiguous")
-    block_v = min(4096, triton.next_power_of_2(max(v, 16)))
+    block_v = min(4096, next_power_of_2(max(v, 16)))
     _ce_chunk_kernel[(c,)](
         logits, labels.contiguous(), count.float().reshape(()), loss, v, logits.stride(0),
         IGNORE=ignore_index, WRITE_GRAD=write_grad, BLOCK_V=block_v,

@@ -45,6 +45,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._grid import cdiv, next_power_of_2
 from ..formats import E4M3
 from ..quantization import resolve_backend
 from ..quantization import reference as qref
@@ -274,8 +275,8 @@ if triton is not None:
 
 def _tiles(r: int, h: int, group_size: int) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps): a whole row per program (BLOCK_H = next_pow2(H)), rows up to _TILE_ELEMS."""
-    block_h = max(group_size, triton.next_power_of_2(h))
-    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), _TILE_ELEMS // block_h))
+    block_h = max(group_size, next_power_of_2(h))
+    block_r = max(1, min(next_power_of_2(max(r, 1)), _TILE_ELEMS // block_h))
     num_warps = max(4, min(16, block_r * block_h // 256))  # 8 elements per thread up to BLOCK_H = 4096
     return block_r, block_h, num_warps
 
@@ -291,7 +292,7 @@ def _bwd_programs(n_blocks: int, device: torch.device) -> int:
 
 def _norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
     h = x.shape[-1]
-    ng = triton.cdiv(h, group_size)
+    ng = cdiv(h, group_size)
     lead = x.shape[:-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x_q = torch.empty(x.shape, dtype=E4M3.dtype, device=x.device)
@@ -305,7 +306,7 @@ def _norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
     block_r, block_h, num_warps = _tiles(r, h, group_size)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
-    _norm_fwd_kernel[(triton.cdiv(r, block_r),)](
+    _norm_fwd_kernel[(cdiv(r, block_r),)](
         x2, w, b, y, x_q, x_s, mean if layernorm else rstd, rstd,
         r, h, ng, x2.stride(0), x2.stride(1), _eps_f32(eps),
         LAYERNORM=layernorm, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -317,7 +318,7 @@ def _norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
 
 def _norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, need_db):
     h = dy.shape[-1]
-    ng = triton.cdiv(h, group_size)
+    ng = cdiv(h, group_size)
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
     dy2 = dy.reshape(-1, h)
     r = dy2.shape[0]
@@ -327,7 +328,7 @@ def _norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, ne
         db = torch.zeros(h, dtype=db_dtype, device=dy.device) if need_db else None
         return dx, dw, db
     block_r, block_h, num_warps = _tiles(r, h, group_size)
-    n_blocks = triton.cdiv(r, block_r)
+    n_blocks = cdiv(r, block_r)
     nprog = _bwd_programs(n_blocks, dy.device)
     dw_part = torch.empty((nprog, h), dtype=torch.float64, device=dy.device) if weight is not None else dx
     db_part = torch.empty((nprog, h), dtype=torch.float64, device=dy.device) if need_db else dx

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv
 from ..quantization import quantize_transpose
 from ..quantization.triton_kernels import _clamp_cast
 from .activation_kernels import _act_tl, _dequant_load, _interpreting, libdevice
@@ -80,7 +81,7 @@ def recompute_quantized_t_triton(kind, src, group_size: int, dtype: torch.dtype,
     if m_pad * k == 0:
         return out if fused else quantize_transpose(out, fmt, scale, rowwise=False, backend="triton")[1]
     block_m, block_k = 64, max(64, group_size)
-    grid = (triton.cdiv(m_pad if fused else m, block_m), triton.cdiv(k, block_k))
+    grid = (cdiv(m_pad if fused else m, block_m), cdiv(k, block_k))
     _recompute_kernel[grid](
         a_q, a_s, b_q, b_s, rstd, w, scale, out, m, k, ng, m_pad,
         KIND=code, ROUND=_ROUNDING[dtype], STORE_T=fused, FMAX=fmt.max, G=group_size, BLOCK_M=block_m,

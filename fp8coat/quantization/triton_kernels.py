@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv, next_power_of_2
 from ..formats import FP8Format, get_format
 from .reference import MIN_SCALE as _MIN_SCALE_PY
 from .reference import check_group_size
@@ -202,8 +203,8 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 
 def _tiles(r: int, k: int, min_k: int = 16) -> tuple[int, int]:
     """Tile (BLOCK_R, BLOCK_K) of about 4096 elements, powers of two, BLOCK_K >= min_k."""
-    block_k = max(min_k, min(1024, triton.next_power_of_2(max(k, 1))))
-    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), 4096 // block_k))
+    block_k = max(min_k, min(1024, next_power_of_2(max(k, 1))))
+    block_r = max(1, min(next_power_of_2(max(r, 1)), 4096 // block_k))
     return block_r, block_k
 
 
@@ -213,7 +214,7 @@ def quantize_per_group_triton(x: torch.Tensor, fmt, group_size: int) -> tuple[to
     if x.dim() == 0:
         raise ValueError("per-group quantization needs at least one dimension")
     k = x.shape[-1]
-    ng = triton.cdiv(k, group_size)
+    ng = cdiv(k, group_size)
     q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
     s = torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -221,7 +222,7 @@ def quantize_per_group_triton(x: torch.Tensor, fmt, group_size: int) -> tuple[to
     x2 = _as_2d(x)
     r = x2.shape[0]
     block_r, block_k = _tiles(r, k, min_k=group_size)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
     _group_quant_kernel[grid](
         x2, q, s, r, k, ng, x2.stride(0), x2.stride(1),
         FMAX=fmt.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
@@ -234,7 +235,7 @@ def dequantize_per_group_triton(
 ) -> torch.Tensor:
     check_group_size(group_size)
     k = q.shape[-1]
-    ng = triton.cdiv(k, group_size)
+    ng = cdiv(k, group_size)
     if scale.shape != (*q.shape[:-1], ng):
         raise ValueError(f"scale shape {tuple(scale.shape)} does not match q {tuple(q.shape)} with G={group_size}")
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
@@ -244,7 +245,7 @@ def dequantize_per_group_triton(
     s2 = scale.float().contiguous()
     r = q2.shape[0]
     block_r, block_k = _tiles(r, k, min_k=group_size)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
     _group_dequant_kernel[grid](q2, s2, out, r, k, ng, q2.stride(0), q2.stride(1), G=group_size, BLOCK_R=block_r, BLOCK_K=block_k)
     return out
 
@@ -256,7 +257,7 @@ def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
     x2 = _as_2d(x)
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
     return part.amax()
@@ -281,7 +282,7 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
         qt[:, :m] = quantize_per_tensor_triton(x.t(), fmt, scale)[0]
         return q, qt
     block_m, block_k = 64, 64
-    grid = (triton.cdiv(m_pad if transposed else m, block_m), triton.cdiv(k, block_k))
+    grid = (cdiv(m_pad if transposed else m, block_m), cdiv(k, block_k))
     _quant_transpose_kernel[grid](
         x, scale.float().reshape(()), q if rowwise else qt, qt if transposed else q, m, k, m_pad,
         x.stride(0), x.stride(1),
@@ -300,7 +301,7 @@ def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
     x2 = _as_2d(x)
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     count = torch.zeros(1, dtype=torch.int32, device=x.device)
     _amax_scale_kernel[grid](x2, part, count, scale, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max,
@@ -321,6 +322,6 @@ def quantize_per_tensor_triton(
     x2 = _as_2d(x)
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
     _scaled_quant_kernel[grid](x2, scale, q, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max, BLOCK_R=block_r, BLOCK_K=block_k)
     return q, scale
