@@ -105,11 +105,8 @@ def _group_dequant_kernel(
 
 
 @triton.jit
-def _tile_amax_kernel(
-    x_ptr, part_ptr,  # x: (R, K) strided; part: (grid_r * grid_k,) fp32
-    R, K, stride_xr, stride_xk,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile amax (NaN counts as +inf) -> part_ptr[program index]."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -121,6 +118,15 @@ def _tile_amax_kernel(
 
 
 @triton.jit
+def _tile_amax_kernel(
+    x_ptr, part_ptr,  # x: (R, K) strided; part: (grid_r * grid_k,) fp32
+    R, K, stride_xr, stride_xk,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
 def _amax_scale_kernel(
     x_ptr, part_ptr, count_ptr, scale_ptr,  # part: (programs,) fp32; count: int32 zero; scale: 0-d fp32 (out)
     R, K, stride_xr, stride_xk,
@@ -129,15 +135,8 @@ def _amax_scale_kernel(
     """Per-tile amax like ``_tile_amax_kernel``; the program that finishes last reduces the partials and writes
     the scale (the finalize step in the same launch). The atomic counter (acquire-release) makes every other
     program's partial visible to it."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(_abs_nan_to_inf(x), axis=1), axis=0)
+    _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R, BLOCK_K)
     n = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_k, amax)
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == n - 1:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
