@@ -8,8 +8,8 @@ by the incoming gradient. For a 32k vocabulary the fp32 logits and their gradien
 2 × tokens × 32000 × 4 bytes (2 GiB at 8192 tokens); here the peak is one chunk's worth plus the fp32 ``d_W``
 accumulator. The logits are computed once (no recomputation in backward) and nothing synchronizes with the host.
 On CUDA each chunk's loss and logit gradient come from one Triton kernel that overwrites the logits with their
-gradient (``cross_entropy_kernels.py``; reference: ``_chunk_torch``). Logits are computed in the dtype of ``hidden``/``weight`` (bf16) and reduced in fp32, like the usual
-``logits.float()`` + ``cross_entropy``.
+gradient (``cross_entropy_kernels.py``; reference: ``_chunk_torch``). Logits are computed in the dtype of
+``hidden``/``weight`` (bf16) and reduced in fp32, like the usual ``logits.float()`` + ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         d_hidden, d_weight = ctx.saved_tensors
-        if ctx.needs_input_grad[0] and d_hidden is None or ctx.needs_input_grad[1] and d_weight is None:
+        if (ctx.needs_input_grad[0] and d_hidden is None) or (ctx.needs_input_grad[1] and d_weight is None):
             raise RuntimeError("linear_cross_entropy: the forward ran without gradients (torch.no_grad?)")
         dh = d_hidden * grad.to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = d_weight * grad.to(d_weight.dtype) if ctx.needs_input_grad[1] else None
