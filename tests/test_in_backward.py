@@ -117,3 +117,29 @@ def test_errors():
         TrainConfig(step_in_backward=True, grad_clip=0.0, optimizer="torch").validate()
     with pytest.raises(ValueError, match="grad-clip must be"):
         TrainConfig(grad_clip=-1.0).validate()
+
+
+def test_a_backward_pass_that_raises_does_not_swallow_the_next_step():
+    """A pass that fails after some updates never runs its end-of-pass callback; the next pass must still start
+    a new optimizer step (and join the update stream)."""
+    model = _mlp(torch.bfloat16)
+    o = fp8coat.AdamW(model.parameters(), **HYPER)
+    sib = fp8coat.StepInBackward(o)
+    (x, y), = _batches(1)
+    xin = x.to(device(), torch.bfloat16).requires_grad_()
+
+    def boom(grad):
+        raise RuntimeError("boom")
+
+    xin.register_hook(boom)
+    out = torch.nn.functional.cross_entropy(model(xin).float(), y.to(device()))
+    with pytest.raises(RuntimeError, match="boom"):
+        out.backward()
+    assert o._sr_calls == 1  # the failed pass had started a step (the last layer was updated)
+    sib.wait()
+    for p in model.parameters():
+        p.grad = None
+    _loss(model, x, y, torch.bfloat16).backward()
+    assert o._sr_calls == 2, "the next pass is a new optimizer step"
+    assert all(p.grad is None for p in model.parameters())
+    sib.remove()

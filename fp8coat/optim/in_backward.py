@@ -23,7 +23,8 @@ On CUDA the updates run on a side stream (``overlap=True``, the default), so the
 backward pass instead of adding to it: each update waits for the work queued so far on the backward's stream (its
 gradient is complete, the last reads of the parameter are done), the gradient's memory is released to the
 allocator only once the update has read it (``record_stream``), and when backward ends its stream waits for the
-side stream, so the next forward sees the updated parameters.
+side stream, so the next forward sees the updated parameters (after a backward pass that raised, call
+:meth:`StepInBackward.wait` before using the parameters; the next backward pass starts a new step either way).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ from .adamw import AdamW
 __all__ = ["StepInBackward"]
 
 
+def _graph_task_id() -> "int | None":
+    """The id of the backward pass (autograd graph task) running this hook, None where torch does not tell."""
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else None
+
+
 class StepInBackward:
     """Run ``optimizer``'s update for each parameter from a post-accumulate-grad hook, then drop its gradient."""
 
@@ -47,6 +54,7 @@ class StepInBackward:
         self.overlap = overlap
         self._accumulating = False
         self._in_pass = False
+        self._task: "int | None" = None  # the autograd graph task of the pass in progress
         self._side: "dict[torch.device, torch.cuda.Stream]" = {}  # one update stream per device
         self._joins: "dict[torch.device, torch.cuda.Stream]" = {}  # backward streams to join at the end of a pass
         self._handles = [
@@ -57,9 +65,11 @@ class StepInBackward:
     def _on_grad(self, p: torch.Tensor) -> None:
         if self._accumulating or p.grad is None:
             return
-        first = not self._in_pass
+        task = _graph_task_id()
+        first = not self._in_pass or task != self._task  # (a pass that raised never ran its end callback)
         if first:  # the first update of this backward pass starts a new optimizer step
-            self._in_pass = True
+            self._join()
+            self._in_pass, self._task = True, task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
         if self.overlap and p.is_cuda:
             main = torch.cuda.current_stream(p.device)
@@ -77,6 +87,15 @@ class StepInBackward:
 
     def _end_pass(self) -> None:
         self._in_pass = False
+        self._join()
+
+    def wait(self) -> None:
+        """Make the backward streams wait for the updates in flight. Backward passes do this when they end; call it
+        yourself only after a backward pass that raised, before the parameters are used again."""
+        self._in_pass = False
+        self._join()
+
+    def _join(self) -> None:
         for dev, main in self._joins.items():  # the next forward must see the updated parameters
             main.wait_stream(self._side[dev])
         self._joins.clear()
