@@ -27,6 +27,7 @@ _HELP = {
     "save_every": "checkpoint every N steps (0: only at the end)",
     "device": "auto | cpu | cuda | cuda:N",
     "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
+    "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
 }
 
 
