@@ -317,9 +317,10 @@ class Bench:
 
     def train(self, key: str, make_opt, *, recipe: "str | None" = None, torchao: bool = False,
               compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager",
-              chunked_loss: bool = False, in_backward: "bool | str" = False) -> None:
+              chunked_loss: bool = False, in_backward: "bool | str" = False, loss_chunk: "int | None" = None) -> None:
         """Training steps of the 4-layer model: tok/s, peak memory, final loss. ``chunked_loss``: the LM head and
-        cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept)."""
+        cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept), in chunks
+        of ``loss_chunk`` tokens (default: its own choice)."""
         from fp8coat.ops.cross_entropy import linear_cross_entropy
         from transformers import LlamaForCausalLM
 
@@ -351,7 +352,7 @@ class Bench:
             with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp):
                 if chunked_loss:
                     hidden = fn.model(input_ids=ids, use_cache=False).last_hidden_state
-                    return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:])
+                    return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], chunk=loss_chunk)
                 return fn(input_ids=ids, labels=ids, use_cache=False).loss
 
         phase_ms: "dict[str, list[float]]" = {"forward": [], "backward": [], "optimizer": []}
@@ -389,7 +390,7 @@ class Bench:
                "loss": losses[-1], "compiled": compiled, "compile_mode": a.compile if compiled else None,
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
                "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss,
-               "step_in_backward": in_backward}
+               "loss_chunk": loss_chunk, "step_in_backward": in_backward}
         if self.cuda:
             row["ms_by_phase"] = {k: statistics.median(v) for k, v in phase_ms.items()}
         if self.cuda:
@@ -591,6 +592,10 @@ def main(argv=None) -> int:
         b.run("model4", "fp8coat_coat_compiled_stochastic_chunkedloss",
               lambda: b.train("fp8coat_coat_compiled_stochastic_chunkedloss", fp8coat_adamw("bf16-stochastic"),
                               recipe="coat", param_dtype=bf16, chunked_loss=True, compiled=True), compiled=True)
+        b.run("model4", "fp8coat_coat_compiled_stochastic_chunkedloss8192",
+              lambda: b.train("fp8coat_coat_compiled_stochastic_chunkedloss8192", fp8coat_adamw("bf16-stochastic"),
+                              recipe="coat", param_dtype=bf16, chunked_loss=True, compiled=True, loss_chunk=8192),
+              compiled=True)
         b.run("model4", "fp8coat_fp8-linear_eager",
               lambda: b.train("fp8coat_fp8-linear_eager", fp8coat_adamw(), recipe="fp8-linear", param_dtype=bf16))
         b.run("model4", "torchao_fp8_compiled_adamwfp8",

@@ -272,7 +272,8 @@ class Bench:
         if copy:
             row["pct_copy"] = 100.0 * row["GBps"] / copy
         self.res["rows"][key] = row
-        log(f"  {key}: {t['ms']:.3f} ms/step (b2b {t['ms_b2b']:.3f}), {row['GBps']:.0f} GB/s, "
+        log(f"  {key}: {t['ms']:.3f} ms/step (b2b {t['ms_b2b']:.3f}, host {t.get('host_ms', 0):.3f}), "
+            f"{row['GBps']:.0f} GB/s, "
             f"state {row['state_B_per_param']:.3f} B/param")
         del opt
 
@@ -491,13 +492,14 @@ def table(res: dict) -> str:
     """Compact markdown tables of the timing rows and the checks."""
     copy = res.get("copy", {}).get("GBps")
     lines = [f"copy bandwidth: {copy:.0f} GB/s" if copy else "copy bandwidth: n/a", ""]
-    lines.append("| optimizer | params | dtype | ms/step | b2b ms | GB/s | % copy | state B/param | peak GiB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| optimizer | params | dtype | ms/step | b2b ms | host ms | GB/s | % copy | state B/param | peak GiB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res["rows"].items():
         pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-"
         peak = f"{r['peak_GiB']:.1f}" if "peak_GiB" in r else "-"
         lines.append(
             f"| {key} | {r['numel'] / 1e9:.3f}B | {r['param_dtype']} | {r['ms']:.2f} | {r['ms_b2b']:.2f} | "
+            f"{r.get('host_ms', float('nan')):.2f} | "
             f"{r['GBps']:.0f} | {pct} | {r['state_B_per_param']:.3f} | {peak} |"
         )
     if res["checks"]:
@@ -561,6 +563,10 @@ def main(argv=None) -> int:
         b.run_section("torch_fused_bf16", lambda: b.torch_fused(torch.bfloat16))
         b.run_section("fp8coat_bf16-remainder_exp", lambda: b.fp8coat_adamw("bf16-remainder", True))
         b.run_section("fp8coat_bf16-stochastic_exp", lambda: b.fp8coat_adamw("bf16-stochastic", True))
+        for opts in ({"num_warps": 8}, {"block_groups": 16, "num_warps": 8}, {"block_groups": 4}):
+            tag = "_".join(f"{k}{v}" for k, v in opts.items())
+            b.run_section(f"fp8coat_bf16-stochastic_exp_{tag}",
+                          lambda o=opts: b.fp8coat_adamw("bf16-stochastic", True, o))
         b._params.clear()
         b.run_section("check", b.check)
         b.run_section("torchao_AdamWFp8", lambda: b.torchao("fp8"))

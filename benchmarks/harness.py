@@ -19,17 +19,20 @@ def sync(device) -> None:
 
 
 def time_ms(fn, device, warmup: int, iters: int) -> dict:
-    """Median / min / max ms of ``fn`` after ``warmup`` calls; CUDA events around each call, synchronized."""
+    """Median / min / max ms of ``fn`` after ``warmup`` calls; CUDA events around each call, synchronized.
+    On CUDA also ``host_ms``: median host time until ``fn`` returns (what the GPU waits for before it starts)."""
     for _ in range(warmup):
         fn()
     sync(device)
     cuda = torch.device(device).type == "cuda"
-    times = []
+    times, host = [], []
     for _ in range(iters):
         if cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e))
@@ -37,7 +40,10 @@ def time_ms(fn, device, warmup: int, iters: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+    out = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+    if host:
+        out["host_ms"] = statistics.median(host)
+    return out
 
 
 def time_back_to_back_ms(fn, device, iters: int) -> float:

@@ -15,6 +15,7 @@ export PYTHONUNBUFFERED=1
 
 SECTIONS=(
   "env 45"
+  "launch 60"
   "pytest_gpu 200"
   "bench_optimizer 300"
   "bench_layers 330"
@@ -47,14 +48,20 @@ for mod in ("transformers", "torchao", "bitsandbytes"):
 EOF
 }
 
+section_launch() {
+  # host cost of one small Triton launch: public function, JIT launch, compiled runner, allocations, an aten op
+  python3 scripts/launch_overhead_gpu.py
+}
+
 section_pytest_gpu() {
   # the GPU-only tests (real shapes) plus the device-aware kernel/optimizer suites, natively on the GPU
   python3 -m pytest -q -rs ${PYTEST_FILES:-tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py}
 }
 
 section_bench_optimizer() {
-  # BENCH_ARGS: extra arguments, e.g. BENCH_ARGS=--dry-run for a quick run without a GPU
-  python3 benchmarks/bench_optimizer.py --out "$OUT" --budget-s 200 ${BENCH_ARGS:-}
+  # BENCH_ARGS: extra arguments of both benchmarks, e.g. BENCH_ARGS=--dry-run for a quick run without a GPU;
+  # BENCH_OPTIMIZER_ARGS: of this one only (e.g. --sections copy,fp8coat_fp32_exp)
+  python3 benchmarks/bench_optimizer.py --out "$OUT" --budget-s 200 ${BENCH_ARGS:-} ${BENCH_OPTIMIZER_ARGS:-}
 }
 
 section_bench_layers() {

@@ -41,8 +41,9 @@ def test_saves_no_logits():
     assert full.total_bytes > 256 * 1000 * 4  # the logits
 
 
+@pytest.mark.parametrize("chunk", [8, 64])  # several chunks (fp32 accumulator) and one chunk (one GEMM)
 @pytest.mark.parametrize("wants", ["both", "hidden", "weight"])
-def test_scaled_loss_partial_grads_and_no_grad(wants):
+def test_scaled_loss_partial_grads_and_no_grad(wants, chunk):
     """backward scales the gradients computed in forward by the incoming gradient; only the requested ones exist;
     under no_grad the loss is the same and nothing is computed for backward."""
     g = torch.Generator().manual_seed(1)
@@ -50,7 +51,7 @@ def test_scaled_loss_partial_grads_and_no_grad(wants):
     w = torch.randn(30, 16, generator=g).requires_grad_(wants in ("both", "weight"))
     y = torch.randint(0, 30, (50,), generator=g)
     y[::7] = -100
-    (linear_cross_entropy(h, w, y, chunk=8) * -2.5).backward()
+    (linear_cross_entropy(h, w, y, chunk=chunk) * -2.5).backward()
     h2, w2 = h.detach().clone().requires_grad_(h.requires_grad), w.detach().clone().requires_grad_(w.requires_grad)
     ref = F.cross_entropy(h2 @ w2.t(), y)
     (ref * -2.5).backward()
@@ -59,7 +60,24 @@ def test_scaled_loss_partial_grads_and_no_grad(wants):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk=8), ref.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk=chunk), ref.detach(), rtol=1e-6, atol=0)
+
+
+def test_autocast_one_chunk_and_several_chunks_agree():
+    """Under autocast the logits (and their gradient) are bf16 while hidden and weight are fp32: both paths write
+    fp32 gradients, within bf16 rounding of each other."""
+    g = torch.Generator().manual_seed(2)
+    grads = []
+    for chunk in (16, 10_000):
+        h = torch.randn(40, 32, generator=g.manual_seed(2)).requires_grad_()
+        w = torch.randn(50, 32, generator=g.manual_seed(3)).requires_grad_()
+        y = torch.randint(0, 50, (40,), generator=g.manual_seed(4))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear_cross_entropy(h, w, y, chunk=chunk).backward()
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+        grads.append((h.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
 
 
 def test_all_tokens_ignored():

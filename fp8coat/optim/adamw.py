@@ -28,6 +28,7 @@ from ..formats import get_format
 from ..quantization import check_group_size, triton_available
 from .layout import StateLayout, init_state, state_nbytes
 from .master_weights import MASTER_MODES, resolve_master_mode
+from .step_plan import GroupStepPlan, bump_versions
 from .step_reference import StepScalars, adamw_step_reference
 
 __all__ = ["AdamW"]
@@ -91,6 +92,7 @@ class AdamW(torch.optim.Optimizer):
         self._caches: dict[Any, Any] = {}
         self._sr_calls = 0
         self._group_of: "dict[int, tuple] | None" = None  # id(param) -> (group, index), built on first use
+        self._plans: dict[int, GroupStepPlan] = {}  # group index -> its prepared fused update (fast path)
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class AdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._group_of = None
+        self._plans = {}
         group = self.param_groups[-1]
         self._validate_group(group)
         for p in group["params"]:
@@ -176,6 +179,10 @@ class AdamW(torch.optim.Optimizer):
             return loss  # nothing to do (e.g. every parameter was already updated in backward)
         self._sr_calls += 1
         for gi, group in enumerate(self.param_groups):
+            plan = self._plans.pop(gi, None)
+            if plan is not None and plan.run(group, self._seed(gi), self._launch_fused):
+                self._plans[gi] = plan
+                continue
             self._step_group(gi, group, group["params"])
         return loss
 
@@ -189,6 +196,7 @@ class AdamW(torch.optim.Optimizer):
         """
         if new_step:
             self._sr_calls += 1
+        self._plans.clear()  # partial updates move step counters apart: the general path re-buckets
         if self._group_of is None:
             self._group_of = {id(p): (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
         for p in params:
@@ -198,7 +206,19 @@ class AdamW(torch.optim.Optimizer):
             gi, index = where  # one launch per parameter; the seed also names the parameter (independent rounding)
             self._step_group(gi, self.param_groups[gi], [p], salt=index)
 
+    def _seed(self, gi: int, salt: "int | None" = None) -> int:
+        """The stochastic-rounding seed of group ``gi`` in this optimizer step (tensor i of a launch uses seed + i)."""
+        return hash((self.seed, self._sr_calls, gi) + (() if salt is None else (salt,))) & 0x7FFFFFFF
+
+    def _launch_fused(self, params, grads, states, layout, scalars, seed, cache):
+        from .step_triton import fused_adamw_step
+
+        return fused_adamw_step(params, grads, states, layout, scalars, seed=seed, cache=cache, **self.kernel_options)
+
     def _step_group(self, gi: int, group: dict, params: "list[torch.Tensor]", salt: "int | None" = None) -> None:
+        """The general path: checks every gradient, sorts the parameters into buckets (one fused launch each on
+        CUDA) and, after a full step in which every parameter went to the fused kernel as it is, prepares the
+        group's :class:`GroupStepPlan` for the next steps."""
         items = []
         for p in params:
             if p.grad is None:
@@ -221,36 +241,38 @@ class AdamW(torch.optim.Optimizer):
         buckets: dict[tuple, list] = {}
         layouts: dict[int, StateLayout] = {}
         use_triton = self._use_triton
+        plannable = salt is None and len(items) == len(params)
         for p, grad, state, layout in items:
             fused = use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
+            plannable = plannable and fused
             if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
                 grad = grad.clone(memory_format=torch.contiguous_format)
+                plannable = False
             elif not grad.is_contiguous():
                 grad = grad.contiguous()
             flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
             layouts[id(layout)] = layout  # interned by layout_of: equal layouts are one object
             key = (id(layout), p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
             buckets.setdefault(key, []).append((p, grad, state))
-        for (layout_id, device, _, _, step, fused, _), bucket in buckets.items():
+        seed = self._seed(gi, salt)
+        planned = []
+        for (layout_id, device, _, grad_dtype, step, fused, _), bucket in buckets.items():
             layout = layouts[layout_id]
             scalars = StepScalars(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
             )
-            seed = hash((self.seed, self._sr_calls, gi) + (() if salt is None else (salt,))) & 0x7FFFFFFF
             if fused:
-                from .step_triton import fused_adamw_step
-
                 ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
-                self._caches[ckey] = fused_adamw_step(
-                    [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket], layout, scalars,
-                    seed=seed, cache=self._caches.get(ckey), **self.kernel_options,
-                )
-                for p, _, _ in bucket:  # the kernel writes through raw pointers: tell autograd and FP8 caches
-                    torch.autograd.graph.increment_version(p)  # (one tensor per call: torch < 2.6 takes no list)
+                bps, bgs, bss = [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket]
+                self._caches[ckey] = self._launch_fused(bps, bgs, bss, layout, scalars, seed, self._caches.get(ckey))
+                bump_versions(bps)  # the kernel writes through raw pointers: tell autograd and FP8 caches
+                planned.append((layout, bps, bss, grad_dtype, step, self._caches[ckey]))
             else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
                 for i, (p, grad, state) in enumerate(bucket):
                     adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i)
+        if plannable:
+            self._plans[gi] = GroupStepPlan(params, planned)
 
     # ---------------------------------------------------------------------------------------------------------
     # memory accounting
@@ -276,6 +298,7 @@ class AdamW(torch.optim.Optimizer):
         """
         extra = state_dict.get("fp8coat", {})
         self._group_of = None
+        self._plans = {}
         self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
         self.seed = int(extra.get("seed", self.seed))
         saved_groups = state_dict["param_groups"]

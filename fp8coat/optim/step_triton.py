@@ -353,11 +353,11 @@ def fused_adamw_step(
     ``exact_math``: True = correctly rounded sqrt and division and no FMA contraction, operation by operation
     what the torch reference computes (bit-identical without expansion); False = the hardware's approximate
     sqrt and division and FMA contraction (a few ulp; fewer instructions in an instruction-bound kernel).
-    Default (None): exact without expansion; approximate with expansion, whose MUFU log2/exp2 already differ
-    from the reference in the last bit.
+    Default (None): exact without expansion (and for fp32 moments, which are never expanded); approximate with
+    expansion, whose MUFU log2/exp2 already differ from the reference in the last bit.
     """
-    if exact_math is None:
-        exact_math = not layout.expand
+    if exact_math is None:  # fp32 moments are never expanded: exact, as without expansion
+        exact_math = not (layout.expand and (layout.m_format is not None or layout.v_format is not None))
     plan = cache
     if plan is None or plan.key != _LaunchPlan.make_key(params, states, block_groups):
         plan = _LaunchPlan(params, states, layout, block_groups)

@@ -1,0 +1,100 @@
+"""A parameter group's fused update, prepared once and replayed every step (the optimizer's fast path).
+
+``AdamW._step_group`` sorts parameters into buckets and launches one fused kernel per bucket; most of its host
+time is spent re-deriving the same buckets every step (layouts, contiguity, alignment, step counts: tens of µs
+of Python per parameter). Once a step has sent every parameter of a group to the fused kernel, the group's
+buckets are frozen into a :class:`GroupStepPlan`. Each later step the plan checks, before launching anything,
+that every gradient is still present, dense, contiguous, 16-byte aligned and of the recorded dtype and shape; if
+one is not, it does nothing and returns False, and the optimizer takes its general path (which reports errors
+and builds a new plan). The step counters of the planned parameters become views of one fp32 tensor, so one
+addition advances them all (``state["step"]`` stays a 0-d fp32 CPU tensor per parameter).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .layout import StateLayout
+from .step_reference import StepScalars
+
+__all__ = ["GroupStepPlan", "bump_versions"]
+
+
+@functools.lru_cache(maxsize=None)
+def _versions_take_lists() -> bool:
+    """Whether ``torch._C._increment_version`` takes a list of tensors (torch >= 2.6)."""
+    try:
+        torch._C._increment_version([torch.empty(0)])
+        return True
+    except TypeError:
+        return False
+
+
+def bump_versions(tensors: "list[torch.Tensor]") -> None:
+    """Tell autograd (and the FP8 weight caches keyed on versions) that ``tensors`` were written in place."""
+    if _versions_take_lists():
+        torch._C._increment_version(tensors)
+    else:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+class _Bucket:
+    __slots__ = ("layout", "index", "params", "states", "grad_dtype", "step", "cache")
+
+    def __init__(self, layout: StateLayout, index: "list[int]", params, states, grad_dtype, step: int, cache):
+        self.layout = layout
+        self.index = index
+        self.params = params
+        self.states = states
+        self.grad_dtype = grad_dtype
+        self.step = step
+        self.cache = cache
+
+
+class GroupStepPlan:
+    """The buckets of one parameter group. ``buckets``: ``(layout, params, states, grad dtype, step, launch
+    cache)`` per bucket, together covering ``params`` (the group's parameters, in order) exactly once."""
+
+    def __init__(self, params: "list[torch.Tensor]", buckets: list):
+        self.params = list(params)
+        position = {id(p): i for i, p in enumerate(self.params)}
+        self.buckets = [_Bucket(layout, [position[id(p)] for p in bps], list(bps), list(sts), gdt, step, cache)
+                        for layout, bps, sts, gdt, step, cache in buckets]
+        covered = sorted(i for b in self.buckets for i in b.index)
+        if covered != list(range(len(self.params))):
+            raise ValueError("GroupStepPlan: the buckets must cover the group's parameters exactly once")
+        self.grad_dtypes = [None] * len(self.params)
+        for b in self.buckets:
+            for i in b.index:
+                self.grad_dtypes[i] = b.grad_dtype
+        states = [None] * len(self.params)
+        for b in self.buckets:
+            for i, s in zip(b.index, b.states):
+                states[i] = s
+        self.steps = torch.stack([s["step"] for s in states])  # (n,) fp32 CPU: one add advances every counter
+        for i, s in enumerate(states):
+            s["step"] = self.steps[i]
+
+    def run(self, group: dict, seed: int, launch) -> bool:
+        """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
+        ``launch(params, grads, states, layout, scalars, seed, cache) -> cache`` runs one fused update."""
+        grads = []
+        for p, dtype in zip(self.params, self.grad_dtypes):
+            g = p.grad
+            if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()
+                    or g.data_ptr() % 16 or g.shape != p.shape):
+                return False
+            grads.append(g)
+        self.steps += 1
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        wd, maximize = group["weight_decay"], group["maximize"]
+        for b in self.buckets:
+            b.step += 1
+            scalars = StepScalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=b.step,
+                                  maximize=maximize)
+            b.cache = launch(b.params, [grads[i] for i in b.index], b.states, b.layout, scalars, seed, b.cache)
+        bump_versions(self.params)
+        return True
