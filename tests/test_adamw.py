@@ -216,7 +216,7 @@ def test_prepared_group_plan_matches_general_path(master):
             opt.step()
             planned.append(sorted(opt._plans))
         runs[cls] = (model, opt, planned)
-    (m_fast, o_fast, planned), (m_gen, o_gen, never) = runs[fp8coat.AdamW], runs[_GeneralPathOnly]
+    (m_fast, o_fast, planned), (m_gen, o_gen, _) = runs[fp8coat.AdamW], runs[_GeneralPathOnly]
     # plans exist after full steps through the general path, not after the steps that had to take it
     assert planned == [[0, 1], [0, 1], [1], [0, 1], [1], [0, 1], [0, 1]], planned
     for pa, pb in zip(m_fast.parameters(), m_gen.parameters()):
