@@ -190,19 +190,27 @@ class Bench:
         dys = [torch.randn(m, n, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(count)]
         caches = [FP8WeightCache() for _ in range(count)]
 
-        def fwd_bf16():
+        def fwd_bf16(x=x, ws=ws):
             return [F.linear(x, w) for w in ws]
 
-        def fwd_fp8(clear: bool):
+        def fwd_fp8(clear: bool, x=x, ws=ws):
             if clear:
                 for c in caches:
                     c.clear()
             return linears(x, ws, caches=caches)
 
-        def step(fwd):
-            return torch.autograd.grad(fwd(), [x, *ws], dys)
+        def step(fwd, x=x, ws=ws):
+            return torch.autograd.grad(fwd(x=x, ws=ws), [x, *ws], dys)
 
-        variants = {"bf16": fwd_bf16, "fp8": lambda: fwd_fp8(True), "fp8_cached": lambda: fwd_fp8(False)}
+        def graph_ms(fwd) -> "float | None":
+            # fresh leaves (same storage): their gradient-accumulator nodes are then created on the capture stream;
+            # the ones of x and ws, made on the default stream and kept alive, invalidate a capture on another stream
+            gx = x.detach().requires_grad_()
+            gws = [w.detach().requires_grad_() for w in ws]
+            return graph_replay_ms(lambda: step(fwd, gx, gws), 10)
+
+        variants = {"bf16": fwd_bf16, "fp8": lambda **kw: fwd_fp8(True, **kw),
+                    "fp8_cached": lambda **kw: fwd_fp8(False, **kw)}
         flops = 6 * m * n * k * count
         ref = None
         for impl, fwd in variants.items():
@@ -213,14 +221,15 @@ class Bench:
                    "TFLOPs": flops / t["ms"] / 1e9}
             if self.cuda:  # calls queued back to back (the host runs ahead, as in training) and graph replays
                 row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda: step(fwd), dev, 10) for _ in range(5))
-                row["graph_ms"] = graph_replay_ms(lambda: step(fwd), 10)
+                row["graph_ms"] = graph_ms(fwd)
             ys = fwd()
             grads = torch.autograd.grad(ys, [x, *ws], dys)
             out = [y.detach() for y in ys] + list(grads)
+            del ys, grads  # the autograd graph must not outlive the row (see graph_ms)
             if ref is None:
                 ref = out
             else:
-                n_y = len(ys)
+                n_y = len(ws)
                 row["err_y"] = max(rel_err(o, r) for o, r in zip(out[:n_y], ref[:n_y]))
                 row["err_dx"] = rel_err(out[n_y], ref[n_y])
                 row["err_dw"] = max(rel_err(o, r) for o, r in zip(out[n_y + 1:], ref[n_y + 1:]))
