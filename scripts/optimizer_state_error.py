@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fp8coat.data.corpus import shakespeare_text
+from fp8coat.formats import get_format
 from fp8coat.optim.state_codec import decode, encode
 
 # (label, fp8 format, dynamic range expansion)
@@ -138,6 +139,61 @@ def roundtrip(x: torch.Tensor, fmt: str, expand: bool) -> torch.Tensor:
     """fp32 ``x`` -> FP8 codes (groups of 128 along the last dim) -> fp32, same shape."""
     q, absmax, expo = encode(x, fmt, GROUP_SIZE, expand)
     return decode(q, absmax, expo, fmt, GROUP_SIZE)
+
+
+def flat_block_roundtrip(x: torch.Tensor, fmt: str, block: int = 256) -> torch.Tensor:
+    """fp32 ``x`` -> plain FP8 in blocks of ``block`` consecutive elements of the *flattened* tensor (absmax scale
+    per block, no expansion: the layout of torchao's ``AdamWFp8``) -> fp32. Unlike groups along the last dim, a
+    block can span the end of one row and the start of the next when the row length is not a multiple of it."""
+    f = get_format(fmt)
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / f.max
+    q = (blocks / scale).clamp(-f.max, f.max).to(f.dtype).float() * scale
+    return q.reshape(-1)[: flat.numel()].view_as(x)
+
+
+# (label, round trip) of the state layouts compared by :func:`layout_comparison`, E4M3 for both moments
+LAYOUTS = (
+    ("rows/128, plain", lambda x: roundtrip(x, "e4m3", False)),
+    ("flat/256, plain", lambda x: flat_block_roundtrip(x, "e4m3", 256)),
+    ("rows/128, expansion", lambda x: roundtrip(x, "e4m3", True)),
+)
+
+
+def layout_comparison(snap: dict, beta1: float, beta2: float, eps: float) -> dict:
+    """E4M3 m and v in three layouts (:data:`LAYOUTS`): pooled MSE of the Adam direction, entries of m and v
+    flushed to 0, and the largest |u_q| / largest |u| (a flushed v turns u into m̂/eps)."""
+    t = snap["step"]
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    out = {lab: {"sq_err": 0.0, "m_flushed": 0, "v_flushed": 0, "max_abs_u_q": 0.0} for lab, _ in LAYOUTS}
+    n, max_u = 0, 0.0
+    for _, m, v in snap["tensors"]:
+        u = update_direction(m, v, bc1, bc2, eps)
+        n += u.numel()
+        max_u = max(max_u, float(u.abs().max()))
+        for lab, rt in LAYOUTS:
+            m_q, v_q = rt(m), rt(v)
+            u_q = update_direction(m_q, v_q, bc1, bc2, eps)
+            o = out[lab]
+            o["sq_err"] += float(((u_q - u).double() ** 2).sum())
+            o["m_flushed"] += int(((m != 0) & (m_q == 0)).sum())
+            o["v_flushed"] += int(((v != 0) & (v_q == 0)).sum())
+            o["max_abs_u_q"] = max(o["max_abs_u_q"], float(u_q.abs().max()))
+    return {"step": t, "max_abs_u": max_u,
+            "layouts": {lab: {"mse": o["sq_err"] / n, "m_flushed": o["m_flushed"], "v_flushed": o["v_flushed"],
+                              "max_abs_u_q": o["max_abs_u_q"]} for lab, o in out.items()}}
+
+
+def layout_report(res: dict) -> str:
+    """Markdown table of one :func:`layout_comparison` result."""
+    rows = ["| E4M3 m and v | MSE of m̂/(√v̂+eps) | m entries flushed | v entries flushed | max abs u_q |",
+            "|---|---|---|---|---|"]
+    for lab, o in res["layouts"].items():
+        rows.append(f"| {lab} | {o['mse']:.4e} | {o['m_flushed']} | {o['v_flushed']} | {o['max_abs_u_q']:.3g} |")
+    return "\n".join([f"#### State layouts at step {res['step']} (max abs u = {res['max_abs_u']:.3g})", "",
+                      *rows, ""])
 
 
 def expansion_exponents(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -339,8 +395,9 @@ def main(argv=None) -> dict:
     _, _, snaps, log = train(args)
     t_train = time.perf_counter() - t0
     results = [evaluate(snaps[s], args.beta1, args.beta2, args.eps) for s in sorted(snaps)]
+    layouts = [layout_comparison(snaps[s], args.beta1, args.beta2, args.eps) for s in sorted(snaps)]
     t_total = time.perf_counter() - t0
-    md = "\n".join(report(r) for r in results)
+    md = "\n".join(report(r) + "\n" + layout_report(lr) for r, lr in zip(results, layouts))
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
@@ -348,6 +405,7 @@ def main(argv=None) -> dict:
         "total_seconds": round(t_total, 1),
         "loss_log": log,
         "results": results,
+        "layouts": layouts,
         "ratio_by_step": {r["step"]: ratio(r) for r in results},
         "bulk_ratio_by_step": {r["step"]: bulk_ratio(r) for r in results},
     }

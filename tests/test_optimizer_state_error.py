@@ -85,3 +85,19 @@ def test_expansion_helps_each_moment(result):
         assert moments["E4M3+Expand"]["rel_err"] < 0.6 * moments["E4M3"]["rel_err"], key
         # Expansion maps a group's smallest non-zero value into the FP8 range: nothing is flushed to 0.
         assert moments["E4M3+Expand"]["flushed"] == 0, key
+
+
+def test_flat_blocks_mix_rows_and_flush_what_row_groups_keep():
+    """The layout comparison's mechanism: with rows of 320 (not a multiple of 256), one flattened block of 256
+    holds the end of a large row and the start of a tiny one; its absmax scale flushes the tiny values to 0, which
+    groups along the last dim (never mixing rows) keep."""
+    ose = _load_script()
+    x = torch.empty(2, 320)
+    x[0], x[1] = 1.0, 1e-7  # e.g. the v of a frequent and of a rare token's embedding row
+    flat = ose.flat_block_roundtrip(x, "e4m3", 256)
+    rows = ose.roundtrip(x, "e4m3", False)
+    assert torch.equal(flat[0], x[0])
+    assert (flat[1, :192] == 0).all()  # elements 256..511 of the flattened tensor: one block with x[0, 256:]
+    assert (flat[1, 192:] > 0).all()  # the last block holds only the tiny row
+    assert (rows > 0).all()
+    torch.testing.assert_close(rows, x, rtol=0.07, atol=0)
