@@ -20,7 +20,8 @@ _HELP = {
     "model": "preset (tiny, 25m, 60m, 125m, 350m, 1b, llama2-7b), an HF config JSON, or a pretrained checkpoint dir",
     "recipe": "bf16 | fp8-linear | coat",
     "master_weights": "auto | fp32 | bf16-remainder | bf16-stochastic | none",
-    "optimizer": "fp8coat (FP8 states) | torch (torch.optim.AdamW, fp32 params and states)",
+    "optimizer": "fp8coat (FP8 states) | torch (torch.optim.AdamW, fp32 params and states) | torchao-fp8 "
+                 "(torchao's AdamWFp8 with fp32 params, for comparisons; needs torchao)",
     "expansion": "dynamic range expansion of the FP8 optimizer states",
     "data": "shakespeare | mix | text file(s) / folder(s), comma-separated",
     "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",

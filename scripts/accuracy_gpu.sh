@@ -12,7 +12,7 @@
 # (flat names: the device returns few, small files). Merge the JSON files with scripts/merge_compare.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/accuracy}"
 RUNS="${RUNS:-/tmp/fp8coat-runs}"
 TAG="${TAG:-run}"

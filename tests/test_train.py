@@ -71,6 +71,7 @@ def test_compare_writes_table_and_plot(tmp_path, capsys):
     (["--seq-len", "5000"], "sequence length 5000 exceeds"),
     (["--steps", "0"], "steps must be >= 1"),
     (["--model", "giant"], "unknown model"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'; expected one of fp8coat, torch, torchao-fp8"),
 ])
 def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "bad"
@@ -164,3 +165,21 @@ def test_compile_helper_compiles_layers_in_place():
     assert set(model.state_dict()) == keys
     wrapped = _compile(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))  # no decoder layers: the module is wrapped
     assert type(wrapped).__name__ == "OptimizedModule"
+
+
+def test_torchao_optimizer_is_optional(tmp_path, capsys):
+    """``--optimizer torchao-fp8`` (a peer's FP8 AdamW, for comparisons): without torchao installed, a clear error
+    before anything is written; the compare modifier maps to it."""
+    import importlib.util
+
+    from fp8coat.train.compare import variant_config
+    from fp8coat.train.config import TrainConfig
+
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is installed here")
+    out = tmp_path / "ao"
+    assert _run(["train", "--out-dir", str(out), "--steps", "2", *COMMON, "--optimizer", "torchao-fp8"]) == 2
+    assert "needs torchao" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="needs torchao"):
+        variant_config(TrainConfig(), "bf16-torchaofp8", 0, str(tmp_path))

@@ -2,7 +2,9 @@
 
 A variant is a recipe name (``bf16``, ``fp8-linear``, ``coat``) optionally followed by modifiers:
 ``-noexp`` (optimizer states without dynamic range expansion), ``-torchopt`` (``torch.optim.AdamW`` with fp32
-params and states instead of ``fp8coat.AdamW``), ``-fp32master`` (fp32 params). With several seeds every variant
+params and states instead of ``fp8coat.AdamW``), ``-torchaofp8`` (torchao's ``AdamWFp8`` with fp32 params, if
+torchao is installed: FP8 states in blocks of 256 of the flattened tensor, no expansion), ``-fp32master`` (fp32
+params). With several seeds every variant
 runs once per seed and the table reports mean ± standard deviation.
 """
 
@@ -21,7 +23,7 @@ from .progress import MetricsLog
 __all__ = ["compare", "variant_config"]
 
 _MODIFIERS = {"noexp": {"expansion": False}, "torchopt": {"optimizer": "torch"},
-              "fp32master": {"master_weights": "fp32"}}
+              "torchaofp8": {"optimizer": "torchao-fp8"}, "fp32master": {"master_weights": "fp32"}}
 
 
 def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> TrainConfig:

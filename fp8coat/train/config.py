@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
 
 from ..optim.master_weights import MASTER_MODES
 from ..recipe import RECIPES
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "OPTIMIZERS"]
+
+OPTIMIZERS = ("fp8coat", "torch", "torchao-fp8")
 
 
 @dataclass
@@ -19,7 +22,8 @@ class TrainConfig:
     model: str = "tiny"
     recipe: str = "coat"
     master_weights: str = "auto"  # fp8coat.AdamW master-weight mode; params are bf16 unless "fp32"
-    optimizer: str = "fp8coat"  # "fp8coat" (FP8 states) or "torch" (torch.optim.AdamW, fp32 states)
+    optimizer: str = "fp8coat"  # "fp8coat" (FP8 states), "torch" (torch.optim.AdamW, fp32 states) or
+    # "torchao-fp8" (torchao's AdamWFp8, for comparison: FP8 states in blocks of the flattened tensor, no expansion)
     expansion: bool = True  # dynamic range expansion of the FP8 optimizer states
     compile: bool = False
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
@@ -55,8 +59,11 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
         if self.master_weights not in MASTER_MODES:
             raise ValueError(f"unknown master-weight mode {self.master_weights!r}; expected one of {MASTER_MODES}")
-        if self.optimizer not in ("fp8coat", "torch"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'fp8coat' or 'torch'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "torchao-fp8" and importlib.util.find_spec("torchao") is None:
+            raise ValueError("--optimizer torchao-fp8 needs torchao (pip install torchao): a peer library used for "
+                             "comparisons, not a dependency of fp8coat")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

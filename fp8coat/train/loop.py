@@ -53,6 +53,13 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     if cfg.optimizer == "torch":
         fused = next(model.parameters()).is_cuda
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+    if cfg.optimizer == "torchao-fp8":
+        try:
+            from torchao.optim import AdamWFp8
+        except ImportError as ex:
+            raise RuntimeError("--optimizer torchao-fp8 needs torchao (pip install torchao); it is a peer "
+                               "library used for comparisons, not a dependency of fp8coat") from ex
+        return AdamWFp8(groups, lr=cfg.lr, betas=betas)
     return AdamW(groups, lr=cfg.lr, betas=betas, expansion=cfg.expansion, master_weights=cfg.master_weights,
                  seed=cfg.seed)
 
@@ -98,8 +105,17 @@ def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> fl
     return total
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s data; for a wrapper tensor subclass (e.g. torchao's FP8 optimizer states), of its inner
+    tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def _state_bytes(optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items()
+    return sum(_tensor_bytes(v) for s in optimizer.state.values() for k, v in s.items()
                if isinstance(v, torch.Tensor) and k != "step")
 
 
@@ -118,7 +134,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
     train_ds, val_ds = TokenDataset(data.train_path), TokenDataset(data.val_path)
     val = eval_batches(val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # validates seq_len vs. the data
 
-    fp32_params = cfg.optimizer == "torch" or cfg.master_weights == "fp32"
+    fp32_params = cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32"
     autocast = fp32_params and cfg.recipe == "bf16"
     dtype = torch.float32 if fp32_params else torch.bfloat16
     model, source = build_model(cfg.model, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
@@ -162,7 +178,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
     for step in range(start, cfg.steps):
         lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # optimizers that keep lr on device expect it updated in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             loss = _loss(step_model, next(batches).to(device), autocast, head)
