@@ -68,7 +68,8 @@ def _accumulate(d_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor)
     """``d_weight += d_logitsᵀ·h`` in fp32: straight into ``d_weight`` where supported, else through a product
     in the inputs' dtype."""
     if d_logits.dtype != torch.float32 and _fp32_addmm_in_place(d_weight.device.type):
-        torch.addmm(d_weight, d_logits.t(), h, out_dtype=torch.float32, out=d_weight)
+        # an out= product is not autocast: under autocast h may be fp32 while the logits are bf16
+        torch.addmm(d_weight, d_logits.t(), h.to(d_logits.dtype), out_dtype=torch.float32, out=d_weight)
     else:
         d_weight += d_logits.t() @ h
 
