@@ -228,6 +228,31 @@ def test_prepared_group_plan_matches_general_path(master):
     assert float(o_fast.state[m_fast[2].weight]["step"]) == 6.0 and float(o_fast.state[m_fast[0].bias]["step"]) == 7.0
 
 
+def test_prepared_plan_yields_to_edited_groups_and_moved_parameters():
+    """A parameter appended to a group's list by hand, or a parameter whose storage is replaced, sends the step
+    back to the general path: the new parameter is updated and the moved one is updated where it now lives."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.nn.Parameter(torch.randn(64, 128, generator=g).to(device()))
+    b = torch.nn.Parameter(torch.randn(32, 128, generator=g).to(device()))
+    opt = fp8coat.AdamW([a], lr=1e-2, min_quantized_numel=0, backend="triton")
+    for p in (a, b):
+        p.grad = torch.randn(p.shape, generator=g).to(device())
+    opt.step()
+    opt.step()
+    assert 0 in opt._plans
+    opt.param_groups[0]["params"].append(b)  # not through add_param_group
+    before = b.detach().clone()
+    opt.step()
+    assert not torch.equal(b.detach(), before) and float(opt.state[b]["step"]) == 1.0
+    assert float(opt.state[a]["step"]) == 3.0
+    opt.step()  # a new plan covers both
+    assert opt._plans[0].params == [a, b]
+    a.data = a.data.clone()  # same values, new storage
+    moved = a.detach().clone()
+    opt.step()
+    assert not torch.equal(a.detach(), moved) and float(opt.state[a]["step"]) == 5.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # master-weight modes
 

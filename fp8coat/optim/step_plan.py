@@ -4,8 +4,8 @@
 time is spent re-deriving the same buckets every step (layouts, contiguity, alignment, step counts: tens of µs
 of Python per parameter). Once a step has sent every parameter of a group to the fused kernel, the group's
 buckets are frozen into a :class:`GroupStepPlan`. Each later step the plan checks, before launching anything,
-that every gradient is still present, dense, contiguous, 16-byte aligned and of the recorded dtype and shape; if
-one is not, it does nothing and returns False, and the optimizer takes its general path (which reports errors
+that the group holds the same parameters at the same addresses and that every gradient is still present, dense,
+contiguous, 16-byte aligned and of the recorded dtype and shape; if not, it does nothing and returns False, and the optimizer takes its general path (which reports errors
 and builds a new plan). The step counters of the planned parameters become views of one fp32 tensor, so one
 addition advances them all (``state["step"]`` stays a 0-d fp32 CPU tensor per parameter).
 """
@@ -77,12 +77,18 @@ class GroupStepPlan:
         self.steps = torch.stack([s["step"] for s in states])  # (n,) fp32 CPU: one add advances every counter
         for i, s in enumerate(states):
             s["step"] = self.steps[i]
+        self.addresses = [p.data_ptr() for p in self.params]
 
     def run(self, group: dict, seed: int, launch) -> bool:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
         ``launch(params, grads, states, layout, scalars, seed, cache) -> cache`` runs one fused update."""
+        members = group["params"]
+        if len(members) != len(self.params) or any(a is not b for a, b in zip(members, self.params)):
+            return False  # the group's parameter list was edited in place
         grads = []
-        for p, dtype in zip(self.params, self.grad_dtypes):
+        for p, dtype, address in zip(self.params, self.grad_dtypes, self.addresses):
+            if p.data_ptr() != address:  # the parameter's storage was replaced (e.g. p.data = ...)
+                return False
             g = p.grad
             if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()
                     or g.data_ptr() % 16 or g.shape != p.shape):
