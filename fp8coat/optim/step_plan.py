@@ -13,6 +13,7 @@ addition advances them all (``state["step"]`` stays a 0-d fp32 CPU tensor per pa
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
@@ -83,12 +84,12 @@ class GroupStepPlan:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
         ``launch(params, grads, states, layout, scalars, seed, cache) -> cache`` runs one fused update."""
         members = group["params"]
-        if len(members) != len(self.params) or any(a is not b for a, b in zip(members, self.params)):
+        if len(members) != len(self.params) or not all(map(operator.is_, members, self.params)):
             return False  # the group's parameter list was edited in place
         grads = []
-        for p, dtype, address in zip(self.params, self.grad_dtypes, self.addresses):
-            if p.data_ptr() != address:  # the parameter's storage was replaced (e.g. p.data = ...)
-                return False
+        if list(map(torch.Tensor.data_ptr, self.params)) != self.addresses:
+            return False  # a parameter's storage was replaced (e.g. p.data = ...)
+        for p, dtype in zip(self.params, self.grad_dtypes):
             g = p.grad
             if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()
                     or g.data_ptr() % 16 or g.shape != p.shape):
