@@ -167,6 +167,30 @@ def test_compile_helper_compiles_layers_in_place():
     assert type(wrapped).__name__ == "OptimizedModule"
 
 
+def test_compile_covers_more_layers_than_dynamo_default_limit():
+    """Each converted decoder layer is its own compiled variant of the shared layer code (per-module state is
+    guarded); with more layers than dynamo's default limit of 8 variants, every layer must still be compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fp8coat
+    from fp8coat.train.loop import _compile
+
+    n_layers = 10
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    model = fp8coat.convert(model.to(torch.bfloat16), "coat").train()
+    torch._dynamo.reset()
+    counters.clear()
+    _compile(model, model.model)
+    ids = torch.randint(0, 64, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] >= n_layers, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_torchao_optimizer_is_optional(tmp_path, capsys):
     """``--optimizer torchao-fp8`` (a peer's FP8 AdamW, for comparisons): without torchao installed, a clear error
     before anything is written; the compare modifier maps to it."""
