@@ -46,6 +46,7 @@ from harness import finish, log, problem_lines, stop_on_sigterm, sync, time_back
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fp8coat  # noqa: E402
+from fp8coat.memory import optimizer_state_bytes  # noqa: E402
 from fp8coat.optim.master_weights import join_bf16_remainder  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
@@ -101,36 +102,6 @@ def make_grad(shape, dtype, device, gen) -> torch.Tensor:
 def time_steps(step, device, warmup: int, steps: int) -> dict:
     """Median ms per step (each step bracketed by events, synchronized), and the back-to-back mean."""
     return {**time_ms(step, device, warmup, steps), "ms_b2b": time_back_to_back_ms(step, device, steps)}
-
-
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding a (possibly subclassed, e.g. torchao) state tensor's data."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        out = []
-        for n in names:
-            out += _inner_tensors(getattr(t, n))
-        return out
-    return [t]
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors ('step' counters excluded, shared tensors counted once)."""
-    seen = set()
-    total = 0
-    for state in opt.state.values():
-        for key, value in state.items():
-            if key == "step" or not isinstance(value, torch.Tensor):
-                continue
-            for t in _inner_tensors(value):
-                if t.numel() == 0:
-                    continue
-                ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                total += t.numel() * t.element_size()
-    return total
 
 
 def param_storage_bytes(params) -> tuple[int, int, int]:

@@ -81,21 +81,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if want_dh else None
-        if n <= chunk:  # one chunk: the weight gradient is one GEMM (fp32 accumulation inside), no fp32 buffer
-            loss, d_logits = _chunk(hidden @ weight.t(), labels, count, want_dh or want_dw)
-            d_weight = (d_logits.t() @ hidden).to(weight.dtype) if want_dw else None
-            if want_dh:
-                d_hidden.copy_(d_logits @ weight)  # (under autocast the product's dtype may differ from hidden's)
-            ctx.save_for_backward(d_hidden, d_weight)
-            return loss.sum() / count
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+        single = 0 < n <= chunk  # one chunk: its weight gradient is one GEMM (fp32 accumulation inside)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw and not single \
+            else None
         for s in range(0, n, chunk):
             h = hidden[s: s + chunk]
             loss, d_logits = _chunk(h @ weight.t(), labels[s: s + chunk], count, want_dh or want_dw)
             total += loss.sum()
-            if want_dh:
+            if want_dh:  # (a copy: under autocast the product's dtype may differ from hidden's)
                 d_hidden[s: s + chunk] = d_logits @ weight
-            if want_dw:
+            if want_dw and single:
+                d_weight = d_logits.t() @ h
+            elif want_dw:
                 _accumulate(d_weight, d_logits, h)
             del d_logits
         if want_dw:

@@ -85,19 +85,19 @@ class FP8WeightCache:
         return 0 if self.q is None else self.q.numel() + 4
 
 
+def _cache(handle: int) -> "FP8WeightCache | None":
+    return FP8WeightCache.lookup(handle) if handle > 0 else None
+
+
 def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = FP8WeightCache.lookup(handle) if handle > 0 else None
-    if cache is not None:
-        return cache.get(w)
-    return quantize_per_tensor(w.detach(), fmt)
+    cache = _cache(handle)
+    return cache.get(w) if cache is not None else quantize_per_tensor(w.detach(), fmt)
 
 
 def _weight_scale(w: torch.Tensor, handle: int, fmt) -> torch.Tensor:
     """The scale ``_weight_fp8`` gives ``w``, without quantizing it again when no cache holds it."""
-    cache = FP8WeightCache.lookup(handle) if handle > 0 else None
-    if cache is not None:
-        return cache.get(w)[1]
-    return tensor_scale(w.detach(), fmt)
+    cache = _cache(handle)
+    return cache.get(w)[1] if cache is not None else tensor_scale(w.detach(), fmt)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conversion import convert
-from ..memory import measure_saved_tensors
+from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -121,20 +121,6 @@ def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> fl
     total = sum(_loss(model, b.to(device), autocast).item() for b in batches) / len(batches)
     model.train(was_training)
     return total
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of ``t``'s data; for a wrapper tensor subclass (e.g. torchao's FP8 optimizer states), of its inner
-    tensors."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def _state_bytes(optimizer) -> int:
-    return sum(_tensor_bytes(v) for s in optimizer.state.values() for k, v in s.items()
-               if isinstance(v, torch.Tensor) and k != "step")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None, quiet: bool = False) -> dict:
@@ -257,7 +243,7 @@ def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train
         "final_train_loss": final_train,  # mean over the last FINAL_WINDOW steps
         "final_val_loss": val_loss,
         "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
-        "optimizer_state_bytes": _state_bytes(optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
