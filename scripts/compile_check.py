@@ -28,7 +28,9 @@ _TYPES = {
 
 
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, **options):
-    """Compile ``fn`` (a ``triton.jit`` function) for sm_90 with JIT-like specialization of ``args``."""
+    """Compile ``fn`` (a ``triton.jit`` function, or a ``FastKernel`` around one) for sm_90 with JIT-like
+    specialization of ``args``."""
+    fn = getattr(fn, "fn", fn)
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -161,14 +163,17 @@ def main() -> int:
     rows.append(report("group_dequant G=16", compile_sm90(
         qk._group_dequant_kernel, dict(q_ptr=q, s_ptr=s, x_ptr=x, R=4096, K=4096, NG=256, stride_qr=4096,
                                        stride_qk=1), dict(G=16, BLOCK_R=block_r, BLOCK_K=block_k))))
-    part = torch.empty(1024, dtype=torch.float32)
-    rows.append(report("tile_amax", compile_sm90(
-        qk._tile_amax_kernel, dict(x_ptr=x, part_ptr=part, **common), dict(BLOCK_R=block_r, BLOCK_K=block_k))))
+    part = torch.empty(qk.AMAX_PROGRAMS, dtype=torch.float32)
     one = torch.empty((), dtype=torch.float32)
     counter = torch.empty(1, dtype=torch.int32)
-    rows.append(report("amax_scale (last program finalizes)", compile_sm90(
-        qk._amax_scale_kernel, dict(x_ptr=x, part_ptr=part, count_ptr=counter, scale_ptr=one, **common),
-        dict(FMAX=E4M3.max, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=1024))))
+    tiles_k = triton.cdiv(4096, block_k)
+    for scale in (False, True):
+        rows.append(report(f"amax{' -> scale' if scale else ''} (programs loop over tiles, last one finalizes)",
+                           compile_sm90(qk._amax_kernel, dict(x_ptr=x, part_ptr=part, count_ptr=counter, out_ptr=one,
+                                                              TILES_K=tiles_k, TILES=tiles_k * 4096 // block_r,
+                                                              **common),
+                                        dict(FMAX=E4M3.max, SCALE=scale, BLOCK_R=block_r, BLOCK_K=block_k,
+                                             BLOCK=qk.AMAX_PROGRAMS))))
     rows.append(report("scaled_quant e5m2", compile_sm90(
         qk._scaled_quant_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
         dict(FMAX=E5M2.max, BLOCK_R=block_r, BLOCK_K=block_k))))

@@ -49,8 +49,8 @@ EOF
 }
 
 section_launch() {
-  # host cost of one small Triton launch: public function, JIT launch, compiled runner, allocations, an aten op
-  python3 scripts/launch_overhead_gpu.py
+  # where the FP8 linear's host time goes: pieces, whole calls (tiny and real shapes), cProfile
+  python3 scripts/host_overhead_gpu.py
 }
 
 section_pytest_gpu() {

@@ -122,3 +122,35 @@ def test_chunked_loss_under_autocast_with_fp32_inputs():
     for a, b in ((h.grad, h2.grad), (w.grad, w2.grad)):
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
         assert float((a - b).norm() / b.norm()) < 0.03  # both paths round the logits and their gradient to bf16
+
+
+def test_fast_launch_picks_the_kernel_the_jit_picks_and_computes_the_same():
+    """FastKernel's own specialization key against Triton's: for arguments differing in each thing the JIT
+    specializes on (pointer alignment, an int equal to 1, ints divisible by 16 or not, dtype, constexprs), the
+    kernel the fast path launches is the object Triton's JIT returns for the same arguments."""
+    from fp8coat.quantization import triton_kernels as tk
+
+    kernel = tk._scaled_quant_kernel
+    base = finite_random((64, 160), torch.float32, seed=5, device="cuda")
+    scale = torch.tensor(0.01, device="cuda")
+    cases = [
+        (base.to(torch.bfloat16), E4M3), (base.to(torch.bfloat16)[:, 1:], E4M3), (base[:1], E5M2),
+        (base[:, :33], E4M3), (base[:17, :48], E5M2), (base.to(torch.bfloat16)[:1, :1], E4M3),
+    ]
+    for x, fmt in cases:
+        x2 = x.reshape(-1, x.shape[-1])
+        r, k = x2.shape
+        block_r, block_k = tk._tiles(r, k)
+        grid = (-(-r // block_r), -(-k // block_k))
+        outs = []
+        for _ in range(3):  # first launch: the JIT; then the direct path
+            q = torch.empty(x2.shape, dtype=fmt.dtype, device="cuda")
+            args = (x2, scale, q, r, k, x2.stride(0), x2.stride(1))
+            kw = dict(FMAX=fmt.max, BLOCK_R=block_r, BLOCK_K=block_k)
+            kernel[grid](*args, **kw)
+            outs.append(q)
+        jit_kernel = kernel.fn[grid](*args, **kw)
+        assert kernel.cached_kernel(args, kw) is jit_kernel, f"shape {tuple(x.shape)} strides {x.stride()}"
+        want = quantize_per_tensor(x, fmt, scale, backend="torch")[0]
+        for q in outs:
+            assert_bit_equal(want, q, f"{tuple(x.shape)} {fmt.name}")

@@ -206,3 +206,21 @@ def test_tensor_scale_one_pass_matches_reference(shape):
         x = x.to(device())
         for fmt in (E4M3, E5M2):
             assert_bit_equal(tensor_scale(x, fmt, backend="torch"), tensor_scale(x, fmt, backend="triton"), name)
+
+
+@pytest.mark.parametrize("max_programs", [1, 3, 7])
+def test_amax_programs_loop_over_tiles_and_leave_the_counter_at_zero(max_programs, monkeypatch):
+    """Fewer programs than tiles: each folds several tiles. One scratch pair reused by every launch (as on a CUDA
+    stream): each launch must leave its counter at 0 for the next."""
+    from fp8coat.quantization import triton_kernels as tk
+
+    scratch = tk._amax_scratch(device())
+    monkeypatch.setattr(tk, "_amax_scratch", lambda dev: scratch)
+    for name, x in _inputs((300, 1000), torch.bfloat16, seed=31 + max_programs):
+        x = x.to(device())[:, 3:997]  # strided rows, tiles with ragged edges
+        for fmt in (None, E4M3, E5M2):
+            out = torch.empty((), dtype=torch.float32, device=device())
+            tk._launch_amax(x, out, fmt, max_programs=max_programs)
+            want = ref.tensor_amax(x) if fmt is None else ref.scale_from_amax(ref.tensor_amax(x), fmt)
+            assert_bit_equal(want, out, f"{name} {fmt} programs={max_programs}")
+            assert scratch[1].item() == 0

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv, next_power_of_2
+from .._launch import fast_kernel
 from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
 from ..quantization.triton_kernels import group_quant_store
 from .activations import _C, _C3, _INV_SQRT_2PI, _K2, _SQRT1_2, _TANH_CLAMP, FP8
@@ -89,6 +90,7 @@ def _dequant_load(q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
     return tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // G, G)) * s[:, :, None], (BLOCK_R, BLOCK_K))
 
 
+@fast_kernel
 @triton.jit
 def _act_fwd_kernel(
     x_ptr, u_ptr, out_ptr, xq_ptr, xs_ptr, uq_ptr, us_ptr,  # x, u: (R, K) strided; the rest contiguous
@@ -113,6 +115,7 @@ def _act_fwd_kernel(
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_kernel
 @triton.jit
 def _act_bwd_kernel(
     dy_ptr, xq_ptr, xs_ptr, uq_ptr, us_ptr, dx_ptr, du_ptr,  # dy: (R, K) strided; the rest contiguous

@@ -20,8 +20,10 @@ import triton
 import triton.language as tl
 
 from .._grid import next_power_of_2
+from .._launch import fast_kernel
 
 
+@fast_kernel
 @triton.jit
 def _ce_chunk_kernel(
     z_ptr, y_ptr, count_ptr, loss_ptr,  # z: (C, V), row stride stride_z; y: (C,) int64; count: 0-d fp32; loss: (C,)

@@ -163,11 +163,13 @@ def _norm_bwd_torch(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, nee
 _TILE_ELEMS = 4096  # elements per program and row block (BLOCK_R * BLOCK_H, BLOCK_R >= 1)
 
 if triton is not None:
+    from .._launch import fast_kernel
     from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
     from ..quantization.triton_kernels import _abs_nan_to_inf, _clamp_cast
 
     MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)
 
+    @fast_kernel
     @triton.jit
     def _norm_fwd_kernel(
         x_ptr, w_ptr, b_ptr,  # x: (R, H) strided; w, b: (H,)
@@ -215,6 +217,7 @@ if triton is not None:
         gcols = tl.arange(0, BLOCK_H // G)
         tl.store(s_ptr + rows64[:, None] * NG + gcols[None, :], s, mask=rmask[:, None] & (gcols[None, :] < NG))
 
+    @fast_kernel
     @triton.jit
     def _norm_bwd_kernel(
         dy_ptr, q_ptr, s_ptr, mean_ptr, rstd_ptr, w_ptr,  # dy: (R, H) strided; the rest as saved by the forward

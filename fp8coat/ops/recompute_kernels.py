@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv
+from .._launch import fast_kernel
 from ..quantization import quantize_transpose
 from ..quantization.triton_kernels import _clamp_cast
 from .activation_kernels import _act_tl, _dequant_load, _interpreting, libdevice
@@ -16,6 +17,7 @@ _KINDS = {"rmsnorm": 0, "swiglu": 2}  # 1: rmsnorm with a weight
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+@fast_kernel
 @triton.jit
 def _recompute_kernel(
     a_q, a_s, b_q, b_s, rstd_ptr, w_ptr, scale_ptr, out_ptr,  # a/b: (M, K) fp8 + (M, NG) fp32, contiguous

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_kernel
 from ..formats import E4M3
 from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
 from ..quantization.triton_kernels import scale_from_amax_tl
@@ -154,6 +155,7 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         tl.store(q_ptr + offs, x, mask=mask)
 
 
+@fast_kernel
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not select another compiled variant
 def _adamw_step_kernel(
     table, meta, prog_tensor, NT, lr_ptr, lr_value, seed,

@@ -7,7 +7,7 @@ torch exactly; the per-element work is one multiply, a clamp and the cast.
 Kernels:
   * ``_group_quant_kernel``   x -> (q, scale) per 1×G group (scale fp32, shape (R, ceil(K/G))).
   * ``_group_dequant_kernel`` (q, scale) -> x.
-  * ``_tile_amax_kernel``     stage 1 of "group scaling": one partial amax per tile, no host sync.
+  * ``_amax_kernel``          per-tensor amax or scale in one launch (partials + last-program reduction), no host sync.
   * ``_scaled_quant_kernel``  stage 2: quantize with one scale read from device memory.
 """
 
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv, next_power_of_2
+from .._launch import fast_kernel
 from ..formats import FP8Format, get_format
 from .reference import MIN_SCALE as _MIN_SCALE_PY
 from .reference import check_group_size
@@ -71,6 +72,7 @@ def group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
     tl.store(s_ptr + rows[:, None] * NG + gcols[None, :], s, mask=(rows[:, None] < R) & (gcols[None, :] < NG))
 
 
+@fast_kernel
 @triton.jit
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr,  # x: (R, K) strided; q: (R, K) contiguous; s: (R, NG) contiguous fp32
@@ -86,6 +88,7 @@ def _group_quant_kernel(
     group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG, FMAX, G, BLOCK_R, BLOCK_K)
 
 
+@fast_kernel
 @triton.jit
 def _group_dequant_kernel(
     q_ptr, s_ptr, x_ptr,  # q: (R, K) strided; s: (R, NG) contiguous; x: (R, K) contiguous
@@ -104,48 +107,45 @@ def _group_dequant_kernel(
     tl.store(x_ptr + rows[:, None] * K + cols[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_kernel
 @triton.jit
-def _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's tile amax (NaN counts as +inf) -> part_ptr[program index]."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(_abs_nan_to_inf(x), axis=1), axis=0)
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_k, amax)
-
-
-@triton.jit
-def _tile_amax_kernel(
-    x_ptr, part_ptr,  # x: (R, K) strided; part: (grid_r * grid_k,) fp32
-    R, K, stride_xr, stride_xk,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _amax_kernel(
+    x_ptr, part_ptr, count_ptr, out_ptr,  # part: (>= programs,) fp32 scratch; count: int32, 0 on entry and exit
+    R, K, stride_xr, stride_xk, TILES_K, TILES,  # x: (R, K) strided, cut in TILES tiles, TILES_K per tile row
+    FMAX: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R, BLOCK_K)
+    """Per-tensor amax (NaN counts as +inf) in one launch -> out_ptr: the amax, or with SCALE the scale
+    ``scale_from_amax(amax, FMAX)``.
 
-
-@triton.jit
-def _amax_scale_kernel(
-    x_ptr, part_ptr, count_ptr, scale_ptr,  # part: (programs,) fp32; count: int32 zero; scale: 0-d fp32 (out)
-    R, K, stride_xr, stride_xk,
-    FMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Per-tile amax like ``_tile_amax_kernel``; the program that finishes last reduces the partials and writes
-    the scale (the finalize step in the same launch). The atomic counter (acquire-release) makes every other
-    program's partial visible to it."""
-    _store_tile_amax(x_ptr, part_ptr, R, K, stride_xr, stride_xk, BLOCK_R, BLOCK_K)
-    n = tl.num_programs(0) * tl.num_programs(1)
+    Each program folds tiles pid, pid + programs, ... into a running maximum (a few programs per SM, so few
+    partials and atomics) and stores its partial; the program that finishes last (an acquire-release atomic
+    counter makes every other partial visible to it) reduces the partials, writes the result and resets the
+    counter to zero, so the counter can be reused by the next launch on the same stream without a memset.
+    """
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for t in range(pid, TILES, n):
+        tr = t // TILES_K
+        tk = t - tr * TILES_K
+        rows = tr * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tk * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        acc = tl.maximum(acc, _abs_nan_to_inf(x.to(tl.float32)))
+    tl.store(part_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == n - 1:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0, volatile=True))
-        tl.store(scale_ptr, scale_from_amax_tl(tl.max(acc, axis=0), FMAX))
+        offs = tl.arange(0, BLOCK)
+        amax = tl.max(tl.load(part_ptr + offs, mask=offs < n, other=0.0, volatile=True), axis=0)
+        if SCALE:
+            tl.store(out_ptr, scale_from_amax_tl(amax, FMAX))
+        else:
+            tl.store(out_ptr, amax)
+        tl.atomic_xchg(count_ptr, 0)
 
 
+@fast_kernel
 @triton.jit
 def _scaled_quant_kernel(
     x_ptr, s_ptr, q_ptr,  # x: (R, K) strided; s: 0-d fp32 scale; q: (R, K) contiguous
@@ -164,6 +164,7 @@ def _scaled_quant_kernel(
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
 
 
+@fast_kernel
 @triton.jit
 def _quant_transpose_kernel(
     x_ptr, s_ptr, q_ptr, qt_ptr,  # x: (M, K) strided; s: 0-d fp32; q: (M, K) contiguous; qt: (K, M_pad) contiguous
@@ -250,16 +251,12 @@ def dequantize_per_group_triton(
 
 
 def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
-    """Two-stage amax (per-tile partial maxima, then a device-side max): 0-d fp32, no host sync."""
+    """Per-tensor amax in one launch (``_amax_kernel``): 0-d fp32, no host sync."""
+    out = torch.empty((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    x2 = _as_2d(x)
-    r, k = x2.shape
-    block_r, block_k = _tiles(r, k)
-    grid = (cdiv(r, block_r), cdiv(k, block_k))
-    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    _tile_amax_kernel[grid](x2, part, r, k, x2.stride(0), x2.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
-    return part.amax()
+        return out.zero_()
+    _launch_amax(x, out, None)
+    return out
 
 
 def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
@@ -291,21 +288,53 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
 
 
 def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
-    """Per-tensor scale ``max(amax(x) / fmax, 2^-126)`` as a 0-d fp32 device tensor: one Triton launch (plus a
-    memset of its counter), no host sync."""
+    """Per-tensor scale ``max(amax(x) / fmax, 2^-126)`` as a 0-d fp32 device tensor: one launch, no host sync."""
     fmt = get_format(fmt)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return scale.fill_(MIN_SCALE_VALUE)
+    _launch_amax(x, scale, fmt)
+    return scale
+
+
+AMAX_PROGRAMS = 1024  # at most this many programs per amax launch (~8 per SM on a 132-SM GPU)
+_AMAX_SCRATCH: "dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]" = {}
+
+
+def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials (AMAX_PROGRAMS,) fp32, counter (1,) int32 holding 0) for one ``_amax_kernel`` launch.
+
+    On CUDA one pair per (device, stream), allocated once: launches on one stream run one after another and
+    each leaves the counter at zero, so no memset is needed per call. While a CUDA graph is being captured, a
+    fresh pair (zeroed inside the graph) keeps the graph's launches apart from eager ones on the same stream.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
+                torch.zeros(1, dtype=torch.int32, device=device))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    scratch = _AMAX_SCRATCH.get(key)
+    if scratch is None:
+        scratch = _AMAX_SCRATCH[key] = (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
+                                        torch.zeros(1, dtype=torch.int32, device=device))
+    return scratch
+
+
+def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
+                 max_programs: int = AMAX_PROGRAMS) -> None:
+    """amax (``fmt`` None) or scale of non-empty ``x`` into the 0-d fp32 ``out``; ``max_programs`` <= AMAX_PROGRAMS
+    (tests lower it to make programs loop over several tiles)."""
     x2 = _as_2d(x)
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
-    grid = (cdiv(r, block_r), cdiv(k, block_k))
-    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    count = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _amax_scale_kernel[grid](x2, part, count, scale, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max,
-                             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=1024)
-    return scale
+    tiles_k = cdiv(k, block_k)
+    tiles = cdiv(r, block_r) * tiles_k
+    part, count = _amax_scratch(x.device)
+    _amax_kernel[(min(tiles, max_programs, AMAX_PROGRAMS),)](
+        x2, part, count, out, r, k, x2.stride(0), x2.stride(1), tiles_k, tiles,
+        FMAX=fmt.max if fmt is not None else 1.0, SCALE=fmt is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK=AMAX_PROGRAMS,
+    )
 
 
 def quantize_per_tensor_triton(
