@@ -7,16 +7,16 @@
    tiny shape (host-bound: the figure is the host cost) and at 8192 × 4096 → 4096: the time to enqueue 10 calls
    without waiting, against the wall time of the 10 calls (enqueue ≈ wall: host-bound; enqueue << wall:
    GPU-bound; enqueue > GPU time with the host blocked inside a call: something waits for the GPU).
-3. cProfile of 10 FP8 fwd+bwd calls at the real shape, by own time: a C function with a large own time per call
-   is where the host waits.
+3. Host µs per call of each function the FP8 linear calls (timed by wrapping them), forward and backward apart,
+   on a tiny shape: the rest of a call's time is the op's own Python and autograd.
+4. The amax kernel's GPU time at 8192 × 4096 bf16 for several tile sizes, warp counts and program counts (CUDA
+   events, median of 20), against a copy of the same tensor.
 
     python3 scripts/host_overhead_gpu.py
 """
 
 from __future__ import annotations
 
-import cProfile
-import pstats
 import statistics
 import sys
 import time
@@ -114,20 +114,188 @@ def whole_linear() -> None:
             print(f"{name:>12} {statistics.median(enq):9.1f} {statistics.median(wall):9.1f}")
 
 
-def profile_real_shape() -> None:
-    for name in ("fp8", "fp8_cached"):
-        fn = _linear_variants(8192, 4096, 4096)[name]
-        for _ in range(5):
-            fn()
+def breakdown(m: int = 256, k: int = 256, n: int = 256, calls: int = 200) -> None:
+    import fp8coat.ops.linear as lin
+
+    totals: "dict[str, float]" = {}
+    originals = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    names = ("tensor_scale", "quantize_transpose", "quantize_per_tensor", "fp8_mm")
+    for name in names:
+        originals[name] = getattr(lin, name)
+        setattr(lin, name, timed(name, originals[name]))
+    try:
+        for variant, fn_all in _linear_variants(m, k, n).items():
+            if variant == "bf16":
+                continue
+            for _ in range(20):
+                fn_all()
+            torch.cuda.synchronize()
+            totals.clear()
+            fwd_s = bwd_s = 0.0
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
+            cache = FP8WeightCache()
+            for _ in range(calls):
+                if variant == "fp8":
+                    cache.clear()
+                t0 = time.perf_counter()
+                y = linear(x, w, cache=cache)
+                t1 = time.perf_counter()
+                torch.autograd.grad(y, [x, w], gy)
+                t2 = time.perf_counter()
+                fwd_s += t1 - t0
+                bwd_s += t2 - t1
+            torch.cuda.synchronize()
+            us = lambda v: v * 1e6 / calls  # noqa: E731
+            print(f"\n{variant} {m}x{k}->{n}: forward {us(fwd_s):.1f} µs, backward (autograd.grad) {us(bwd_s):.1f} µs per call")
+            for name in names:
+                print(f"  {us(totals.get(name, 0.0)):8.1f}  {name}")
+            print(f"  {us(fwd_s + bwd_s - sum(totals.values())):8.1f}  rest (the op's Python, autograd, weight cache)")
+    finally:
+        for name, fn in originals.items():
+            setattr(lin, name, fn)
+
+
+def bisect(calls: int = 200) -> None:
+    """The same pieces timed alone, on fresh tensors, in the op's order, and from a second thread (as the
+    autograd engine runs backward on a worker thread for CUDA tensors)."""
+    import threading
+
+    from fp8coat.ops.linear import fp8_mm
+    from fp8coat.quantization import quantize_transpose, tensor_scale
+
+    xs = [torch.randn(256, 256, device="cuda", dtype=torch.bfloat16) for _ in range(calls)]
+    w8 = torch.randn(256, 256, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+
+    def loop(fn) -> float:
         torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(10):
-            fn()
+        t0 = time.perf_counter()
+        for x in xs:
+            fn(x)
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
-        prof.disable()
-        print(f"\ncProfile, 10 calls of {name} at 8192x4096 -> 4096, by own time:")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        return (t1 - t0) * 1e6 / calls
+
+    def sequence(x):
+        s = tensor_scale(x, "e4m3")
+        q, qt = quantize_transpose(x, "e4m3", s)
+        fp8_mm(q, s, w8, one, torch.bfloat16, fast_accum=True)
+
+    rows = {
+        "tensor_scale, same tensor": lambda x: tensor_scale(xs[0], "e4m3"),
+        "tensor_scale, a fresh tensor each call": lambda x: tensor_scale(x, "e4m3"),
+        "quantize_transpose, fresh tensors": lambda x: quantize_transpose(x, "e4m3", one),
+        "fp8_mm 256^3": lambda x: fp8_mm(w8, one, w8, one, torch.bfloat16, fast_accum=True),
+        "scale + quantize_transpose + fp8_mm in sequence": sequence,
+    }
+    print(f"\nhost µs per call, {calls} calls:")
+    for name, fn in rows.items():
+        loop(fn)
+        print(f"  {loop(fn):8.1f}  {name}")
+    out = []
+    th = threading.Thread(target=lambda: out.append(loop(sequence)))
+    th.start()
+    th.join()
+    out.clear()
+    th = threading.Thread(target=lambda: out.append(loop(sequence)))
+    th.start()
+    th.join()
+    print(f"  {out[0]:8.1f}  the same sequence on a second thread")
+
+    def python_only(_x):
+        total = 0
+        for i in range(300):
+            total += i * i
+        return total
+
+    main_us = loop(python_only)
+    out.clear()
+    th = threading.Thread(target=lambda: out.append(loop(python_only)))
+    th.start()
+    th.join()
+    print(f"  {main_us:8.1f} / {out[0]:.1f}  a pure-Python loop (no CUDA) on the main thread / on a second thread")
+
+    import cProfile
+    import pstats
+
+    fn = _linear_variants(256, 256, 256)["fp8_cached"]
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((v[2], v[3], v[0], k) for k, v in stats.items()), reverse=True)[:25]
+    print(f"\ncProfile of {calls} fp8_cached fwd+bwd 256^3 calls: own / cumulative µs per fwd+bwd call, calls per call")
+    for own, cum, n, (file, line, func) in rows:
+        print(f"  {own * 1e6 / calls:8.1f} {cum * 1e6 / calls:8.1f} {n / calls:6.1f}  {Path(file).name}:{line} {func}")
+
+
+def amax_sweep() -> None:
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    r, k = x.shape
+    part = torch.empty(8192, dtype=torch.float32, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+
+    def gpu_ms(fn, launches: int = 20) -> float:
+        """ms per call of ``fn`` from replays of a CUDA graph of ``launches`` calls (no launch gaps)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(launches):
+                fn()
+        times = []
+        for _ in range(7):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / launches)
+        return statistics.median(times)
+
+    y = torch.empty_like(x)
+    print(f"\namax of 8192x4096 bf16 (64 MiB), GPU µs: copy of the tensor {gpu_ms(lambda: y.copy_(x)) * 1e3:.1f} "
+          f"(reads and writes), current launcher (incl. its scratch) {gpu_ms(lambda: tk.tensor_scale_triton(x, E4M3)) * 1e3:.1f}")
+    print(f"{'tile':>10} {'warps':>6} {'programs':>9} {'µs':>7}")
+    for block_r, block_k in ((4, 1024), (8, 1024), (16, 1024)):
+        tiles_k = -(-k // block_k)
+        tiles = -(-r // block_r) * tiles_k
+        for warps in (4, 8):
+            for programs in (528, 1056, 2112):
+                if programs > part.numel() or programs > tiles:
+                    continue
+                meta = dict(FMAX=E4M3.max, SCALE=True, BLOCK_R=block_r, BLOCK_K=block_k,
+                            BLOCK=next_pow2(programs), num_warps=warps)
+                args = (x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles)
+                us = gpu_ms(lambda: tk._amax_kernel.fn[(programs,)](*args, **meta)) * 1e3
+                print(f"{block_r:>4}x{block_k:<5} {warps:>6} {programs:>9} {us:7.1f}")
+
+
+def next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
 
 
 def main() -> int:
@@ -136,7 +304,9 @@ def main() -> int:
         return 0
     pieces()
     whole_linear()
-    profile_real_shape()
+    breakdown()
+    bisect()
+    amax_sweep()
     return 0
 
 

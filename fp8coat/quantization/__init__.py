@@ -53,6 +53,7 @@ def resolve_backend(x: torch.Tensor, backend: "str | None") -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels():
     from . import triton_kernels
 
