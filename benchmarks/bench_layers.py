@@ -59,6 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fp8coat  # noqa: E402
+from fp8coat.compiling import compile_layers  # noqa: E402
 from fp8coat.memory import measure_saved_tensors  # noqa: E402
 from fp8coat.ops.linear import FP8WeightCache, linears  # noqa: E402
 
@@ -96,8 +97,7 @@ def compile_fn(module: torch.nn.Module, mode: str, layers=None):
     """``torch.compile`` the module whole (``mode='model'``) or each of ``layers`` in place (``'layers'``)."""
     if mode == "model" or layers is None:
         return torch.compile(module)
-    for layer in layers:
-        layer.compile()
+    compile_layers(layers)  # each layer with its own compiled code (see fp8coat.compiling)
     return module
 
 

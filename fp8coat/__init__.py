@@ -3,8 +3,10 @@ FP8 activations with mixed granularity).
 
     model = fp8coat.convert(model, "coat")            # FP8 linears + FP8-saved activations, same parameter names
     opt = fp8coat.AdamW(model.parameters(), lr=3e-4)  # FP8 optimizer states with dynamic range expansion
+    fp8coat.compile_layers(model.model.layers)        # optional: torch.compile each decoder layer
 """
 
+from .compiling import compile_layers
 from .conversion import conversion_summary, convert, unconvert
 from .formats import E4M3, E5M2, FP8Format, get_format
 from .optim import AdamW, StepInBackward
@@ -13,6 +15,6 @@ from .recipe import RECIPES, Recipe, get_recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "StepInBackward", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
+    "AdamW", "StepInBackward", "compile_layers", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
     "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
 ]

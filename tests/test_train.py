@@ -155,21 +155,24 @@ def test_compile_flag_compiles_each_decoder_layer(tmp_path):
 def test_compile_helper_compiles_layers_in_place():
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fp8coat.compiling import is_compiled
     from fp8coat.train.loop import _compile
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
     keys = set(model.state_dict())
     assert _compile(model, model.model) is model.model  # the layers are compiled, not the step module
-    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert all(is_compiled(layer) for layer in model.model.layers)
     assert set(model.state_dict()) == keys
     wrapped = _compile(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))  # no decoder layers: the module is wrapped
     assert type(wrapped).__name__ == "OptimizedModule"
 
 
-def test_compile_covers_more_layers_than_dynamo_default_limit():
-    """Each converted decoder layer is its own compiled variant of the shared layer code (per-module state is
-    guarded); with more layers than dynamo's default limit of 8 variants, every layer must still be compiled."""
+def test_compiled_layers_each_keep_their_own_variants():
+    """Converted decoder layers differ in state dynamo guards, so each is a compiled variant of its own. With one
+    shared code object they would queue up in one list (quadratic lookups, and past dynamo's limit of 8 the rest
+    silently runs uncompiled); ``compile_layers`` gives each layer a private copy of its forward code: every layer
+    compiled, each with exactly one variant (training), more layers than the default limit."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -186,8 +189,17 @@ def test_compile_covers_more_layers_than_dynamo_default_limit():
     counters.clear()
     _compile(model, model.model)
     ids = torch.randint(0, 64, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
     assert counters["stats"]["unique_graphs"] >= n_layers, dict(counters["stats"])
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - the per-code cache is not inspectable in this torch
+        _debug_get_cache_entry_list = None
+    if _debug_get_cache_entry_list is not None:
+        codes = [layer.forward._torchdynamo_orig_callable.__func__.__code__ for layer in model.model.layers]
+        assert len({id(c) for c in codes}) == n_layers
+        assert [len(_debug_get_cache_entry_list(c)) for c in codes] == [1] * n_layers
     torch._dynamo.reset()
 
 

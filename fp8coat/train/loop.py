@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_layers, decoder_layers
 from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
@@ -77,33 +78,14 @@ def _loss(model, ids: torch.Tensor, autocast: bool, head: "torch.nn.Linear | Non
 
 
 def _compile(model: torch.nn.Module, step_model: torch.nn.Module) -> torch.nn.Module:
-    """``--compile``: each decoder layer compiled in place when the model has them (``model.model.layers``: quick
-    to compile, graph breaks stay inside one layer; the configuration the GPU benchmark measures), else the whole
-    step module wrapped. Module names and state_dict keys stay unchanged either way.
-
-    The FP8 layers keep per-module state that dynamo guards by value or identity (weight-cache handles, the
-    norm's consumers), so each decoder layer becomes its own compiled variant of the shared layer code (twice:
-    training and evaluation). Dynamo's limit of variants per code object (8 by default) is raised to cover them,
-    otherwise the layers past it would silently run uncompiled."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        _raise_recompile_limit(2 * len(layers) + 8)
-        for layer in layers:
-            layer.compile()
+    """``--compile``: each decoder layer compiled in place when the model has them (quick to compile, graph breaks
+    stay inside one layer, each layer with compiled code of its own: see :mod:`fp8coat.compiling`), else the whole
+    step module wrapped. Module names and state_dict keys stay unchanged either way."""
+    layers = decoder_layers(model)
+    if layers is not None:
+        compile_layers(layers)
         return step_model
     return torch.compile(step_model)
-
-
-def _raise_recompile_limit(n: int) -> None:
-    """At least ``n`` compiled variants per code object (``torch._dynamo.config.recompile_limit``, named
-    ``cache_size_limit`` before torch 2.6) and in total."""
-    import torch._dynamo.config as dynamo_config
-
-    for names in (("recompile_limit", "cache_size_limit"),
-                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
-        name = next((x for x in names if hasattr(dynamo_config, x)), None)
-        if name is not None and getattr(dynamo_config, name) < n:
-            setattr(dynamo_config, name, n)
 
 
 def _can_chunk_loss(model) -> bool:
