@@ -137,14 +137,18 @@ def test_step_in_backward_gives_the_same_run(tmp_path, capsys):
 
 
 def test_compile_flag_compiles_each_decoder_layer(tmp_path):
-    """--compile: decoder layers compiled in place (checkpoint keys unchanged), losses close to the eager run."""
+    """--compile: decoder layers compiled in place (checkpoint keys unchanged), losses close to the eager run,
+    through an evaluation in between (the layers' evaluation variants) and back to training."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    args = ["--steps", "3", "--eval-every", "0", "--save-every", "3", *COMMON]
+    args = ["--steps", "3", "--eval-every", "2", "--save-every", "3", *COMMON]
     assert _run(["train", "--out-dir", str(eager), *args]) == 0
     assert _run(["train", "--out-dir", str(compiled), "--compile", *args]) == 0
     a = [r["loss"] for r in MetricsLog.read(eager / "metrics.jsonl")]
     b = [r["loss"] for r in MetricsLog.read(compiled / "metrics.jsonl")]
     assert len(a) == len(b) == 3 and all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(a, b)), (a, b)
+    va = [r["val_loss"] for r in MetricsLog.read(eager / "metrics.jsonl") if "val_loss" in r]
+    vb = [r["val_loss"] for r in MetricsLog.read(compiled / "metrics.jsonl") if "val_loss" in r]
+    assert len(va) == len(vb) >= 1 and all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(va, vb)), (va, vb)
     from safetensors import safe_open
 
     keys = [set(safe_open(str(d / "checkpoints" / "step_000003" / "model.safetensors"), "pt").keys())
