@@ -11,15 +11,18 @@ exactly what the JIT specializes on:
   * tensors: dtype and whether ``data_ptr()`` is 16-byte aligned;
   * ints: equal to 1 (the JIT bakes 1 in as a constant), divisible by 16, and which integer type holds the value
     (i32, i64 or u64);
-  * floats and bools by type; everything else (constexprs, launch options such as ``num_warps``) by value;
+  * floats and bools by type; everything else (constexprs, launch options such as ``num_warps``) by type and
+    value (floats by their repr);
   * the current CUDA device.
 
 The first call with a new key goes through the JIT (which compiles if needed) and keeps the compiled kernel it
 returns; later calls with that key call the compiled kernel's launcher directly, with the arguments in the order
 the JIT passes them (every parameter of the signature, constexprs included). The JIT path is taken every time
-for the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``), when a launch hook is installed (a
-profiler), or when arguments are passed in a way the fast path does not bind (missing parameters, keywords
-for non-constexpr parameters). ``tests/test_gpu.py`` checks on the GPU that the fast path picks the very
+for the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``), on ROCm (whose backend also specializes
+pointers on the size of their storage), when a launch hook is installed (a profiler), for a callable grid, or when
+arguments are passed in a way the fast path does not bind (missing parameters, keywords for non-constexpr
+parameters). Settings the JIT reads on every launch (``knobs.runtime.debug``, instrumentation, pre-run hooks)
+take effect for a kernel's later launches only through the JIT path: change them before the first launch. ``tests/test_gpu.py`` checks on the GPU that the fast path picks the very
 kernel object the JIT picks, for arguments that differ in each specialization.
 """
 
@@ -50,6 +53,12 @@ def _arg_key(a) -> object:
     return (type(a), a)
 
 
+def _const_key(v) -> object:
+    """A constexpr as the JIT tells them apart (it keys on their text): by type, floats by repr (0.0 vs -0.0,
+    NaN equal to itself)."""
+    return (type(v), repr(v) if isinstance(v, float) else v)
+
+
 class FastKernel:
     """A ``triton.jit`` function launched through its cached compiled kernels (see the module docstring).
 
@@ -67,14 +76,16 @@ class FastKernel:
         if constexprs != self.constexpr_names:
             raise ValueError(f"{getattr(fn, '__name__', fn)}: constexpr parameters must come last")
         self._compiled: dict = {}
-        self.jit = hasattr(fn, "device_caches")  # False for the interpreter's functions (TRITON_INTERPRET=1)
+        # the interpreter's functions (TRITON_INTERPRET=1) have no compiled kernels; AMD's backend also
+        # specializes pointers on their storage size (not in this key)
+        self.jit = hasattr(fn, "device_caches") and torch.version.hip is None
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args: tuple, kwargs: dict):
         """``self.fn[grid](*args, **kwargs)``; returns what the JIT returns on the JIT path, else None."""
-        if not self.jit or len(args) != self.n_runtime or _hooks_installed():
+        if not self.jit or len(args) != self.n_runtime or callable(grid) or _hooks_installed():
             return self.fn[grid](*args, **kwargs)
         try:
             consts = [kwargs[name] for name in self.constexpr_names]
@@ -84,7 +95,7 @@ class FastKernel:
         if len(consts) + len(options) != len(kwargs):
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(consts), options)
+        key = (device, tuple(map(_arg_key, args)), tuple(map(_const_key, consts)), options)
         kernel = self._compiled.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -105,8 +116,8 @@ class FastKernel:
         """The compiled kernel the fast path holds for these arguments (None before their first launch)."""
         consts = [kwargs[name] for name in self.constexpr_names]
         options = tuple((k, kwargs[k]) for k in _OPTIONS if k in kwargs)
-        kernel = self._compiled.get((torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(consts),
-                                     options))
+        kernel = self._compiled.get((torch.cuda.current_device(), tuple(map(_arg_key, args)),
+                                     tuple(map(_const_key, consts)), options))
         return None if kernel is _JIT_ONLY else kernel
 
 

@@ -10,9 +10,10 @@ failing guard sets (training and evaluation variants): time quadratic in depth. 
 tiny test model: compiled steps cost 0.14 ms more per layer than eager at 4 layers, 0.63 ms at 16, 1.36 ms at 32;
 on the H200 a 16-layer, 0.9B-parameter model ran at 32.8k tok/s compiled against 42.5k eager.
 
-:func:`compile_layers` gives each layer a private copy of its ``forward`` function's code (the same bytecode,
-globals and closure) and compiles that: each layer's variants sit in a list of their own (one for training, one
-for evaluation), whatever the depth. Module names, parameters and ``state_dict`` keys are unchanged.
+:func:`compile_layers` does what ``Module.compile`` does (a compiled module-call function on the instance,
+which ``Module.__call__`` uses), but the compiled function is a small caller of ``layer._call_impl`` whose code
+object is copied for each layer: each layer's variants sit in a list of their own (one for training, one for
+evaluation), whatever the depth. Module names, parameters and ``state_dict`` keys are unchanged.
 """
 
 from __future__ import annotations
@@ -33,42 +34,49 @@ def decoder_layers(model: torch.nn.Module) -> "torch.nn.ModuleList | None":
     return None
 
 
-def _private_forward(layer: torch.nn.Module) -> types.MethodType:
-    """``layer.forward`` bound to ``layer``, as a function whose code object is a copy no other layer shares."""
-    fn = type(layer).forward
-    private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                 fn.__closure__)
-    private.__kwdefaults__ = fn.__kwdefaults__
-    private.__qualname__ = fn.__qualname__
-    private.__dict__.update(fn.__dict__)
-    return types.MethodType(private, layer)
+def _private_call(layer: torch.nn.Module):
+    """A function calling ``layer._call_impl`` (what ``Module.compile`` compiles), with a code object of its own.
+
+    Dynamo does not trace frames of ``torch.nn`` files (it starts at the next frame, the class's shared
+    ``forward``), so the copy must be of a function defined here, not of ``Module._call_impl`` itself."""
+
+    def call_layer(*args, **kwargs):
+        return layer._call_impl(*args, **kwargs)
+
+    code = call_layer.__code__
+    return types.FunctionType(code.replace(), call_layer.__globals__, code.co_name, None, call_layer.__closure__)
 
 
 def compile_layers(layers, **compile_kwargs) -> int:
-    """Compile each module of ``layers`` (an iterable of modules, e.g. :func:`decoder_layers`) in place through
-    a private copy of its forward code; ``compile_kwargs`` go to ``torch.compile``. Returns the number compiled.
+    """Compile each module of ``layers`` (an iterable of modules, e.g. :func:`decoder_layers`) in place, as
+    ``Module.compile`` does, but with compiled code of its own per layer; ``compile_kwargs`` go to
+    ``torch.compile``. Returns the number of layers compiled.
 
-    A layer's hooks still run (``Module.__call__`` is untouched: the compiled function replaces ``forward`` on
-    the instance). Dynamo's limit on compiled graphs in total is raised to cover two per layer if needed."""
+    As with ``Module.compile``: the layer's own ``forward`` (whatever it is at call time: an instance attribute
+    set by another library, a class swapped in later), its hooks and its ``state_dict`` are unchanged, and a
+    ``deepcopy`` or pickle of the model holds uncompiled layers. A graph break inside a layer makes dynamo compile
+    the code after it (shared by all layers) once per layer, so dynamo's limit of variants per code object is
+    raised to cover two per layer (training, evaluation)."""
     layers = list(layers)
-    _raise_accumulated_limit(2 * len(layers) + 64)
+    _raise_limits(2 * len(layers) + 8)
     for layer in layers:
-        layer.forward = torch.compile(_private_forward(layer), **compile_kwargs)
+        layer._compiled_call_impl = torch.compile(_private_call(layer), **compile_kwargs)
     return len(layers)
 
 
 def is_compiled(layer: torch.nn.Module) -> bool:
     """Whether :func:`compile_layers` (or ``Module.compile``) compiled ``layer``."""
-    forward = layer.__dict__.get("forward")
-    return getattr(layer, "_compiled_call_impl", None) is not None or hasattr(forward, "_torchdynamo_orig_callable")
+    return getattr(layer, "_compiled_call_impl", None) is not None
 
 
-def _raise_accumulated_limit(n: int) -> None:
-    """At least ``n`` compiled graphs in total (``torch._dynamo.config.accumulated_recompile_limit``, named
-    ``accumulated_cache_size_limit`` before torch 2.6)."""
+def _raise_limits(n: int) -> None:
+    """At least ``n`` compiled variants per code object and in total (``torch._dynamo.config.recompile_limit`` and
+    ``accumulated_recompile_limit``, named ``cache_size_limit`` / ``accumulated_cache_size_limit`` before torch
+    2.6)."""
     import torch._dynamo.config as dynamo_config
 
-    name = next((x for x in ("accumulated_recompile_limit", "accumulated_cache_size_limit")
-                 if hasattr(dynamo_config, x)), None)
-    if name is not None and getattr(dynamo_config, name) < n:
-        setattr(dynamo_config, name, n)
+    for names in (("recompile_limit", "cache_size_limit"),
+                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        name = next((x for x in names if hasattr(dynamo_config, x)), None)
+        if name is not None and getattr(dynamo_config, name) < n:
+            setattr(dynamo_config, name, n)

@@ -120,3 +120,24 @@ def test_jit_path_for_interpreter_hooks_and_unusual_calls(fake_cuda, monkeypatch
 def test_constexprs_must_come_last():
     with pytest.raises(ValueError, match="constexpr parameters must come last"):
         FastKernel(_FakeJIT(["BLOCK", "x_ptr"], {"BLOCK"}))
+
+
+def test_constexprs_told_apart_as_the_jit_does(fake_cuda):
+    """The JIT keys constexprs on their text: 0.0 and -0.0, True and 1 are different kernels; a NaN constexpr is
+    one kernel, not a new cache entry per call."""
+    fn = _FakeJIT(["x_ptr", "C"], {"C"})
+    k = FastKernel(fn)
+    x = torch.zeros(4)
+    for value in (0.0, -0.0, True, 1, float("nan"), float("nan"), float("nan")):
+        k[(1,)](x, C=value)
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit", "jit", "direct", "direct"]
+    assert len(k._compiled) == 5
+
+
+def test_callable_grid_takes_the_jit_path(fake_cuda):
+    fn = _FakeJIT(["x_ptr", "BLOCK"], {"BLOCK"})
+    k = FastKernel(fn)
+    x = torch.zeros(4)
+    for _ in range(3):
+        k[lambda meta: (1,)](x, BLOCK=16)
+    assert [e[0] for e in fn.log] == ["jit"] * 3

@@ -201,7 +201,7 @@ def test_compiled_layers_each_keep_their_own_variants():
     except ImportError:  # pragma: no cover - the per-code cache is not inspectable in this torch
         _debug_get_cache_entry_list = None
     if _debug_get_cache_entry_list is not None:
-        codes = [layer.forward._torchdynamo_orig_callable.__func__.__code__ for layer in model.model.layers]
+        codes = [layer._compiled_call_impl._torchdynamo_orig_callable.__code__ for layer in model.model.layers]
         assert len({id(c) for c in codes}) == n_layers
         assert [len(_debug_get_cache_entry_list(c)) for c in codes] == [1] * n_layers
     torch._dynamo.reset()

@@ -311,7 +311,7 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
                 torch.zeros(1, dtype=torch.int32, device=device))
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = torch.cuda.current_device()  # the kernel runs on the current device's current stream
     key = (index, torch._C._cuda_getCurrentRawStream(index))
     scratch = _AMAX_SCRATCH.get(key)
     if scratch is None:
