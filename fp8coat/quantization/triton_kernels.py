@@ -299,6 +299,7 @@ def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
 
 AMAX_PROGRAMS = 1024  # at most this many programs per amax launch (~8 per SM on a 132-SM GPU)
 _AMAX_SCRATCH: "dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]" = {}
+_AMAX_SCRATCH_STREAMS = 64  # scratch pairs kept at most
 
 
 def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,6 +316,8 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (index, torch._C._cuda_getCurrentRawStream(index))
     scratch = _AMAX_SCRATCH.get(key)
     if scratch is None:
+        if len(_AMAX_SCRATCH) >= _AMAX_SCRATCH_STREAMS:  # streams come and go: start over rather than grow
+            _AMAX_SCRATCH.clear()  # safe: each pair was allocated on, and used only on, its own stream
         scratch = _AMAX_SCRATCH[key] = (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
                                         torch.zeros(1, dtype=torch.int32, device=device))
     return scratch
