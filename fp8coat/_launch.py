@@ -83,19 +83,26 @@ class FastKernel:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid, args: tuple, kwargs: dict):
-        """``self.fn[grid](*args, **kwargs)``; returns what the JIT returns on the JIT path, else None."""
-        if not self.jit or len(args) != self.n_runtime or callable(grid) or _hooks_installed():
-            return self.fn[grid](*args, **kwargs)
+    def _bind(self, args: tuple, kwargs: dict) -> "tuple[tuple, list] | None":
+        """(cache key, constexpr values in signature order), or None for calls the fast path does not bind."""
+        if len(args) != self.n_runtime:
+            return None
         try:
             consts = [kwargs[name] for name in self.constexpr_names]
         except KeyError:
-            return self.fn[grid](*args, **kwargs)
+            return None
         options = tuple((k, kwargs[k]) for k in _OPTIONS if k in kwargs)
         if len(consts) + len(options) != len(kwargs):
+            return None
+        key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(map(_const_key, consts)), options)
+        return key, consts
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        """``self.fn[grid](*args, **kwargs)``; returns what the JIT returns on the JIT path, else None."""
+        bound = None if not self.jit or callable(grid) or _hooks_installed() else self._bind(args, kwargs)
+        if bound is None:
             return self.fn[grid](*args, **kwargs)
-        device = torch.cuda.current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(map(_const_key, consts)), options)
+        key, consts = bound
         kernel = self._compiled.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -108,16 +115,14 @@ class FastKernel:
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        kernel.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(device), kernel.function, kernel.packed_metadata,
+        kernel.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(key[0]), kernel.function, kernel.packed_metadata,
                    None, None, None, *args, *consts)
         return None
 
     def cached_kernel(self, args: tuple, kwargs: dict):
         """The compiled kernel the fast path holds for these arguments (None before their first launch)."""
-        consts = [kwargs[name] for name in self.constexpr_names]
-        options = tuple((k, kwargs[k]) for k in _OPTIONS if k in kwargs)
-        kernel = self._compiled.get((torch.cuda.current_device(), tuple(map(_arg_key, args)),
-                                     tuple(map(_const_key, consts)), options))
+        bound = self._bind(args, kwargs)
+        kernel = self._compiled.get(bound[0]) if bound is not None else None
         return None if kernel is _JIT_ONLY else kernel
 
 
