@@ -105,6 +105,38 @@ def test_weight_cache_sees_fused_optimizer_updates():
     assert cache.q is not q1
 
 
+@pytest.mark.parametrize("ns", [[64, 32, 32], [48, 16]])
+def test_shared_input_backward_is_one_fused_projection(ns):
+    """Several layers on one input: dX is ONE FP8 GEMM over [dY_1 … dY_n] (joint E5M2 scale) and [W_1ᵀ … W_nᵀ]
+    (scale max_i sW_i), dW_i uses the joint gradient scale — bit-exact against that computation from the
+    primitives (emulated GEMM, fp32 products of FP8 values)."""
+    from fp8coat.quantization import quantize_transpose, scale_from_amax, tensor_amax
+    from fp8coat.formats import E4M3, E5M2
+
+    g = torch.Generator().manual_seed(11)
+    k, m = 64, 50
+    x = torch.randn(m, k, generator=g, dtype=torch.bfloat16).requires_grad_()
+    ws = [(torch.randn(n, k, generator=g) / 8).bfloat16().requires_grad_() for n in ns]
+    ws[-1].data.mul_(30)  # the layers' weight and gradient scales differ
+    caches = [FP8WeightCache() for _ in ns]
+    ys = linears(x, ws, caches=caches, emulate=True)
+    gouts = [torch.randn(y.shape, generator=g).bfloat16() * (100 if i == 0 else 1) for i, y in enumerate(ys)]
+    torch.autograd.backward(ys, gouts)
+
+    sx = scale_from_amax(tensor_amax(x), E4M3)
+    _, xqt = quantize_transpose(x.detach(), E4M3, sx, rowwise=False)
+    sg = scale_from_amax(torch.stack([tensor_amax(go) for go in gouts]).amax(), E5M2)
+    sw = torch.stack([scale_from_amax(tensor_amax(w), E4M3) for w in ws]).amax()
+    assert sw == max(c.scale for c in caches)
+    gq = torch.cat([quantize_transpose(go, E5M2, sg)[0] for go in gouts], dim=1)
+    wqt = torch.cat([quantize_transpose(w.detach(), E4M3, sw, rowwise=False, pad_to=1)[1] for w in ws], dim=1)
+    dx = fp8_mm(gq, sg, wqt, sw, torch.bfloat16, emulate=True)
+    assert torch.equal(x.grad, dx)
+    for go, w in zip(gouts, ws):
+        dw = fp8_mm(quantize_transpose(go, E5M2, sg)[1], sg, xqt, sx, w.dtype, emulate=True)
+        assert torch.equal(w.grad, dw)
+
+
 def test_emulated_gemm_is_exact_fp8_math():
     g = torch.Generator().manual_seed(1)
     a, sa = quantize_per_tensor(torch.randn(20, 48, generator=g), "e4m3")
@@ -131,16 +163,18 @@ def test_linears_under_torch_compile_match_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [4096, 4000])
-def test_scaled_mm_path_matches_emulation_on_gpu(m):
+@pytest.mark.parametrize("m,ns", [(4096, [11008]), (4000, [11008]), (4000, [4096, 1024, 1024])])
+def test_scaled_mm_path_matches_emulation_on_gpu(m, ns):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, 4096, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
-    w = (torch.randn(11008, 4096, device="cuda", generator=g) / 64).bfloat16().requires_grad_()
+    ws = [(torch.randn(n, 4096, device="cuda", generator=g) / 64).bfloat16().requires_grad_() for n in ns]
     outs = {}
     for emulate in (False, True):
-        x.grad = w.grad = None
-        y = linear(x, w, emulate=emulate, fast_accum=False)
-        y.float().pow(2).mean().backward()
-        outs[emulate] = (y.detach().float(), x.grad.float(), w.grad.float())
+        x.grad = None
+        for w in ws:
+            w.grad = None
+        ys = linears(x, ws, emulate=emulate, fast_accum=False)
+        sum(y.float().pow(2).mean() for y in ys).backward()
+        outs[emulate] = [y.detach().float() for y in ys] + [x.grad.float()] + [w.grad.float() for w in ws]
     for a, b in zip(outs[False], outs[True]):
         assert sqnr_db(b, a) > 40  # same FP8 operands; only accumulation order/precision differs

@@ -198,6 +198,92 @@ def test_quantize_transpose_bit_exact(shape, fmt):
                      quantize_transpose(xt.contiguous(), E4M3, s, backend="torch")[1], "strided")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_transpose_into_column_blocks_of_one_buffer(dtype):
+    """Several tensors written side by side into one (M, ΣN) buffer and one (ΣN, M_pad) buffer (the layout of a
+    fused projection's gradient): bit-exact between backends, each block equal to quantizing alone, nothing written
+    outside the blocks, the padding columns zero."""
+    from fp8coat.quantization import quantize_transpose
+
+    m, ns = 37, (32, 48, 16)
+    m_pad, total = 48, sum(ns)
+    xs = [finite_random((m, n), seed=40 + n).to(device(), dtype) for n in ns]
+    xs[1][3, 5] = float("nan")
+    xs[2][:, :] = 0.0
+    s = ref.scale_from_amax(torch.stack([ref.tensor_amax(x) for x in xs]).amax(), E5M2)
+    outs = {}
+    for backend in ("torch", "triton"):
+        q = torch.full((m + 2, total + 8), 7.0, device=device()).to(E5M2.dtype)[1:-1, 4:-4]  # poisoned margins
+        qt = torch.full((total, m_pad + 8), 7.0, device=device()).to(E5M2.dtype)[:, :m_pad]
+        start = 0
+        for x, n in zip(xs, ns):
+            rq, rqt = quantize_transpose(x, E5M2, s, out=q[:, start:start + n], out_t=qt[start:start + n],
+                                         backend=backend)
+            assert rq.data_ptr() == q[:, start:].data_ptr() and rqt.data_ptr() == qt[start:].data_ptr()
+            alone, alone_t = quantize_transpose(x, E5M2, s, backend="torch")
+            assert_bit_equal(q[:, start:start + n], alone, f"{backend} block {n}")
+            assert_bit_equal(qt[start:start + n], alone_t, f"{backend} transposed block {n}")
+            start += n
+        assert torch.all(qt[:, m:].float() == 0)
+        base = q._base if q._base is not None else q
+        assert torch.all(base[0].float() == 7) and torch.all(base[:, :4].float() == 7)  # untouched margins
+        assert torch.all(base[:, -4:].float() == 7) and torch.all(base[-1].float() == 7)
+        outs[backend] = (q.clone(), qt.clone())
+    assert_bit_equal(outs["torch"][0], outs["triton"][0], "q")
+    assert_bit_equal(outs["torch"][1], outs["triton"][1], "qt")
+    # a transposed copy without padding (pad_to=1) written as column blocks: how weights are laid side by side
+    w = finite_random((24, 40), seed=5).to(device(), dtype)
+    sw = ref.scale_from_amax(ref.tensor_amax(w), E4M3)
+    wt = torch.zeros((40, 24 + 16), device=device()).to(E4M3.dtype)
+    quantize_transpose(w, E4M3, sw, rowwise=False, pad_to=1, out_t=wt[:, 16:], backend="triton")
+    assert_bit_equal(wt[:, 16:], quantize_transpose(w, E4M3, sw, rowwise=False, pad_to=1, backend="torch")[1], "wt")
+    assert torch.all(wt[:, :16].float() == 0)
+
+
+def test_quantize_transpose_rejects_wrong_destinations():
+    from fp8coat.quantization import quantize_transpose
+
+    x = torch.randn(20, 32, device=device())
+    s = ref.scale_from_amax(ref.tensor_amax(x), E4M3)
+    good_t = torch.empty(32, 32, dtype=E4M3.dtype, device=device())
+    bad = {
+        "shape": dict(out=torch.empty(20, 16, dtype=E4M3.dtype, device=device())),
+        "dtype": dict(out=torch.empty(20, 32, dtype=E5M2.dtype, device=device())),
+        "strided rows": dict(out=torch.empty(32, 20, dtype=E4M3.dtype, device=device()).t()),
+        "padding": dict(out_t=torch.empty(32, 20, dtype=E4M3.dtype, device=device())),
+        "not requested": dict(out_t=good_t, transposed=False),
+    }
+    for backend in ("torch", "triton"):
+        for name, kwargs in bad.items():
+            with pytest.raises(ValueError, match="out"):
+                quantize_transpose(x, E4M3, s, backend=backend, **kwargs)
+        quantize_transpose(x, E4M3, s, out_t=good_t, backend=backend)
+
+
+@pytest.mark.parametrize("shapes", [[(33, 70)], [(33, 70), (33, 16), (5, 300)], [(0, 8), (7, 9)], [(0, 4), (3, 0)]])
+def test_joint_tensor_scale_is_the_scale_of_the_concatenation(shapes):
+    from fp8coat.quantization import joint_tensor_scale, tensor_scale
+
+    for name, x in _inputs((sum(a * b for a, b in shapes) + 1,), torch.bfloat16, seed=len(shapes)):
+        parts, start = [], 0
+        for a, b in shapes:
+            parts.append(x[start:start + a * b].reshape(a, b).to(device()))
+            start += a * b
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        for fmt in (E4M3, E5M2):
+            want = tensor_scale(flat, fmt, backend="torch")
+            for backend in ("torch", "triton"):
+                assert_bit_equal(joint_tensor_scale(parts, fmt, backend=backend), want, f"{name} {backend}")
+    # a large value in the LAST tensor of the chain, and in the first: both must reach the scale
+    a, b = torch.ones(40, 64, device=device()), torch.ones(40, 64, device=device())
+    b[3, 7] = 448.0 * 4
+    for backend in ("torch", "triton"):
+        assert float(joint_tensor_scale([a, b], E4M3, backend=backend)) == 4.0
+        assert float(joint_tensor_scale([b, a], E4M3, backend=backend)) == 4.0
+    with pytest.raises(ValueError, match="at least one"):
+        joint_tensor_scale([], E4M3)
+
+
 @pytest.mark.parametrize("shape", [(0, 8), (7,), (33, 70), (300, 1000)])
 def test_tensor_scale_one_pass_matches_reference(shape):
     from fp8coat.quantization import tensor_scale

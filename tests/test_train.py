@@ -107,15 +107,20 @@ def test_finetune_from_checkpoint_reuses_its_tokenizer(tmp_path):
     assert ft_log[0]["loss"] < pre_log[0]["loss"] - 0.5, (pre_log[0]["loss"], pre_log[-1]["loss"], ft_log[0]["loss"])
 
 
-def test_chunked_loss_matches_full_logits(tmp_path):
+@pytest.mark.parametrize("recipe,steps,rtol", [("bf16", 5, 5e-4), ("coat", 3, 2e-3)])
+def test_chunked_loss_matches_full_logits(tmp_path, recipe, steps, rtol):
+    """Same run with and without the chunked loss: equal up to rounding (measured: bf16 <= 7e-5 relative over 5
+    steps; coat <= 5e-4 over 3 steps — FP8 quantization amplifies rounding differences step by step, by step 5
+    a tiny run's losses can differ by 0.2%)."""
     runs = {}
     for flag in ("--chunked-loss", "--no-chunked-loss"):
         out = tmp_path / flag
-        assert _run(["train", "--out-dir", str(out), "--steps", "5", "--recipe", "coat", "--eval-every", "0",
+        assert _run(["train", "--out-dir", str(out), "--steps", str(steps), "--recipe", recipe, "--eval-every", "0",
                      flag, *COMMON]) == 0
         runs[flag] = MetricsLog.read(out / "metrics.jsonl")
+    assert len(runs["--chunked-loss"]) == steps
     for a, b in zip(runs["--chunked-loss"], runs["--no-chunked-loss"]):
-        assert abs(a["loss"] - b["loss"]) < 2e-3 * b["loss"], (a, b)
+        assert abs(a["loss"] - b["loss"]) < rtol * b["loss"], (a, b)
 
 
 def test_step_in_backward_gives_the_same_run(tmp_path, capsys):

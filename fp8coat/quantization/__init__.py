@@ -28,6 +28,7 @@ __all__ = [
     "group_amax",
     "quantize_transpose",
     "tensor_scale",
+    "joint_tensor_scale",
 ]
 
 BACKENDS = ("torch", "triton")
@@ -104,12 +105,23 @@ def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: "st
 
 
 def quantize_transpose(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
-                       transposed: bool = True, *, backend: "str | None" = None):
-    """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad) or None)``; see
-    ``reference.quantize_transpose``."""
+                       transposed: bool = True, *, out: "torch.Tensor | None" = None,
+                       out_t: "torch.Tensor | None" = None, backend: "str | None" = None):
+    """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad) or None)``, optionally written into
+    ``out`` / ``out_t``; see ``reference.quantize_transpose``."""
     if resolve_backend(x, backend) == "triton":
-        return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to, transposed)
-    return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to, transposed)
+        return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to, transposed, out, out_t)
+    return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to, transposed, out, out_t)
+
+
+def joint_tensor_scale(xs: "list[torch.Tensor]", fmt="e4m3", *, backend: "str | None" = None) -> torch.Tensor:
+    """The per-tensor scale of several tensors together (as if concatenated): 0-d fp32, no host sync. Used where
+    one FP8 GEMM consumes them as one operand (e.g. the gradients of q/k/v in one input-gradient GEMM)."""
+    if not xs:
+        raise ValueError("joint_tensor_scale needs at least one tensor")
+    if resolve_backend(xs[0], backend) == "triton":
+        return _kernels().joint_tensor_scale_triton(list(xs), fmt)
+    return reference.joint_tensor_scale(list(xs), fmt)
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:

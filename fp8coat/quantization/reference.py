@@ -36,6 +36,9 @@ __all__ = [
     "quantize_per_tensor",
     "dequantize_per_tensor",
     "check_group_size",
+    "destinations",
+    "quantize_transpose",
+    "joint_tensor_scale",
 ]
 
 MIN_SCALE = 2.0**-126  # smallest normal fp32
@@ -141,20 +144,55 @@ def padded(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
+def destinations(
+    x: torch.Tensor, fmt: FP8Format, rowwise: bool, pad_to: int, transposed: bool,
+    out: "torch.Tensor | None", out_t: "torch.Tensor | None",
+) -> tuple["torch.Tensor | None", "torch.Tensor | None"]:
+    """The ``(q, qt)`` tensors :func:`quantize_transpose` writes: ``out`` / ``out_t`` when given (checked: shape,
+    dtype, device, unit stride along rows — e.g. column blocks of a wider buffer), else fresh ones."""
+    m, k = x.shape
+    m_pad = padded(m, pad_to)
+    wanted = {"out": (out, rowwise, (m, k)), "out_t": (out_t, transposed, (k, m_pad))}
+    for name, (t, used, shape) in wanted.items():
+        if t is None:
+            continue
+        if not used:
+            raise ValueError(f"{name} given for a copy that is not requested")
+        dense_rows = shape[1] <= 1 or t.stride(1) == 1
+        if tuple(t.shape) != shape or t.dtype != fmt.dtype or t.device != x.device or not dense_rows:
+            raise ValueError(f"{name} must be {shape} {fmt.dtype} on {x.device} with unit stride along rows, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
+    if rowwise and out is None:
+        out = torch.empty((m, k), dtype=fmt.dtype, device=x.device)
+    if transposed and out_t is None:
+        out_t = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
+    return (out if rowwise else None), (out_t if transposed else None)
+
+
 def quantize_transpose(
-    x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16, transposed: bool = True
+    x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16, transposed: bool = True,
+    out: "torch.Tensor | None" = None, out_t: "torch.Tensor | None" = None,
 ) -> tuple["torch.Tensor | None", "torch.Tensor | None"]:
     """Per-tensor quantization of a 2-D ``x`` (M, K) into a row-major copy and a transposed copy.
 
     Returns ``(q, qt)``: ``q`` (M, K) (None when ``rowwise`` is False) and ``qt`` (K, M_pad) with
     ``M_pad = ceil(M / pad_to) * pad_to``, zero beyond column M — the K-major operand Hopper's FP8 GEMMs need for
     weight gradients, padded so that its inner dimension is a multiple of 16 (None when ``transposed`` is False).
+    ``out`` / ``out_t``: optional destinations (e.g. column blocks of one buffer shared by several tensors).
     """
     fmt = get_format(fmt)
     m, k = x.shape
+    q_out, qt_out = destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
     q = quantize_with_scale(x, scale, fmt)
-    if not transposed:
-        return (q.contiguous() if rowwise else None), None
-    qt = torch.zeros((k, padded(m, pad_to)), dtype=fmt.dtype, device=x.device)
-    qt[:, :m] = q.t()
-    return (q.contiguous() if rowwise else None), qt
+    if rowwise:
+        q_out.copy_(q)
+    if transposed:
+        qt_out[:, m:].zero_()
+        qt_out[:, :m] = q.t()
+    return q_out, qt_out
+
+
+def joint_tensor_scale(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
+    """The per-tensor scale of all of ``xs`` together, as if they were one tensor (0-d fp32)."""
+    amax = torch.stack([tensor_amax(x).to(xs[0].device) for x in xs]).amax()
+    return scale_from_amax(amax, get_format(fmt))

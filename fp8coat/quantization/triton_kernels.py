@@ -21,7 +21,7 @@ from .._grid import cdiv, next_power_of_2
 from .._launch import fast_kernel
 from ..formats import FP8Format, get_format
 from .reference import MIN_SCALE as _MIN_SCALE_PY
-from .reference import check_group_size
+from .reference import check_group_size, destinations
 
 __all__ = [
     "quantize_per_group_triton",
@@ -30,6 +30,7 @@ __all__ = [
     "quantize_per_tensor_triton",
     "quantize_transpose_triton",
     "tensor_scale_triton",
+    "joint_tensor_scale_triton",
 ]
 
 
@@ -112,10 +113,13 @@ def _group_dequant_kernel(
 def _amax_kernel(
     x_ptr, part_ptr, count_ptr, out_ptr,  # part: (>= programs,) fp32 scratch; count: int32, 0 on entry and exit
     R, K, stride_xr, stride_xk, TILES_K, TILES,  # x: (R, K) strided, cut in TILES tiles, TILES_K per tile row
-    FMAX: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    FMAX: tl.constexpr, SCALE: tl.constexpr, PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per-tensor amax (NaN counts as +inf) in one launch -> out_ptr: the amax, or with SCALE the scale
-    ``scale_from_amax(amax, FMAX)``.
+    ``scale_from_amax(amax, FMAX)``. With PRIOR, out_ptr holds the amax of earlier tensors on entry (written by
+    an earlier launch on the same stream) and the result covers them too: a chain of launches gives the amax or
+    scale of several tensors together.
 
     Each program folds tiles pid, pid + programs, ... into a running maximum (a few programs per SM, so few
     partials and atomics) and stores its partial; the program that finishes last (an acquire-release atomic
@@ -138,6 +142,8 @@ def _amax_kernel(
     if done == n - 1:
         offs = tl.arange(0, BLOCK)
         amax = tl.max(tl.load(part_ptr + offs, mask=offs < n, other=0.0, volatile=True), axis=0)
+        if PRIOR:
+            amax = tl.maximum(amax, tl.load(out_ptr))  # both are >= 0 or +inf: no NaN to lose
         if SCALE:
             tl.store(out_ptr, scale_from_amax_tl(amax, FMAX))
         else:
@@ -167,8 +173,8 @@ def _scaled_quant_kernel(
 @fast_kernel
 @triton.jit
 def _quant_transpose_kernel(
-    x_ptr, s_ptr, q_ptr, qt_ptr,  # x: (M, K) strided; s: 0-d fp32; q: (M, K) contiguous; qt: (K, M_pad) contiguous
-    M, K, M_pad, stride_xm, stride_xk,
+    x_ptr, s_ptr, q_ptr, qt_ptr,  # x: (M, K) strided; s: 0-d fp32; q: (M, K), qt: (K, M_pad), rows dense
+    M, K, M_pad, stride_xm, stride_xk, stride_qm, stride_qtk,
     FMAX: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -181,13 +187,14 @@ def _quant_transpose_kernel(
     inv = tl.div_rn(1.0, tl.load(s_ptr))
     y = x * inv
     if ROWWISE:
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], _clamp_cast(y, FMAX, qt_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _clamp_cast(y, FMAX, qt_ptr.dtype.element_ty),
+                 mask=mask)
     if TRANSPOSED:
         # transpose the fp32 tile, then cast: (the same values; a transposed fp8 tile from fp32 input came out
         # wrong on sm_90 with triton 3.6). Padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there.
         tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
         qt = _clamp_cast(tl.trans(y), FMAX, qt_ptr.dtype.element_ty)
-        tl.store(qt_ptr + cols[:, None] * M_pad + rows[None, :], qt, mask=tmask)
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], qt, mask=tmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,9 +203,19 @@ def _quant_transpose_kernel(
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     """(*lead, K) -> (R, K); a view when the leading dims collapse, else a copy. 0-d -> (1, 1)."""
-    if x.dim() == 0:
+    dim = x.dim()
+    if dim == 2:
+        return x  # the common case, without an aten call (host time counts: every FP8 linear passes here)
+    if dim == 0:
         return x.reshape(1, 1)
     return x.reshape(-1, x.shape[-1])
+
+
+def _scalar_f32(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` as the 0-d fp32 tensor the kernels read; itself when it already is one (no aten call)."""
+    if scale.dtype == torch.float32 and scale.dim() == 0:
+        return scale
+    return scale.float().reshape(())
 
 
 def _tiles(r: int, k: int, min_k: int = 16) -> tuple[int, int]:
@@ -260,28 +277,30 @@ def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
-                              transposed: bool = True):
-    """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad) or None)."""
+                              transposed: bool = True, out: "torch.Tensor | None" = None,
+                              out_t: "torch.Tensor | None" = None):
+    """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad) or None),
+    written into ``out`` / ``out_t`` when given (checked by ``reference.destinations``)."""
     fmt = get_format(fmt)
     m, k = x.shape
-    m_pad = -(-m // pad_to) * pad_to
-    q = torch.empty((m, k), dtype=fmt.dtype, device=x.device) if rowwise else None
-    qt = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device) if transposed else None
+    q, qt = destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
+    m_pad = qt.shape[1] if transposed else m
     if m_pad * k == 0 or not (rowwise or transposed):
         return q, qt
     if transposed and x.element_size() == 4:
         # 4-byte inputs: the fused transposed store gave wrong values on sm_90 (triton 3.6) while the interpreter
         # and 2-byte inputs are right. Quantize the transposed view with the plain kernel instead.
         if rowwise:
-            q = quantize_per_tensor_triton(x, fmt, scale)[0]
-        qt.zero_()
+            q.copy_(quantize_per_tensor_triton(x, fmt, scale)[0])
+        qt[:, m:].zero_()
         qt[:, :m] = quantize_per_tensor_triton(x.t(), fmt, scale)[0]
         return q, qt
     block_m, block_k = 64, 64
     grid = (cdiv(m_pad if transposed else m, block_m), cdiv(k, block_k))
+    first, second = (q if rowwise else qt), (qt if transposed else q)
     _quant_transpose_kernel[grid](
-        x, scale.float().reshape(()), q if rowwise else qt, qt if transposed else q, m, k, m_pad,
-        x.stride(0), x.stride(1),
+        x, _scalar_f32(scale), first, second, m, k, m_pad,
+        x.stride(0), x.stride(1), q.stride(0) if rowwise else 0, qt.stride(0) if transposed else 0,
         FMAX=fmt.max, ROWWISE=rowwise, TRANSPOSED=transposed, BLOCK_M=block_m, BLOCK_K=block_k,
     )
     return q, qt
@@ -294,6 +313,19 @@ def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
     if x.numel() == 0:
         return scale.fill_(MIN_SCALE_VALUE)
     _launch_amax(x, scale, fmt)
+    return scale
+
+
+def joint_tensor_scale_triton(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
+    """The per-tensor scale of all of ``xs`` together (as if concatenated): one chained launch per non-empty
+    tensor, no host sync; 0-d fp32 on the first tensor's device."""
+    fmt = get_format(fmt)
+    scale = torch.empty((), dtype=torch.float32, device=xs[0].device)
+    xs = [x for x in xs if x.numel()]
+    if not xs:
+        return scale.fill_(MIN_SCALE_VALUE)
+    for i, x in enumerate(xs):
+        _launch_amax(x, scale, fmt if i == len(xs) - 1 else None, prior=i > 0)
     return scale
 
 
@@ -324,9 +356,9 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
-                 max_programs: int = AMAX_PROGRAMS) -> None:
-    """amax (``fmt`` None) or scale of non-empty ``x`` into the 0-d fp32 ``out``; ``max_programs`` <= AMAX_PROGRAMS
-    (tests lower it to make programs loop over several tiles)."""
+                 max_programs: int = AMAX_PROGRAMS, prior: bool = False) -> None:
+    """amax (``fmt`` None) or scale of non-empty ``x`` into the 0-d fp32 ``out`` (with ``prior``, of ``x`` and the
+    amax ``out`` holds); ``max_programs`` <= AMAX_PROGRAMS (tests lower it to make programs loop over tiles)."""
     x2 = _as_2d(x)
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
@@ -335,7 +367,7 @@ def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
     part, count = _amax_scratch(x.device)
     _amax_kernel[(min(tiles, max_programs, AMAX_PROGRAMS),)](
         x2, part, count, out, r, k, x2.stride(0), x2.stride(1), tiles_k, tiles,
-        FMAX=fmt.max if fmt is not None else 1.0, SCALE=fmt is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        FMAX=fmt.max if fmt is not None else 1.0, SCALE=fmt is not None, PRIOR=prior, BLOCK_R=block_r, BLOCK_K=block_k,
         BLOCK=AMAX_PROGRAMS,
     )
 
@@ -346,7 +378,7 @@ def quantize_per_tensor_triton(
     fmt: FP8Format = get_format(fmt)
     if scale is None:
         scale = tensor_scale_triton(x, fmt)
-    scale = scale.float().reshape(())
+    scale = _scalar_f32(scale)
     q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
     if x.numel() == 0:
         return q, scale
