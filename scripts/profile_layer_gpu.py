@@ -1,7 +1,7 @@
 """Where the time of one Llama-2-7B-shaped decoder layer's fwd+bwd goes: wall time per step, GPU busy time per
 step, and the kernels ranked by GPU time, for BF16 and the fp8coat recipes.
 
-    python3 scripts/profile_layer_gpu.py [--recipes bf16,coat] [--batch 4 --seq 2048]   # needs a CUDA GPU
+    python3 scripts/profile_layer_gpu.py [--recipes bf16,coat,torchao] [--compile] [--batch 4 --seq 2048]  # GPU
 
 A step whose wall time is well above its GPU busy time is host-bound (launch and Python overhead).
 """
@@ -32,8 +32,13 @@ def build(recipe: str, args):
         layer = LlamaDecoderLayer(cfg, layer_idx=0)
         rope = LlamaRotaryEmbedding(cfg)
     layer = layer.to(torch.bfloat16).train()
-    if recipe != "bf16":
+    if recipe == "torchao":  # torchao float8 training (tensorwise scaling), the usual anchor
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(layer)
+    elif recipe != "bf16":
         fp8coat.convert(torch.nn.ModuleList([layer]), recipe)
+    fn = torch.compile(layer) if args.compile else layer
     x = torch.randn(args.batch, args.seq, args.hidden, device=args.device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     with torch.no_grad():
@@ -43,7 +48,7 @@ def build(recipe: str, args):
     def step():
         for c in caches:  # a new optimizer step: weights are re-quantized
             c.clear()
-        out = layer(x, position_embeddings=pe)
+        out = fn(x, position_embeddings=pe)
         (out[0] if isinstance(out, tuple) else out).backward(dy)
         x.grad = None
         layer.zero_grad(set_to_none=True)
@@ -80,7 +85,8 @@ def profile_recipe(recipe: str, args) -> None:
             kernels[evt.name].append(evt.device_time_total / 1e3)
     busy = sum(sum(v) for v in kernels.values()) / args.steps
     n_kernels = sum(len(v) for v in kernels.values()) / args.steps
-    print(f"\n=== {recipe}: wall {wall_ms:.2f} ms/step, GPU busy {busy:.2f} ms/step, {n_kernels:.0f} kernels/step")
+    name = recipe + (" compiled" if args.compile else "")
+    print(f"\n=== {name}: wall {wall_ms:.2f} ms/step, GPU busy {busy:.2f} ms/step, {n_kernels:.0f} kernels/step")
     rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, times in rows[: args.top]:
@@ -106,7 +112,8 @@ def profile_recipe(recipe: str, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipes", default="bf16,coat")
+    ap.add_argument("--recipes", default="bf16,coat", help="comma list of bf16, fp8-linear, coat, torchao")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layer")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=4096)
