@@ -172,7 +172,7 @@ def main() -> int:
                            compile_sm90(qk._amax_kernel, dict(x_ptr=x, part_ptr=part, count_ptr=counter, out_ptr=one,
                                                               TILES_K=tiles_k, TILES=tiles_k * 4096 // block_r,
                                                               **common),
-                                        dict(FMAX=E4M3.max, SCALE=scale, BLOCK_R=block_r, BLOCK_K=block_k,
+                                        dict(FMAX=E4M3.max, SCALE=scale, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k,
                                              BLOCK=qk.AMAX_PROGRAMS))))
     rows.append(report("scaled_quant e5m2", compile_sm90(
         qk._scaled_quant_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
@@ -184,7 +184,7 @@ def main() -> int:
     qt = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
     rows.append(report("quant_transpose", compile_sm90(
         qk._quant_transpose_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q, qt_ptr=qt, M=4096, K=4096, M_pad=4096,
-                                         stride_xm=4096, stride_xk=1),
+                                         stride_xm=4096, stride_xk=1, stride_qm=4096, stride_qtk=4096),
         dict(FMAX=E4M3.max, ROWWISE=True, TRANSPOSED=True, BLOCK_M=64, BLOCK_K=64))))
     from fp8coat.ops import recompute_kernels as rk
 

@@ -55,7 +55,7 @@ def pieces() -> None:
     part, count = tk._amax_scratch(x.device)
     out = torch.empty((), dtype=torch.float32, device="cuda")
     args = (x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles)
-    meta = dict(FMAX=E4M3.max, SCALE=True, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=tk.AMAX_PROGRAMS)
+    meta = dict(FMAX=E4M3.max, SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=tk.AMAX_PROGRAMS)
     grid = (min(tiles, tk.AMAX_PROGRAMS),)
     a8 = torch.randn(64, 64, device="cuda").to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
@@ -286,7 +286,7 @@ def amax_sweep() -> None:
             for programs in (528, 1056, 2112):
                 if programs > part.numel() or programs > tiles:
                     continue
-                meta = dict(FMAX=E4M3.max, SCALE=True, BLOCK_R=block_r, BLOCK_K=block_k,
+                meta = dict(FMAX=E4M3.max, SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k,
                             BLOCK=next_pow2(programs), num_warps=warps)
                 args = (x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles)
                 us = gpu_ms(lambda: tk._amax_kernel.fn[(programs,)](*args, **meta)) * 1e3

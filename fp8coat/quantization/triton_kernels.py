@@ -295,13 +295,15 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
         qt[:, m:].zero_()
         qt[:, :m] = quantize_per_tensor_triton(x.t(), fmt, scale)[0]
         return q, qt
-    block_m, block_k = 64, 64
+    # tiles from a sweep on an H200 (scripts/quant_transpose_sweep_gpu.py; 8192 × 4096 and 8192 × 11008 bf16):
+    # both copies 64 × 128 with 4 warps (13% faster than 64 × 64), the transposed copy alone 64 × 64 with 8 warps
+    block_m, block_k, warps = (64, 128, 4) if rowwise else (64, 64, 8)
     grid = (cdiv(m_pad if transposed else m, block_m), cdiv(k, block_k))
     first, second = (q if rowwise else qt), (qt if transposed else q)
     _quant_transpose_kernel[grid](
         x, _scalar_f32(scale), first, second, m, k, m_pad,
         x.stride(0), x.stride(1), q.stride(0) if rowwise else 0, qt.stride(0) if transposed else 0,
-        FMAX=fmt.max, ROWWISE=rowwise, TRANSPOSED=transposed, BLOCK_M=block_m, BLOCK_K=block_k,
+        FMAX=fmt.max, ROWWISE=rowwise, TRANSPOSED=transposed, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
     return q, qt
 

@@ -1,0 +1,125 @@
+"""Tile sweep of the FP8 quantize-transpose kernel (and of the amax kernel) at a real shape: device time per launch
+and bandwidth.
+
+    python3 scripts/quant_transpose_sweep_gpu.py [--m 8192 --k 4096] [--amax]      # needs a CUDA GPU
+
+For each (BLOCK_M, BLOCK_K, warps) it launches ``_quant_transpose_kernel`` directly (row-major + transposed copy, and
+transposed only), checks the output bit for bit against the launcher's current configuration, and times 20 launches
+captured in a CUDA graph (median of 7 replays). Bytes moved: the bf16 read plus the FP8 writes. ``--amax`` also
+sweeps the per-tensor amax kernel (tiles, warps, programs) against ``torch.amax`` of the same tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from fp8coat.formats import E4M3
+from fp8coat.quantization import triton_kernels as tk
+
+
+def gpu_us(fn, launches: int = 20) -> float:
+    """µs per call of ``fn`` from replays of a CUDA graph of ``launches`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(launches):
+            fn()
+    times = []
+    for _ in range(7):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / launches)
+    return statistics.median(times)
+
+
+def amax_sweep(x: torch.Tensor) -> None:
+    r, k = x.shape
+    part, count = tk._amax_scratch(x.device)
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    want = tk.tensor_scale_triton(x, E4M3)
+    read = x.numel() * x.element_size()
+    torch_us = gpu_us(lambda: torch.amax(x))
+    launcher_us = gpu_us(lambda: tk.tensor_scale_triton(x, E4M3))
+    print(f"\namax: torch.amax {torch_us:.1f} µs ({read / torch_us / 1e6:.2f} TB/s), launcher {launcher_us:.1f} µs "
+          f"({read / launcher_us / 1e6:.2f} TB/s)")
+    print(f"{'tile':>10} {'warps':>6} {'programs':>9} {'µs':>7} {'TB/s':>6}  same bits")
+    for block_r, block_k in ((2, 1024), (4, 1024), (8, 1024), (4, 2048), (16, 512)):
+        tiles_k = -(-k // block_k)
+        tiles = -(-r // block_r) * tiles_k
+        for warps in (4, 8, 16):
+            for programs in (264, 528, 1024):
+                if programs > min(tiles, tk.AMAX_PROGRAMS):
+                    continue
+
+                def launch():
+                    tk._amax_kernel.fn[(programs,)](
+                        x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles, FMAX=E4M3.max,
+                        SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=tk.AMAX_PROGRAMS,
+                        num_warps=warps)
+
+                launch()
+                same = torch.equal(out, want)
+                us = gpu_us(launch)
+                print(f"{block_r:>4}x{block_k:<5} {warps:>6} {programs:>9} {us:7.1f} {read / us / 1e6:6.2f}  {same}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--amax", action="store_true", help="also sweep the amax kernel")
+    args = ap.parse_args()
+    m, k = args.m, args.k
+    m_pad = -(-m // 16) * 16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    scale = tk.tensor_scale_triton(x, E4M3)
+    copy_us = gpu_us(lambda: torch.empty_like(x).copy_(x))
+    print(f"quantize-transpose of {m}x{k} bf16; a copy of the tensor: {copy_us:.1f} µs "
+          f"({2 * x.numel() * 2 / copy_us / 1e6:.2f} TB/s)")
+    for rowwise in (True, False):
+        ref_q, ref_qt = tk.quantize_transpose_triton(x, E4M3, scale, rowwise=rowwise)
+        launcher_us = gpu_us(lambda: tk.quantize_transpose_triton(x, E4M3, scale, rowwise=rowwise))
+        moved = x.numel() * 2 + x.numel() * (2 if rowwise else 1)
+        print(f"\n{'row-major + transposed' if rowwise else 'transposed only'}: launcher {launcher_us:.1f} µs "
+              f"({moved / launcher_us / 1e6:.2f} TB/s)")
+        print(f"{'BLOCK_M':>8} {'BLOCK_K':>8} {'warps':>6} {'µs':>7} {'TB/s':>6}  same bits")
+        for block_m, block_k, warps in ((64, 64, 4), (64, 64, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4),
+                                        (64, 128, 8), (128, 128, 8), (128, 128, 16), (32, 128, 4), (256, 64, 8),
+                                        (32, 64, 4), (128, 32, 4)):
+            q = torch.empty((m, k), dtype=E4M3.dtype, device="cuda")
+            qt = torch.empty((k, m_pad), dtype=E4M3.dtype, device="cuda")
+            grid = (-(-m_pad // block_m), -(-k // block_k))
+
+            def launch():
+                tk._quant_transpose_kernel.fn[grid](
+                    x, scale, q if rowwise else qt, qt, m, k, m_pad, x.stride(0), x.stride(1), k, m_pad,
+                    FMAX=E4M3.max, ROWWISE=rowwise, TRANSPOSED=True, BLOCK_M=block_m, BLOCK_K=block_k,
+                    num_warps=warps)
+
+            try:
+                launch()
+                torch.cuda.synchronize()
+            except Exception as ex:  # e.g. out of shared memory for the largest tiles
+                print(f"{block_m:>8} {block_k:>8} {warps:>6}  failed: {type(ex).__name__}: {str(ex)[:80]}")
+                continue
+            same = torch.equal(qt.view(torch.uint8), ref_qt.view(torch.uint8))
+            if rowwise:
+                same = same and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+            us = gpu_us(launch)
+            print(f"{block_m:>8} {block_k:>8} {warps:>6} {us:7.1f} {moved / us / 1e6:6.2f}  {same}")
+    if args.amax:
+        amax_sweep(x)
+
+
+if __name__ == "__main__":
+    main()
