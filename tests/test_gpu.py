@@ -154,3 +154,40 @@ def test_fast_launch_picks_the_kernel_the_jit_picks_and_computes_the_same():
         want = quantize_per_tensor(x, fmt, scale, backend="torch")[0]
         for q in outs:
             assert_bit_equal(want, q, f"{tuple(x.shape)} {fmt.name}")
+
+
+def test_cuda_graph_of_a_cached_fp8_linear_sees_weight_updates():
+    """A captured fwd+bwd of FP8 linears with weight caches, replayed after in-place weight updates, computes
+    exactly what eager calls with the updated weights compute: the caches are bypassed while a graph is captured
+    (a cached FP8 weight read by the replays would go stale)."""
+    from fp8coat.ops.linear import FP8WeightCache, linears
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+    ws = [(torch.randn(n, 512, device="cuda", generator=g) / 16).bfloat16() for n in (512, 128)]
+    dys = [torch.randn(256, n, device="cuda", dtype=torch.bfloat16, generator=g) for n in (512, 128)]
+    caches = [FP8WeightCache(), FP8WeightCache()]
+
+    def step():
+        gx, gws = x.detach().requires_grad_(), [w.detach().requires_grad_() for w in ws]  # share w's versions
+        ys = linears(gx, gws, caches=caches)
+        return [y.detach() for y in ys] + list(torch.autograd.grad(ys, [gx, *gws], dys))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm-up: the caches hold the current weights' FP8 copies
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        static = step()
+    for update in range(3):
+        with torch.no_grad():
+            for w in ws:
+                w.mul_(-1.5).add_(0.01 * (update + 1))  # in place, as an optimizer step
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, b in zip(static, eager):
+            assert_bit_equal(b, a, f"update {update}")

@@ -51,7 +51,9 @@ class FP8WeightCache:
     The key is the weight's storage address, shape, dtype and version counter: in-place updates (optimizer
     steps, ``load_state_dict``, FSDP all-gathers) bump the version, so every micro-batch between two optimizer
     steps reuses one quantization and no global "first micro-batch" flag exists. Caches are registered under an
-    integer handle so that an opaque custom op can find them at run time.
+    integer handle so that an opaque custom op can find them at run time. While a CUDA graph is being captured
+    (``torch.cuda.graph``, ``make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``) the cache is
+    bypassed: the graph quantizes the weight at every replay, so replays after a weight update stay correct.
     """
 
     _registry: "dict[int, weakref.ref]" = {}
@@ -72,6 +74,11 @@ class FP8WeightCache:
         return ref() if ref is not None else None
 
     def get(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W8, scale)`` of ``w``: the cached pair while ``w`` is unchanged, else a fresh quantization."""
+        if _capturing(w):
+            # a CUDA graph replays kernels, not this check: a cached copy would be read by every replay even after
+            # the weight changed (and its memory may be freed). Quantize inside the graph instead, uncached.
+            return quantize_per_tensor(w.detach(), self.fmt)
         key = (w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
         if key != self.key:
             self.q, self.scale = quantize_per_tensor(w.detach(), self.fmt)
@@ -89,6 +96,10 @@ class FP8WeightCache:
         return 0 if self.q is None else self.q.numel() + 4
 
 
+def _capturing(w: torch.Tensor) -> bool:
+    return w.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _cache(handle: int) -> "FP8WeightCache | None":
     return FP8WeightCache.lookup(handle) if handle > 0 else None
 
@@ -101,7 +112,7 @@ def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.
 def _weight_scale(w: torch.Tensor, handle: int, fmt) -> torch.Tensor:
     """The scale ``_weight_fp8`` gives ``w``, without quantizing it again when no cache holds it."""
     cache = _cache(handle)
-    return cache.get(w)[1] if cache is not None else tensor_scale(w.detach(), fmt)
+    return cache.get(w)[1] if cache is not None and not _capturing(w) else tensor_scale(w.detach(), fmt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
