@@ -63,6 +63,21 @@ def time_back_to_back_ms(fn, device, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def launch_graph_us(fn, launches: int = 20, repeats: int = 7) -> float:
+    """µs per call of ``fn`` (a few kernel launches) from replays of one CUDA graph holding ``launches`` calls:
+    the median over ``repeats`` replays. Device time of small kernels, without launch gaps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, allocations) off the default stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(launches):
+            fn()
+    return statistics.median(time_back_to_back_ms(graph.replay, "cuda", 1) * 1e3 / launches for _ in range(repeats))
+
+
 def graph_replay_ms(fn, iters: int, repeats: int = 5) -> "float | None":
     """Median over ``repeats`` of the mean ms of ``iters`` back-to-back replays of a CUDA graph of ``fn`` (launch
     gaps removed: the device-side cost of ``fn``). None, with the reason logged, when ``fn`` cannot be captured."""

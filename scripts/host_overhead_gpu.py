@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8coat.formats import E4M3  # noqa: E402
 from fp8coat.ops.linear import FP8WeightCache, linear  # noqa: E402
 from fp8coat.quantization import triton_kernels as tk  # noqa: E402
+from harness import launch_graph_us  # noqa: E402
 
 
 def per_call_us(fn, calls: int = 200, batches: int = 7) -> float:
@@ -254,26 +256,8 @@ def amax_sweep() -> None:
     count = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.empty((), dtype=torch.float32, device="cuda")
 
-    def gpu_ms(fn, launches: int = 20) -> float:
-        """ms per call of ``fn`` from replays of a CUDA graph of ``launches`` calls (no launch gaps)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            for _ in range(launches):
-                fn()
-        times = []
-        for _ in range(7):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / launches)
-        return statistics.median(times)
+    def gpu_ms(fn) -> float:
+        return launch_graph_us(fn) / 1e3
 
     y = torch.empty_like(x)
     print(f"\namax of 8192x4096 bf16 (64 MiB), GPU µs: copy of the tensor {gpu_ms(lambda: y.copy_(x)) * 1e3:.1f} "

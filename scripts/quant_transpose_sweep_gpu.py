@@ -12,34 +12,17 @@ sweeps the per-tensor amax kernel (tiles, warps, programs) against ``torch.amax`
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from fp8coat.formats import E4M3
-from fp8coat.quantization import triton_kernels as tk
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def gpu_us(fn, launches: int = 20) -> float:
-    """µs per call of ``fn`` from replays of a CUDA graph of ``launches`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / launches)
-    return statistics.median(times)
+from fp8coat.formats import E4M3  # noqa: E402
+from fp8coat.quantization import triton_kernels as tk  # noqa: E402
+from harness import launch_graph_us as gpu_us  # noqa: E402
 
 
 def amax_sweep(x: torch.Tensor) -> None:
@@ -79,6 +62,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--amax", action="store_true", help="also sweep the amax kernel")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("quant_transpose_sweep_gpu: needs a CUDA device")
+        return
     m, k = args.m, args.k
     m_pad = -(-m // 16) * 16
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
