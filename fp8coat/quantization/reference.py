@@ -36,7 +36,7 @@ __all__ = [
     "quantize_per_tensor",
     "dequantize_per_tensor",
     "check_group_size",
-    "destinations",
+    "check_destinations",
     "quantize_transpose",
     "joint_tensor_scale",
 ]
@@ -144,29 +144,24 @@ def padded(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
-def destinations(
+def check_destinations(
     x: torch.Tensor, fmt: FP8Format, rowwise: bool, pad_to: int, transposed: bool,
     out: "torch.Tensor | None", out_t: "torch.Tensor | None",
-) -> tuple["torch.Tensor | None", "torch.Tensor | None"]:
-    """The ``(q, qt)`` tensors :func:`quantize_transpose` writes: ``out`` / ``out_t`` when given (checked: shape,
-    dtype, device, unit stride along rows — e.g. column blocks of a wider buffer), else fresh ones."""
+) -> None:
+    """Raise unless ``out`` / ``out_t`` (when given) fit :func:`quantize_transpose`'s outputs for ``x``: requested,
+    shape, dtype, device, unit stride along rows (e.g. column blocks of a wider buffer)."""
+    if out is None and out_t is None:
+        return
     m, k = x.shape
-    m_pad = padded(m, pad_to)
-    wanted = {"out": (out, rowwise, (m, k)), "out_t": (out_t, transposed, (k, m_pad))}
-    for name, (t, used, shape) in wanted.items():
+    for name, t, used, shape in (("out", out, rowwise, (m, k)), ("out_t", out_t, transposed, (k, padded(m, pad_to)))):
         if t is None:
             continue
         if not used:
             raise ValueError(f"{name} given for a copy that is not requested")
         dense_rows = shape[1] <= 1 or t.stride(1) == 1
         if tuple(t.shape) != shape or t.dtype != fmt.dtype or t.device != x.device or not dense_rows:
-            raise ValueError(f"{name} must be {shape} {fmt.dtype} on {x.device} with unit stride along rows, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
-    if rowwise and out is None:
-        out = torch.empty((m, k), dtype=fmt.dtype, device=x.device)
-    if transposed and out_t is None:
-        out_t = torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
-    return (out if rowwise else None), (out_t if transposed else None)
+            raise ValueError(f"{name} must be {shape} {fmt.dtype} on {x.device} with unit stride along rows, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
 
 
 def quantize_transpose(
@@ -181,15 +176,18 @@ def quantize_transpose(
     ``out`` / ``out_t``: optional destinations (e.g. column blocks of one buffer shared by several tensors).
     """
     fmt = get_format(fmt)
+    check_destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
     m, k = x.shape
-    q_out, qt_out = destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
     q = quantize_with_scale(x, scale, fmt)
+    q_rows = None
     if rowwise:
-        q_out.copy_(q)
-    if transposed:
-        qt_out[:, m:].zero_()
-        qt_out[:, :m] = q.t()
-    return q_out, qt_out
+        q_rows = out.copy_(q) if out is not None else q.contiguous()
+    if not transposed:
+        return q_rows, None
+    qt = out_t if out_t is not None else torch.empty((k, padded(m, pad_to)), dtype=fmt.dtype, device=x.device)
+    qt[:, m:].zero_()
+    qt[:, :m] = q.t()
+    return q_rows, qt
 
 
 def joint_tensor_scale(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:

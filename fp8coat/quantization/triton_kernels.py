@@ -21,7 +21,7 @@ from .._grid import cdiv, next_power_of_2
 from .._launch import fast_kernel
 from ..formats import FP8Format, get_format
 from .reference import MIN_SCALE as _MIN_SCALE_PY
-from .reference import check_group_size, destinations
+from .reference import check_destinations, check_group_size, padded
 
 __all__ = [
     "quantize_per_group_triton",
@@ -280,11 +280,16 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
                               transposed: bool = True, out: "torch.Tensor | None" = None,
                               out_t: "torch.Tensor | None" = None):
     """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad) or None),
-    written into ``out`` / ``out_t`` when given (checked by ``reference.destinations``)."""
+    written into ``out`` / ``out_t`` when given."""
     fmt = get_format(fmt)
+    check_destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
     m, k = x.shape
-    q, qt = destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
-    m_pad = qt.shape[1] if transposed else m
+    m_pad = padded(m, pad_to) if transposed else m
+    q = qt = None
+    if rowwise:
+        q = out if out is not None else torch.empty((m, k), dtype=fmt.dtype, device=x.device)
+    if transposed:
+        qt = out_t if out_t is not None else torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
     if m_pad * k == 0 or not (rowwise or transposed):
         return q, qt
     if transposed and x.element_size() == 4:
