@@ -285,20 +285,23 @@ def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise
     check_destinations(x, fmt, rowwise, pad_to, transposed, out, out_t)
     m, k = x.shape
     m_pad = padded(m, pad_to) if transposed else m
-    q = qt = None
-    if rowwise:
-        q = out if out is not None else torch.empty((m, k), dtype=fmt.dtype, device=x.device)
+    qt = None
     if transposed:
         qt = out_t if out_t is not None else torch.empty((k, m_pad), dtype=fmt.dtype, device=x.device)
-    if m_pad * k == 0 or not (rowwise or transposed):
-        return q, qt
-    if transposed and x.element_size() == 4:
+    if transposed and x.element_size() == 4 and m_pad * k:
         # 4-byte inputs: the fused transposed store gave wrong values on sm_90 (triton 3.6) while the interpreter
         # and 2-byte inputs are right. Quantize the transposed view with the plain kernel instead.
+        q = None
         if rowwise:
-            q.copy_(quantize_per_tensor_triton(x, fmt, scale)[0])
+            q = quantize_per_tensor_triton(x, fmt, scale)[0]
+            q = out.copy_(q) if out is not None else q
         qt[:, m:].zero_()
         qt[:, :m] = quantize_per_tensor_triton(x.t(), fmt, scale)[0]
+        return q, qt
+    q = None
+    if rowwise:
+        q = out if out is not None else torch.empty((m, k), dtype=fmt.dtype, device=x.device)
+    if m_pad * k == 0 or not (rowwise or transposed):
         return q, qt
     # tiles from a sweep on an H200 (scripts/quant_transpose_sweep_gpu.py; 8192 × 4096 and 8192 × 11008 bf16):
     # both copies 64 × 128 with 4 warps (13% faster than 64 × 64), the transposed copy alone 64 × 64 with 8 warps
