@@ -24,7 +24,8 @@ from .nn._swap import is_swapped, restore_class, swap_class
 from .nn.activations import FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
-from .ops.linear import FP8WeightCache, fp8_gemm_supported
+from .ops.linear import fp8_gemm_supported
+from .ops.weight_cache import FP8WeightCache
 from .recipe import Recipe, get_recipe
 
 __all__ = ["convert", "unconvert", "conversion_summary"]

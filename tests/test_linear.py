@@ -54,10 +54,11 @@ def test_saves_only_fp8_transposed_input_once_for_shared_layers():
     fp8 = [e for e in rep.entries if e[2] == torch.float8_e4m3fn]
     assert len(fp8) == 1 and fp8[0][3] == (64, m_pad)  # one K-major copy for three layers, tokens padded to 16
     weights = sum(w.numel() * 4 for w in ws)
-    assert rep.total_bytes == 64 * m_pad + 4 + weights  # FP8 input, its scale, and the weights themselves
+    # FP8 input, its scale, the weights themselves and their scales
+    assert rep.total_bytes == 64 * m_pad + 4 + weights + 4 * len(ws)
     mod = torch.nn.ModuleList([torch.nn.Linear(64, 64)]).to(device())
     _, rep = measure_saved_tensors(lambda: linear(x, mod[0].weight, mod[0].bias), modules=mod)
-    assert rep.total_bytes == 64 * m_pad + 4 and rep.parameter_bytes == 64 * 64 * 4
+    assert rep.total_bytes == 64 * m_pad + 4 + 4 and rep.parameter_bytes == 64 * 64 * 4
 
 
 def test_save_input_hp_keeps_the_input_itself():
@@ -71,38 +72,6 @@ def test_save_input_hp_keeps_the_input_itself():
     y2 = linear(x.detach().requires_grad_(), w)
     assert torch.isfinite(x.grad).all()
     assert torch.equal(y, y2)
-
-
-def test_weight_cache_reused_until_the_weight_changes():
-    w = torch.nn.Parameter(torch.randn(32, 64, device=device()))
-    cache = FP8WeightCache()
-    x = torch.randn(8, 64, device=device())
-    linear(x, w, cache=cache)
-    q1 = cache.q
-    linear(x, w, cache=cache)  # second micro-batch: same quantized tensor object
-    assert cache.q is q1
-    with torch.no_grad():
-        w.add_(1.0)  # an optimizer step bumps the version counter
-    y = linear(x, w, cache=cache)
-    assert cache.q is not q1
-    ref_q, ref_s = quantize_per_tensor(w.detach(), "e4m3")
-    assert torch.equal(cache.q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(cache.scale, ref_s)
-    assert torch.isfinite(y).all()
-
-
-def test_weight_cache_sees_fused_optimizer_updates():
-    """fp8coat.AdamW's fused kernel writes parameters through raw pointers: it must bump their versions."""
-    import fp8coat
-
-    lin = torch.nn.Linear(64, 64).to(device())
-    cache = FP8WeightCache()
-    opt = fp8coat.AdamW(lin.parameters(), lr=0.1, backend="triton")
-    x = torch.randn(8, 64, device=device())
-    linear(x, lin.weight, lin.bias, cache).sum().backward()
-    q1 = cache.q
-    opt.step()
-    linear(x, lin.weight, lin.bias, cache)
-    assert cache.q is not q1
 
 
 @pytest.mark.parametrize("ns", [[64, 32, 32], [48, 16]])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear import FP8WeightCache, linears
+from ..ops.linear import linears
+from ..ops.weight_cache import FP8WeightCache
 from ..recipe import Recipe
 
 __all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs"]
@@ -35,6 +36,12 @@ class InputShare:
         self._x = None
         self._outputs: dict[int, torch.Tensor] = {}
         self._fp8coat_offer = None  # (tensor, Recompute) set by the FP8 norm producing this group's input
+
+    def __getstate__(self) -> dict:
+        return {"members": self.members}  # outputs and offers in flight belong to one forward, not to copies
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._x is x and id(module) in self._outputs:

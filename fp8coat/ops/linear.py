@@ -3,11 +3,13 @@
 For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, sharing ONE quantized input:
 
     forward   X8, sX  = E4M3 per-tensor (scale from a two-stage amax, on device)
-              W8, sW  = E4M3 per-tensor, cached per module until the weight changes (version counter / storage)
+              W8, sW  = E4M3 per-tensor, cached per module while the weight's content is unchanged
+                        (``weight_cache.py``: a content fingerprint checked on the device)
               Y_i     = (X8·sX)(W8_i·sW_i)ᵀ + b_i         torch._scaled_mm on CUDA (fast accumulation), fp32
                                                            emulation elsewhere; output in X's dtype
-              saved:  X8ᵀ (K×M_pad, FP8, the K-major copy wgrad needs) and sX — or, with ``save_input_hp``,
-                      the high-precision X itself when another op keeps it anyway (attention output)
+              saved:  X8ᵀ (K×M_pad, FP8, the K-major copy wgrad needs), sX and the sW_i — or, with
+                      ``save_input_hp``, the high-precision X itself when another op keeps it anyway (attention
+                      output)
     backward  G8, sG  = E5M2 per-tensor of [dY_1 … dY_n] side by side (M × ΣN_i, one joint scale), row-major
                         and transposed
               Wᵀ8, sW' = E4M3 of [W_1ᵀ … W_nᵀ] side by side (K × ΣN_i), sW' = max_i sW_i (sW_1 for one layer)
@@ -31,88 +33,19 @@ from __future__ import annotations
 
 import functools
 import itertools
-import weakref
+
 import torch
 
 from ..formats import get_format
 from ..quantization import joint_tensor_scale, quantize_per_tensor, quantize_transpose, tensor_scale
 from .recompute import Recompute, recompute_input, recompute_quantized_t
+from .weight_cache import FP8WeightCache, weight_fp8
 
 __all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FP8 weight cache
-
-
-class FP8WeightCache:
-    """E4M3 per-tensor copy of one weight, recomputed only when the weight changes.
-
-    The key is the weight's storage address, shape, dtype and version counter: in-place updates (optimizer
-    steps, ``load_state_dict``, FSDP all-gathers) bump the version, so every micro-batch between two optimizer
-    steps reuses one quantization and no global "first micro-batch" flag exists. Caches are registered under an
-    integer handle so that an opaque custom op can find them at run time. While a CUDA graph is being captured
-    (``torch.cuda.graph``, ``make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``) the cache is
-    bypassed: the graph quantizes the weight at every replay, so replays after a weight update stay correct.
-    """
-
-    _registry: "dict[int, weakref.ref]" = {}
-    _next = itertools.count(1)
-
-    def __init__(self, fmt: str = "e4m3"):
-        self.fmt = get_format(fmt)
-        self.key = None
-        self.q: "torch.Tensor | None" = None
-        self.scale: "torch.Tensor | None" = None
-        self.handle = next(self._next)
-        self._registry[self.handle] = weakref.ref(self)
-        weakref.finalize(self, self._registry.pop, self.handle, None)
-
-    @classmethod
-    def lookup(cls, handle: int) -> "FP8WeightCache | None":
-        ref = cls._registry.get(handle)
-        return ref() if ref is not None else None
-
-    def get(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W8, scale)`` of ``w``: the cached pair while ``w`` is unchanged, else a fresh quantization."""
-        if _capturing(w):
-            # a CUDA graph replays kernels, not this check: a cached copy would be read by every replay even after
-            # the weight changed (and its memory may be freed). Quantize inside the graph instead, uncached.
-            return quantize_per_tensor(w.detach(), self.fmt)
-        key = (w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
-        if key != self.key:
-            self.q, self.scale = quantize_per_tensor(w.detach(), self.fmt)
-            self.key = key
-        return self.q, self.scale
-
-    def __deepcopy__(self, memo) -> "FP8WeightCache":
-        return FP8WeightCache(self.fmt)  # a copy of a module gets its own (empty) cache under a new handle
-
-    def clear(self) -> None:
-        self.key = self.q = self.scale = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.q is None else self.q.numel() + 4
-
-
-def _capturing(w: torch.Tensor) -> bool:
-    return w.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _cache(handle: int) -> "FP8WeightCache | None":
-    return FP8WeightCache.lookup(handle) if handle > 0 else None
-
-
 def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = _cache(handle)
-    return cache.get(w) if cache is not None else quantize_per_tensor(w.detach(), fmt)
-
-
-def _weight_scale(w: torch.Tensor, handle: int, fmt) -> torch.Tensor:
-    """The scale ``_weight_fp8`` gives ``w``, without quantizing it again when no cache holds it."""
-    cache = _cache(handle)
-    return cache.get(w)[1] if cache is not None and not _capturing(w) else tensor_scale(w.detach(), fmt)
+    return weight_fp8(w, FP8WeightCache.lookup(handle) if handle > 0 else None, fmt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +103,7 @@ def _forward_impl(
     recompute_eps: float,
     recompute_group: int,
 ) -> list[torch.Tensor]:
-    """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
+    """Returns ``[*ys, x_saved, x_scale, *w_scales]``: outputs (…, N_i) in x's dtype, then what backward needs.
 
     ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
     wrapper of custom ops cannot return gradients for a list with holes)."""
@@ -179,7 +112,7 @@ def _forward_impl(
     sx = _input_scale(x2, fmt)
     saves_own_copy = not save_input_hp and not recompute_kind
     xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True, transposed=saves_own_copy)
-    ys = []
+    ys, sws = [], []
     bias_iter = iter(biases)
     for w, hb, h in zip(weights, has_bias, cache_handles):
         b = next(bias_iter) if hb else None
@@ -188,9 +121,10 @@ def _forward_impl(
         if b is not None:
             y = y + b.to(y.dtype)
         ys.append(y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0]))
+        sws.append(sw)
     # otherwise setup_context saves x itself (save_input_hp) or the producer's tensors (recompute)
     saved = xqt if saves_own_copy else xq.new_empty(0)
-    return ys + [saved, sx]
+    return ys + [saved, sx] + sws
 
 
 _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutates_args=())
@@ -207,7 +141,8 @@ def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, em
     fp8 = get_format(fwd_format).dtype
     own = not save_input_hp and not recompute_kind
     saved = x.new_empty((k, -(-m // 16) * 16), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
-    return ys + [saved, x.new_empty((), dtype=torch.float32)]
+    scales = [x.new_empty((), dtype=torch.float32) for _ in range(len(weights) + 1)]
+    return ys + [saved] + scales
 
 
 def _backward_impl(
@@ -215,7 +150,7 @@ def _backward_impl(
     x_saved: torch.Tensor,
     x_scale: torch.Tensor,
     weights: list[torch.Tensor],
-    cache_handles: list[int],
+    w_scales: list[torch.Tensor],
     has_bias: list[bool],
     x_shape: list[int],
     x_dtype: torch.dtype,
@@ -242,9 +177,8 @@ def _backward_impl(
         xqt = x_saved
     ns = [w.shape[0] for w in weights]
     g2s = [g if g.dim() == 2 else g.reshape(-1, n) for g, n in zip(grads, ns)]
-    sws = [_weight_scale(w, h, fmt) for w, h in zip(weights, cache_handles)]
     if len(weights) == 1:
-        sg, sw = _input_scale(g2s[0], gfmt), sws[0]
+        sg, sw = _input_scale(g2s[0], gfmt), w_scales[0]
         gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True)
         _, wqt = quantize_transpose(weights[0].detach(), fmt, sw, rowwise=False, pad_to=1)
         gqts = [gqt]
@@ -253,7 +187,7 @@ def _backward_impl(
         # the W_iᵀ side by side (K × ΣN_i), each under one joint scale. Against a GEMM per layer summed in x's
         # dtype: n - 1 fewer GEMMs and no add passes (about 0.1 ms for q/k/v at 8192 × 4096 on an H200).
         sg = joint_tensor_scale(g2s, gfmt)
-        sw = functools.reduce(torch.maximum, sws)  # = scale_from_amax(max amax_i): the scale rule is monotone
+        sw = functools.reduce(torch.maximum, w_scales)  # = scale_from_amax(max amax_i): the scale rule is monotone
         ends = list(itertools.accumulate(ns))
         device, m_pad = x_scale.device, -(-m // 16) * 16
         gq = torch.empty((m, ends[-1]), dtype=gfmt.dtype, device=device)
@@ -275,7 +209,7 @@ _linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_im
 
 
 @_linears_bwd.register_fake
-def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtype, save_input_hp, emulate,
+def _(grads, x_saved, x_scale, weights, w_scales, has_bias, x_shape, x_dtype, save_input_hp, emulate,
       fwd_format, bwd_format, recompute_kind, recompute_src, recompute_eps, recompute_group):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
     dws = [torch.empty_like(w) for w in weights]
@@ -286,14 +220,15 @@ def _(grads, x_saved, x_scale, weights, cache_handles, has_bias, x_shape, x_dtyp
 def _setup(ctx, inputs, output):
     (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
      recompute_src, recompute_eps, recompute_group) = inputs
-    saved, x_scale = output[-2], output[-1]
-    ctx.mark_non_differentiable(saved, x_scale)
+    n = len(weights)
+    saved, x_scale, w_scales = output[n], output[n + 1], output[n + 2:]
+    ctx.mark_non_differentiable(saved, x_scale, *w_scales)
     ctx.set_materialize_grads(False)  # outputs that do not reach the loss: None, handled in _backward
     if save_input_hp:
         saved = x
-    ctx.save_for_backward(saved, x_scale, *weights, *recompute_src)
+    ctx.save_for_backward(saved, x_scale, *weights, *w_scales, *recompute_src)
     ctx.meta = dict(
-        handles=list(handles), has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
+        has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
         save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, n=len(weights),
         recompute=(recompute_kind, len(recompute_src), recompute_eps, recompute_group),
     )
@@ -307,14 +242,14 @@ def _backward(ctx, grads, backward_fn=None):
     n = meta["n"]
     kind, n_src, eps, group = meta["recompute"]
     saved, x_scale, *rest = ctx.saved_tensors
-    weights, src = rest[:n], rest[n:]
+    weights, w_scales, src = rest[:n], rest[n : 2 * n], rest[2 * n :]
     ys_grads = list(grads[:n])
     for i, g in enumerate(ys_grads):  # an output that did not reach the loss
         if g is None:
             ys_grads[i] = torch.zeros(*meta["x_shape"][:-1], weights[i].shape[0], dtype=meta["x_dtype"],
                                       device=x_scale.device)
     out = backward_fn(
-        ys_grads, saved, x_scale, weights, meta["handles"], meta["has_bias"], meta["x_shape"], meta["x_dtype"],
+        ys_grads, saved, x_scale, weights, list(w_scales), meta["has_bias"], meta["x_shape"], meta["x_dtype"],
         meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT, kind, list(src), eps, group,
     )
     dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]

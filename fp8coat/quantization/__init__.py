@@ -8,18 +8,20 @@ Both backends compute bit-identical data and scales (see ``reference.py`` for th
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from ..formats import get_format
 from . import reference
-from .reference import MIN_SCALE, check_group_size, scale_from_amax
+from .reference import MIN_SCALE, check_group_size, check_scale, scale_from_amax
 
 __all__ = [
     "MIN_SCALE",
     "check_group_size",
     "scale_from_amax",
     "resolve_backend",
+    "check_triton_device",
     "quantize_per_group",
     "dequantize_per_group",
     "quantize_per_tensor",
@@ -29,6 +31,10 @@ __all__ = [
     "quantize_transpose",
     "tensor_scale",
     "joint_tensor_scale",
+    "refresh_tensor_scale",
+    "quantize_if",
+    "tensor_fingerprint",
+    "check_scale",
 ]
 
 BACKENDS = ("torch", "triton")
@@ -49,9 +55,19 @@ def resolve_backend(x: torch.Tensor, backend: "str | None") -> str:
         return "triton" if (x.is_cuda and triton_available()) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' requested but triton is not installed")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but triton is not installed")
+        check_triton_device(x)
     return backend
+
+
+def check_triton_device(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless Triton kernels can run on ``x``: a CUDA tensor, or any tensor under the Triton
+    interpreter (``TRITON_INTERPRET=1`` set before triton is imported; used by the tests on the CPU)."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got a tensor on {x.device}; use backend=None "
+                         "(Triton on CUDA, torch elsewhere) or 'torch'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +114,10 @@ def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: "str | None" = None):
-    """Quantize ``x`` with one fp32 scale -> ``(q, scale)``; the scale comes from the two-stage amax if not given."""
+    """Quantize ``x`` with one fp32 scale -> ``(q, scale)``; the scale comes from the two-stage amax if not given.
+    A given ``scale`` must be a one-element float tensor, positive and finite (checked when it is on the CPU)."""
+    if scale is not None:
+        check_scale(scale)
     if resolve_backend(x, backend) == "triton":
         return _kernels().quantize_per_tensor_triton(x, fmt, scale)
     return reference.quantize_per_tensor(x, get_format(fmt), scale)
@@ -108,7 +127,9 @@ def quantize_transpose(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool 
                        transposed: bool = True, *, out: "torch.Tensor | None" = None,
                        out_t: "torch.Tensor | None" = None, backend: "str | None" = None):
     """2-D ``x`` (M, K) with one scale -> ``(q (M, K) or None, qt (K, M_pad) or None)``, optionally written into
-    ``out`` / ``out_t``; see ``reference.quantize_transpose``."""
+    ``out`` / ``out_t``; see ``reference.quantize_transpose``. ``scale``: a one-element float tensor (+inf, the
+    scale of a tensor holding inf or NaN, gives codes that dequantize to NaN)."""
+    check_scale(scale, check_value=False)
     if resolve_backend(x, backend) == "triton":
         return _kernels().quantize_transpose_triton(x, fmt, scale, rowwise, pad_to, transposed, out, out_t)
     return reference.quantize_transpose(x, fmt, scale, rowwise, pad_to, transposed, out, out_t)
@@ -126,3 +147,27 @@ def joint_tensor_scale(xs: "list[torch.Tensor]", fmt="e4m3", *, backend: "str | 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
     return reference.dequantize_per_tensor(q, scale, out_dtype)
+
+
+def tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """64-bit content fingerprint of ``x`` (int64 (2,), two 32-bit lanes); see ``reference.tensor_fingerprint``."""
+    return reference.tensor_fingerprint(x)
+
+
+def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor, *,
+                         backend: "str | None" = None) -> torch.Tensor:
+    """Compare ``x``'s content fingerprint with the one in ``record`` (int32 (4,): lane 0, lane 1, valid, changed)
+    and refresh ``cached_scale`` (0-d fp32) if ``x`` changed; returns the scale as a new 0-d fp32 tensor and sets
+    ``record[3]`` to 1 (changed) or 0. One pass over ``x``, no host sync; see ``reference.refresh_tensor_scale``."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().refresh_tensor_scale_triton(x, fmt, record, cached_scale)
+    return reference.refresh_tensor_scale(x, fmt, record, cached_scale)
+
+
+def quantize_if(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor, flag: torch.Tensor, *,
+                backend: "str | None" = None) -> torch.Tensor:
+    """Quantize ``x`` with ``scale`` into ``out`` (contiguous, ``x``'s shape) only where the int ``flag`` on the
+    device is non-zero; returns ``out``."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().quantize_if_triton(x, fmt, scale, out, flag)
+    return reference.quantize_if(x, fmt, scale, out, flag)

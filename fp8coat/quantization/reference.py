@@ -39,6 +39,11 @@ __all__ = [
     "check_destinations",
     "quantize_transpose",
     "joint_tensor_scale",
+    "check_scale",
+    "fingerprint_units",
+    "tensor_fingerprint",
+    "refresh_tensor_scale",
+    "quantize_if",
 ]
 
 MIN_SCALE = 2.0**-126  # smallest normal fp32
@@ -194,3 +199,97 @@ def joint_tensor_scale(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
     """The per-tensor scale of all of ``xs`` together, as if they were one tensor (0-d fp32)."""
     amax = torch.stack([tensor_amax(x).to(xs[0].device) for x in xs]).amax()
     return scale_from_amax(amax, get_format(fmt))
+
+
+def check_scale(scale: torch.Tensor, *, check_value: bool = True) -> None:
+    """Raise ``ValueError`` unless ``scale`` is a one-element floating-point tensor and, when it is on the CPU and
+    ``check_value``, a positive finite number. The value of a scale on an accelerator is not read (that would
+    wait for the device): a zero scale there makes every code ±fmax or NaN, a negative one negates the codes."""
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.numel() != 1:
+        got = f"{scale.dtype} tensor of shape {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else repr(scale)
+        raise ValueError(f"scale must be a one-element floating-point tensor, got {got}")
+    if check_value and scale.device.type == "cpu":
+        value = float(scale)
+        if not (0.0 < value < float("inf")):
+            raise ValueError(f"scale must be a positive finite number, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# content fingerprints: a cached quantization is reused only while the tensor's bytes are unchanged
+
+_M32 = 0xFFFFFFFF
+FINGERPRINT_STEP = 0x9E3779B9  # multiplies a unit's position before it is mixed with the unit
+
+
+def fingerprint_units(x: torch.Tensor) -> torch.Tensor:
+    """The words a fingerprint reads: ``x``'s bytes in row-major order as int32 words (4-byte dtypes; 2-byte dtypes
+    with an even number of elements and a 4-byte aligned address: two elements per word, little-endian) or as
+    int16 words (other 2-byte dtypes). A non-contiguous ``x`` is copied first. 1-D, contiguous."""
+    if x.element_size() not in (2, 4):
+        raise ValueError(f"fingerprints cover 2- and 4-byte dtypes, got {x.dtype}")
+    c = x.detach().contiguous().reshape(-1)
+    if x.element_size() == 4 or (c.numel() % 2 == 0 and c.data_ptr() % 4 == 0):
+        return c.view(torch.int32)
+    return c.view(torch.int16)
+
+
+def _mix32(u: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2^32)."""
+    u = u ^ (u >> 16)
+    u = (u * 0x85EBCA6B) & _M32
+    u = u ^ (u >> 13)
+    u = (u * 0xC2B2AE35) & _M32
+    return u ^ (u >> 16)
+
+
+def tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """64-bit content fingerprint of ``x`` as two 32-bit lanes: int64 tensor (2,) with values in [0, 2^32).
+
+    For the words ``u_i`` of :func:`fingerprint_units` (zero-extended to 32 bits) at positions ``i``:
+    ``h_i = mix32(u_i ^ (i · 0x9E3779B9 mod 2^32))``, lane 0 = ``Σ h_i``, lane 1 = ``Σ h_i · (2i + 1)`` (mod 2^32).
+    Any change of one word changes lane 0 (``mix32`` is a bijection); changes of several words go unseen with
+    probability about 2^-64. Every lane is a sum, so the Triton kernel may add its partial sums in any order.
+    """
+    units = fingerprint_units(x)
+    mask = 0xFFFF if units.dtype == torch.int16 else _M32
+    u = units.to(torch.int64) & mask
+    i = torch.arange(u.numel(), dtype=torch.int64, device=u.device)
+    h = _mix32(u ^ ((i * FINGERPRINT_STEP) & _M32))
+    lane0 = h.sum() & _M32
+    lane1 = (h * ((2 * i + 1) & _M32) & _M32).sum() & _M32
+    return torch.stack([lane0, lane1])
+
+
+def _as_int32(v: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor) -> torch.Tensor:
+    """Check ``x`` against the fingerprint in ``record`` and refresh the cached per-tensor scale if it changed.
+
+    ``record``: int32 (4,) on ``x``'s device = [fingerprint lane 0, lane 1, valid, changed]; ``cached_scale``: 0-d
+    fp32. ``x`` counts as changed when ``valid`` is 0 or its fingerprint differs; then ``cached_scale`` becomes
+    ``scale_from_amax(tensor_amax(x))``. Afterwards ``record`` holds ``x``'s fingerprint, valid = 1 and changed = 0
+    or 1. Returns a new 0-d fp32 tensor equal to the (refreshed) cached scale. No host sync.
+    """
+    fmt = get_format(fmt)
+    lanes = tensor_fingerprint(x)
+    stored = record[:2].to(torch.int64) & _M32
+    changed = (record[2] == 0) | (lanes != stored).any()
+    fresh = scale_from_amax(tensor_amax(x), fmt)
+    cached_scale.copy_(torch.where(changed, fresh, cached_scale))
+    record[:2] = _as_int32(lanes)
+    record[2] = 1
+    record[3] = changed.to(torch.int32)
+    return cached_scale.clone()
+
+
+def quantize_if(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """``out <- quantize_with_scale(x, scale)`` where the one-element int ``flag`` is non-zero; ``out`` keeps its
+    contents otherwise (no host sync). Returns ``out``."""
+    fmt = get_format(fmt)
+    q = quantize_with_scale(x, scale, fmt).view(torch.uint8)  # torch.where has no fp8 kernels: select the bytes
+    bytes_out = out.view(torch.uint8)
+    bytes_out.copy_(torch.where(flag.reshape(()) != 0, q, bytes_out))
+    return out

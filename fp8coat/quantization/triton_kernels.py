@@ -8,7 +8,10 @@ Kernels:
   * ``_group_quant_kernel``   x -> (q, scale) per 1×G group (scale fp32, shape (R, ceil(K/G))).
   * ``_group_dequant_kernel`` (q, scale) -> x.
   * ``_amax_kernel``          per-tensor amax or scale in one launch (partials + last-program reduction), no host sync.
-  * ``_scaled_quant_kernel``  stage 2: quantize with one scale read from device memory.
+  * ``_scaled_quant_kernel``  stage 2: quantize with one scale read from device memory (optionally only where a
+                              flag in device memory is set).
+  * ``_fingerprint_kernel``   content fingerprint + amax in one pass: refreshes a cached per-tensor scale only
+                              when the tensor's bytes changed.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import triton.language as tl
 from .._grid import cdiv, next_power_of_2
 from .._launch import fast_kernel
 from ..formats import FP8Format, get_format
+from .reference import FINGERPRINT_STEP as _FINGERPRINT_STEP_PY
 from .reference import MIN_SCALE as _MIN_SCALE_PY
-from .reference import check_destinations, check_group_size, padded
+from .reference import check_destinations, check_group_size, fingerprint_units, padded
 
 __all__ = [
     "quantize_per_group_triton",
@@ -31,11 +35,25 @@ __all__ = [
     "quantize_transpose_triton",
     "tensor_scale_triton",
     "joint_tensor_scale_triton",
+    "refresh_tensor_scale_triton",
+    "quantize_if_triton",
 ]
 
 
 MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
 MIN_SCALE_VALUE = _MIN_SCALE_PY
+FINGERPRINT_STEP = tl.constexpr(_FINGERPRINT_STEP_PY)
+
+
+@triton.jit
+def mix32(x):
+    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin: ``reference._mix32``."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
 
 
 @triton.jit
@@ -154,20 +172,83 @@ def _amax_kernel(
 @fast_kernel
 @triton.jit
 def _scaled_quant_kernel(
-    x_ptr, s_ptr, q_ptr,  # x: (R, K) strided; s: 0-d fp32 scale; q: (R, K) contiguous
+    x_ptr, s_ptr, q_ptr, flag_ptr,  # x: (R, K) strided; s: 0-d fp32 scale; q: (R, K) contiguous; flag: int32
     R, K, stride_xr, stride_xk,
-    FMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    FMAX: tl.constexpr, CONDITIONAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """q = quantize(x, scale); with CONDITIONAL only where ``*flag_ptr != 0`` (else nothing is read or written)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
+    if CONDITIONAL:
+        mask = mask & (tl.load(flag_ptr) != 0)
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr)
     inv = tl.div_rn(1.0, s)
     q = _clamp_cast(x * inv, FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+
+
+@fast_kernel
+@triton.jit
+def _fingerprint_kernel(
+    u_ptr, amax_part, hash_part, count_ptr, record_ptr, cached_ptr, out_ptr,
+    N, TILES,  # u: (N,) words (int32, or int16 zero-extended) cut in TILES tiles of BLOCK
+    FMAX: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """``reference.refresh_tensor_scale`` in one launch. ``DT``: the tensor's float dtype; ``PAIRS``: int32 words
+    holding two 16-bit elements. amax_part: fp32 (>= programs,), hash_part: int32 (2·RBLOCK,) scratch; count:
+    int32, 0 on entry and exit (see ``_amax_kernel``); record: int32 (4,) [lane 0, lane 1, valid, changed];
+    cached: 0-d fp32 (the cached scale, refreshed when changed); out: 0-d fp32 (receives the resulting scale)."""
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    lane0 = tl.zeros((BLOCK,), dtype=tl.uint32)
+    lane1 = tl.zeros((BLOCK,), dtype=tl.uint32)
+    for t in range(pid, TILES, n):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        w = tl.load(u_ptr + offs, mask=mask, other=0)
+        if PAIRS:
+            u = w.to(tl.uint32, bitcast=True)
+            lo = (u & 0xFFFF).to(tl.uint16).to(DT, bitcast=True).to(tl.float32)
+            hi = (u >> 16).to(tl.uint16).to(DT, bitcast=True).to(tl.float32)
+            a = tl.maximum(_abs_nan_to_inf(lo), _abs_nan_to_inf(hi))
+        elif DT == tl.float32:
+            u = w.to(tl.uint32, bitcast=True)
+            a = _abs_nan_to_inf(w.to(tl.float32, bitcast=True))
+        else:
+            u = w.to(tl.uint16, bitcast=True).to(tl.uint32)
+            a = _abs_nan_to_inf(w.to(DT, bitcast=True).to(tl.float32))
+        acc = tl.maximum(acc, a)  # masked lanes hold 0
+        pos = offs.to(tl.uint32)
+        h = tl.where(mask, mix32(u ^ (pos * FINGERPRINT_STEP)), 0)
+        lane0 += h
+        lane1 += h * (2 * pos + 1)
+    tl.store(amax_part + pid, tl.max(acc, axis=0))
+    tl.store(hash_part + pid, tl.sum(lane0, axis=0).to(tl.int32, bitcast=True))
+    tl.store(hash_part + RBLOCK + pid, tl.sum(lane1, axis=0).to(tl.int32, bitcast=True))
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == n - 1:
+        r = tl.arange(0, RBLOCK)
+        rmask = r < n
+        amax = tl.max(tl.load(amax_part + r, mask=rmask, other=0.0, volatile=True), axis=0)
+        h0 = tl.sum(tl.load(hash_part + r, mask=rmask, other=0, volatile=True).to(tl.uint32, bitcast=True), axis=0)
+        h1 = tl.sum(tl.load(hash_part + RBLOCK + r, mask=rmask, other=0, volatile=True).to(tl.uint32, bitcast=True),
+                    axis=0)
+        old0 = tl.load(record_ptr).to(tl.uint32, bitcast=True)
+        old1 = tl.load(record_ptr + 1).to(tl.uint32, bitcast=True)
+        changed = (tl.load(record_ptr + 2) == 0) | (h0 != old0) | (h1 != old1)
+        scale = tl.where(changed, scale_from_amax_tl(amax, FMAX), tl.load(cached_ptr))
+        tl.store(cached_ptr, scale)
+        tl.store(out_ptr, scale)
+        tl.store(record_ptr, h0.to(tl.int32, bitcast=True))
+        tl.store(record_ptr + 1, h1.to(tl.int32, bitcast=True))
+        tl.store(record_ptr + 2, 1)
+        tl.store(record_ptr + 3, changed.to(tl.int32))
+        tl.atomic_xchg(count_ptr, 0)
 
 
 @fast_kernel
@@ -365,6 +446,24 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return scratch
 
 
+_HASH_SCRATCH: "dict[tuple[int, int], torch.Tensor]" = {}
+
+
+def _hash_scratch(device: torch.device) -> torch.Tensor:
+    """int32 (2 · AMAX_PROGRAMS,) partial fingerprints for one ``_fingerprint_kernel`` launch; kept per (device,
+    stream) as ``_amax_scratch`` keeps its pair (every program overwrites its own slots, so no reset is needed)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.empty(2 * AMAX_PROGRAMS, dtype=torch.int32, device=device)
+    index = torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    scratch = _HASH_SCRATCH.get(key)
+    if scratch is None:
+        if len(_HASH_SCRATCH) >= _AMAX_SCRATCH_STREAMS:
+            _HASH_SCRATCH.clear()
+        scratch = _HASH_SCRATCH[key] = torch.empty(2 * AMAX_PROGRAMS, dtype=torch.int32, device=device)
+    return scratch
+
+
 def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
                  max_programs: int = AMAX_PROGRAMS, prior: bool = False) -> None:
     """amax (``fmt`` None) or scale of non-empty ``x`` into the 0-d fp32 ``out`` (with ``prior``, of ``x`` and the
@@ -396,5 +495,46 @@ def quantize_per_tensor_triton(
     r, k = x2.shape
     block_r, block_k = _tiles(r, k)
     grid = (cdiv(r, block_r), cdiv(k, block_k))
-    _scaled_quant_kernel[grid](x2, scale, q, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max, BLOCK_R=block_r, BLOCK_K=block_k)
+    _scaled_quant_kernel[grid](x2, scale, q, scale, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max, CONDITIONAL=False,
+                               BLOCK_R=block_r, BLOCK_K=block_k)
     return q, scale
+
+
+def quantize_if_triton(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """Triton twin of ``reference.quantize_if``: ``out`` (x's shape, contiguous, fmt's dtype) is rewritten only
+    where the int32 ``flag`` on the device is non-zero; the kernel's programs read nothing else otherwise."""
+    fmt = get_format(fmt)
+    if x.numel() == 0:
+        return out
+    x2 = _as_2d(x)
+    r, k = x2.shape
+    block_r, block_k = _tiles(r, k)
+    grid = (cdiv(r, block_r), cdiv(k, block_k))
+    _scaled_quant_kernel[grid](x2, _scalar_f32(scale), out, flag, r, k, x2.stride(0), x2.stride(1), FMAX=fmt.max,
+                               CONDITIONAL=True, BLOCK_R=block_r, BLOCK_K=block_k)
+    return out
+
+
+FINGERPRINT_BLOCK = 2048  # words per tile (4096 elements of a 2-byte dtype)
+_FLOAT_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def refresh_tensor_scale_triton(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor) -> torch.Tensor:
+    """Triton twin of ``reference.refresh_tensor_scale`` (one launch, no host sync); returns a new 0-d fp32 scale."""
+    fmt = get_format(fmt)
+    if x.dtype not in _FLOAT_TL:
+        raise ValueError(f"content fingerprints cover float32, bfloat16 and float16 tensors, got {x.dtype}")
+    units = fingerprint_units(x)
+    n = units.numel()
+    if n >= 2**31:
+        raise ValueError(f"content fingerprints cover tensors of fewer than 2^31 words, got {n}")
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    tiles = max(cdiv(n, FINGERPRINT_BLOCK), 1)
+    amax_part, count = _amax_scratch(x.device)
+    hash_part = _hash_scratch(x.device)
+    _fingerprint_kernel[(min(tiles, AMAX_PROGRAMS),)](
+        units, amax_part, hash_part, count, record, cached_scale, out, n, tiles,
+        FMAX=fmt.max, DT=_FLOAT_TL[x.dtype], PAIRS=units.dtype == torch.int32 and x.element_size() == 2,
+        BLOCK=FINGERPRINT_BLOCK, RBLOCK=AMAX_PROGRAMS,
+    )
+    return out
