@@ -124,16 +124,24 @@ def test_fused_kernel_matches_reference(case, flat):
     states_b = copy.deepcopy(states_a)
     g = torch.Generator().manual_seed(5)
     lr = torch.tensor(2e-2) if "e5m2" in case[0] else 2e-2  # exercise the device-lr path once
-    for step in range(1, 4):
+    count_a, count_b = (torch.zeros((), dtype=torch.int64, device=device()) for _ in range(2))
+    for step in range(1, 5):
         grads = [(torch.randn(p.shape, generator=g) * 10.0 ** (step - 2)).to(g_dtype).to(device()) for p in params_a]
         grads[0].view(-1)[:7] = 0.0
         grads[1][0] = 0.0  # all-zero groups
+        if step >= 3:  # non-finite elements (skipped and counted) and finite ones whose square overflows fp32
+            grads[-1].view(-1)[3:9] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, 3e38, -7e20])
+            grads[1].view(-1)[-1] = float("nan")
         sc = StepScalars(lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, step=step)
         for s in states_a + states_b:
             s["step"] += 1
-        for i, (p, gr, s) in enumerate(zip(params_a, grads, states_a)):
-            adamw_step_reference(p, gr, s, layout, sc, sr_key=1000 * step + i)  # tensor i of the launch: seed + i
-        fused_adamw_step(params_b, grads, states_b, layout, sc, seed=1000 * step)
+        for i, (p, gr, s) in enumerate(zip(params_a, grads, states_a)):  # tensor i of the launch: seed + i
+            adamw_step_reference(p, gr, s, layout, sc, sr_key=1000 * step + i, nonfinite_count=count_a)
+        fused_adamw_step(params_b, grads, states_b, layout, sc, seed=1000 * step, nonfinite_count=count_b)
+        assert int(count_a) == int(count_b) == 4 * max(step - 2, 0)
+        for pb, sb in zip(params_b, states_b):
+            assert torch.isfinite(pb.float()).all()
+            assert all(torch.isfinite(v.float()).all() for k, v in sb.items() if k != "master_remainder")
         exact = not expand or mf is None
         for i, (pa, pb, sa, sb) in enumerate(zip(params_a, params_b, states_a, states_b)):
             if exact:

@@ -95,6 +95,27 @@ def test_extreme_finite_values_never_produce_nan_or_inf(fmt):
             assert torch.all(xh.abs()[normal] <= bound[normal] * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_values_at_the_optimizer_moment_bounds_stay_finite(fmt):
+    """fp8coat.AdamW clamps |m| to 2^63 and v to 2^126 (step_reference.M_BOUND / V_BOUND); groups holding those
+    bounds next to ordinary and tiny values must encode and decode to finite values no larger than the bound."""
+    from fp8coat.optim.step_reference import M_BOUND, V_BOUND
+
+    for bound, signed in ((M_BOUND, True), (V_BOUND, False)):
+        x = finite_random((4, 256), seed=7, scale_range=(-30, 0)).abs()
+        if signed:
+            x = x * torch.where(torch.rand(4, 256, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0, 1.0)
+        x[:, 0] = bound
+        x[0] = bound  # a group of equal values at the bound
+        x[1, 200] = -bound if signed else bound
+        for expand in (True, False):
+            q, absmax, expo = codec.encode(x, fmt, 128, expand)
+            xh = codec.decode(q, absmax, expo, fmt, 128)
+            assert torch.isfinite(xh).all(), (bound, expand)
+            assert (xh.abs() <= bound).all(), (bound, expand)
+            assert torch.equal(xh[0], x[0])
+
+
 def test_non_finite_input_is_loud():
     x = finite_random((2, 128), seed=3)
     x[0, 5] = float("nan")

@@ -15,25 +15,82 @@ the bias-corrected sqrt(v)); what changes is how state is stored:
 On CUDA one fused Triton launch updates every tensor of a bucket (same layout, dtype and step count): no host
 syncs, no recompilation when ``lr`` changes (a float, or a tensor read on device). Elsewhere the torch
 reference runs with the same arithmetic.
+
+Robustness, the same on both backends (``step_reference.py`` has the arithmetic):
+
+* Non-finite gradients: an element whose gradient is NaN or ±inf is skipped for that step (its parameter, master
+  remainder, m and v keep their values; no weight decay); the rest of its tensor and quantization group update
+  normally, and :attr:`AdamW.nonfinite_grad_count` counts the skipped elements on device. Finite gradients never
+  make parameters or states NaN or inf: m and v are clamped to ±2^63 and 2^126.
+* A parameter whose dtype or device changes after its state was created (``model.float()``, ``model.to(...)``),
+  and options changed in ``param_groups`` after the first step, are noticed at the next step (or
+  ``state_dict()``): the state is converted (``state_conversion.py``), or a ValueError names the parameter and
+  what to do where that would lose the exact master weights. Invalid option values raise ValueError then, and
+  ``lr``, ``betas``, ``eps`` and ``weight_decay`` are checked at every step (a tensor ``lr`` only for its shape:
+  reading it would synchronize).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable, Iterable
 
 import torch
 
 from ..formats import get_format
-from ..quantization import check_group_size, triton_available
-from .layout import StateLayout, init_state, state_nbytes
-from .master_weights import MASTER_MODES, resolve_master_mode
+from ..quantization import check_group_size, check_triton_device, triton_available
+from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes
+from .master_weights import MASTER_MODES, concrete_master_mode, resolve_master_mode
+from .state_conversion import StateSpec, convert_state, master_conversion_error
 from .step_plan import GroupStepPlan, bump_versions
 from .step_reference import StepScalars, adamw_step_reference
 
 __all__ = ["AdamW"]
 
-_OPTION_KEYS = ("m_format", "v_format", "group_size", "expansion", "min_quantized_numel", "master_weights")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter and gradient dtypes of the Triton step
+
+
+def _check_lr(lr, read_tensor: bool) -> None:
+    """lr must be finite and >= 0. A tensor lr must hold one element; its value is read only if ``read_tensor``
+    (at construction: at a step reading it would synchronize with the device)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+        if not read_tensor:
+            return
+        lr = float(lr)
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"invalid learning rate {lr!r}: it must be finite and >= 0")
+
+
+def _check_hyper(group: dict, read_tensor_lr: bool = False) -> None:
+    """lr, betas, eps and weight_decay of a parameter group (cheap: checked at every step)."""
+    _check_lr(group["lr"], read_tensor_lr)
+    b1, b2 = group["betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
+    if not 0.0 <= group["eps"] < math.inf:
+        raise ValueError(f"invalid eps {group['eps']!r}: it must be finite and >= 0")
+    if not 0.0 <= group["weight_decay"] < math.inf:
+        raise ValueError(f"invalid weight_decay {group['weight_decay']!r}: it must be finite and >= 0")
+
+
+def _check_options(group: dict) -> None:
+    """The state-layout options of a parameter group (``layout.OPTION_KEYS``); errors name the option."""
+    for key in ("m_format", "v_format"):
+        try:
+            get_format(group[key])
+        except ValueError as e:
+            raise ValueError(f"{key}={group[key]!r}: {e}") from None
+    check_group_size(group["group_size"])
+    if group["expansion"] not in (True, False):
+        raise ValueError(f"expansion must be True or False, got {group['expansion']!r}")
+    mqn = group["min_quantized_numel"]
+    if not isinstance(mqn, int) or isinstance(mqn, bool) or mqn < 0:
+        raise ValueError(f"min_quantized_numel must be an int >= 0, got {mqn!r}")
+    if group["master_weights"] not in MASTER_MODES:
+        raise ValueError(f"master_weights={group['master_weights']!r} is not one of {MASTER_MODES}")
 
 
 class AdamW(torch.optim.Optimizer):
@@ -48,10 +105,22 @@ class AdamW(torch.optim.Optimizer):
         expansion: dynamic range expansion on (default) or off (plain per-group absmax, for ablations).
         min_quantized_numel: parameters with fewer elements (or < 2 dims) keep fp32 moments (default 4096).
         master_weights: ``"auto"`` | ``"fp32"`` | ``"bf16-remainder"`` | ``"bf16-stochastic"`` | ``"none"``.
-        backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"`` (parameters or gradients
+            of other dtypes than float32, bfloat16 and float16 always take the torch path).
         seed: seed of the stochastic-rounding stream.
         kernel_options: options of the fused step (``block_groups``, ``num_warps``, ``exact_math``; see
             ``fp8coat.optim.step_triton.fused_adamw_step``); defaults are tuned on H200.
+
+    Gradient elements that are NaN or ±inf are skipped: the element keeps its parameter (and master remainder),
+    m and v for that step, with no weight decay; everything else updates normally. :attr:`nonfinite_grad_count`
+    counts them. Finite gradients, however large, never make parameters or states NaN or inf (m and v are
+    clamped to ±2^63 and 2^126).
+
+    Options may be changed in ``param_groups`` between steps (they are validated at the next step, and existing
+    states are re-encoded for the new layout); a parameter may change device or dtype between steps where its
+    exact master survives (bf16 + remainder -> float32 writes the fp32 master into the parameter; ``none`` and
+    ``bf16-stochastic`` follow any dtype their mode accepts). Conversions that would lose the exact master
+    (float32 master -> bf16 or fp16, bf16 + remainder -> fp16) raise ValueError at the next step.
     """
 
     def __init__(
@@ -87,7 +156,9 @@ class AdamW(torch.optim.Optimizer):
         self.backend = backend
         self.seed = int(seed)
         self.kernel_options = dict(kernel_options or {})
-        self._layouts: dict[torch.Tensor, StateLayout] = {}
+        self._specs: dict[torch.Tensor, StateSpec] = {}  # param -> what its state was made for
+        self._checked: dict[int, tuple] = {}  # group index -> its options as last validated
+        self._nonfinite: dict[torch.device, torch.Tensor] = {}  # device -> int64 count of skipped grad elements
         self._interned: dict[StateLayout, StateLayout] = {}
         self._caches: dict[Any, Any] = {}
         self._sr_calls = 0
@@ -100,26 +171,23 @@ class AdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
-        elif not (lr >= 0.0):
-            raise ValueError(f"invalid learning rate {lr!r}")
-        b1, b2 = group["betas"]
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
-        if not group["eps"] >= 0.0:
-            raise ValueError(f"invalid eps {group['eps']!r}")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"invalid weight_decay {group['weight_decay']!r}")
-        get_format(group["m_format"])
-        get_format(group["v_format"])
-        check_group_size(group["group_size"])
-        if group["master_weights"] not in MASTER_MODES:
-            raise ValueError(f"master_weights={group['master_weights']!r} is not one of {MASTER_MODES}")
-        if not isinstance(group["min_quantized_numel"], int) or group["min_quantized_numel"] < 0:
-            raise ValueError(f"min_quantized_numel must be an int >= 0, got {group['min_quantized_numel']!r}")
+        """All options and hyper-parameters of a group (a tensor lr is read: done at construction only)."""
+        _check_hyper(group, read_tensor_lr=True)
+        _check_options(group)
+
+    def _check_group_at_step(self, gi: int, group: dict) -> None:
+        """Validate group ``gi`` before a step: hyper-parameters every time, options when they changed."""
+        _check_hyper(group)
+        self._check_group_options(gi, group)
+
+    def _check_group_options(self, gi: int, group: dict) -> None:
+        """Validate the options of group ``gi`` when they changed since they were last validated (a change also
+        drops the group's prepared plan: its states are converted on the general path)."""
+        options = group_options(group)
+        if self._checked.get(gi) != options:
+            _check_options(group)
+            self._checked[gi] = options
+            self._plans.pop(gi, None)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -132,7 +200,8 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError("fp8coat.AdamW does not support complex parameters")
             if not p.is_floating_point():
                 raise ValueError(f"fp8coat.AdamW needs floating-point parameters, got {p.dtype}")
-            resolve_master_mode(group["master_weights"], p, self._param_name(p))
+            if concrete_master_mode(group["master_weights"], p.dtype) is None:
+                resolve_master_mode(group["master_weights"], p, self._param_name(p))  # raises, naming p
 
     def _param_name(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
@@ -141,23 +210,93 @@ class AdamW(torch.optim.Optimizer):
                     return f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})"
         return f"parameter of shape {tuple(p.shape)}"
 
+    def _group_holding(self, p: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
     def layout_of(self, p: torch.Tensor, group: "dict | None" = None) -> StateLayout:
-        """The storage layout of ``p``'s state, from its group's options."""
-        if p in self._layouts:
-            return self._layouts[p]
-        if group is None:
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        """The storage layout of ``p``'s state; for a parameter without state, the layout its group's options
+        give it now."""
+        spec = self._specs.get(p)
+        if spec is not None and self.state.get(p):
+            return spec.layout
+        return self._derive_layout(p, group if group is not None else self._group_holding(p))
+
+    def _derive_layout(self, p: torch.Tensor, group: dict, dtype: "torch.dtype | None" = None) -> StateLayout:
+        """The layout ``group``'s options give ``p`` (as a parameter of ``dtype``, default ``p.dtype``); raises
+        ValueError naming ``p`` where ``master_weights`` does not accept that dtype."""
+        dtype = p.dtype if dtype is None else dtype
+        master = concrete_master_mode(group["master_weights"], dtype)
+        if master is None:  # raises with the reason
+            resolve_master_mode(group["master_weights"], torch.empty(0, dtype=dtype), self._param_name(p))
         quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"]
         layout = StateLayout(
             m_format=get_format(group["m_format"]) if quantized else None,
             v_format=get_format(group["v_format"]) if quantized else None,
             group_size=group["group_size"],
             expand=bool(group["expansion"]),
-            master=resolve_master_mode(group["master_weights"], p, self._param_name(p)),
+            master=master,
         )
-        layout = self._interned.setdefault(layout, layout)  # equal layouts share one object (cheap bucket keys)
-        self._layouts[p] = layout
+        return self._interned.setdefault(layout, layout)  # equal layouts share one object (cheap bucket keys)
+
+    def _bind(self, p: torch.Tensor, group: dict, options: tuple) -> StateLayout:
+        """The layout of ``p``'s state for this step. Creates the state, or converts it where ``p``'s dtype or
+        device or the group's ``options`` changed since it was made (``state_conversion.py``); raises ValueError
+        where that is not possible."""
+        state = self.state[p]
+        spec = self._specs.get(p)
+        if spec is not None and state and spec.options == options and spec.dtype == p.dtype and spec.device == p.device:
+            return spec.layout
+        if spec is not None and state and spec.dtype != p.dtype:
+            error = master_conversion_error(spec.layout.master, spec.dtype, p.dtype, self._param_name(p))
+            if error is not None:
+                raise ValueError(error)
+        try:
+            layout = self._derive_layout(p, group)
+        except ValueError as e:
+            if spec is None or spec.dtype == p.dtype:
+                raise
+            raise ValueError(f"{e}; it was {spec.dtype} when its optimizer state was created: set its group's "
+                             f"master_weights to one that accepts {p.dtype} ('auto' or 'none'), or convert it back"
+                             ) from None
+        if not state:
+            state.update(init_state(p, layout))
+        elif spec is not None and (spec.layout, spec.dtype, spec.device) != (layout, p.dtype, p.device):
+            convert_state(p, state, spec, layout)
+            self._caches.clear()  # launch tables hold addresses of the replaced state tensors
+            self._plans.clear()
+        self._specs[p] = StateSpec(layout, p.dtype, p.device, options)
         return layout
+
+    def _bind_all(self) -> None:
+        """Bring every existing state up to date with its parameter and group (see :meth:`_bind`)."""
+        for gi, group in enumerate(self.param_groups):
+            self._check_group_options(gi, group)
+            options = group_options(group)
+            for p in group["params"]:
+                if self.state.get(p):
+                    self._bind(p, group, options)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # non-finite gradients
+
+    def _nonfinite_counter(self, device: torch.device) -> torch.Tensor:
+        count = self._nonfinite.get(device)
+        if count is None:
+            count = self._nonfinite[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return count
+
+    @property
+    def nonfinite_grad_count(self) -> torch.Tensor:
+        """Number of gradient elements that were NaN or ±inf (and so were not updated), summed over all steps of
+        this optimizer: an int64 0-d tensor on the parameters' device, updated on device (reading its value is a
+        host sync; ``.zero_()`` resets it). With parameters on several devices, a sum on the first one's."""
+        if not self._nonfinite:
+            first = next(p for g in self.param_groups for p in g["params"])
+            return self._nonfinite_counter(first.device)
+        counts = list(self._nonfinite.values())
+        if len(counts) == 1:
+            return counts[0]
+        return sum(c.to(counts[0].device) for c in counts)
 
     # ---------------------------------------------------------------------------------------------------------
     # step
@@ -166,6 +305,7 @@ class AdamW(torch.optim.Optimizer):
         if self.backend == "torch":
             return False
         if self.backend == "triton":
+            check_triton_device(p)
             return True
         return p.is_cuda and triton_available()
 
@@ -177,6 +317,8 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             return loss  # nothing to do (e.g. every parameter was already updated in backward)
+        for gi, group in enumerate(self.param_groups):  # before any update: an invalid group changes nothing
+            self._check_group_at_step(gi, group)
         self._sr_calls += 1
         for gi, group in enumerate(self.param_groups):
             plan = self._plans.pop(gi, None)
@@ -197,14 +339,26 @@ class AdamW(torch.optim.Optimizer):
         if new_step:
             self._sr_calls += 1
         self._plans.clear()  # partial updates move step counters apart: the general path re-buckets
-        if self._group_of is None:
-            self._group_of = {id(p): (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
         for p in params:
-            where = self._group_of.get(id(p))
+            where = self._where(p)
             if where is None:
                 raise ValueError("step_params: a parameter that this optimizer does not hold")
             gi, index = where  # one launch per parameter; the seed also names the parameter (independent rounding)
-            self._step_group(gi, self.param_groups[gi], [p], salt=index)
+            group = self.param_groups[gi]
+            self._check_group_at_step(gi, group)
+            self._step_group(gi, group, [p], salt=index)
+
+    def _where(self, p: torch.Tensor) -> "tuple[int, int] | None":
+        """(group index, index in the group) of ``p``; the map is rebuilt when ``p`` is not in it (a parameter
+        list edited in place)."""
+        where = self._group_of.get(id(p)) if self._group_of is not None else None
+        if where is not None:
+            gi, i = where
+            members = self.param_groups[gi]["params"] if gi < len(self.param_groups) else ()
+            if i < len(members) and members[i] is p:
+                return where
+        self._group_of = {id(q): (gi, i) for gi, g in enumerate(self.param_groups) for i, q in enumerate(g["params"])}
+        return self._group_of.get(id(p))
 
     def _seed(self, gi: int, salt: "int | None" = None) -> int:
         """The stochastic-rounding seed of group ``gi`` in this optimizer step (tensor i of a launch uses seed + i)."""
@@ -213,13 +367,15 @@ class AdamW(torch.optim.Optimizer):
     def _launch_fused(self, params, grads, states, layout, scalars, seed, cache):
         from .step_triton import fused_adamw_step
 
-        return fused_adamw_step(params, grads, states, layout, scalars, seed=seed, cache=cache, **self.kernel_options)
+        return fused_adamw_step(params, grads, states, layout, scalars, seed=seed, cache=cache,
+                                nonfinite_count=self._nonfinite_counter(params[0].device), **self.kernel_options)
 
     def _step_group(self, gi: int, group: dict, params: "list[torch.Tensor]", salt: "int | None" = None) -> None:
         """The general path: checks every gradient, sorts the parameters into buckets (one fused launch each on
         CUDA) and, after a full step in which every parameter went to the fused kernel as it is, prepares the
         group's :class:`GroupStepPlan` for the next steps."""
         items = []
+        options = group_options(group)
         for p in params:
             if p.grad is None:
                 continue
@@ -230,11 +386,8 @@ class AdamW(torch.optim.Optimizer):
                 raise RuntimeError("fp8coat.AdamW does not support complex gradients")
             if grad.shape != p.shape:
                 raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
-            state = self.state[p]
-            layout = self.layout_of(p, group)
-            if not state:
-                state.update(init_state(p, layout))
-            items.append((p, grad, state, layout))
+            layout = self._bind(p, group, options)
+            items.append((p, grad, self.state[p], layout))
         if not items:
             return
         torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
@@ -243,7 +396,8 @@ class AdamW(torch.optim.Optimizer):
         use_triton = self._use_triton
         plannable = salt is None and len(items) == len(params)
         for p, grad, state, layout in items:
-            fused = use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
+            fused = (use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0 and p.dtype in _FUSED_DTYPES
+                     and grad.dtype in _FUSED_DTYPES)
             plannable = plannable and fused
             if fused and (not grad.is_contiguous() or grad.data_ptr() % 16):
                 grad = grad.clone(memory_format=torch.contiguous_format)
@@ -270,7 +424,8 @@ class AdamW(torch.optim.Optimizer):
                 planned.append((layout, bps, bss, grad_dtype, step, self._caches[ckey]))
             else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
                 for i, (p, grad, state) in enumerate(bucket):
-                    adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i)
+                    adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i,
+                                         nonfinite_count=self._nonfinite_counter(p.device))
         if plannable:
             self._plans[gi] = GroupStepPlan(params, planned)
 
@@ -285,8 +440,15 @@ class AdamW(torch.optim.Optimizer):
     # checkpointing
 
     def state_dict(self) -> dict:
+        """torch's state dict plus an ``fp8coat`` entry: the stochastic-rounding position, the seed and each
+        state's parameter dtype (so that a checkpoint loads into parameters of another dtype). States are first
+        brought up to date with their parameters and groups (a pending conversion happens, or raises, here)."""
+        self._bind_all()
         sd = super().state_dict()
-        sd["fp8coat"] = {"stochastic_rounding_calls": self._sr_calls, "seed": self.seed}
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        dtypes = {str(index[id(p)]): str(spec.dtype).removeprefix("torch.") for p, spec in self._specs.items()
+                  if id(p) in index and self.state.get(p)}  # keyed like sd["state"], as strings
+        sd["fp8coat"] = {"stochastic_rounding_calls": self._sr_calls, "seed": self.seed, "param_dtypes": dtypes}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -294,16 +456,15 @@ class AdamW(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype (fp8 -> fp32,
         int16 -> bf16 would lose the remainder bits), so the tensors are set here instead, after checking
-        that each one has the dtype and shape the current options give.
+        that each one has the dtype and shape the saved options give a parameter of the saved dtype. A state
+        saved for parameters of another dtype is converted at the next step, as after a dtype change (a
+        ``bf16-remainder`` state loaded for float32 parameters writes its exact master into them then); where
+        that conversion would lose the exact master, this raises ValueError.
         """
         extra = state_dict.get("fp8coat", {})
-        self._group_of = None
-        self._plans = {}
-        self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
-        self.seed = int(extra.get("seed", self.seed))
         saved_groups = state_dict["param_groups"]
         for g in saved_groups:
-            missing = [k for k in _OPTION_KEYS if k not in g]
+            missing = [k for k in OPTION_KEYS if k not in g]
             if missing:
                 raise ValueError(f"state dict is not from fp8coat.AdamW: param group lacks {missing}")
         saved_state = state_dict["state"]
@@ -312,34 +473,59 @@ class AdamW(torch.optim.Optimizer):
             "param_groups": saved_groups,
         }
         super().load_state_dict(stripped)
-        self._layouts.clear()
+        self._group_of = None
+        self._plans = {}
         self._caches.clear()
+        self._specs.clear()
+        self._checked.clear()
+        self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
+        self.seed = int(extra.get("seed", self.seed))
+        saved_dtypes = {int(k): v for k, v in extra.get("param_dtypes", {}).items()}
+        for gi, group in enumerate(self.param_groups):
+            self._check_group_options(gi, group)
         id_map = dict(
             zip(
                 itertools.chain.from_iterable(g["params"] for g in saved_groups),
-                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
+                ((p, g) for g in self.param_groups for p in g["params"]),
             )
         )
         for pid, saved in saved_state.items():
             if pid not in id_map:
                 continue
-            p = id_map[pid]
-            expected = init_state(p.detach().to("meta"), self.layout_of(p))
-            state = self.state[p]
-            for key, ref in expected.items():
-                if key == "step":
-                    continue
-                if key not in saved:
-                    raise ValueError(f"state of {self._param_name(p)} lacks {key!r}: saved with other options?")
-                value = saved[key]
-                if value.dtype != ref.dtype or value.shape != ref.shape:
-                    raise ValueError(
-                        f"state {key!r} of {self._param_name(p)} is {value.dtype} {tuple(value.shape)}, expected "
-                        f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options"
-                    )
-                state[key] = value.detach().to(device=p.device, copy=True)
-            state["step"] = state["step"].clone()  # never share a step counter with the source optimizer
-            extra = set(saved) - set(expected)
-            if extra:
-                raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(extra)}")
+            p, group = id_map[pid]
+            dtype = _dtype_named(saved_dtypes[pid]) if pid in saved_dtypes else p.dtype
+            self._load_param_state(p, group, dtype, saved)
 
+    def _load_param_state(self, p: torch.Tensor, group: dict, dtype: torch.dtype, saved: dict) -> None:
+        """Set ``p``'s state from ``saved``, a state made for a parameter of ``dtype`` under ``group``'s options."""
+        layout = self._derive_layout(p, group, dtype)
+        if dtype != p.dtype:
+            error = master_conversion_error(layout.master, dtype, p.dtype, self._param_name(p))
+            if error is not None:
+                raise ValueError(f"{error} (the checkpoint's state was saved for {dtype} parameters)")
+        expected = init_state(torch.empty(p.shape, dtype=dtype, device="meta"), layout)
+        state = self.state[p]
+        for key, ref in expected.items():
+            if key == "step":
+                continue
+            if key not in saved:
+                raise ValueError(f"state of {self._param_name(p)} lacks {key!r}: saved with other options?")
+            value = saved[key]
+            if value.dtype != ref.dtype or value.shape != ref.shape:
+                raise ValueError(
+                    f"state {key!r} of {self._param_name(p)} is {value.dtype} {tuple(value.shape)}, expected "
+                    f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options"
+                )
+            state[key] = value.detach().to(device=p.device, copy=True)
+        state["step"] = state["step"].clone()  # never share a step counter with the source optimizer
+        unexpected = set(saved) - set(expected)
+        if unexpected:
+            raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(unexpected)}")
+        self._specs[p] = StateSpec(layout, dtype, p.device, group_options(group))
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"state dict names an unknown parameter dtype {name!r}")
+    return dtype

@@ -13,6 +13,10 @@ key                           dtype               shape                         
 ============================  ==================  =================================  ===========================
 
 Bytes per element of a large matrix with FP8 moments, G = 128, expansion on: 2 (m, v) + 2·5/128 = 2.078.
+
+A layout follows from the parameter (dims, numel, dtype) and its group's options (:data:`OPTION_KEYS`); the
+optimizer records, per parameter, the layout, dtype and device its state was made for and converts the state
+(``state_conversion.py``) when any of them changes.
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import FP8Format
+from . import state_codec
 from .state_codec import side_shape
 
-__all__ = ["StateLayout", "MOMENTS", "init_state", "state_nbytes"]
+__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "init_state", "init_moment", "read_moment",
+           "write_moment", "state_nbytes"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENT_SUFFIXES = ("", "_absmax", "_expo")  # a moment's codes and its per-group side tensors
+
+# the parameter-group options a layout is derived from
+OPTION_KEYS = ("m_format", "v_format", "group_size", "expansion", "min_quantized_numel", "master_weights")
+
+
+def group_options(group: dict) -> tuple:
+    """The values of :data:`OPTION_KEYS` in ``group`` (a small tuple: compared every step to notice changes)."""
+    return tuple(group[k] for k in OPTION_KEYS)
 
 
 @dataclass(frozen=True)
@@ -45,9 +60,26 @@ class StateLayout:
     def format_of(self, key: str) -> "FP8Format | None":
         return self.m_format if key == "exp_avg" else self.v_format
 
+    def moment_storage(self) -> tuple:
+        """What decides how m and v are stored (everything but the master mode)."""
+        return (self.m_format, self.v_format, self.group_size, self.expand)
+
 
 def _state_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.shape) if p.dim() > 0 else (1,)
+
+
+def init_moment(key: str, shape: tuple, layout: StateLayout, device) -> dict:
+    """Zero-valued tensors of moment ``key`` (its codes and side tensors) for a state of ``shape``."""
+    fmt = layout.format_of(key)
+    if fmt is None:
+        return {key: torch.zeros(shape, dtype=torch.float32, device=device)}
+    side = side_shape(shape, layout.group_size)
+    out = {key: torch.zeros(shape, dtype=fmt.dtype, device=device),
+           key + "_absmax": torch.zeros(side, dtype=torch.float32, device=device)}
+    if layout.expand:
+        out[key + "_expo"] = torch.full(side, 16, dtype=torch.uint8, device=device)
+    return out
 
 
 def init_state(p: torch.Tensor, layout: StateLayout) -> dict:
@@ -55,18 +87,31 @@ def init_state(p: torch.Tensor, layout: StateLayout) -> dict:
     shape = _state_shape(p)
     state: dict = {"step": torch.tensor(0.0, dtype=torch.float32)}
     for key in MOMENTS:
-        fmt = layout.format_of(key)
-        if fmt is None:
-            state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            continue
-        state[key] = torch.zeros(shape, dtype=fmt.dtype, device=p.device)
-        side = side_shape(shape, layout.group_size)
-        state[key + "_absmax"] = torch.zeros(side, dtype=torch.float32, device=p.device)
-        if layout.expand:
-            state[key + "_expo"] = torch.full(side, 16, dtype=torch.uint8, device=p.device)
+        state.update(init_moment(key, shape, layout, p.device))
     if layout.master == "bf16-remainder":
         state["master_remainder"] = torch.zeros(shape, dtype=torch.int16, device=p.device)
     return state
+
+
+def read_moment(state: dict, key: str, layout: StateLayout) -> torch.Tensor:
+    """Moment ``key`` of ``state`` as fp32 (the state's shape), decoded with ``layout``."""
+    fmt = layout.format_of(key)
+    if fmt is None:
+        return state[key].float()
+    return state_codec.decode(state[key], state[key + "_absmax"], state.get(key + "_expo"), fmt, layout.group_size)
+
+
+def write_moment(state: dict, key: str, value: torch.Tensor, layout: StateLayout) -> None:
+    """Store fp32 ``value`` (the state's shape) into moment ``key`` of ``state``, encoded with ``layout``."""
+    fmt = layout.format_of(key)
+    if fmt is None:
+        state[key].copy_(value)
+        return
+    q, absmax, expo = state_codec.encode(value, fmt, layout.group_size, layout.expand)
+    state[key].copy_(q)
+    state[key + "_absmax"].copy_(absmax)
+    if expo is not None:
+        state[key + "_expo"].copy_(expo)
 
 
 def state_nbytes(state: dict, include_master: bool = True) -> int:

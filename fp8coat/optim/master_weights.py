@@ -18,39 +18,59 @@ mode                   param dtype   master copy
 Split rule of ``bf16-remainder`` (fp32 bits ``b``, hi = b >> 16, lo = b & 0xFFFF):
 ``param_bits = hi + (lo >= 0x8000)`` (round half away from zero in magnitude) and ``remainder = lo``.
 Join: ``hi = param_bits - (lo >= 0x8000)``; ``b = hi << 16 | lo``. Unambiguous for every finite fp32 value.
+
+A bf16 parameter can also be written from outside the optimizer (pruning, masking: ``p.data[mask] = 0``) while its
+remainder stays. The join then gives a value within half a bf16 ulp of the written one, except for ±0 with a
+remainder >= 0x8000, where the borrow wraps the high half to a NaN pattern. The join therefore falls back to the
+parameter itself wherever its result is not finite: ±0 stays ±0, and a non-finite parameter is taken as it is
+(inf with a remainder >= 0x8000 is the finite master just below the bf16 overflow that rounds to it, as split
+produced it).
+
+Changing a parameter's dtype after its state exists is handled by ``state_conversion.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MASTER_MODES", "resolve_master_mode", "split_bf16_remainder", "join_bf16_remainder", "stochastic_round_bf16",
-           "mix32", "random16"]
+__all__ = ["MASTER_MODES", "concrete_master_mode", "resolve_master_mode", "split_bf16_remainder",
+           "join_bf16_remainder", "stochastic_round_bf16", "mix32", "random16"]
 
 MASTER_MODES = ("auto", "fp32", "bf16-remainder", "bf16-stochastic", "none")
 
 
+def concrete_master_mode(mode: str, dtype: torch.dtype) -> "str | None":
+    """The concrete mode that ``mode`` gives a parameter of ``dtype`` (``auto``: float32 -> ``fp32``, bfloat16 ->
+    ``bf16-remainder``), or None where ``mode`` does not accept that dtype."""
+    if mode == "none":
+        return "none" if dtype.is_floating_point else None
+    if dtype == torch.float32:
+        return {"auto": "fp32", "fp32": "fp32"}.get(mode)
+    if dtype == torch.bfloat16:
+        return {"auto": "bf16-remainder", "bf16-remainder": "bf16-remainder",
+                "bf16-stochastic": "bf16-stochastic"}.get(mode)
+    return None
+
+
 def resolve_master_mode(mode: str, param: torch.Tensor, name: str = "parameter") -> str:
-    """The concrete mode for ``param`` (``auto``: fp32 params -> ``fp32``, bf16 -> ``bf16-remainder``)."""
+    """The concrete mode for ``param`` (see :func:`concrete_master_mode`); raises ValueError naming ``name`` where
+    ``mode`` does not accept the parameter's dtype."""
     if mode not in MASTER_MODES:
         raise ValueError(f"master_weights={mode!r} is not one of {MASTER_MODES}")
     dt = param.dtype
+    concrete = concrete_master_mode(mode, dt)
+    if concrete is not None:
+        return concrete
+    if not dt.is_floating_point:
+        raise ValueError(f"{name} has non-float dtype {dt}")
     if mode == "auto":
-        if dt == torch.float32:
-            return "fp32"
-        if dt == torch.bfloat16:
-            return "bf16-remainder"
         raise ValueError(
             f"{name} has dtype {dt}: master_weights='auto' handles float32 and bfloat16 parameters; "
             "pass master_weights='none' to update it in its own dtype"
         )
-    if mode == "fp32" and dt != torch.float32:
+    if mode == "fp32":
         raise ValueError(f"master_weights='fp32' needs float32 parameters, but {name} is {dt}")
-    if mode.startswith("bf16") and dt != torch.bfloat16:
-        raise ValueError(f"master_weights={mode!r} needs bfloat16 parameters, but {name} is {dt}")
-    if not dt.is_floating_point:
-        raise ValueError(f"{name} has non-float dtype {dt}")
-    return mode
+    raise ValueError(f"master_weights={mode!r} needs bfloat16 parameters, but {name} is {dt}")
 
 
 def _bits32(x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +93,13 @@ def split_bf16_remainder(p32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def join_bf16_remainder(p16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 master from the bf16 parameter and its int16 remainder."""
-    hi = p16.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    """Exact fp32 master (``p16``'s shape) from the bf16 parameter and its int16 remainder; where the joined bits
+    are not finite (±0 written over a remainder >= 0x8000, or a non-finite parameter) the parameter itself."""
+    par = p16.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     lo = remainder.to(torch.int64) & 0xFFFF
-    hi = (hi - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
-    return _from_bits32((hi << 16) | lo)
+    hi = (par - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    joined = _from_bits32((hi << 16) | lo)
+    return torch.where(joined.abs() < float("inf"), joined, p16.float())
 
 
 def stochastic_round_bf16(p32: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,13 @@
 time is spent re-deriving the same buckets every step (layouts, contiguity, alignment, step counts: tens of µs
 of Python per parameter). Once a step has sent every parameter of a group to the fused kernel, the group's
 buckets are frozen into a :class:`GroupStepPlan`. Each later step the plan checks, before launching anything,
-that the group holds the same parameters at the same addresses and that every gradient is still present, dense,
-contiguous, 16-byte aligned and of the recorded dtype and shape; if not, it does nothing and returns False, and the optimizer takes its general path (which reports errors
-and builds a new plan). The step counters of the planned parameters become views of one fp32 tensor, so one
-addition advances them all (``state["step"]`` stays a 0-d fp32 CPU tensor per parameter).
+that the group holds the same parameters at the same addresses and of the same dtypes (a dtype or device change
+of a parameter replaces its storage or changes its dtype), and that every gradient is still present, dense,
+contiguous, 16-byte aligned and of the recorded dtype and shape; if not, it does nothing and returns False, and
+the optimizer takes its general path (which reports errors, converts states and builds a new plan). Changes of
+the group's options are noticed by the optimizer, which drops the plan. The step counters of the planned
+parameters become views of one fp32 tensor, so one addition advances them all (``state["step"]`` stays a 0-d
+fp32 CPU tensor per parameter).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from .layout import StateLayout
 from .step_reference import StepScalars
 
 __all__ = ["GroupStepPlan", "bump_versions"]
+
+_dtype_of = operator.attrgetter("dtype")
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +84,7 @@ class GroupStepPlan:
         for i, s in enumerate(states):
             s["step"] = self.steps[i]
         self.addresses = [p.data_ptr() for p in self.params]
+        self.dtypes = [p.dtype for p in self.params]
 
     def run(self, group: dict, seed: int, launch) -> bool:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
@@ -88,7 +94,9 @@ class GroupStepPlan:
             return False  # the group's parameter list was edited in place
         grads = []
         if list(map(torch.Tensor.data_ptr, self.params)) != self.addresses:
-            return False  # a parameter's storage was replaced (e.g. p.data = ...)
+            return False  # a parameter's storage was replaced (e.g. p.data = ..., model.to(...))
+        if list(map(_dtype_of, self.params)) != self.dtypes:
+            return False  # a parameter's dtype changed in place (p.data = p.data.view(dtype))
         for p, dtype in zip(self.params, self.grad_dtypes):
             g = p.grad
             if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()

@@ -2,16 +2,29 @@
 
 Per element, in fp32 (scalars rounded to fp32 once, host-side in float64 where they come from Python floats):
 
+    ok    = |g| < inf                                       False for NaN and ±inf gradient elements
     p     = master(p) * (1 - lr·wd)                         decoupled weight decay on the pre-update value
     m     = m_old + (1-β1)·(g - m_old)                      torch's lerp (g - (g - m_old)·β1 when 1-β1 >= 0.5)
     v     = v_old·β2 + ((1-β2)·g)·g
+    m     = ok ? clamp(m, -M_BOUND, M_BOUND) : m_old         M_BOUND = 2^63
+    v     = ok ? min(v, V_BOUND) : v_old                     V_BOUND = 2^126 = M_BOUND²
     denom = sqrt(v) · (1/sqrt(1-β2^t)) + eps                 eps added after the bias-corrected sqrt(v)
-    p     = p - ((lr / (1-β1^t)) · m) / denom
+    p     = ok ? p - ((lr / (1-β1^t)) · m) / denom : master(p)
     m, v -> FP8 (state_codec.encode); p -> storage of the master-weight mode
 
 The new unquantized m and v drive this step's update; quantization only affects later steps (as in COAT).
 Every operation is an IEEE fp32 operation the Triton kernel performs in the same order (FMA contraction off),
 so the two agree bit for bit except where ``log2``/``exp2`` of the FP8 codec differ in the last bit.
+
+Non-finite gradients: an element whose gradient is NaN or ±inf is left as it was (parameter, master remainder, m
+and v; no weight decay); the rest of its tensor and quantization group update normally, and the number of such
+elements is added to a counter. Finite gradients never make m or v non-finite: the bounds keep them, and every
+value decoded from them, far from fp32's overflow; and with |m_old| <= 2^63 the difference ``g - m_old`` of
+either lerp form rounds to a finite value for any finite g (2^63 is below half an ulp of fp32's top binade,
+2^103), so no inf - inf arises. The update |step_size·m / denom| stays below 2^63·lr / ((1-β1^t)·eps), finite
+for any sane lr and eps > 0. Torch's AdamW differs only beyond the bounds: a gradient with ((1-β2)·g)·g above
+2^126 (|g| > 2.9e20 for β2 = 0.999) leaves v at 2^126 here, where torch's v grows further and overflows to inf
+(freezing the element for good) from |g| > 5.8e20.
 """
 
 from __future__ import annotations
@@ -23,11 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from .._numerics import ieee_div, ieee_sqrt
-from . import state_codec
-from .layout import MOMENTS, StateLayout
+from .layout import MOMENTS, StateLayout, read_moment, write_moment
 from .master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16, random16
 
-__all__ = ["StepScalars", "step_constants", "adamw_step_reference"]
+__all__ = ["StepScalars", "step_constants", "adamw_step_reference", "M_BOUND", "V_BOUND"]
+
+M_BOUND = 2.0**63  # |m| <= M_BOUND after every step
+V_BOUND = 2.0**126  # v <= V_BOUND after every step (= M_BOUND², so m / sqrt(v) stays of order 1 at the bounds)
 
 
 @dataclass(frozen=True)
@@ -68,25 +83,6 @@ def _lr_tensor(lr, device) -> torch.Tensor:
     return torch.tensor(lr, dtype=torch.float32, device=device)
 
 
-def _read_moment(state: dict, key: str, layout: StateLayout) -> torch.Tensor:
-    fmt = layout.format_of(key)
-    if fmt is None:
-        return state[key].float()
-    return state_codec.decode(state[key], state[key + "_absmax"], state.get(key + "_expo"), fmt, layout.group_size)
-
-
-def _write_moment(state: dict, key: str, value: torch.Tensor, layout: StateLayout) -> None:
-    fmt = layout.format_of(key)
-    if fmt is None:
-        state[key].copy_(value)
-        return
-    q, absmax, expo = state_codec.encode(value, fmt, layout.group_size, layout.expand)
-    state[key].copy_(q)
-    state[key + "_absmax"].copy_(absmax)
-    if expo is not None:
-        state[key + "_expo"].copy_(expo)
-
-
 def adamw_step_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -94,12 +90,14 @@ def adamw_step_reference(
     layout: StateLayout,
     scalars: StepScalars,
     sr_key: int = 0,
+    nonfinite_count: "torch.Tensor | None" = None,
 ) -> None:
     """Update ``param`` and ``state`` in place (``state['step']`` must already hold ``scalars.step``).
 
     ``sr_key``: with ``bf16-stochastic`` masters, the 32-bit key of the rounding bits
     (``master_weights.random16(sr_key, element offsets)``, the same bits as the fused Triton step for this
-    tensor)."""
+    tensor). ``nonfinite_count``: an int64 0-d tensor on ``param``'s device to which the number of NaN/±inf
+    gradient elements (left un-updated) is added; None: not counted."""
     shape = state["exp_avg"].shape
     c = step_constants(scalars)
     dev = param.device
@@ -116,17 +114,23 @@ def adamw_step_reference(
     else:
         p32 = pv.float()
 
-    m_old = _read_moment(state, "exp_avg", layout)
-    v_old = _read_moment(state, "exp_avg_sq", layout)
+    m_old = read_moment(state, "exp_avg", layout)
+    v_old = read_moment(state, "exp_avg_sq", layout)
 
+    ok = g.abs() < float("inf")
+    p_old = p32
     p32 = p32 * wd_factor
     if c["one_minus_beta1"] < 0.5:
         m = m_old + c["one_minus_beta1"] * (g - m_old)
     else:
         m = g - (g - m_old) * c["beta1"]
     v = v_old * c["beta2"] + (c["one_minus_beta2"] * g) * g
+    m = torch.where(ok, m.clamp(-M_BOUND, M_BOUND), m_old)
+    v = torch.where(ok, v.clamp(max=V_BOUND), v_old)
     denom = ieee_sqrt(v) * c["inv_bias_correction2_sqrt"] + c["eps"]
-    p32 = p32 - (step_size * m) / denom
+    p32 = torch.where(ok, p32 - (step_size * m) / denom, p_old)
+    if nonfinite_count is not None:
+        nonfinite_count.add_((~ok).sum())
 
     if layout.master == "bf16-remainder":
         hi, lo = split_bf16_remainder(p32)
@@ -139,4 +143,4 @@ def adamw_step_reference(
         pv.copy_(p32)
 
     for key, value in zip(MOMENTS, (m, v)):
-        _write_moment(state, key, value, layout)
+        write_moment(state, key, value, layout)

@@ -6,13 +6,15 @@ program owns ``BLOCK_GROUPS`` consecutive 1×G groups of one tensor and does, in
     decode m, v (FP8 + per-group absmax/exponent)  ->  AdamW in fp32  ->  write the parameter
     -> per-group max and min-non-zero of the new m, v  ->  exponent k  ->  encode and write m, v + side data
 
-so each byte of state, gradient and parameter is read once and written once. Tensors are found through two
-small device tables (addresses and shapes); a program locates its tensor by binary search over the tables'
-program offsets. Hyper-parameters are fp32 arguments (a device ``lr`` tensor is read in-kernel), so steps never
-recompile and never sync with the host. Without expansion the arithmetic mirrors ``step_reference.py``
-operation by operation (FMA contraction disabled): bit-identical. With expansion (the default) the kernel uses
-the hardware's approximate log2/exp2, sqrt and division and FMA contraction: within a few ulp of the reference
-(``exact_math=True`` keeps the exact arithmetic except log2/exp2).
+so each byte of state, gradient and parameter is read once and written once. Elements with a NaN or ±inf
+gradient keep their parameter and moments (selects, no extra memory traffic); a program that saw any adds their
+number to a device counter with one atomic. m and v are clamped to the bounds of ``step_reference.py``. Tensors
+are found through two small device tables (addresses and shapes); a program locates its tensor by binary search
+over the tables' program offsets. Hyper-parameters are fp32 arguments (a device ``lr`` tensor is read
+in-kernel), so steps never recompile and never sync with the host. Without expansion the arithmetic mirrors
+``step_reference.py`` operation by operation (FMA contraction disabled): bit-identical. With expansion (the
+default) the kernel uses the hardware's approximate log2/exp2, sqrt and division and FMA contraction: within a
+few ulp of the reference (``exact_math=True`` keeps the exact arithmetic except log2/exp2).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
 from ..quantization.triton_kernels import scale_from_amax_tl
 from .layout import StateLayout
 from .state_codec import expand_constant
-from .step_reference import StepScalars, _f32, step_constants
+from .step_reference import M_BOUND as _M_BOUND_PY, V_BOUND as _V_BOUND_PY, StepScalars, _f32, step_constants
 
 __all__ = ["fused_adamw_step", "POINTER_KINDS"]
 
@@ -48,6 +50,8 @@ _TL_DTYPE = {
 
 
 MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
+M_BOUND = tl.constexpr(_M_BOUND_PY)
+V_BOUND = tl.constexpr(_V_BOUND_PY)
 
 
 @triton.jit
@@ -158,16 +162,18 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
 @fast_kernel
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not select another compiled variant
 def _adamw_step_kernel(
-    table, meta, prog_tensor, NT, lr_ptr, lr_value, seed,
+    table, meta, prog_tensor, NT, lr_ptr, lr_value, seed, count_ptr,
     one_minus_beta1, beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1, inv_bc2_sqrt,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
     M_FP8: tl.constexpr, V_FP8: tl.constexpr, EXPAND: tl.constexpr,
     M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_C: tl.constexpr, V_C: tl.constexpr,
     MASTER: tl.constexpr, LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
     G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program;
-    # prog_tensor: int32 (programs,) the tensor each program works on
+    # prog_tensor: int32 (programs,) the tensor each program works on; count_ptr: int64 (), the number of
+    # non-finite gradient elements (COUNT)
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(prog_tensor + pid).to(tl.int64)
     K = tl.load(meta + t)
@@ -193,13 +199,16 @@ def _adamw_step_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
+    ok = tl.abs(g) < float("inf")  # NaN and ±inf gradient elements leave parameter and moments as they are
     p_ptr = _ptr(table, 0, t, NT, P_DT)
     if MASTER == 1:
         r_ptr = _ptr(table, 8, t, NT, tl.int16)
-        hi16 = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF
+        par16 = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF
         lo16 = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF
-        hi16 = (hi16 - (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
+        hi16 = (par16 - (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
         p = ((hi16 << 16) | lo16).to(tl.float32, bitcast=True)
+        # ±0 written over a remainder >= 0x8000 joins to a NaN pattern: the master is then the parameter itself
+        p = tl.where(tl.abs(p) < float("inf"), p, (par16 << 16).to(tl.float32, bitcast=True))
     elif MASTER == 2:
         p = ((tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
     else:
@@ -221,18 +230,25 @@ def _adamw_step_kernel(
     step_size = lr / bias_correction1 if not IEEE else tl.div_rn(lr, bias_correction1)
     wd_factor = 1.0 - lr * weight_decay
 
+    p_old = p
     p = p * wd_factor
     if LERP_SMALL:
         m = m_old + one_minus_beta1 * (g - m_old)
     else:
         m = g - (g - m_old) * beta1
     v = v_old * beta2 + (one_minus_beta2 * g) * g
+    m = tl.where(ok, tl.minimum(tl.maximum(m, -M_BOUND), M_BOUND), m_old)
+    v = tl.where(ok, tl.minimum(v, V_BOUND), v_old)
     if IEEE:  # correctly rounded: bit-identical to the torch reference
         denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
         p = p - tl.div_rn(step_size * m, denom)
     else:  # hardware approximations (sqrt.approx, div.full): a few ulp, fewer instructions
         denom = tl.sqrt(v) * inv_bc2_sqrt + eps
         p = p - (step_size * m) / denom
+    p = tl.where(ok, p, p_old)
+    if COUNT:  # per group: a reduction within the group's row of the tile, an atomic only where one was seen
+        n_bad = tl.sum(tl.where(ok, 0, 1), axis=1)
+        tl.atomic_add(count_ptr + tl.zeros_like(gidx), n_bad.to(tl.int64), mask=n_bad > 0)
 
     if MASTER == 1:
         bits = p.to(tl.uint32, bitcast=True)
@@ -349,8 +365,12 @@ def fused_adamw_step(
     block_groups: int = 8,
     num_warps: int = 4,
     exact_math: "bool | None" = None,
+    nonfinite_count: "torch.Tensor | None" = None,
 ) -> _LaunchPlan:
     """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the launch plan to reuse.
+
+    ``nonfinite_count``: an int64 0-d tensor on the parameters' device to which the number of NaN/±inf gradient
+    elements (left un-updated) is added; None: not counted.
 
     ``exact_math``: True = correctly rounded sqrt and division and no FMA contraction, operation by operation
     what the torch reference computes (bit-identical without expansion); False = the hardware's approximate
@@ -376,6 +396,7 @@ def fused_adamw_step(
     p_dtype = tl.int16 if layout.master in ("bf16-remainder", "bf16-stochastic") else _TL_DTYPE[params[0].dtype]
     _adamw_step_kernel[(plan.programs,)](
         plan.table, plan.meta, plan.prog_tensor, plan.nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
+        plan.meta if nonfinite_count is None else nonfinite_count,
         c["one_minus_beta1"], c["beta1"], c["beta2"], c["one_minus_beta2"], c["eps"], c["weight_decay"],
         c["bias_correction1"], c["inv_bias_correction2_sqrt"],
         P_DT=p_dtype, G_DT=_TL_DTYPE[grads[0].dtype],
@@ -386,6 +407,7 @@ def fused_adamw_step(
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
         G=layout.group_size, BLOCK_GROUPS=block_groups, FLAT=plan.flat, IEEE=exact_math,
         FAST=device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+        COUNT=nonfinite_count is not None,
         num_warps=num_warps, enable_fp_fusion=not exact_math,
     )
     return plan
