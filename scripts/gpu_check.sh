@@ -55,7 +55,7 @@ section_launch() {
 
 section_pytest_gpu() {
   # the GPU-only tests (real shapes) plus the device-aware kernel/optimizer suites, natively on the GPU
-  python3 -m pytest -q -rs ${PYTEST_FILES:-tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py}
+  python3 -m pytest -q -rs ${PYTEST_FILES:-tests/test_gpu.py tests/test_quantization.py tests/test_adamw.py tests/test_weight_cache.py tests/test_optim_safety.py}
 }
 
 section_bench_optimizer() {

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quantization.reference import mix32
+
 __all__ = ["MASTER_MODES", "concrete_master_mode", "resolve_master_mode", "split_bf16_remainder",
            "join_bf16_remainder", "stochastic_round_bf16", "mix32", "random16"]
 
@@ -111,17 +113,6 @@ def stochastic_round_bf16(p32: torch.Tensor, random16: torch.Tensor) -> torch.Te
     b = (_bits32(p32) + (random16.to(torch.int64) & 0xFFFF)) >> 16
     b = b & 0xFFFF
     return torch.where(b >= 2**15, b - 2**16, b).to(torch.int16).view(torch.bfloat16)
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer, elementwise on integers in [0, 2^32) held as int64 (a bijection of 32-bit
-    words with full avalanche). The fused Triton step uses the same function for stochastic rounding."""
-    x = x & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
-    return x ^ (x >> 16)
 
 
 def random16(key: int, offsets: torch.Tensor) -> torch.Tensor:

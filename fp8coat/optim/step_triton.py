@@ -28,7 +28,7 @@ import triton.language as tl
 from .._launch import fast_kernel
 from ..formats import E4M3
 from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
-from ..quantization.triton_kernels import scale_from_amax_tl
+from ..quantization.triton_kernels import mix32, scale_from_amax_tl
 from .layout import StateLayout
 from .state_codec import expand_constant
 from .step_reference import M_BOUND as _M_BOUND_PY, V_BOUND as _V_BOUND_PY, StepScalars, _f32, step_constants
@@ -61,22 +61,10 @@ def _ptr(table, kind: tl.constexpr, t, NT, DT: tl.constexpr):
 
 
 @triton.jit
-def _mix32(x):
-    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin:
-    ``master_weights.mix32``."""
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
 def _random16(key, offs):
     """16 pseudo-random bits per element: ``mix32(offs ^ mix32(key)) & 0xFFFF`` (torch twin:
     ``master_weights.random16``), a few integer operations instead of a Philox generator."""
-    return _mix32(offs.to(tl.uint32) ^ _mix32(key.to(tl.uint32))) & 0xFFFF
+    return mix32(offs.to(tl.uint32) ^ mix32(key.to(tl.uint32))) & 0xFFFF
 
 
 @triton.jit

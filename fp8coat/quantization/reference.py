@@ -41,6 +41,7 @@ __all__ = [
     "joint_tensor_scale",
     "check_scale",
     "fingerprint_units",
+    "mix32",
     "tensor_fingerprint",
     "refresh_tensor_scale",
     "quantize_if",
@@ -233,13 +234,15 @@ def fingerprint_units(x: torch.Tensor) -> torch.Tensor:
     return c.view(torch.int16)
 
 
-def _mix32(u: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2^32)."""
-    u = u ^ (u >> 16)
-    u = (u * 0x85EBCA6B) & _M32
-    u = u ^ (u >> 13)
-    u = (u * 0xC2B2AE35) & _M32
-    return u ^ (u >> 16)
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer, elementwise on integers in [0, 2^32) held as int64 (a bijection of 32-bit
+    words with full avalanche). Triton twin: ``triton_kernels.mix32`` (content fingerprints, stochastic rounding)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
 
 
 def tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +257,7 @@ def tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
     mask = 0xFFFF if units.dtype == torch.int16 else _M32
     u = units.to(torch.int64) & mask
     i = torch.arange(u.numel(), dtype=torch.int64, device=u.device)
-    h = _mix32(u ^ ((i * FINGERPRINT_STEP) & _M32))
+    h = mix32(u ^ ((i * FINGERPRINT_STEP) & _M32))
     lane0 = h.sum() & _M32
     lane1 = (h * ((2 * i + 1) & _M32) & _M32).sum() & _M32
     return torch.stack([lane0, lane1])

@@ -47,7 +47,7 @@ FINGERPRINT_STEP = tl.constexpr(_FINGERPRINT_STEP_PY)
 
 @triton.jit
 def mix32(x):
-    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin: ``reference._mix32``."""
+    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin: ``reference.mix32``."""
     x ^= x >> 16
     x *= 0x85EBCA6B
     x ^= x >> 13
