@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 compare: $(STAMP)
-	$(PY) -m fp8coat compare --variants bf16,coat --out-dir runs/compare
+	$(PY) -m fp8coat compare --variants bf16-torchopt,coat --out-dir runs/compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q

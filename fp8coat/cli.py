@@ -1,8 +1,8 @@
 """Command line: ``fp8coat train`` and ``fp8coat compare`` (also ``python -m fp8coat ...``).
 
     fp8coat train --model 60m --recipe coat --data mix --steps 500 --batch-size 64 --seq-len 512
-    fp8coat train --out-dir runs/train --resume            # continue the latest checkpoint exactly
-    fp8coat compare --variants bf16,coat --steps 300       # same data order and seed; table + loss.png
+    fp8coat train --out-dir runs/train --resume            # continue the run from its newest intact checkpoint
+    fp8coat compare --variants bf16-torchopt,coat --steps 300   # same data order and seed; table + loss.png
 
 Every option of :class:`fp8coat.train.TrainConfig` is a flag (``--seq-len``, ``--grad-accum``, ...).
 """
@@ -18,21 +18,53 @@ __all__ = ["main", "build_parser"]
 _HELP = {
     "out_dir": "run directory: config.json, metrics.jsonl, checkpoints/, summary.json",
     "model": "preset (tiny, 25m, 60m, 125m, 350m, 1b, llama2-7b), an HF config JSON, or a pretrained checkpoint dir",
-    "recipe": "bf16 | fp8-linear | coat",
-    "master_weights": "auto | fp32 | bf16-remainder | bf16-stochastic | none",
+    "recipe": "bf16 (model unchanged) | fp8-linear (FP8 linear layers) | coat (FP8 linear layers and FP8-saved "
+              "activations)",
+    "master_weights": "where fp8coat's AdamW keeps the exact weights: auto (fp32 params stay fp32, bf16 ones get "
+                      "bf16-remainder) | fp32 (fp32 params) | bf16-remainder (bf16 params + 16-bit remainders) | "
+                      "bf16-stochastic (bf16 params, stochastic rounding) | none (round to nearest)",
     "optimizer": "fp8coat (FP8 states) | torch (torch.optim.AdamW, fp32 params and states) | torchao-fp8 "
                  "(torchao's AdamWFp8 with fp32 params, for comparisons; needs torchao)",
     "expansion": "dynamic range expansion of the FP8 optimizer states",
+    "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
+    "chunked_loss": "LM head and cross-entropy over chunks of tokens, never keeping the logits for backward",
+    "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
     "data": "shakespeare | mix | text file(s) / folder(s), comma-separated",
     "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",
+    "vocab_size": "vocabulary size of the BPE tokenizer trained for --tokenizer bpe",
+    "val_fraction": "share of the documents held out for validation, in (0, 0.5)",
+    "steps": "optimizer steps of the run (with --resume it may change: a larger value extends the run)",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
+    "seq_len": "tokens per training sequence",
+    "lr": "peak learning rate, reached after the warm-up; cosine decay to --min-lr-ratio times it at the last step",
+    "min_lr_ratio": "learning rate at the last step, as a fraction of --lr, in [0, 1]",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay of matrices and embeddings (norm weights and biases get none)",
+    "beta1": "AdamW decay rate of the first moment, in [0, 1)",
+    "beta2": "AdamW decay rate of the second moment, in [0, 1)",
+    "grad_clip": "clip the global L2 norm of the gradients to this value (0: no clipping)",
+    "eval_every": "validation loss every N steps and at the last step (0: only at the last step)",
+    "eval_batches": "validation batches per evaluation",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_last": "keep only the N newest checkpoints, deleting older ones once a new one is complete (0: keep all)",
+    "log_every": "metrics line and progress update every N steps",
+    "seed": "seed of the model's initialization and of the data order",
     "device": "auto | cpu | cuda | cuda:N",
-    "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
-    "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
 }
 
+_RESUME_HELP = ("continue the run in --out-dir from its newest intact checkpoint (damaged newer ones are reported "
+                "and skipped), with the run's saved configuration: of the flags given again, only --steps (a larger "
+                "value extends the run; the cosine decay is then recomputed to end at the new last step), "
+                "--eval-every, --save-every, --log-every, --keep-last, --device and --compile may differ from the "
+                "run; any other flag that differs is an error")
+_OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.json, metrics.jsonl, summary.json "
+                   "and checkpoints/ are deleted first (without this, a new run refuses such a folder)")
 
-def _add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
+
+def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: bool = False) -> None:
+    """One flag per :class:`~fp8coat.train.TrainConfig` option. With ``given_only``, options not on the command
+    line stay out of the parsed namespace (their defaults are shown in the help only)."""
     from .train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
@@ -41,13 +73,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = _HELP.get(f.name, "")
+        shown = f"{help_text} (default: {default})".strip()
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            if given_only:  # BooleanOptionalAction shows no default of its own when it is SUPPRESS
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=argparse.SUPPRESS, help=shown)
+            else:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                    help=help_text)
         else:
-            kind = type(default)
-            parser.add_argument(flag, dest=f.name, type=kind, default=default,
-                                help=f"{help_text} (default: {default})".strip())
+            parser.add_argument(flag, dest=f.name, type=type(default),
+                                default=argparse.SUPPRESS if given_only else default, help=shown)
 
 
 def _config(args):
@@ -57,20 +93,51 @@ def _config(args):
     return TrainConfig(**values).validate()
 
 
+def _given(args) -> dict:
+    """The :class:`~fp8coat.train.TrainConfig` options typed on the command line (``train`` parses with
+    ``given_only``: defaults never appear in ``args``)."""
+    from .train import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def _train_config(args):
+    """A new run's configuration (the given options over the defaults), or with ``--resume`` the saved one of the
+    run in ``--out-dir`` with the given options that may change on resume (others that differ: ValueError)."""
+    from .train import TrainConfig
+    from .train.runs import resumed_config, saved_config
+
+    given = _given(args)
+    if not args.resume:
+        return TrainConfig(**given).validate()
+    out_dir = given.get("out_dir", TrainConfig.out_dir)
+    return resumed_config(saved_config(out_dir), given, out_dir).validate()
+
+
 def _train(args) -> int:
     from .train import train
+    from .train.progress import format_summary
 
-    summary = train(_config(args), resume=args.resume)
-    print({k: v for k, v in summary.items() if v is not None})
+    cfg = _train_config(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(format_summary(summary, cfg.out_dir))
     return 0
 
 
 def _compare(args) -> int:
-    from .train import compare
+    from .train import TrainConfig, compare
 
+    if args.recipe is not None:
+        raise ValueError("--recipe has no effect in compare: each variant names its recipe "
+                         "(e.g. --variants bf16-torchopt,coat)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    compare(_config(args), variants, seeds, args.out_dir)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    # the recipe and the seed of each run come from its variant and --seeds
+    base = argparse.Namespace(**{**vars(args), "recipe": TrainConfig.recipe, "seed": seeds[0] if seeds else 0})
+    compare(_config(base), variants, seeds, args.out_dir)
     return 0
 
 
@@ -80,26 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8coat", description="Memory-efficient FP8 training (COAT).")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train or fine-tune a model (CPU or GPU)")
-    _add_config_flags(p_train, TrainConfig())
-    p_train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    _add_config_flags(p_train, TrainConfig(), given_only=True)
+    p_train.add_argument("--resume", action="store_true", help=_RESUME_HELP)
+    p_train.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p_train.set_defaults(func=_train)
 
-    p_cmp = sub.add_parser("compare", help="train several recipes on identical data; table + loss plot")
+    from .train.compare import DEFAULT_VARIANTS
+
+    p_cmp = sub.add_parser("compare", help="train several recipes on identical data; table + loss plot",
+                           conflict_handler="resolve")  # --out-dir, --recipe, --seed below replace the run flags
     _add_config_flags(p_cmp, TrainConfig(out_dir="runs/compare", eval_every=50))
-    p_cmp.add_argument("--variants", default="bf16,coat",
-                       help="comma-separated recipes, optionally with -noexp / -torchopt / -fp32master")
-    p_cmp.add_argument("--seeds", default="0", help="comma-separated seeds (each variant runs once per seed)")
+    p_cmp.add_argument("--out-dir", dest="out_dir", default="runs/compare",
+                       help="compare.md, compare.json, loss.png, and one run directory per variant and seed "
+                            "(<variant>_seed<N>/) (default: runs/compare)")
+    p_cmp.add_argument("--recipe", default=None, help=argparse.SUPPRESS)  # an error: the variants set it
+    p_cmp.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                       help="comma-separated variants: a recipe (bf16, fp8-linear, coat) optionally followed by "
+                            "-torchopt (torch.optim.AdamW, fp32 params and states), -noexp, -fp32master, "
+                            "-torchaofp8. Gaps and memory ratios are relative to the first bf16 variant with "
+                            "-torchopt (else the first bf16 one, else the first one) "
+                            f"(default: {','.join(DEFAULT_VARIANTS)}: BF16 with torch's AdamW against coat "
+                            "with fp8coat's AdamW)")
+    p_cmp.add_argument("--seeds", "--seed", dest="seeds", default="0",
+                       help="comma-separated seeds; each variant runs once per seed (default: 0)")
     p_cmp.set_defaults(func=_compare)
     return parser
 
 
 def main(argv: "list[str] | None" = None) -> int:
+    from .train.finite import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"fp8coat {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # the run diverged: not a usage error
+        print(f"fp8coat {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fp8coat {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -2,27 +2,44 @@
 
 * the model as an HF checkpoint (``save_pretrained``: config.json + safetensors; loadable for fine-tuning),
 * ``optimizer.pt`` (the optimizer's state dict: FP8 moments, side data, bf16 remainders),
-* ``state.json`` (step, config, last metrics) and, when there is one, the ``tokenizer.json``.
+* ``state.json`` (step, run id, config, last metrics, the losses of the last steps) and, when there is one, the
+  ``tokenizer.json``,
+* ``manifest.json``, written last: the size and sha256 of every other file.
 
 Data order depends only on (seed, step), so model + optimizer + step are the whole training state. A checkpoint
-is written to ``step_N.partial`` and renamed when complete: a crash never leaves a half checkpoint behind.
+is written to ``step_N.partial`` and renamed when complete: a crash never leaves a half checkpoint under a final
+name. Loading checks every file against the manifest first (:func:`verify_checkpoint`); a checkpoint without a
+manifest (an older format) cannot be checked and loads with a warning. Checkpoints are removed by renaming them
+to ``step_N.deleting`` first, so a crash while deleting never leaves a half checkpoint either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import time
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "checkpoint_steps", "latest_intact_checkpoint",
+           "verify_checkpoint", "write_manifest", "read_state", "prune_checkpoints", "remove_leftovers",
+           "DamagedCheckpoint", "MANIFEST"]
 
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_\d+\.(partial|deleting)$")
+_HANG = "FP8COAT_TEST_SAVE_HANG"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file is missing, truncated, altered or unreadable; the message names the file."""
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: "str | None") -> str:
+    """Write checkpoint ``step`` (replacing one of that step) and return its folder."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".partial"
@@ -33,42 +50,190 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, toke
 
         hf_logging.disable_progress_bar()  # keep the run's own progress line readable
         model.save_pretrained(tmp, safe_serialization=True)
+        _test_hang(step, "model.safetensors")
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "step": step}, f, indent=1)
+        _test_hang(step, "optimizer.pt")
+        _write_json(os.path.join(tmp, "state.json"), {**state, "step": step})
+        _test_hang(step, "state.json")
         if tokenizer_path:
             shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-        shutil.rmtree(final, ignore_errors=True)
+        write_manifest(tmp)
+        _test_hang(step, MANIFEST)
+        if os.path.exists(final):
+            _remove_dir(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _test_hang(step, "complete")
     return final
 
 
-def latest_checkpoint(out_dir: str) -> "str | None":
+def _test_hang(step: int, stage: str) -> None:
+    """Test hook: with ``FP8COAT_TEST_SAVE_HANG=<step>:<stage>`` the save of checkpoint ``step`` stops for an hour
+    after ``stage`` (a file written into the ``.partial`` folder, or ``complete`` after the rename), so that a test
+    can kill the run at that point of a save."""
+    if os.environ.get(_HANG) == f"{step}:{stage}":
+        time.sleep(3600)
+
+
+def write_manifest(path: str) -> None:
+    """Write ``manifest.json`` into checkpoint folder ``path``: the size and sha256 of every other file in it."""
+    files = {name: _describe(os.path.join(path, name)) for name in sorted(os.listdir(path))
+             if name != MANIFEST and os.path.isfile(os.path.join(path, name))}
+    _write_json(os.path.join(path, MANIFEST), {"format": 1, "files": files})
+
+
+def verify_checkpoint(path: str) -> bool:
+    """Check every file of checkpoint ``path`` against its manifest; raises :class:`DamagedCheckpoint` naming the
+    first file that is missing or differs in size or content. Returns False for a checkpoint without a manifest
+    (nothing to check it against), True otherwise."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return False
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(isinstance(e, dict) for e in files.values()):
+        raise DamagedCheckpoint(f"{manifest_path} is not a checkpoint manifest")
+    for name, entry in files.items():
+        problem = _file_problem(os.path.join(path, name), entry)
+        if problem:
+            raise DamagedCheckpoint(problem)
+    return True
+
+
+def _file_problem(file: str, entry: dict) -> "str | None":
+    if not os.path.isfile(file):
+        return f"{file} is missing"
+    size = os.path.getsize(file)
+    if size != entry.get("bytes"):
+        return f"{file} has {size} bytes, the manifest records {entry.get('bytes')} (truncated or overwritten)"
+    if _describe(file)["sha256"] != entry.get("sha256"):
+        return f"{file} differs from the manifest's sha256 (damaged)"
+    return None
+
+
+def _describe(file: str) -> dict:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(file), "sha256": digest.hexdigest()}
+
+
+def checkpoint_steps(out_dir: str) -> "list[tuple[int, str]]":
+    """``(step, folder)`` of every complete checkpoint under ``<out_dir>/checkpoints``, oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
-        return None
-    steps = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+        return []
+    return sorted((int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d)))
+
+
+def latest_checkpoint(out_dir: str) -> "str | None":
+    """The folder of the newest checkpoint (unverified), or None."""
+    steps = checkpoint_steps(out_dir)
+    return steps[-1][1] if steps else None
+
+
+def latest_intact_checkpoint(out_dir: str) -> "tuple[str | None, list[str]]":
+    """The newest checkpoint that passes :func:`verify_checkpoint` and whose ``state.json`` reads (None if there is
+    none), and why each newer one was skipped."""
+    skipped = []
+    for _, path in reversed(checkpoint_steps(out_dir)):
+        try:
+            verify_checkpoint(path)
+            read_state(path)
+        except DamagedCheckpoint as err:
+            skipped.append(f"{path}: {err}")
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def read_state(path: str) -> dict:
+    """The checkpoint's ``state.json`` (with ``step``); :class:`DamagedCheckpoint` if it does not read."""
+    file = os.path.join(path, "state.json")
+    state = _read_json(file)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DamagedCheckpoint(f"{file} is not a checkpoint state (no step)")
+    return state
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Load weights and optimizer state in place; returns the saved ``state.json`` (with ``step``)."""
+    """Load weights and optimizer state in place; returns the saved ``state.json`` (with ``step``). Raises
+    ValueError (:class:`DamagedCheckpoint` for unreadable files) naming the file."""
     from safetensors.torch import load_file
 
+    state = read_state(path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no model weights (*.safetensors) in checkpoint {path}")
     weights = {}
+    device = str(next(model.parameters()).device)
     for f in files:
-        weights.update(load_file(os.path.join(path, f), device=str(next(model.parameters()).device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+        weights.update(_read(os.path.join(path, f), lambda file: load_file(file, device=device)))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes that do not fit
+        raise ValueError(f"checkpoint {path} does not match the model: {err}") from None
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", [])]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    file = os.path.join(path, "optimizer.pt")
+    saved = _read(file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, IndexError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{file} does not fit the optimizer: {type(err).__name__}: {err}") from None
+    return state
+
+
+def _read(file: str, reader):
+    if not os.path.isfile(file):
+        raise DamagedCheckpoint(f"{file} is missing")
+    try:
+        return reader(file)
+    except Exception as err:  # any failure to parse the file: name it
+        raise DamagedCheckpoint(f"{file} is unreadable (truncated or damaged?): {type(err).__name__}: "
+                                f"{str(err)[:200]}") from None
+
+
+def _read_json(file: str):
+    def parse(f):
+        with open(f) as fh:
+            return json.load(fh)
+
+    return _read(file, parse)
+
+
+def _write_json(file: str, data: dict) -> None:
+    with open(file, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def prune_checkpoints(out_dir: str, keep_last: int, up_to_step: int) -> "list[str]":
+    """Remove all but the newest ``keep_last`` checkpoints of steps <= ``up_to_step`` (``keep_last`` 0: keep all);
+    returns the removed folders. Newer ones (skipped as damaged on resume) are left to be overwritten."""
+    if keep_last <= 0:
+        return []
+    doomed = [path for step, path in checkpoint_steps(out_dir) if step <= up_to_step][:-keep_last]
+    for path in doomed:
+        _remove_dir(path)
+    return doomed
+
+
+def remove_leftovers(out_dir: str) -> None:
+    """Remove the ``.partial`` and ``.deleting`` folders a killed run may have left under ``checkpoints/``."""
+    root = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if _LEFTOVER.match(d):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def _remove_dir(path: str) -> None:
+    trash = path + ".deleting"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)

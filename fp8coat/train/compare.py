@@ -4,8 +4,16 @@ A variant is a recipe name (``bf16``, ``fp8-linear``, ``coat``) optionally follo
 ``-noexp`` (optimizer states without dynamic range expansion), ``-torchopt`` (``torch.optim.AdamW`` with fp32
 params and states instead of ``fp8coat.AdamW``), ``-torchaofp8`` (torchao's ``AdamWFp8`` with fp32 params, if
 torchao is installed: FP8 states in blocks of 256 of the flattened tensor, no expansion), ``-fp32master`` (fp32
-params). With several seeds every variant
-runs once per seed and the table reports mean ± standard deviation.
+params). The default, :data:`DEFAULT_VARIANTS`, is the usual BF16 baseline (``bf16-torchopt``: BF16 autocast,
+torch's AdamW with fp32 params and states) against fp8coat (``coat``: FP8 linear layers and FP8-saved
+activations, ``fp8coat.AdamW`` with FP8 states).
+
+Gaps and memory ratios are relative to the baseline row: the first variant with recipe ``bf16`` and torch's
+AdamW, else the first ``bf16`` variant, else the first variant. With several seeds every variant runs once per
+seed; the table reports mean ± standard deviation and the plot the mean with the min–max band over seeds.
+Runs go seed by seed (every variant for the first seed, then for the next); ``compare.md``, ``compare.json``
+and ``loss.png`` are rewritten after every finished run, so an interrupted compare keeps the runs it finished.
+Each run has its own folder, ``<out_dir>/<variant>_seed<seed>``; running compare again replaces those runs.
 """
 
 from __future__ import annotations
@@ -17,13 +25,32 @@ from dataclasses import replace
 
 from ..recipe import RECIPES
 from .config import TrainConfig
-from .loop import train
+from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog
 
-__all__ = ["compare", "variant_config"]
+__all__ = ["compare", "variant_config", "describe", "DEFAULT_VARIANTS"]
+
+DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 
 _MODIFIERS = {"noexp": {"expansion": False}, "torchopt": {"optimizer": "torch"},
               "torchaofp8": {"optimizer": "torchao-fp8"}, "fp32master": {"master_weights": "fp32"}}
+
+_OPTIMIZER_NAMES = {"torch": "torch AdamW", "fp8coat": "fp8coat AdamW", "torchao-fp8": "torchao AdamWFp8"}
+
+_RECIPE_NOTES = {
+    "bf16": "the model unchanged (BF16 GEMMs, activations saved as the original model saves them)",
+    "fp8-linear": "FP8 linear layers (E4M3 forward, E5M2 gradients) that save FP8 inputs",
+    "coat": "FP8 linear layers plus FP8-saved inputs of norms and activation functions (COAT)",
+}
+_OPTIMIZER_NOTES = {
+    "torch": "`torch.optim.AdamW`: fp32 params and fp32 moments, 12 B/param with the params (with the `bf16` "
+             "recipe the model runs under BF16 autocast)",
+    "fp8coat": "`fp8coat.AdamW`: FP8 moments with dynamic range expansion (unless the row says \"no expansion\"; "
+               "1-D tensors and tensors under 4096 elements keep fp32 moments) and bf16 params made exact fp32 "
+               "masters by 16-bit remainders (unless the row says otherwise): ≈ 6.1 B/param with the params",
+    "torchao-fp8": "torchao's `AdamWFp8`: fp32 params, FP8 moments in blocks of 256 (no expansion); with the "
+                   "`bf16` recipe the model runs under BF16 autocast",
+}
 
 
 def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> TrainConfig:
@@ -41,6 +68,89 @@ def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> 
     return replace(base, **changes).validate()
 
 
+def describe(cfg: TrainConfig) -> str:
+    """A row name for a run: ``"<recipe> + <optimizer>"`` with its optimizer options in parentheses, e.g.
+    ``"bf16 + torch AdamW"``, ``"coat + fp8coat AdamW"``, ``"coat + fp8coat AdamW (no expansion)"``."""
+    options = []
+    if cfg.optimizer == "fp8coat":
+        if not cfg.expansion:
+            options.append("no expansion")
+        if cfg.master_weights == "fp32":
+            options.append("fp32 params")
+        elif cfg.master_weights == "bf16-stochastic":
+            options.append("no master, stochastic rounding")
+        elif cfg.master_weights == "none":
+            options.append("no master, round to nearest")
+    name = f"{cfg.recipe} + {_OPTIMIZER_NAMES.get(cfg.optimizer, cfg.optimizer)}"
+    return name + (f" ({', '.join(options)})" if options else "")
+
+
+def _baseline(configs: "dict[str, TrainConfig]") -> "str | None":
+    """The first ``bf16`` variant with torch's AdamW, else the first ``bf16`` variant, else the first variant."""
+    for accept in (lambda c: c.recipe == "bf16" and c.optimizer == "torch", lambda c: c.recipe == "bf16",
+                   lambda c: True):
+        found = next((v for v, c in configs.items() if accept(c)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_unique(items, what: str) -> None:
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{what}: {item!r} is listed twice")
+        seen.add(item)
+
+
+def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_dir: str) -> dict:
+    """Train every variant × seed; write ``compare.md``, ``compare.json`` and ``loss.png`` to ``out_dir`` after
+    each finished run. All variants are validated before the first run starts. Returns ``{variant: [summary per
+    seed]}``; each summary is :func:`fp8coat.train.train`'s plus ``seed`` and ``history`` (the metrics log)."""
+    if not variants:
+        raise ValueError("--variants: name at least one variant")
+    if not seeds:
+        raise ValueError("--seeds: name at least one seed")
+    _check_unique(variants, "--variants")
+    _check_unique(seeds, "--seeds")
+    # seed-major order: an interrupted compare has every variant for its first seeds
+    configs = {(v, s): variant_config(base, v, s, out_dir) for s in seeds for v in variants}  # validate all first
+    first = {v: configs[(v, seeds[0])] for v in variants}
+    labels = {v: describe(c) for v, c in first.items()}
+    baseline = _baseline(first)
+    os.makedirs(out_dir, exist_ok=True)
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    document = ""
+    for done, ((variant, seed), cfg) in enumerate(configs.items(), start=1):
+        try:
+            summary = train(cfg, overwrite=True, label=f"{labels[variant]} seed {seed}")  # a compare replaces its runs
+        except KeyboardInterrupt:
+            if done > 1:
+                print(f"{done - 1} of {len(configs)} runs finished: {os.path.join(out_dir, 'compare.md')}")
+            raise
+        summary["seed"] = seed
+        summary["history"] = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        results[variant].append(summary)
+        document = report(results, labels, baseline, base, seeds, runs_total=len(configs))
+        record = {"config": base.to_dict(), "variants": variants, "seeds": seeds, "baseline": baseline,
+                  "labels": labels, "runs_finished": done, "runs_total": len(configs), "results": results}
+        _write_replacing(os.path.join(out_dir, "compare.md"), lambda f: f.write(document))
+        _write_replacing(os.path.join(out_dir, "compare.json"), lambda f: json.dump(record, f, indent=1))
+        _plot(results, labels, _title(results, base, seeds), os.path.join(out_dir, "loss.png"))
+    print(document.split("\n**Columns**")[0].rstrip())
+    print(f"(column meanings: {os.path.join(out_dir, 'compare.md')}; loss curves: "
+          f"{os.path.join(out_dir, 'loss.png')})")
+    return results
+
+
+def _write_replacing(path: str, write, mode: str = "w") -> None:
+    """Write ``path`` through a temporary file renamed over it: readers see the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 def _mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -48,59 +158,170 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_dir: str) -> dict:
-    """Train every variant × seed; write ``compare.md``, ``compare.json`` and ``loss.png`` to ``out_dir``."""
-    configs = {(v, s): variant_config(base, v, s, out_dir) for v in variants for s in seeds}  # validate all first
-    os.makedirs(out_dir, exist_ok=True)
-    results: dict[str, list[dict]] = {v: [] for v in variants}
-    for (variant, seed), cfg in configs.items():
-        summary = train(cfg, label=f"{variant} seed {seed}")
-        summary["history"] = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
-        results[variant].append(summary)
-    table = _table(results, seeds)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump({"config": base.to_dict(), "variants": variants, "seeds": seeds, "results": results}, f, indent=1)
-    _plot(results, os.path.join(out_dir, "loss.png"))
-    print(table)
-    return results
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
-def _table(results: dict, seeds: "list[int]") -> str:
-    """Markdown summary; gaps are relative to the first variant named ``bf16...`` (the BF16 reference)."""
-    ref_name = next((v for v in results if v.startswith("bf16")), None)
-    ref = results.get(ref_name) if ref_name else None
-    ref_val = _mean_std([r["final_val_loss"] for r in ref])[0] if ref else None
-    ref_train = _mean_std([r["final_train_loss"] for r in ref])[0] if ref else None
-    cuda = any("peak_mem_gib" in r for rs in results.values() for r in rs)
-    mem_cols = "peak GPU memory |" if cuda else "optimizer state | saved for backward by the decoder (1 micro-batch) |"
-    lines = [f"| variant | final train loss | final val loss | val gap vs bf16 | train gap vs bf16 | tok/s | {mem_cols}",
-             "|---|---|---|---|---|---|" + ("---|" if cuda else "---|---|")]
+def _title(results: dict, base: TrainConfig, seeds: "list[int]") -> str:
+    params = next((r["params"] for runs in results.values() for r in runs), None)
+    tokens = base.batch_size * base.grad_accum * base.seq_len
+    size = f" ({params / 1e6:.1f}M params)" if params else ""
+    return (f"model {base.model}{size}, data {base.data}, {base.steps} steps × {tokens:,} tokens "
+            f"= {base.steps * tokens:,} tokens, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}")
 
-    def fmt(ms, digits=4):
-        m, s = ms
+
+# (summary key, column header, bytes of a summary value, how to combine seeds)
+_MEMORY_COLUMNS = (
+    ("peak_mem_gib", "peak GPU memory", lambda v: v * 2**30, max),
+    ("param_bytes", "weights", float, statistics.fmean),
+    ("optimizer_state_bytes", "optimizer state", float, statistics.fmean),
+    ("saved_activation_bytes", "saved for backward", float, statistics.fmean),
+)
+
+
+def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base: TrainConfig,
+           seeds: "list[int]", runs_total: "int | None" = None) -> str:
+    """``compare.md``: a title line, the table (one row per variant with finished runs; mean ± std over seeds;
+    gaps and memory ratios relative to ``baseline``) and what each column means."""
+    finished = sum(len(runs) for runs in results.values())
+    rows = {v: runs for v, runs in results.items() if runs}
+    any_run = [r for runs in rows.values() for r in runs]
+    window = min(FINAL_WINDOW, max((r["steps"] for r in any_run), default=FINAL_WINDOW))
+    memory = [c for c in _MEMORY_COLUMNS if any(c[0] in r for r in any_run)]
+    ref = rows.get(baseline, [])
+
+    def mean(runs, key):
+        return _mean_std([r.get(key) for r in runs])[0]
+
+    def mem_value(runs, column):
+        key, _, to_bytes, combine = column
+        values = [to_bytes(r[key]) for r in runs if r.get(key) is not None]
+        return combine(values) if values else None
+
+    def loss(runs, key):
+        m, s = _mean_std([r.get(key) for r in runs])
         if m is None:
             return "–"
-        return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len(seeds) > 1 else "")
+        return f"{m:.4f}" + (f" ± {s:.4f}" if len(runs) > 1 else "")
 
-    for variant, runs in results.items():
-        tr = _mean_std([r["final_train_loss"] for r in runs])
-        va = _mean_std([r["final_val_loss"] for r in runs])
-        gap_v = f"{100 * (va[0] / ref_val - 1):+.2f}%" if ref_val and va[0] is not None else "–"
-        gap_t = f"{100 * (tr[0] / ref_train - 1):+.2f}%" if ref_train and tr[0] is not None else "–"
-        speed = _mean_std([r["tok_per_s"] for r in runs])[0]
-        speed = f"{speed:,.0f}" if speed else "–"
-        if cuda:
-            mem = f"{max(r.get('peak_mem_gib', 0) for r in runs):.2f} GiB |"
-        else:
-            mem = (f"{runs[0]['optimizer_state_bytes'] / 2**20:.2f} MiB | "
-                   f"{runs[0].get('saved_activation_bytes', 0) / 2**20:.2f} MiB |")
-        lines.append(f"| {variant} | {fmt(tr)} | {fmt(va)} | {gap_v} | {gap_t} | {speed} | {mem}")
-    return "\n".join(lines)
+    def gap(runs, key):
+        """Per seed against the baseline's run of the same seed (same data order and validation split), then
+        mean ± std over seeds."""
+        if runs is ref:
+            return "–"
+        ref_by_seed = {r.get("seed"): r.get(key) for r in ref}
+        gaps = [100 * (r[key] / ref_by_seed[r.get("seed")] - 1) for r in runs
+                if r.get(key) is not None and ref_by_seed.get(r.get("seed"))]
+        if not gaps:
+            return "–"
+        m, s = _mean_std(gaps)
+        return f"{m:+.2f}%" + (f" ± {s:.2f}%" if len(gaps) > 1 else "")
+
+    header = ["run", "variant", f"train loss (last {window} steps)", "val loss", "val gap vs baseline",
+              "train gap vs baseline", "tok/s"] + [c[1] for c in memory]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, runs in rows.items():
+        speed = mean(runs, "tok_per_s")
+        cells = [labels[variant] + (" (baseline)" if variant == baseline else ""), f"`{variant}`",
+                 loss(runs, "final_train_loss"), loss(runs, "final_val_loss"),
+                 gap(runs, "final_val_loss"), gap(runs, "final_train_loss"), f"{speed:,.0f}" if speed else "–"]
+        for column in memory:
+            value = mem_value(runs, column)
+            ref_value = mem_value(ref, column) if ref else None
+            cells.append("–" if value is None else _fmt_bytes(value) + (
+                f" ({value / ref_value:.2f}x)" if ref_value else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    out = [f"# fp8coat compare: {_title(results, base, seeds)}", ""]
+    if runs_total is not None and finished < runs_total:
+        out += [f"{finished} of {runs_total} runs finished.", ""]
+    out += lines + [""]
+    if baseline is not None:
+        usual = not ref or (ref[0]["recipe"], ref[0]["optimizer"]) == ("bf16", "torch")
+        cfg_note = "" if usual else " (add `bf16-torchopt` to `--variants` for BF16 with torch's AdamW)"
+        out += [f"Baseline: {labels[baseline]} (`{baseline}`){cfg_note}. Gaps and the ratios in parentheses are "
+                f"relative to it.", ""]
+    recipes = [r for r in dict.fromkeys(run["recipe"] for run in any_run) if r in _RECIPE_NOTES]  # row order
+    optimizers = [o for o in dict.fromkeys(run["optimizer"] for run in any_run) if o in _OPTIMIZER_NOTES]
+    tokens = f"{base.batch_size} × {base.seq_len} tokens"
+    notes = [
+        "**run**: recipe + optimizer." + "".join(f"\n  - `{r}`: {_RECIPE_NOTES[r]}." for r in recipes) +
+        "".join(f"\n  - {_OPTIMIZER_NAMES[o]}: {_OPTIMIZER_NOTES[o]}." for o in optimizers),
+        "**variant**: the name to pass to `--variants`.",
+        f"**train loss (last {window} steps)**: mean training cross-entropy (nats/token) of the last {window} "
+        "optimizer steps, on the training batches and with the recipe's FP8 quantization: an average over a model "
+        "still changing, on other text than the val loss, so compare it between rows, not with the val loss.",
+        f"**val loss**: cross-entropy (nats/token) of the final model on {base.eval_batches} held-out validation "
+        f"batches of {tokens}, in eval mode (unquantized forward).",
+        "**val gap / train gap vs baseline**: 100 × (loss / loss of the baseline's run with the same seed − 1), "
+        "the mean over seeds (± their standard deviation); negative: lower than the baseline.",
+        "**tok/s**: median training throughput over the logged intervals (the first one excluded).",
+    ]
+    memory_notes = {
+        "peak_mem_gib": "**peak GPU memory**: the most GPU memory allocated at once during the run "
+                        "(`torch.cuda.max_memory_allocated`: weights, gradients, optimizer state, activations).",
+        "param_bytes": "**weights**: bytes of the model's parameters.",
+        "optimizer_state_bytes": "**optimizer state**: bytes of the optimizer's state tensors (the moments; for "
+                                 "fp8coat AdamW also their scales and, with exact masters, the 16-bit "
+                                 "remainders).",
+        "saved_activation_bytes": f"**saved for backward**: bytes the decoder layers keep for backward for one "
+                                  f"micro-batch of {tokens} (measured on the CPU; the LM head and the loss "
+                                  f"apart).",
+    }
+    notes += [memory_notes[c[0]] for c in memory]
+    if len(seeds) > 1:
+        notes.append("**±**: standard deviation over seeds.")
+    out += ["**Columns**", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
 
 
-def _plot(results: dict, path: str) -> None:
+def _band(runs: "list[dict]", key: str):
+    """Steps logged by every run, with the mean, min and max of ``key`` over the runs at each."""
+    per_run = [{r["step"]: r[key] for r in run["history"] if key in r} for run in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    values = [[p[s] for p in per_run] for s in steps]
+    return (steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def _figure(results: dict, labels: "dict[str, str]", title: str):
+    """Training and validation loss against step: per variant the mean over seeds, with the min–max band over
+    seeds shaded; each variant has a colour and a line style of its own, so overlapping curves stay visible."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v")
+    n_seeds = max((len(runs) for runs in results.values()), default=0)
+    for i, (variant, runs) in enumerate(results.items()):
+        if not runs:
+            continue
+        color, style = f"C{i}", styles[i % len(styles)]
+        for ax, key, marker in ((ax_t, "loss", None), (ax_v, "val_loss", markers[i % len(markers)])):
+            steps, mean, low, high = _band(runs, key)
+            if not steps:
+                continue
+            ax.plot(steps, mean, color=color, ls=style, marker=marker, lw=1.4, ms=4, label=labels.get(variant, variant))
+            if len(runs) > 1:
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+    how = f"mean of {n_seeds} seeds, shaded: min–max" if n_seeds > 1 else "one seed"
+    for ax, name in ((ax_t, "training loss (per step)"), (ax_v, "validation loss")):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"{name}; {how}", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plot(results: dict, labels: "dict[str, str]", title: str, path: str) -> None:
     try:
         import matplotlib
 
@@ -109,22 +330,8 @@ def _plot(results: dict, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: skipping the loss plot")
         return
-    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (variant, runs) in enumerate(results.items()):
-        color = f"C{i}"
-        for j, run in enumerate(runs):
-            hist = run["history"]
-            ax_t.plot([r["step"] for r in hist], [r["loss"] for r in hist], color=color, alpha=0.8,
-                      lw=1, label=variant if j == 0 else None)
-            val = [r for r in hist if "val_loss" in r]
-            ax_v.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, alpha=0.8,
-                      label=variant if j == 0 else None)
-    for ax, title in ((ax_t, "train loss"), (ax_v, "validation loss")):
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax_t.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig = _figure(results, labels, title)
+    try:
+        _write_replacing(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    finally:
+        plt.close(fig)

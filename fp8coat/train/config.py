@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..optim.master_weights import MASTER_MODES
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
+    keep_last: int = 0  # keep only the newest N checkpoints (0: all)
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
@@ -67,20 +69,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"need lr > 0 and 0 <= min-lr-ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        _check_floats(self)
         if self.step_in_backward and self.optimizer != "fp8coat":
             raise ValueError("step-in-backward needs the fp8coat optimizer (--optimizer fp8coat)")
         if self.step_in_backward and self.grad_clip > 0:
             raise ValueError("step-in-backward updates each parameter before the other gradients exist, so the "
                              "global gradient norm cannot be clipped: pass --grad-clip 0")
-        if not 0 < self.val_fraction < 0.5:
-            raise ValueError(f"val-fraction must lie in (0, 0.5), got {self.val_fraction}")
         return self
 
     def to_dict(self) -> dict:
@@ -90,3 +87,19 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def _check_floats(cfg: TrainConfig) -> None:
+    """Every float option is a finite number in its range (``inf`` and ``nan`` pass plain comparisons)."""
+    checks = [
+        ("lr", cfg.lr, cfg.lr > 0, "a finite number > 0"),
+        ("min-lr-ratio", cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        ("weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "a finite number >= 0"),
+        ("beta1", cfg.beta1, 0 <= cfg.beta1 < 1, "in [0, 1)"),
+        ("beta2", cfg.beta2, 0 <= cfg.beta2 < 1, "in [0, 1)"),
+        ("grad-clip", cfg.grad_clip, cfg.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
+        ("val-fraction", cfg.val_fraction, 0 < cfg.val_fraction < 0.5, "in (0, 0.5)"),
+    ]
+    for name, value, in_range, expected in checks:
+        if not (math.isfinite(value) and in_range):
+            raise ValueError(f"{name} must be {expected}, got {value}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import math
 import os
+import sys
 import time
 
 import torch
@@ -24,10 +24,14 @@ from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (MANIFEST, latest_checkpoint, latest_intact_checkpoint, load_checkpoint, prune_checkpoints,
+                         read_state, remove_leftovers, save_checkpoint, verify_checkpoint)
 from .config import TrainConfig
+from .finite import NonFiniteError, first_bad_step, first_non_finite, new_tracker, track_loss
 from .presets import build_model
-from .progress import MetricsLog, Progress
+from .progress import MetricsLog, Progress, human_count
+from .runs import (check_new_run, check_same_run, clear_run, config_conflicts, new_run_id, read_run,
+                   write_run)
 from .schedule import lr_at
 
 __all__ = ["train", "resolve_device", "FINAL_WINDOW"]
@@ -36,9 +40,22 @@ FINAL_WINDOW = 20  # steps averaged into the final training loss
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (the GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ValueError for another
+    name or a GPU that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown --device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use --device cpu, or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -105,12 +122,36 @@ def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> fl
     return total
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None, quiet: bool = False) -> dict:
-    """Run (or resume) one training run; returns its summary (also written to ``<out_dir>/summary.json``)."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, label: "str | None" = None,
+          quiet: bool = False) -> dict:
+    """Run (or resume) one training run; returns its summary (also written to ``<out_dir>/summary.json``).
+
+    A new run refuses an ``out_dir`` that holds a run (ValueError) unless ``overwrite``, which deletes that run's
+    files first. ``resume`` continues the run in ``out_dir`` from its newest intact checkpoint (newer damaged ones
+    are reported on stderr and skipped); ``cfg`` must equal the run's configuration except in
+    :data:`~fp8coat.train.runs.MAY_CHANGE_ON_RESUME` (``steps`` may grow: the cosine decay then spans the new
+    total). A finished run keeps its summary (or gets its missing one recomputed). When the loss, the weights or
+    the optimizer state become non-finite, the run stops with :class:`~fp8coat.train.finite.NonFiniteError`
+    naming the first bad step, without writing a checkpoint of them.
+    """
     from ..data import batch_iterator, eval_batches, prepare_dataset, TokenDataset
 
     cfg.validate()
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass only one")
     device = resolve_device(cfg.device)
+    label = label or cfg.recipe
+    if resume:
+        run_id, ckpt, state = _resume_point(cfg)
+        if state["step"] >= cfg.steps:
+            kept = _finished_summary(cfg, state["step"], label)
+            if kept is not None:
+                return kept
+    else:
+        check_new_run(cfg.out_dir, overwrite)
+        run_id, ckpt, state = new_run_id(), None, {}
+    if os.path.isdir(cfg.model):
+        verify_checkpoint(cfg.model)  # fine-tuning from a checkpoint: its files as written
     tokenizer = cfg.tokenizer
     ckpt_tokenizer = os.path.join(cfg.model, "tokenizer.json")
     if tokenizer == "bpe" and os.path.isfile(ckpt_tokenizer):  # fine-tuning: keep the checkpoint's tokenizer
@@ -130,37 +171,39 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
     in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
     n_params = sum(p.numel() for p in model.parameters())
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
     start = 0
-    if resume:
-        ckpt = latest_checkpoint(cfg.out_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {cfg.out_dir}/checkpoints")
-        start = load_checkpoint(ckpt, model, optimizer)["step"]
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+    if ckpt is not None:
+        start = _load_resume_point(ckpt, model, optimizer)
+        remove_leftovers(cfg.out_dir)
+        prune_checkpoints(cfg.out_dir, cfg.keep_last, start)
+    elif overwrite:
+        clear_run(cfg.out_dir)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_run(cfg.out_dir, cfg, run_id)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), truncate_after_step=start)
-    label = label or cfg.recipe
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     if not quiet:
-        print(f"[{label}] {source}: {n_params / 1e6:.1f}M params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
+        print(f"[{label}] {source}: {human_count(n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
               f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} params, device {device}, data {data.description} "
-              f"({data.n_train_tokens / 1e6:.1f}M train tokens), {cfg.steps} steps of "
-              f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens" + (f", resuming at step {start}" if resume else ""),
+              f"({human_count(data.n_train_tokens)} train tokens), {cfg.steps} steps of "
+              f"{human_count(tokens_per_step)} tokens" + (_resume_note(ckpt, state, cfg) if ckpt else ""),
               flush=True)
 
     head = model.lm_head if cfg.chunked_loss and _can_chunk_loss(model) else None
     step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
     if cfg.compile:
         step_model = _compile(model, step_model)
-    progress = Progress(cfg.steps, label) if not quiet else None
+    progress = Progress(cfg.steps, label, start=start) if not quiet else None
     batches = batch_iterator(train_ds, cfg.batch_size, cfg.seq_len, cfg.seed, start_step=start * cfg.grad_accum)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    last = {}
-    recent: "collections.deque[torch.Tensor]" = collections.deque(maxlen=FINAL_WINDOW)  # per-step losses, on device
+    last = state.get("last", {})
+    # per-step losses on device; a resumed run continues the window its checkpoint saved
+    recent: "collections.deque[torch.Tensor]" = collections.deque(
+        (torch.tensor(v, device=device) for v in state.get("recent_losses", [])), maxlen=FINAL_WINDOW)
+    diverged = new_tracker(device)  # the first step with a non-finite loss, kept on device (no sync per step)
     t_log, steps_since = time.time(), 0
-    val_loss = None
+    val_loss = last.get("val_loss") if last.get("step") == start else None
     for step in range(start, cfg.steps):
         lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -175,7 +218,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
             with contextlib.nullcontext() if in_backward is None or last_micro else in_backward.accumulating():
                 (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
             loss_sum += loss.detach()
+        done = step + 1
         recent.append(loss_sum / cfg.grad_accum)
+        track_loss(diverged, done, recent[-1])
         grad_norm = None
         if in_backward is None:
             # --grad-clip 0: no clipping (the norm is still measured for the log)
@@ -183,12 +228,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps_since += 1
-        done = step + 1
         is_eval = (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps
         if done % cfg.log_every == 0 or is_eval or done == start + 1:
             train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
-            if not math.isfinite(train_loss):
-                raise RuntimeError(f"step {done}: loss is {train_loss}; stopping (lower --lr or check the data)")
+            _stop_if_diverged(diverged, cfg.out_dir)
             elapsed = time.time() - t_log
             record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens": done * tokens_per_step, "tok_per_s": steps_since * tokens_per_step / elapsed}
@@ -204,17 +247,102 @@ def train(cfg: TrainConfig, *, resume: bool = False, label: "str | None" = None,
                                 tok_per_s=record["tok_per_s"], mem_gib=record.get("mem_gib"))
             t_log, steps_since = time.time(), 0
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            save_checkpoint(cfg.out_dir, done, model, optimizer, {"config": cfg.to_dict(), "last": last},
-                            data.tokenizer_path)
+            _check_before_save(diverged, model, optimizer, cfg.out_dir, done)
+            saved = {"run_id": run_id, "config": cfg.to_dict(), "last": last,
+                     "recent_losses": torch.stack(list(recent)).tolist()}
+            save_checkpoint(cfg.out_dir, done, model, optimizer, saved, data.tokenizer_path)
+            prune_checkpoints(cfg.out_dir, cfg.keep_last, done)
     if progress:
         progress.close()
     log.close()
 
     final_train = float(torch.stack(list(recent)).mean()) if recent else None
     summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss)
+    summary["final_train_window"] = len(recent)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
+    """``(run id, checkpoint, its state)`` to resume ``cfg``'s run from: the newest intact checkpoint of the run
+    in ``cfg.out_dir``, whose configuration ``cfg`` may change only where a resume allows it."""
+    run = read_run(cfg.out_dir)
+    run_id = run.get("run_id") if run else None
+    path, skipped = latest_intact_checkpoint(cfg.out_dir)
+    for reason in skipped:
+        print(f"fp8coat train: skipping damaged checkpoint {reason}", file=sys.stderr, flush=True)
+    if path is None and skipped:
+        raise ValueError(f"--resume: no intact checkpoint under {cfg.out_dir}/checkpoints: {'; '.join(skipped)}")
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.out_dir}/checkpoints (start the run again "
+                                "with --overwrite)")
+    if not os.path.exists(os.path.join(path, MANIFEST)):
+        print(f"fp8coat train: warning: checkpoint {path} has no {MANIFEST} (an older format): its files cannot be "
+              "checked for damage", file=sys.stderr, flush=True)
+    state = read_state(path)
+    check_same_run(run_id, state, path, cfg.out_dir)
+    conflicts = config_conflicts(state.get("config", {}), cfg.to_dict())
+    if conflicts:
+        raise ValueError(f"checkpoint {path} was written with another configuration: {'; '.join(conflicts)}")
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({state['step']}: "
+                         f"{path})")
+    return run_id or state.get("run_id") or new_run_id(), path, state
+
+
+def _load_resume_point(path: str, model, optimizer) -> int:
+    """Load checkpoint ``path`` into ``model`` and ``optimizer``; returns its step. ValueError if it holds
+    non-finite values."""
+    step = load_checkpoint(path, model, optimizer)["step"]
+    bad = first_non_finite(model, optimizer)
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} holds non-finite values ({bad}): it was written after its run "
+                         "diverged; remove it to resume from an earlier checkpoint")
+    return step
+
+
+def _finished_summary(cfg: TrainConfig, step: int, label: str) -> "dict | None":
+    """The summary of a run that already finished, kept as it is; None (after saying so) when it is missing."""
+    path = os.path.join(cfg.out_dir, "summary.json")
+    where = f"[{label}] the run in {cfg.out_dir} already finished at step {step} of {cfg.steps}"
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        print(f"{where}; recomputing its missing summary.json", file=sys.stderr, flush=True)
+        return None
+    print(f"{where}: nothing to train, its summary is kept (pass a larger --steps to extend it)", file=sys.stderr,
+          flush=True)
+    return summary
+
+
+def _resume_note(ckpt: str, state: dict, cfg: TrainConfig) -> str:
+    note = f", resuming at step {state['step']} ({ckpt})"
+    before = state.get("config", {}).get("steps", cfg.steps)
+    if before != cfg.steps:
+        note += f", --steps changed from {before} (the cosine decay now ends at step {cfg.steps})"
+    return note
+
+
+def _stop_if_diverged(diverged: torch.Tensor, out_dir: str) -> None:
+    first = first_bad_step(diverged)
+    if first:
+        raise NonFiniteError(f"the training loss became non-finite at step {first}: the run diverged (lower --lr, "
+                             f"or check the data); stopped without writing a checkpoint after it{_newest(out_dir)}")
+
+
+def _check_before_save(diverged: torch.Tensor, model, optimizer, out_dir: str, step: int) -> None:
+    _stop_if_diverged(diverged, out_dir)
+    bad = first_non_finite(model, optimizer)
+    if bad is not None:
+        raise NonFiniteError(f"{bad} became non-finite at step {step}: the run diverged (lower --lr, or check the "
+                             f"data); stopped without writing its checkpoint{_newest(out_dir)}")
+
+
+def _newest(out_dir: str) -> str:
+    path = latest_checkpoint(out_dir)
+    return f" (the newest checkpoint is {path})" if path else ""
 
 
 def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss) -> dict:
@@ -226,6 +354,7 @@ def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train
         "final_val_loss": val_loss,
         "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

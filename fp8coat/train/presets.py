@@ -53,8 +53,7 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
         return m.to(device), f"pretrained {model}"
     elif os.path.isfile(model) or os.path.isdir(model):
         path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        with open(path) as f:
-            cfg = transformers.AutoConfig.for_model(**json.load(f))
+        cfg = transformers.AutoConfig.for_model(**_read_config(path))
         cfg.vocab_size = max(getattr(cfg, "vocab_size", 0) or 0, vocab_size)
         source = f"config {path}"
     else:
@@ -66,6 +65,21 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
     with torch.device(device):
         m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return m, source
+
+
+def _read_config(path: str) -> dict:
+    """An HF model config JSON as a dict; ValueError naming ``path`` if it is not one."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--model {path}: no such file (expected a preset, an HF config JSON or a checkpoint "
+                         "directory)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"--model {path} is not an HF config JSON: {err}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"--model {path} is not an HF config JSON (it names no model_type)")
+    return raw
 
 
 def _check_positions(cfg, seq_len: int) -> None:

@@ -1,4 +1,7 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+"""Learning-rate schedule: linear warm-up, then cosine decay to ``min_lr_ratio · lr`` at the last step.
+
+The schedule is a function of the run's current total ``steps``: a run resumed with another ``--steps`` continues
+from its step on the curve of the new total (so the learning rate jumps to that curve at the resume)."""
 
 from __future__ import annotations
 

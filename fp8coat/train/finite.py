@@ -1,0 +1,68 @@
+"""Divergence checks of ``fp8coat train``.
+
+* A 0-d device tensor records the first step whose training loss was not finite. It is updated every step with
+  device operations only (no host sync) and read where the loop syncs anyway: at log steps and before a
+  checkpoint is written.
+* :func:`first_non_finite` scans the weights and the optimizer state for NaN or inf (before a checkpoint is
+  written, and after one is loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["NonFiniteError", "new_tracker", "track_loss", "first_bad_step", "first_non_finite"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message names the first step (or tensor) affected."""
+
+
+def new_tracker(device: torch.device) -> torch.Tensor:
+    """0-d int64 tensor on ``device``: 0 while every loss was finite, else the first step whose loss was not."""
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
+    """Record ``step`` in ``tracker`` if ``loss`` is not finite and no earlier step was recorded (no host sync)."""
+    tracker.masked_fill_(~torch.isfinite(loss) & (tracker == 0), step)
+
+
+def first_bad_step(tracker: torch.Tensor) -> int:
+    """The step recorded by :func:`track_loss`, 0 if none (a host sync)."""
+    return int(tracker)
+
+
+def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":
+    """The name of the first parameter or optimizer-state tensor holding a NaN or inf, else None (one host sync).
+    FP8 tensors are checked through bf16 (same NaN and inf); tensor subclasses without ``isfinite`` (torchao's
+    FP8 states) count as finite."""
+    named = _float_tensors(model, optimizer)
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([_all_finite(t).to(device) for _, t in named])
+    bad = (~finite).nonzero()
+    return named[int(bad[0, 0])][0] if len(bad) else None
+
+
+def _float_tensors(model: torch.nn.Module, optimizer) -> "list[tuple[str, torch.Tensor]]":
+    names = {id(p): n for n, p in model.named_parameters()}
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    for p, state in optimizer.state.items():
+        owner = names.get(id(p), f"parameter {tuple(p.shape)}")
+        named += [(f"optimizer state {key!r} of {owner}", v) for key, v in state.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return named
+
+
+_CHUNK = 1 << 24  # elements checked at a time: bounds the temporaries (a checkpoint may be saved near full memory)
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    try:
+        flags = [torch.isfinite(c.to(torch.bfloat16) if c.element_size() == 1 else c).all()  # FP8: via bf16
+                 for c in t.reshape(-1).split(_CHUNK)]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=t.device)
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without these operations
+        return torch.ones((), dtype=torch.bool, device=t.device)

@@ -1,0 +1,233 @@
+"""`fp8coat compare`: BF16 with torch's AdamW as the default baseline against coat, the table (row names, gaps,
+memory with ratios, column notes), the loss plot (mean and band over seeds), results kept after an interrupted
+compare, and clear errors for flags that do not apply."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from fp8coat.cli import build_parser, main
+from fp8coat.train.config import TrainConfig
+
+pytest.importorskip("transformers")
+compare_module = importlib.import_module("fp8coat.train.compare")  # the package re-exports the function
+
+COMMON = ["--model", "tiny", "--tokenizer", "bytes", "--batch-size", "4", "--seq-len", "32", "--log-every", "1",
+          "--eval-batches", "2", "--warmup-steps", "2", "--device", "cpu"]
+
+
+def _run(args) -> int:
+    torch.set_num_threads(2)
+    return main(args)
+
+
+def _table(markdown: str) -> "tuple[list[str], dict[str, list[str]]]":
+    """Header cells and the rows (keyed by their variant cell) of the first markdown table."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], {row[1]: row for row in cells[2:]}
+
+
+def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", *COMMON]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["variants"] == ["bf16-torchopt", "coat"] and data["baseline"] == "bf16-torchopt"
+    base, coat = data["results"]["bf16-torchopt"][0], data["results"]["coat"][0]
+    assert (base["recipe"], base["optimizer"]) == ("bf16", "torch")
+    assert (coat["recipe"], coat["optimizer"]) == ("coat", "fp8coat")
+    assert coat["history"][0]["step"] == 1
+
+    header, rows = _table((out / "compare.md").read_text())
+    assert header == ["run", "variant", "train loss (last 3 steps)", "val loss", "val gap vs baseline",
+                      "train gap vs baseline", "tok/s", "weights", "optimizer state", "saved for backward"]
+    assert rows["`bf16-torchopt`"][0] == "bf16 + torch AdamW (baseline)"
+    assert rows["`coat`"][0] == "coat + fp8coat AdamW"
+    col = {name: i for i, name in enumerate(header)}
+    val_gap = 100 * (coat["final_val_loss"] / base["final_val_loss"] - 1)
+    assert rows["`coat`"][col["val gap vs baseline"]] == f"{val_gap:+.2f}%"
+    assert rows["`coat`"][col["val loss"]] == f"{coat['final_val_loss']:.4f}"
+    assert rows["`coat`"][col["train loss (last 3 steps)"]] == f"{coat['final_train_loss']:.4f}"
+    assert coat["param_bytes"] * 2 == base["param_bytes"]  # bf16 weights against fp32 ones
+    for key, name in (("param_bytes", "weights"), ("optimizer_state_bytes", "optimizer state"),
+                      ("saved_activation_bytes", "saved for backward")):
+        ratio = coat[key] / base[key]
+        assert rows["`coat`"][col[name]] == f"{coat[key] / 2**20:.2f} MiB ({ratio:.2f}x)"
+        assert rows["`bf16-torchopt`"][col[name]] == f"{base[key] / 2**20:.2f} MiB (1.00x)"
+    # FP8 moments + 16-bit remainders against fp32 moments; FP8-saved activations against BF16 autocast
+    assert coat["optimizer_state_bytes"] / base["optimizer_state_bytes"] < 0.6
+    assert coat["saved_activation_bytes"] / base["saved_activation_bytes"] < 0.5
+    printed = capsys.readouterr().out
+    assert "| coat + fp8coat AdamW | `coat` |" in printed and "Baseline: bf16 + torch AdamW" in printed
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def _summary(recipe, optimizer, val, train, seed=0, cuda=False, **extra):
+    history = [{"step": s, "loss": train + 1.0 / s + 0.01 * seed} for s in (1, 2, 3, 4)]
+    history[1]["val_loss"], history[3]["val_loss"] = val + 0.5, val
+    summary = {"recipe": recipe, "optimizer": optimizer, "params": 2_000_000, "steps": 40,
+               "final_train_loss": train, "final_val_loss": val, "tok_per_s": 1000.0 + seed,
+               "optimizer_state_bytes": extra.pop("opt", 16_000_000), "seed": seed, "history": history}
+    if cuda:
+        summary["peak_mem_gib"] = extra.pop("peak", 2.0)
+    else:
+        summary["saved_activation_bytes"] = extra.pop("saved", 8_000_000)
+    summary.update(extra)
+    return summary
+
+
+def test_table_on_cuda_shows_peak_memory_with_ratios_and_explains_columns():
+    results = {
+        "bf16": [_summary("bf16", "fp8coat", 3.0, 3.1, s, cuda=True, opt=8_160_000, peak=1.5) for s in (0, 1)],
+        "bf16-torchopt": [_summary("bf16", "torch", 3.0 + 0.1 * s, 3.2, s, cuda=True, peak=2.0 + s)
+                          for s in (0, 1)],
+        "coat": [_summary("coat", "fp8coat", 3.03, 3.22, s, cuda=True, opt=8_160_000, peak=1.0) for s in (0, 1)],
+    }
+    cfgs = {v: compare_module.variant_config(TrainConfig(), v, 0, "unused") for v in results}
+    baseline = compare_module._baseline(cfgs)
+    assert baseline == "bf16-torchopt"  # preferred to a bf16 variant listed before it
+    labels = {v: compare_module.describe(c) for v, c in cfgs.items()}
+    md = compare_module.report(results, labels, baseline, TrainConfig(model="60m", eval_batches=8), [0, 1])
+    header, rows = _table(md)
+    assert header == ["run", "variant", "train loss (last 20 steps)", "val loss", "val gap vs baseline",
+                      "train gap vs baseline", "tok/s", "peak GPU memory", "optimizer state"]
+    base_val = statistics.fmean([3.0, 3.1])
+    assert rows["`coat`"][3] == "3.0300 ± 0.0000"
+    assert rows["`bf16-torchopt`"][3] == f"{base_val:.4f} ± {statistics.stdev([3.0, 3.1]):.4f}"
+    val_gaps = [100 * (3.03 / 3.0 - 1), 100 * (3.03 / 3.1 - 1)]  # per seed, against the same seed's baseline
+    assert rows["`coat`"][4] == f"{statistics.fmean(val_gaps):+.2f}% ± {statistics.stdev(val_gaps):.2f}%"
+    assert rows["`coat`"][5] == f"{100 * (3.22 / 3.2 - 1):+.2f}% ± 0.00%"
+    assert rows["`bf16-torchopt`"][4] == rows["`bf16-torchopt`"][5] == "–"
+    assert rows["`coat`"][7] == f"1.00 GiB ({1.0 / 3.0:.2f}x)"  # the peak of the worst seed (3 GiB)
+    assert rows["`coat`"][8] == f"{8_160_000 / 2**20:.2f} MiB ({8_160_000 / 16_000_000:.2f}x)"
+    assert rows["`bf16`"][0] == "bf16 + fp8coat AdamW" and rows["`bf16-torchopt`"][0].endswith("(baseline)")
+    notes = md.split("**Columns**")[1]
+    for name in ("run", "variant", "train loss (last 20 steps)", "val loss", "tok/s", "peak GPU memory",
+                 "optimizer state", "±"):
+        assert f"**{name}**" in notes, name
+    assert "8 held-out validation batches" in notes and "saved for backward" not in md
+    assert "model 60m (2.0M params)" in md.splitlines()[0]
+
+
+def test_baseline_falls_back_and_partial_results_are_marked():
+    def cfgs(*variants):
+        return {v: compare_module.variant_config(TrainConfig(), v, 0, "unused") for v in variants}
+
+    assert compare_module._baseline(cfgs("coat", "bf16", "bf16-noexp")) == "bf16"
+    assert compare_module._baseline(cfgs("coat-noexp", "fp8-linear")) == "coat-noexp"
+    results = {"bf16": [_summary("bf16", "fp8coat", 3.0, 3.1, param_bytes=4_000_000)], "coat": []}
+    md = compare_module.report(results, {"bf16": "bf16 + fp8coat AdamW", "coat": "coat + fp8coat AdamW"}, "bf16",
+                               TrainConfig(), [0], runs_total=2)
+    header, rows = _table(md)
+    assert "1 of 2 runs finished." in md and list(rows) == ["`bf16`"]
+    assert header[-3:] == ["weights", "optimizer state", "saved for backward"]
+    assert rows["`bf16`"][-3] == f"{4_000_000 / 2**20:.2f} MiB (1.00x)"
+    assert "add `bf16-torchopt`" in md  # the baseline is not BF16 with torch's AdamW: say how to get it
+
+
+@pytest.mark.parametrize("variant,label", [
+    ("bf16-torchopt", "bf16 + torch AdamW"), ("coat", "coat + fp8coat AdamW"),
+    ("coat-noexp", "coat + fp8coat AdamW (no expansion)"),
+    ("fp8-linear-fp32master", "fp8-linear + fp8coat AdamW (fp32 params)"),
+])
+def test_row_names_say_recipe_and_optimizer(variant, label):
+    assert compare_module.describe(compare_module.variant_config(TrainConfig(), variant, 0, "x")) == label
+
+
+def test_plot_draws_the_mean_and_min_max_band_of_each_variant():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {"bf16-torchopt": [_summary("bf16", "torch", 3.0, 3.1, s) for s in (0, 1, 2)],
+               "coat": [_summary("coat", "fp8coat", 3.1, 3.2, s) for s in (0, 1, 2)]}
+    labels = {"bf16-torchopt": "bf16 + torch AdamW", "coat": "coat + fp8coat AdamW"}
+    fig = compare_module._figure(results, labels, "model tiny, 4 steps")
+    try:
+        ax_t, ax_v = fig.axes
+        assert len(ax_t.lines) == len(ax_v.lines) == 2  # one line per variant, not per seed
+        assert len(ax_t.collections) == len(ax_v.collections) == 2  # one band per variant
+        steps, mean = ax_t.lines[1].get_data()
+        assert list(steps) == [1, 2, 3, 4]
+        expected = [statistics.fmean(3.2 + 1.0 / s + 0.01 * seed for seed in (0, 1, 2)) for s in (1, 2, 3, 4)]
+        assert list(mean) == pytest.approx(expected)
+        band = ax_t.collections[1].get_paths()[0].vertices
+        assert band[:, 1].min() == pytest.approx(3.2 + 0.25) and band[:, 1].max() == pytest.approx(3.2 + 1.02)
+        assert list(ax_v.lines[0].get_data()[0]) == [2, 4]
+        assert ax_t.lines[0].get_linestyle() != ax_t.lines[1].get_linestyle()  # overlapping curves stay visible
+        for ax in (ax_t, ax_v):
+            assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss (nats/token)"
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == list(labels.values())
+        assert "model tiny" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_interrupted_compare_keeps_the_finished_runs(tmp_path, monkeypatch):
+    """The table, the JSON and the plot are written after every run: Ctrl-C in the second run keeps the first."""
+    started = []
+
+    def fake_train(cfg, label=None, **kwargs):
+        started.append(cfg.out_dir)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        os.makedirs(cfg.out_dir)
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in (1, 2, 3))
+        return {key: value for key, value in _summary(cfg.recipe, cfg.optimizer, 3.0, 3.1).items()
+                if key not in ("seed", "history")}
+
+    monkeypatch.setattr(compare_module, "train", fake_train)
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), "--seeds", "0,1", *COMMON]) == 130
+    assert len(started) == 2
+    md = (out / "compare.md").read_text()
+    assert "1 of 4 runs finished." in md and list(_table(md)[1]) == ["`bf16-torchopt`"]
+    data = json.loads((out / "compare.json").read_text())
+    assert data["runs_finished"] == 1 and len(data["results"]["bf16-torchopt"]) == 1
+    assert data["results"]["bf16-torchopt"][0]["history"][-1]["step"] == 3
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "a"], "--seeds: expected comma-separated integers, got 'a'"),
+    (["--seeds", "0,0"], "--seeds: 0 is listed twice"),
+    (["--recipe", "coat"], "--recipe has no effect in compare"),
+    (["--variants", "fp4"], "unknown variant 'fp4'"),
+    (["--variants", "coat-fast"], "unknown variant modifier 'fast'"),
+    (["--variants", "coat,coat"], "--variants: 'coat' is listed twice"),
+    (["--variants", ","], "--variants: name at least one variant"),
+])
+def test_bad_compare_flags_give_clear_errors_and_leave_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert _run(["compare", "--out-dir", str(out), "--steps", "1", *COMMON, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"fp8coat compare: error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_compare_help_lists_only_flags_that_apply(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert "--recipe" not in text and "--seeds" in text and "bf16-torchopt,coat" in text
+    assert "compare.md" in text  # --out-dir says what compare writes there
+    assert build_parser().parse_args(["compare", "--seed", "3"]).seeds == "3"  # --seed is --seeds
+
+
+def test_compare_again_into_the_same_folder_replaces_its_runs(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--out-dir", str(out), "--variants", "coat", "--steps", "2", "--eval-every", "0", *COMMON]
+    assert _run(args) == 0
+    first = json.loads((out / "compare.json").read_text())["results"]["coat"][0]["history"]
+    assert _run(args) == 0
+    again = json.loads((out / "compare.json").read_text())["results"]["coat"][0]["history"]
+    assert [r["step"] for r in again] == [1, 2] and [r["loss"] for r in again] == [r["loss"] for r in first]

@@ -1,0 +1,419 @@
+"""`fp8coat train` never gives silently wrong results: a resume restores its run's configuration and refuses
+conflicting flags, runs never mix, diverged or damaged checkpoints are never written or loaded, old checkpoints
+are pruned only after a new one is complete, a run killed while saving resumes bit-identically, and the command
+line rejects bad values with clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fp8coat.cli import build_parser, main
+from fp8coat.train.progress import MetricsLog
+
+pytest.importorskip("transformers")
+
+FAST = ["--model", "tiny", "--tokenizer", "bytes", "--batch-size", "4", "--seq-len", "32", "--log-every", "1",
+        "--eval-batches", "2", "--warmup-steps", "2", "--recipe", "coat", "--master-weights", "bf16-stochastic",
+        "--eval-every", "0"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(out, *args) -> int:
+    torch.set_num_threads(2)
+    return main(["train", "--out-dir", str(out), *args])
+
+
+def _losses(out) -> "list[tuple]":
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in MetricsLog.read(out / "metrics.jsonl")]
+
+
+def _checkpoints(out) -> "list[str]":
+    return sorted(os.listdir(out / "checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run with checkpoints at steps 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert _train(out, "--steps", "6", "--save-every", "2", *FAST) == 0
+    return out
+
+
+def _interrupted_copy(reference, dest):
+    """``reference`` as if killed after its step-4 checkpoint: step_000006 and the summary gone."""
+    shutil.copytree(reference, dest)
+    shutil.rmtree(dest / "checkpoints" / "step_000006")
+    os.remove(dest / "summary.json")
+    return dest
+
+
+# --- A: --resume restores the run's configuration -------------------------------------------------------------
+
+def test_resume_restores_the_saved_configuration(tmp_path, capsys):
+    """Flags not repeated on --resume come from the run, not from the defaults: the resumed run equals the
+    uninterrupted one, and config.json keeps the run's values."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--steps", "4", "--save-every", "2", "--no-expansion", "--lr", "1e-2", *FAST]
+    assert _train(full, *args) == 0
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_000004")
+    saved = json.loads((part / "config.json").read_text())
+    assert _train(part, "--resume", "--tokenizer", "bytes", "--steps", "4") == 0  # the rest from the run
+    assert json.loads((part / "config.json").read_text()) == saved | {"out_dir": str(part)}
+    assert _losses(part) == _losses(full)
+    assert "resuming at step 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,saved", [
+    (["--batch-size", "8"], "8", "4"),
+    (["--optimizer", "torch"], "torch", "fp8coat"),
+    (["--no-expansion"], "False", "True"),
+    (["--master-weights", "fp32"], "fp32", "bf16-stochastic"),
+    (["--seq-len", "64"], "64", "32"),
+])
+def test_resume_rejects_flags_that_differ_from_the_run(tmp_path, capsys, flag, value, saved):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "2", *FAST) == 0
+    before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl", "summary.json")}
+    capsys.readouterr()
+    assert _train(out, "--resume", "--steps", "3", "--tokenizer", "bytes", *flag) == 2
+    err = capsys.readouterr().err
+    name = flag[0].replace("--no-", "--")
+    assert f"{name} {value}" in err and f"the run has {saved}" in err, err
+    assert {p: (out / p).read_bytes() for p in before} == before  # nothing changed
+    assert _checkpoints(out) == ["step_000002"]
+
+
+def test_resume_may_extend_the_run(tmp_path):
+    """--steps may grow on --resume (the cosine decay is recomputed over the new total); config.json records it;
+    --steps below the checkpoint's step is an error."""
+    from fp8coat.train.schedule import lr_at
+
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "3", *FAST) == 0
+    assert _train(out, "--resume", "--tokenizer", "bytes", "--steps", "5", "--log-every", "2") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 5 and cfg["log_every"] == 2 and cfg["batch_size"] == 4
+    log = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert log[-1]["lr"] == lr_at(4, lr=3e-3, steps=5, warmup_steps=2, min_lr_ratio=0.1)
+    assert _checkpoints(out) == ["step_000003", "step_000005"]
+
+
+def test_resume_below_the_checkpoint_step_is_an_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "3", *FAST) == 0
+    capsys.readouterr()
+    assert _train(out, "--resume", "--tokenizer", "bytes", "--steps", "2") == 2
+    assert "--steps 2 is below the step of the checkpoint" in capsys.readouterr().err
+
+
+# --- B: runs never mix -------------------------------------------------------------------------------------------
+
+def test_new_run_refuses_a_used_out_dir_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "4", "--save-every", "2", *FAST) == 0
+    capsys.readouterr()
+    assert _train(out, "--steps", "2", *FAST) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _checkpoints(out) == ["step_000002", "step_000004"]
+    assert _train(out, "--steps", "2", "--overwrite", *FAST) == 0  # the old run's files are cleared first
+    assert _checkpoints(out) == ["step_000002"]
+    assert [r["step"] for r in MetricsLog.read(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    args = ["--steps", "4", "--save-every", "2", *FAST]
+    assert _train(run, *args) == 0
+    assert _train(other, *args) == 0
+    shutil.rmtree(run / "checkpoints" / "step_000004")  # as if interrupted after step 2 ...
+    shutil.copytree(other / "checkpoints" / "step_000004", run / "checkpoints" / "step_000004")  # ... plus a stray
+    capsys.readouterr()
+    assert _train(run, "--resume", *args) == 2
+    err = capsys.readouterr().err
+    assert "step_000004 belongs to another run" in err, err
+
+
+def test_resuming_a_finished_run_keeps_or_recomputes_its_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--steps", "4", "--save-every", "2", *FAST]
+    assert _train(out, *args) == 0
+    summary = (out / "summary.json").read_text()
+    capsys.readouterr()
+    assert _train(out, "--resume", *args) == 0
+    assert "already finished at step 4 of 4" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == summary
+    os.remove(out / "summary.json")  # e.g. killed between the last checkpoint and the summary
+    assert _train(out, "--resume", *args) == 0
+    again = json.loads((out / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "steps", "params"):
+        assert again[key] == json.loads(summary)[key], key
+
+
+# --- C: a diverged run writes no checkpoint of it, a resume refuses one ------------------------------------------
+
+def test_diverged_run_stops_before_saving_non_finite_weights(tmp_path, capsys):
+    """The loss is checked on every step without a host sync (a device-side tracker read at log and save time):
+    with --save-every 1 and rare logs, no checkpoint holds the diverged weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "8", "--save-every", "1", "--lr", "1e30", *FAST, "--log-every", "100") == 1
+    err = capsys.readouterr().err
+    match = re.search(r"non-finite at step (\d+)", err)
+    assert match, err
+    first_bad = int(match.group(1))
+    for name in _checkpoints(out):
+        assert int(name.split("_")[1]) < first_bad
+        weights = load_file(str(out / "checkpoints" / name / "model.safetensors"))
+        assert all(torch.isfinite(w.float()).all() for w in weights.values()), name
+
+
+def test_non_finite_tensor_finder_names_weights_and_optimizer_state():
+    import fp8coat
+    from fp8coat.train.finite import first_non_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.bfloat16)
+    optimizer = fp8coat.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+    optimizer.step()
+    assert first_non_finite(model, optimizer) is None
+    with torch.no_grad():
+        model[1].bias[3] = float("inf")
+    assert first_non_finite(model, optimizer) == "1.bias"
+    with torch.no_grad():
+        model[1].bias[3] = 0
+    state = optimizer.state[model[0].weight]
+    fp8 = next(k for k, v in state.items() if v.dtype == torch.float8_e4m3fn)
+    state[fp8].view(torch.uint8)[0, 0] = 0x7F  # the E4M3 NaN code
+    assert first_non_finite(model, optimizer) == f"optimizer state {fp8!r} of 0.weight"
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from fp8coat.train.checkpoint import write_manifest
+
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "2", "--save-every", "1", *FAST) == 0
+    ckpt = out / "checkpoints" / "step_000002"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(str(ckpt))  # an intact file holding a NaN, as an older fp8coat could write
+    capsys.readouterr()
+    assert _train(out, "--resume", "--tokenizer", "bytes", "--steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "step_000002 holds non-finite values (model.norm.weight)" in err, err
+
+
+# --- D: damaged checkpoints ---------------------------------------------------------------------------------------
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # flip one bit of the last byte (tensor data in a safetensors file) or of the middle one
+        i = len(data) - 1 if path.suffix == ".safetensors" else len(data) // 2
+        data[i] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name,how", [("model.safetensors", "truncate"), ("model.safetensors", "flip"),
+                                      ("optimizer.pt", "truncate"), ("optimizer.pt", "flip"),
+                                      ("state.json", "truncate")])
+def test_resume_skips_a_damaged_checkpoint_and_says_so(reference, tmp_path, capsys, name, how):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    _damage(run / "checkpoints" / "step_000004" / name, how)
+    capsys.readouterr()
+    assert _train(run, "--resume") == 0
+    captured = capsys.readouterr()
+    assert re.search(rf"skipping damaged checkpoint \S*step_000004: \S*{re.escape(name)}", captured.err), \
+        captured.err
+    assert "resuming at step 2" in captured.out
+    assert _losses(run) == _losses(reference)  # the skipped steps recomputed exactly
+
+
+def test_resume_with_every_checkpoint_damaged_names_the_files(reference, tmp_path, capsys):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    _damage(run / "checkpoints" / "step_000004" / "optimizer.pt", "truncate")
+    _damage(run / "checkpoints" / "step_000002" / "model.safetensors", "flip")
+    capsys.readouterr()
+    assert _train(run, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "step_000004/optimizer.pt" in err, err
+    assert "step_000002/model.safetensors" in err, err
+
+
+def test_manifest_lists_every_file_of_a_checkpoint(reference):
+    import hashlib
+
+    ckpt = reference / "checkpoints" / "step_000004"
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert set(files) == set(os.listdir(ckpt)) - {"manifest.json"}
+    for name, entry in files.items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(reference, tmp_path, capsys):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    os.remove(run / "checkpoints" / "step_000004" / "manifest.json")  # the older format
+    capsys.readouterr()
+    assert _train(run, "--resume") == 0
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert _losses(run) == _losses(reference)
+
+
+@pytest.mark.parametrize("name,code", [("model.safetensors", 2), ("optimizer.pt", 2), ("state.json", 0)])
+def test_truncated_file_of_a_checkpoint_without_manifest_is_named(reference, tmp_path, capsys, name, code):
+    """Without a manifest, a damaged state.json is found before loading (the checkpoint is skipped); damaged
+    weights or optimizer state only while loading: a clear error naming the file."""
+    run = _interrupted_copy(reference, tmp_path / "run")
+    for step in ("step_000002", "step_000004"):
+        os.remove(run / "checkpoints" / step / "manifest.json")
+    _damage(run / "checkpoints" / "step_000004" / name, "truncate")
+    capsys.readouterr()
+    assert _train(run, "--resume", "--tokenizer", "bytes", "--steps", "6") == code
+    err = capsys.readouterr().err
+    assert f"step_000004/{name} is unreadable" in err, err
+
+
+def test_finetuning_from_a_damaged_checkpoint_names_the_file(reference, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference / "checkpoints" / "step_000006", ckpt)
+    _damage(ckpt / "model.safetensors", "flip")
+    assert _train(tmp_path / "ft", "--model", str(ckpt), *FAST[2:], "--steps", "1") == 2
+    assert f"{ckpt}/model.safetensors differs from the manifest" in capsys.readouterr().err
+
+
+def test_metrics_log_drops_a_half_written_last_line(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a partial line; the resume drops it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    MetricsLog(str(path), truncate_after_step=2).close()
+    assert [r["step"] for r in MetricsLog.read(str(path))] == [1, 2]
+
+
+# --- E: --keep-last -------------------------------------------------------------------------------------------------
+
+def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "5", "--save-every", "1", "--keep-last", "2", *FAST) == 0
+    assert _checkpoints(out) == ["step_000004", "step_000005"]
+
+
+# --- F: clear errors and readable output --------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("device,message", [("cuda", "--device cuda: no CUDA GPU is available"),
+                                            ("cuda:1", "--device cuda:1: no CUDA GPU is available"),
+                                            ("tpu", "unknown --device 'tpu'")])
+def test_unavailable_device_is_a_clear_error(tmp_path, capsys, device, message):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "1", *FAST, "--device", device) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_train_flag_has_help_text():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    train = sub.choices["train"]
+    missing = [a.option_strings[0] for a in train._actions if a.option_strings and a.dest != "help"
+               and not re.sub(r"\(default: [^)]*\)", "", a.help or "").strip()]
+    assert missing == []
+
+
+def test_human_counts():
+    from fp8coat.train.progress import human_count
+
+    assert [human_count(n) for n in (0, 7, 850, 999.6, 3210, 48_100, 4_912_345, 2.5e9)] == \
+        ["0", "7", "850", "1.0k", "3.2k", "48.1k", "4.9M", "2.5B"]
+
+
+def test_small_run_prints_readable_counts_and_summary(tmp_path, capsys):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i} of a small text to train on.\n" for i in range(200)))
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "3", "--data", str(text), *FAST) == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[0]
+    assert re.search(r"\(\d\.\dk train tokens\)", header), header
+    assert re.search(r"\| \d+(\.\d)?k? tok/s \|", captured.err), captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert "{'" not in captured.out
+    assert re.search(rf"validation loss\s+{summary['final_val_loss']:.4f}", captured.out), captured.out
+    assert re.search(rf"train loss \(mean of last 3 steps\)\s+{summary['final_train_loss']:.4f}", captured.out)
+    assert "tok/s" in captured.out and "optimizer state" in captured.out
+
+
+def test_eta_after_resume_counts_only_the_steps_since_the_resume(monkeypatch):
+    from fp8coat.train import progress
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    stream = io.StringIO()
+    bar = progress.Progress(100, "x", stream=stream, start=90)
+    bar.update(91, loss=1.0)  # 10 s for one step, 9 to go
+    assert stream.getvalue().rstrip().endswith("eta 1m30s"), stream.getvalue()
+
+
+# --- G: a run killed while saving resumes bit-identically --------------------------------------------------------
+
+def _spawn(out, args, hang: str, log):
+    env = {**os.environ, "FP8COAT_TEST_SAVE_HANG": hang}
+    return subprocess.Popen([sys.executable, "-m", "fp8coat", "train", "--out-dir", str(out), *args], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _kill_when(proc, path, log_path, timeout=240.0):
+    deadline = time.time() + timeout
+    try:
+        while not path.exists():
+            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log_path.read_text()}"
+            assert time.time() < deadline, f"{path} never appeared:\n{log_path.read_text()}"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_run_killed_while_saving_resumes_bit_identically(tmp_path):
+    """SIGKILL inside three saves (a partial checkpoint with only the weights; a partial one complete up to its
+    manifest; the final one renamed but old ones not yet pruned and no summary yet): each resume continues from
+    the last complete checkpoint, and the run ends bit-identical (losses, grad norms, summary) to an uninterrupted
+    one. With --keep-last 1 the previous checkpoint survives until the new one is complete."""
+    args = [*FAST, "--steps", "8", "--save-every", "2", "--keep-last", "1", "--device", "cpu"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "fp8coat", "train", "--out-dir", str(ref), *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ckpts = run / "checkpoints"
+    points = [("4:model.safetensors", args, ckpts / "step_000004.partial" / "model.safetensors"),
+              ("6:manifest.json", ["--resume"], ckpts / "step_000006.partial" / "manifest.json"),
+              ("8:complete", ["--resume"], ckpts / "step_000008" / "manifest.json")]
+    for i, (hang, cli_args, marker) in enumerate(points):
+        log_path = tmp_path / f"log{i}.txt"
+        with open(log_path, "w") as log:
+            _kill_when(_spawn(run, cli_args, hang, log), marker, log_path)
+        complete = [d for d in os.listdir(ckpts) if d.startswith("step_") and "." not in d]
+        assert complete, os.listdir(ckpts)  # never left without a complete checkpoint
+    assert not (run / "summary.json").exists()
+    assert _train(run, "--resume") == 0  # finished at step 8: the summary is recomputed
+    assert _losses(run) == _losses(ref)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert (a["final_train_loss"], a["final_val_loss"]) == (b["final_train_loss"], b["final_val_loss"])
+    assert _checkpoints(run) == ["step_000008"]
