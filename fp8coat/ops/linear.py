@@ -37,7 +37,7 @@ import itertools
 import torch
 
 from ..formats import get_format
-from ..quantization import joint_tensor_scale, quantize_per_tensor, quantize_transpose, tensor_scale
+from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
 from .recompute import Recompute, recompute_input, recompute_quantized_t
 from .weight_cache import FP8WeightCache, weight_fp8
 

@@ -432,36 +432,32 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     each leaves the counter at zero, so no memset is needed per call. While a CUDA graph is being captured, a
     fresh pair (zeroed inside the graph) keeps the graph's launches apart from eager ones on the same stream.
     """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
-                torch.zeros(1, dtype=torch.int32, device=device))
-    index = torch.cuda.current_device()  # the kernel runs on the current device's current stream
-    key = (index, torch._C._cuda_getCurrentRawStream(index))
-    scratch = _AMAX_SCRATCH.get(key)
-    if scratch is None:
-        if len(_AMAX_SCRATCH) >= _AMAX_SCRATCH_STREAMS:  # streams come and go: start over rather than grow
-            _AMAX_SCRATCH.clear()  # safe: each pair was allocated on, and used only on, its own stream
-        scratch = _AMAX_SCRATCH[key] = (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
-                                        torch.zeros(1, dtype=torch.int32, device=device))
-    return scratch
+    return _per_stream(_AMAX_SCRATCH, device, lambda: (torch.empty(AMAX_PROGRAMS, dtype=torch.float32, device=device),
+                                                       torch.zeros(1, dtype=torch.int32, device=device)))
 
 
 _HASH_SCRATCH: "dict[tuple[int, int], torch.Tensor]" = {}
 
 
 def _hash_scratch(device: torch.device) -> torch.Tensor:
-    """int32 (2 · AMAX_PROGRAMS,) partial fingerprints for one ``_fingerprint_kernel`` launch; kept per (device,
-    stream) as ``_amax_scratch`` keeps its pair (every program overwrites its own slots, so no reset is needed)."""
+    """int32 (2 · AMAX_PROGRAMS,) partial fingerprints for one ``_fingerprint_kernel`` launch, kept like
+    ``_amax_scratch``'s pair (every program overwrites its own slots: no reset is needed)."""
+    return _per_stream(_HASH_SCRATCH, device, lambda: torch.empty(2 * AMAX_PROGRAMS, dtype=torch.int32, device=device))
+
+
+def _per_stream(table: dict, device: torch.device, make):
+    """``make()`` once per (CUDA device, stream), kept in ``table``; a fresh ``make()`` off CUDA and while a CUDA
+    graph is being captured."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.empty(2 * AMAX_PROGRAMS, dtype=torch.int32, device=device)
-    index = torch.cuda.current_device()
+        return make()
+    index = torch.cuda.current_device()  # the kernels run on the current device's current stream
     key = (index, torch._C._cuda_getCurrentRawStream(index))
-    scratch = _HASH_SCRATCH.get(key)
-    if scratch is None:
-        if len(_HASH_SCRATCH) >= _AMAX_SCRATCH_STREAMS:
-            _HASH_SCRATCH.clear()
-        scratch = _HASH_SCRATCH[key] = torch.empty(2 * AMAX_PROGRAMS, dtype=torch.int32, device=device)
-    return scratch
+    value = table.get(key)
+    if value is None:
+        if len(table) >= _AMAX_SCRATCH_STREAMS:  # streams come and go: start over rather than grow
+            table.clear()  # safe: each value was allocated on, and used only on, its own stream
+        value = table[key] = make()
+    return value
 
 
 def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
@@ -500,7 +496,8 @@ def quantize_per_tensor_triton(
     return q, scale
 
 
-def quantize_if_triton(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+def quantize_if_triton(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor,
+                       flag: torch.Tensor) -> torch.Tensor:
     """Triton twin of ``reference.quantize_if``: ``out`` (x's shape, contiguous, fmt's dtype) is rewritten only
     where the int32 ``flag`` on the device is non-zero; the kernel's programs read nothing else otherwise."""
     fmt = get_format(fmt)
