@@ -349,3 +349,34 @@ def _torch_save_load(model):
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_force_refreshes_an_unchanged_tensor(backend):
+    x = torch.randn(40, 48, device=device()).bfloat16()
+    record, cached, _ = _fresh(x, backend)
+    refresh_tensor_scale(x, "e4m3", record, cached, backend=backend)
+    assert int(record[3]) == 0
+    cached.fill_(123.0)
+    s = refresh_tensor_scale(x, "e4m3", record, cached, True, backend=backend)
+    assert int(record[3]) == 1
+    assert_bit_equal(s, quantize_per_tensor(x, "e4m3", backend="torch")[1])
+    assert_bit_equal(cached, s)
+
+
+def test_clear_makes_the_next_forward_quantize_again():
+    model = _layers()
+    layer = model.layers[0]
+    cache = layer._fp8coat_cache
+    x = torch.randn(16, 64, device=device(), dtype=torch.bfloat16)
+    layer(x)
+    layer(x)
+    assert int(cache.refreshed) == 0
+    cache.clear()
+    layer(x)
+    assert int(cache.refreshed) == 1
+    layer(x)
+    assert int(cache.refreshed) == 0
+    cache.release()
+    assert cache.q is None and cache.nbytes == 0
+    assert_bit_equal(layer(x), _uncached(layer, x))

@@ -49,6 +49,7 @@ class FP8WeightCache:
         self.scale: "torch.Tensor | None" = None
         self.record: "torch.Tensor | None" = None
         self._meta = None
+        self._force = False
         self.handle = next(self._next)
         self._registry[self.handle] = weakref.ref(self)
         weakref.finalize(self, self._registry.pop, self.handle, None)
@@ -70,7 +71,8 @@ class FP8WeightCache:
             self.scale = torch.ones((), dtype=torch.float32, device=w.device)
             self.record = torch.zeros(4, dtype=torch.int32, device=w.device)
             self._meta = meta
-        scale = refresh_tensor_scale(w, self.fmt, self.record, self.scale)
+        scale = refresh_tensor_scale(w, self.fmt, self.record, self.scale, self._force)
+        self._force = False
         quantize_if(w, self.fmt, self.scale, self.q, self.record[3:])
         return self.q, scale
 
@@ -80,7 +82,11 @@ class FP8WeightCache:
         return None if self.record is None else self.record[3:]
 
     def clear(self) -> None:
-        """Drop the FP8 copy (the next call quantizes again)."""
+        """Make the next call quantize again, as after a change of the weight (the buffers are kept)."""
+        self._force = True
+
+    def release(self) -> None:
+        """Free the FP8 copy and its state (the next call allocates and quantizes again)."""
         self.q = self.scale = self.record = self._meta = None
 
     @property

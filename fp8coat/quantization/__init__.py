@@ -154,14 +154,15 @@ def tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
     return reference.tensor_fingerprint(x)
 
 
-def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor, *,
-                         backend: "str | None" = None) -> torch.Tensor:
+def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor,
+                         force: bool = False, *, backend: "str | None" = None) -> torch.Tensor:
     """Compare ``x``'s content fingerprint with the one in ``record`` (int32 (4,): lane 0, lane 1, valid, changed)
-    and refresh ``cached_scale`` (0-d fp32) if ``x`` changed; returns the scale as a new 0-d fp32 tensor and sets
-    ``record[3]`` to 1 (changed) or 0. One pass over ``x``, no host sync; see ``reference.refresh_tensor_scale``."""
+    and refresh ``cached_scale`` (0-d fp32) if ``x`` changed (or ``force``); returns the scale as a new 0-d fp32
+    tensor and sets ``record[3]`` to 1 (changed) or 0. One pass over ``x``, no host sync; see
+    ``reference.refresh_tensor_scale``."""
     if resolve_backend(x, backend) == "triton":
-        return _kernels().refresh_tensor_scale_triton(x, fmt, record, cached_scale)
-    return reference.refresh_tensor_scale(x, fmt, record, cached_scale)
+        return _kernels().refresh_tensor_scale_triton(x, fmt, record, cached_scale, force)
+    return reference.refresh_tensor_scale(x, fmt, record, cached_scale, force)
 
 
 def quantize_if(x: torch.Tensor, fmt, scale: torch.Tensor, out: torch.Tensor, flag: torch.Tensor, *,

@@ -268,18 +268,20 @@ def _as_int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
 
 
-def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor) -> torch.Tensor:
+def refresh_tensor_scale(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor,
+                         force: bool = False) -> torch.Tensor:
     """Check ``x`` against the fingerprint in ``record`` and refresh the cached per-tensor scale if it changed.
 
     ``record``: int32 (4,) on ``x``'s device = [fingerprint lane 0, lane 1, valid, changed]; ``cached_scale``: 0-d
-    fp32. ``x`` counts as changed when ``valid`` is 0 or its fingerprint differs; then ``cached_scale`` becomes
+    fp32. ``x`` counts as changed when ``force`` is set, ``valid`` is 0 or its fingerprint differs; then
+    ``cached_scale`` becomes
     ``scale_from_amax(tensor_amax(x))``. Afterwards ``record`` holds ``x``'s fingerprint, valid = 1 and changed = 0
     or 1. Returns a new 0-d fp32 tensor equal to the (refreshed) cached scale. No host sync.
     """
     fmt = get_format(fmt)
     lanes = tensor_fingerprint(x)
     stored = record[:2].to(torch.int64) & _M32
-    changed = (record[2] == 0) | (lanes != stored).any()
+    changed = (record[2] == 0) | (lanes != stored).any() | force
     fresh = scale_from_amax(tensor_amax(x), fmt)
     cached_scale.copy_(torch.where(changed, fresh, cached_scale))
     record[:2] = _as_int32(lanes)

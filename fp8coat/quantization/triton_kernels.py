@@ -195,7 +195,7 @@ def _scaled_quant_kernel(
 @triton.jit
 def _fingerprint_kernel(
     u_ptr, amax_part, hash_part, count_ptr, record_ptr, cached_ptr, out_ptr,
-    N, TILES,  # u: (N,) words (int32, or int16 zero-extended) cut in TILES tiles of BLOCK
+    N, TILES, FORCE,  # u: (N,) words (int32, or int16 zero-extended) cut in TILES tiles of BLOCK; FORCE: 0 or 1
     FMAX: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """``reference.refresh_tensor_scale`` in one launch. ``DT``: the tensor's float dtype; ``PAIRS``: int32 words
@@ -240,7 +240,7 @@ def _fingerprint_kernel(
                     axis=0)
         old0 = tl.load(record_ptr).to(tl.uint32, bitcast=True)
         old1 = tl.load(record_ptr + 1).to(tl.uint32, bitcast=True)
-        changed = (tl.load(record_ptr + 2) == 0) | (h0 != old0) | (h1 != old1)
+        changed = (FORCE != 0) | (tl.load(record_ptr + 2) == 0) | (h0 != old0) | (h1 != old1)
         scale = tl.where(changed, scale_from_amax_tl(amax, FMAX), tl.load(cached_ptr))
         tl.store(cached_ptr, scale)
         tl.store(out_ptr, scale)
@@ -516,7 +516,8 @@ FINGERPRINT_BLOCK = 2048  # words per tile (4096 elements of a 2-byte dtype)
 _FLOAT_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def refresh_tensor_scale_triton(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor) -> torch.Tensor:
+def refresh_tensor_scale_triton(x: torch.Tensor, fmt, record: torch.Tensor, cached_scale: torch.Tensor,
+                                force: bool = False) -> torch.Tensor:
     """Triton twin of ``reference.refresh_tensor_scale`` (one launch, no host sync); returns a new 0-d fp32 scale."""
     fmt = get_format(fmt)
     if x.dtype not in _FLOAT_TL:
@@ -530,7 +531,7 @@ def refresh_tensor_scale_triton(x: torch.Tensor, fmt, record: torch.Tensor, cach
     amax_part, count = _amax_scratch(x.device)
     hash_part = _hash_scratch(x.device)
     _fingerprint_kernel[(min(tiles, AMAX_PROGRAMS),)](
-        units, amax_part, hash_part, count, record, cached_scale, out, n, tiles,
+        units, amax_part, hash_part, count, record, cached_scale, out, n, tiles, int(force),
         FMAX=fmt.max, DT=_FLOAT_TL[x.dtype], PAIRS=units.dtype == torch.int32 and x.element_size() == 2,
         BLOCK=FINGERPRINT_BLOCK, RBLOCK=AMAX_PROGRAMS,
     )
