@@ -555,3 +555,33 @@ def test_triton_backend_with_cpu_parameters_is_a_clear_error(monkeypatch):
     p.grad = torch.randn(64, 64)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         opt.step()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 128), (128, 0), (0, 0), (64, 0, 256)])
+@pytest.mark.parametrize("mqn", [0, 4096])
+def test_empty_parameters_step_and_round_trip(shape, mqn):
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.bfloat16))
+    p.grad = torch.zeros_like(p)
+    opt = fp8coat.AdamW([p], min_quantized_numel=mqn)
+    opt.step()
+    again = fp8coat.AdamW([p], min_quantized_numel=mqn)
+    again.load_state_dict(opt.state_dict())
+    again.step()
+    assert p.shape == shape
+
+
+@pytest.mark.parametrize("new_shape", [(128, 64), (32, 256), (64, 64)])
+def test_a_parameter_that_changes_shape_is_refused(new_shape):
+    """Moments are laid out per row: a reshaped parameter (same or other element count) must not step silently
+    with the old layout."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128, dtype=torch.bfloat16))
+    opt = fp8coat.AdamW([p], lr=1e-2)
+    for _ in range(2):  # the second step runs through the prepared plan
+        p.grad = torch.randn_like(p)
+        opt.step()
+    n = math.prod(new_shape)
+    p.data = p.data.reshape(-1)[:n].reshape(new_shape) if n <= p.numel() else torch.randn(new_shape).bfloat16()
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="cannot change shape"):
+        opt.step()

@@ -128,11 +128,13 @@ def test_refresh_kernel_matches_reference_at_real_shapes(dtype, shape):
         assert_bit_equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("bad", [torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(float("inf")),
+                                 torch.tensor(float("nan")), torch.tensor(1e-40),
+                                 torch.tensor(1e-300, dtype=torch.float64), torch.tensor(1e39, dtype=torch.float64)])
 def test_quantize_per_tensor_rejects_bad_scales(bad):
     x = torch.randn(4, 4)
     with pytest.raises(ValueError, match="positive finite"):
-        quantize_per_tensor(x, "e4m3", torch.tensor(bad))
+        quantize_per_tensor(x, "e4m3", bad)
     with pytest.raises(ValueError, match="one-element"):
         quantize_per_tensor(x, "e4m3", torch.ones(2))
     with pytest.raises(ValueError, match="one-element"):
@@ -380,3 +382,12 @@ def test_clear_makes_the_next_forward_quantize_again():
     cache.release()
     assert cache.q is None and cache.nbytes == 0
     assert_bit_equal(layer(x), _uncached(layer, x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_scales_come_back_as_0d_float32(backend):
+    x = torch.randn(4, 8, device=device())
+    for scale in (torch.tensor([[0.5]], dtype=torch.float16, device=device()), torch.tensor(0.25, device=device())):
+        q, s = quantize_per_tensor(x, "e4m3", scale, backend=backend)
+        assert s.dtype == torch.float32 and s.shape == () and float(s) == float(scale)
+        assert_bit_equal(q, quantize_per_tensor(x, "e4m3", scale.float().reshape(()), backend="torch")[0])

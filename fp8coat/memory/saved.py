@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..nn.hooks import observer
+
 __all__ = ["SavedTensors", "measure_saved_tensors"]
 
 
@@ -106,8 +108,9 @@ def measure_saved_tensors(
                 param_keys.add(_storage_key(t))
         for fqn, m in root.named_modules():
             names[id(m)] = fqn or type(root).__name__
-            handles.append(m.register_forward_pre_hook(lambda m, a: stack.append(names[id(m)]) and None))
-            handles.append(m.register_forward_hook(lambda m, a, o: stack.pop() and None))  # hooks must return None
+            # observers: converted modules keep their fused paths (fp8coat.nn.hooks); hooks must return None
+            handles.append(m.register_forward_pre_hook(observer(lambda m, a: stack.append(names[id(m)]) and None)))
+            handles.append(m.register_forward_hook(observer(lambda m, a, o: stack.pop() and None)))
     module_of: dict[tuple, str] = {}
 
     def pack(t: torch.Tensor):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..recipe import Recipe
+from .hooks import has_hooks
 from .linear import _weight_nk, fp8_linear_kwargs, take_offer
 
 __all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
@@ -64,7 +65,9 @@ class FP8GatedMLPMixin:
 
     Saved for backward: gate and up in FP8 (by the SwiGLU op) — and nothing else: the gate/up GEMMs rebuild their
     input from the preceding FP8 norm's saved tensors (when it offered them), and the down GEMM rebuilds its input
-    silu(gate)·up from the SwiGLU op's saved gate and up.
+    silu(gate)·up from the SwiGLU op's saved gate and up. When any of the parts (gate, up, down, act_fn) has hooks,
+    the module's original forward runs instead (calling each part, so that every hook runs; the parts are FP8
+    modules themselves).
     """
 
     _fp8coat_recipe: Recipe
@@ -73,6 +76,9 @@ class FP8GatedMLPMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            return super().forward(x)
+        if any(has_hooks(m) for m in (self.gate_proj, self.up_proj, self.down_proj, self.act_fn)):
+            take_offer(self, x)  # hooks of the parts must run: the module's own forward calls each of them
             return super().forward(x)
         from ..ops import activations as A
         from ..ops.linear import Recompute, linears

@@ -13,8 +13,9 @@ import torch
 from ..ops.linear import linears
 from ..ops.weight_cache import FP8WeightCache
 from ..recipe import Recipe
+from .hooks import runs_code_before_forward
 
-__all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs"]
+__all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs", "make_offer", "take_offer"]
 
 
 def fp8_linear_kwargs(recipe: Recipe) -> dict:
@@ -29,13 +30,19 @@ def _weight_nk(module) -> torch.Tensor:
 
 
 class InputShare:
-    """Runs a group of sibling FP8 linears (same input) as one quantization + several GEMMs."""
+    """Runs a group of sibling FP8 linears (same input) as one quantization + several GEMMs.
+
+    The first member's call computes every member's output; each other member's call then returns its own, if it
+    comes with the same input tensor, unchanged since. Where a member other than the first has forward pre-hooks
+    or backward hooks (which must run before its weight is read), each member computes alone.
+    """
 
     def __init__(self, members: "list[torch.nn.Module]"):
         self.members = members
         self._x = None
+        self._x_version = None
         self._outputs: dict[int, torch.Tensor] = {}
-        self._fp8coat_offer = None  # (tensor, Recompute) set by the FP8 norm producing this group's input
+        self._fp8coat_offer = None  # (tensor, its version, Recompute) set by the FP8 norm producing the input
 
     def __getstate__(self) -> dict:
         return {"members": self.members}  # outputs and offers in flight belong to one forward, not to copies
@@ -44,29 +51,39 @@ class InputShare:
         self.__init__(state["members"])
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self._x is x and id(module) in self._outputs:
+        if self._x is x and x._version == self._x_version and id(module) in self._outputs:
             out = self._outputs.pop(id(module))
             if not self._outputs:
                 self._x = None
             return out
-        if module is not self.members[0]:  # called out of order or with another input: run alone
+        self._outputs.clear()
+        self._x = None
+        if module is not self.members[0] or any(map(runs_code_before_forward, self.members[1:])):
+            take_offer(self, x)  # computed alone: the producer's offer is not used
             return _single(module, x)
         recipe = module._fp8coat_recipe
         outs = linears(
             x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
             [m._fp8coat_cache for m in self.members], recompute=take_offer(self, x), **fp8_linear_kwargs(recipe),
         )
-        self._x = x
+        self._x, self._x_version = x, x._version
         self._outputs = {id(m): o for m, o in zip(self.members[1:], outs[1:])}
         return outs[0]
 
 
+def make_offer(y: torch.Tensor, recompute) -> tuple:
+    """What an FP8 norm hands the consumer of its output ``y``: ``y``, its version now, and the :class:`Recompute`
+    rebuilding ``y`` from the norm's saved FP8 tensors."""
+    return (y, y._version, recompute)
+
+
 def take_offer(consumer, x: torch.Tensor):
-    """The producer's :class:`Recompute` if ``x`` is the tensor it offered (then the offer is consumed)."""
+    """The producer's :class:`Recompute` if ``x`` is the tensor it offered and was not modified in place since
+    (then backward may rebuild ``x`` from the producer's saved tensors); the offer is consumed either way."""
     offer = consumer._fp8coat_offer
     consumer._fp8coat_offer = None
-    if offer is not None and offer[0] is x:
-        return offer[1]
+    if offer is not None and offer[0] is x and x._version == offer[1]:
+        return offer[2]
     return None
 
 

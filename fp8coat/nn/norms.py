@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..recipe import Recipe
+from .linear import make_offer
 
 __all__ = ["FP8RMSNormMixin", "FP8LayerNormMixin", "RMSNORM_CLASS_NAMES"]
 
@@ -42,7 +43,8 @@ class FP8RMSNormMixin:
         if self._fp8coat_consumer is None or not torch.is_grad_enabled():
             return rmsnorm(x, self.weight, _eps(self), group)
         y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
-        self._fp8coat_consumer._fp8coat_offer = (y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), _eps(self), group))
+        self._fp8coat_consumer._fp8coat_offer = make_offer(
+            y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), _eps(self), group))
         return y
 
 

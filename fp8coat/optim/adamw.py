@@ -40,7 +40,7 @@ import torch
 
 from ..formats import get_format
 from ..quantization import check_group_size, check_triton_device, triton_available
-from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes
+from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes, state_shape
 from .master_weights import MASTER_MODES, concrete_master_mode, resolve_master_mode
 from .state_conversion import StateSpec, convert_state, master_conversion_error
 from .step_plan import GroupStepPlan, bump_versions
@@ -228,7 +228,7 @@ class AdamW(torch.optim.Optimizer):
         master = concrete_master_mode(group["master_weights"], dtype)
         if master is None:  # raises with the reason
             resolve_master_mode(group["master_weights"], torch.empty(0, dtype=dtype), self._param_name(p))
-        quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"]
+        quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"] and p.numel() > 0
         layout = StateLayout(
             m_format=get_format(group["m_format"]) if quantized else None,
             v_format=get_format(group["v_format"]) if quantized else None,
@@ -244,6 +244,11 @@ class AdamW(torch.optim.Optimizer):
         where that is not possible."""
         state = self.state[p]
         spec = self._specs.get(p)
+        if state and tuple(state["exp_avg"].shape) != state_shape(p):
+            raise ValueError(f"{self._param_name(p)} has shape {tuple(p.shape)}, but its optimizer state was made "
+                             f"for shape {tuple(state['exp_avg'].shape)}: a parameter cannot change shape under "
+                             "fp8coat.AdamW (its moments are laid out per row); restore the shape, or drop its state "
+                             "(del opt.state[p]) to start it afresh")
         if spec is not None and state and spec.options == options and spec.dtype == p.dtype and spec.device == p.device:
             return spec.layout
         if spec is not None and state and spec.dtype != p.dtype:

@@ -29,7 +29,7 @@ from ..formats import FP8Format
 from . import state_codec
 from .state_codec import side_shape
 
-__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "init_state", "init_moment", "read_moment",
+__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "state_shape", "init_state", "init_moment", "read_moment",
            "write_moment", "state_nbytes"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -65,7 +65,7 @@ class StateLayout:
         return (self.m_format, self.v_format, self.group_size, self.expand)
 
 
-def _state_shape(p: torch.Tensor) -> tuple[int, ...]:
+def state_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.shape) if p.dim() > 0 else (1,)
 
 
@@ -84,7 +84,7 @@ def init_moment(key: str, shape: tuple, layout: StateLayout, device) -> dict:
 
 def init_state(p: torch.Tensor, layout: StateLayout) -> dict:
     """Fresh state for ``p``: zero moments (they decode to exactly 0), step 0."""
-    shape = _state_shape(p)
+    shape = state_shape(p)
     state: dict = {"step": torch.tensor(0.0, dtype=torch.float32)}
     for key in MOMENTS:
         state.update(init_moment(key, shape, layout, p.device))

@@ -85,6 +85,7 @@ class GroupStepPlan:
             s["step"] = self.steps[i]
         self.addresses = [p.data_ptr() for p in self.params]
         self.dtypes = [p.dtype for p in self.params]
+        self.shapes = [p.shape for p in self.params]
 
     def run(self, group: dict, seed: int, launch) -> bool:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
@@ -97,11 +98,11 @@ class GroupStepPlan:
             return False  # a parameter's storage was replaced (e.g. p.data = ..., model.to(...))
         if list(map(_dtype_of, self.params)) != self.dtypes:
             return False  # a parameter's dtype changed in place (p.data = p.data.view(dtype))
-        for p, dtype in zip(self.params, self.grad_dtypes):
+        for p, dtype, shape in zip(self.params, self.grad_dtypes, self.shapes):
             g = p.grad
             if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()
-                    or g.data_ptr() % 16 or g.shape != p.shape):
-                return False
+                    or g.data_ptr() % 16 or g.shape != shape or p.shape != shape):
+                return False  # (a parameter reshaped in place: p.data = p.data.view(...))
             grads.append(g)
         self.steps += 1
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]

@@ -139,6 +139,7 @@ def quantize_per_tensor(
     fmt = get_format(fmt)
     if scale is None:
         scale = scale_from_amax(tensor_amax(x), fmt)
+    scale = scale.float().reshape(())
     return quantize_with_scale(x, scale, fmt).contiguous(), scale
 
 
@@ -204,15 +205,17 @@ def joint_tensor_scale(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
 
 def check_scale(scale: torch.Tensor, *, check_value: bool = True) -> None:
     """Raise ``ValueError`` unless ``scale`` is a one-element floating-point tensor and, when it is on the CPU and
-    ``check_value``, a positive finite number. The value of a scale on an accelerator is not read (that would
-    wait for the device): a zero scale there makes every code ±fmax or NaN, a negative one negates the codes."""
+    ``check_value``, one whose fp32 value (the value the kernels use) lies in [2^-126, inf): the scales the
+    library computes never go below 2^-126, where 1/scale would overflow. The value of a scale on an
+    accelerator is not read (that would wait for the device)."""
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.numel() != 1:
         got = f"{scale.dtype} tensor of shape {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else repr(scale)
         raise ValueError(f"scale must be a one-element floating-point tensor, got {got}")
     if check_value and scale.device.type == "cpu":
-        value = float(scale)
-        if not (0.0 < value < float("inf")):
-            raise ValueError(f"scale must be a positive finite number, got {value}")
+        value = float(scale.float())
+        if not (MIN_SCALE <= value < float("inf")):
+            raise ValueError(f"scale must be a positive finite number >= 2^-126 in float32, got {float(scale)!r} "
+                             f"({value!r} in float32)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
