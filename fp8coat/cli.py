@@ -43,7 +43,11 @@ _HELP = {
     "weight_decay": "AdamW weight decay of matrices and embeddings (norm weights and biases get none)",
     "beta1": "AdamW decay rate of the first moment, in [0, 1)",
     "beta2": "AdamW decay rate of the second moment, in [0, 1)",
-    "grad_clip": "clip the global L2 norm of the gradients to this value (0: no clipping)",
+    "grad_clip": "clip the global L2 norm of the gradients to this value (0: no clipping, the norm is only "
+                 "measured). A step whose gradient norm is NaN or inf: with clipping all its gradients become NaN, so "
+                 "fp8coat's AdamW skips the whole step (torch's AdamW writes NaN weights: the run stops as "
+                 "diverged); without clipping fp8coat's AdamW skips only the non-finite elements. Such steps are "
+                 "counted in metrics.jsonl, on the progress line and in the summary",
     "eval_every": "validation loss every N steps and at the last step (0: only at the last step)",
     "eval_batches": "validation batches per evaluation",
     "save_every": "checkpoint every N steps (0: only at the end)",
@@ -54,10 +58,11 @@ _HELP = {
 }
 
 _RESUME_HELP = ("continue the run in --out-dir from its newest intact checkpoint (damaged newer ones are reported "
-                "and skipped), with the run's saved configuration: of the flags given again, only --steps (a larger "
-                "value extends the run; the cosine decay is then recomputed to end at the new last step), "
-                "--eval-every, --save-every, --log-every, --keep-last, --device and --compile may differ from the "
-                "run; any other flag that differs is an error")
+                "and skipped), with the run's saved configuration and the checkpoint's tokenizer: of the flags given "
+                "again, only --steps (a larger value extends the run; the cosine decay is then recomputed to end at "
+                "the new last step), --eval-every, --save-every, --log-every, --keep-last, --device and --compile "
+                "may differ from the run; any other flag that differs is an error, and so is training data that "
+                "is not the data the run started with")
 _OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.json, metrics.jsonl, summary.json "
                    "and checkpoints/ are deleted first (without this, a new run refuses such a folder)")
 
@@ -111,7 +116,8 @@ def _train_config(args):
     if not args.resume:
         return TrainConfig(**given).validate()
     out_dir = given.get("out_dir", TrainConfig.out_dir)
-    return resumed_config(saved_config(out_dir), given, out_dir).validate()
+    saved, where = saved_config(out_dir)
+    return resumed_config(saved, given, out_dir, where).validate()
 
 
 def _train(args) -> int:

@@ -197,6 +197,31 @@ def test_interrupted_compare_keeps_the_finished_runs(tmp_path, monkeypatch):
     assert (out / "loss.png").stat().st_size > 1000
 
 
+def test_compare_again_removes_the_earlier_report_before_its_first_run(tmp_path, monkeypatch):
+    """The report files of an earlier compare describe runs the new one replaces: they are gone as soon as it
+    starts, so a compare interrupted in its first run leaves no report of runs whose folders it wiped."""
+    runs = []
+
+    def fake_train(cfg, label=None, **kwargs):
+        if runs and runs[-1] == "interrupt":
+            raise KeyboardInterrupt
+        runs.append(cfg.out_dir)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in (1, 2, 3))
+        return {key: value for key, value in _summary(cfg.recipe, cfg.optimizer, 3.0, 3.1).items()
+                if key not in ("seed", "history")}
+
+    monkeypatch.setattr(compare_module, "train", fake_train)
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), *COMMON]) == 0
+    reports = [out / name for name in ("compare.md", "compare.json", "loss.png")]
+    assert all(path.exists() for path in reports)
+    runs.append("interrupt")
+    assert _run(["compare", "--out-dir", str(out), *COMMON]) == 130
+    assert not any(path.exists() for path in reports)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "a"], "--seeds: expected comma-separated integers, got 'a'"),
     (["--seeds", "0,0"], "--seeds: 0 is listed twice"),

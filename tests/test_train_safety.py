@@ -1,7 +1,9 @@
 """`fp8coat train` never gives silently wrong results: a resume restores its run's configuration and refuses
 conflicting flags, runs never mix, diverged or damaged checkpoints are never written or loaded, old checkpoints
-are pruned only after a new one is complete, a run killed while saving resumes bit-identically, and the command
-line rejects bad values with clear errors."""
+are pruned only after a new one is complete, a run killed while saving resumes bit-identically, the command line
+rejects bad values with clear errors, a resume trains on the run's own data with its own tokenizer and loads only
+the checkpoint's own weight files (a fine-tuning run needs no more than its checkpoint), steps with non-finite
+gradients are reported, and hand-damaged run files are named."""
 
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ def reference(tmp_path_factory):
     return out
 
 
-def _interrupted_copy(reference, dest):
-    """``reference`` as if killed after its step-4 checkpoint: step_000006 and the summary gone."""
+def _interrupted_copy(reference, dest, newest: str = "step_000006"):
+    """``reference`` as if killed after its checkpoint before ``newest``: ``newest`` and the summary gone."""
     shutil.copytree(reference, dest)
-    shutil.rmtree(dest / "checkpoints" / "step_000006")
+    shutil.rmtree(dest / "checkpoints" / newest)
     os.remove(dest / "summary.json")
     return dest
 
@@ -417,3 +419,208 @@ def test_run_killed_while_saving_resumes_bit_identically(tmp_path):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert (a["final_train_loss"], a["final_val_loss"]) == (b["final_train_loss"], b["final_val_loss"])
     assert _checkpoints(run) == ["step_000008"]
+
+
+# --- H: a resume trains on the data and with the tokenizer the run started with ----------------------------------
+
+def _write_texts(folder, names) -> None:
+    folder.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).write_text("".join(f"Document {name}, line {j}: the {i * 7 + j}th line of plain words.\n"
+                                           for j in range(60)))
+
+
+def test_resume_uses_the_checkpoints_tokenizer_and_refuses_other_data(tmp_path, monkeypatch, capsys):
+    """With --tokenizer bpe, a resume encodes the data with the checkpoint's tokenizer.json, not with whatever the
+    BPE cache now holds (here: another tokenizer under the same cache key): the run ends bit-identical. Data
+    that differs from the data the run started with (a file added) is refused, naming what changed, before
+    anything is written."""
+    from fp8coat.data import train_tokenizer
+
+    monkeypatch.setenv("FP8COAT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "texts"
+    _write_texts(data, ["a.txt", "b.txt", "c.txt", "d.txt"])
+    args = ["--tokenizer", "bpe", "--vocab-size", "300", "--data", str(data), *FAST[4:]]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full, "--steps", "4", "--save-every", "2", *args) == 0
+    _interrupted_copy(full, part, newest="step_000004")
+    other = train_tokenizer([file.read_text().upper() for file in sorted(data.iterdir())], 300)  # other merges
+    assert other.get_vocab_size() == 300
+    for cached in (tmp_path / "cache" / "tokenizers").iterdir():
+        other.save(str(cached))
+    shutil.rmtree(tmp_path / "cache" / "datasets")
+    assert _train(part, "--resume", "--steps", "4") == 0
+    assert _losses(part) == _losses(full)
+    ckpts = part / "checkpoints"
+    tokenizers = [(ckpts / step / "tokenizer.json").read_bytes() for step in ("step_000002", "step_000004")]
+    assert tokenizers[0] == tokenizers[1]
+
+    _write_texts(data, ["e.txt"])
+    before = {p: (part / p).read_bytes() for p in ("config.json", "metrics.jsonl", "summary.json")}
+    capsys.readouterr()
+    assert _train(part, "--resume", "--steps", "6") == 2
+    err = capsys.readouterr().err
+    assert "the training data is not the data the run started with" in err and "training tokens" in err, err
+    assert {p: (part / p).read_bytes() for p in before} == before
+
+
+def test_resume_of_a_run_without_a_data_record_warns(reference, tmp_path, capsys):
+    from fp8coat.train.checkpoint import write_manifest
+
+    run = _interrupted_copy(reference, tmp_path / "run")
+    for file in (run / "config.json", run / "checkpoints" / "step_000004" / "state.json"):
+        content = json.loads(file.read_text())
+        del content["data_identity"]
+        file.write_text(json.dumps(content))
+    write_manifest(str(run / "checkpoints" / "step_000004"))
+    capsys.readouterr()
+    assert _train(run, "--resume") == 0
+    assert "records no identity of its training data" in capsys.readouterr().err
+    assert _losses(run) == _losses(reference)
+    assert json.loads((run / "config.json").read_text())["data_identity"]["train_tokens"] > 0  # recorded now
+
+
+# --- I: only the checkpoint's own weight files are loaded ---------------------------------------------------------
+
+def test_an_extra_safetensors_file_in_a_checkpoint_is_not_loaded(reference, tmp_path):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    shutil.copy(ckpts / "step_000002" / "model.safetensors", ckpts / "step_000004" / "old_weights.safetensors")
+    assert _train(run, "--resume") == 0
+    assert _losses(run) == _losses(reference)
+
+
+def test_sharded_checkpoint_loads_the_shards_its_index_names(tmp_path):
+    """The shards named by model.safetensors.index.json are the weights (another *.safetensors file is not); with
+    a manifest, a weight file it does not list is an error naming the file."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fp8coat.train import checkpoint
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+
+    saved, ckpt = tiny(0), tmp_path / "ckpt"
+    saved.save_pretrained(ckpt, max_shard_size="20KB")
+    torch.save(torch.optim.AdamW(saved.parameters()).state_dict(), ckpt / "optimizer.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": 1}))
+    save_file({k: torch.zeros_like(v) for k, v in saved.state_dict().items()}, str(ckpt / "zzz.safetensors"))
+    loaded = tiny(1)
+    checkpoint.load_checkpoint(str(ckpt), loaded, torch.optim.AdamW(loaded.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+    shards = checkpoint.model_files(str(ckpt))
+    assert len(shards) > 1 and all(s.startswith("model-0") for s in shards)
+    checkpoint.write_manifest(str(ckpt))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"][shards[0]]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"{shards[0]} is not listed in"):
+        checkpoint.model_files(str(ckpt))
+
+
+# --- J: steps with non-finite gradients are reported -------------------------------------------------------------
+
+def _poison_gradient_at(monkeypatch, step: int) -> None:
+    """From now on, the ``step``-th training forward gets a term of value 0 whose gradient is NaN in one element
+    (of the first parameter): the loss stays finite."""
+    from fp8coat.train import loop
+
+    original, calls = loop._loss, []
+
+    def poisoned(model, ids, autocast, head=None):
+        loss = original(model, ids, autocast, head)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == step:
+                w = next(model.parameters()).reshape(-1)[0].float()
+                loss = loss + 0.0 * torch.sqrt(w - w.detach())  # sqrt'(0) = inf, times 0: a NaN gradient
+        return loss
+
+    monkeypatch.setattr(loop, "_loss", poisoned)
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_steps_with_non_finite_gradients_are_counted(tmp_path, monkeypatch, capsys, clip):
+    """fp8coat.AdamW skips NaN gradient elements. With clipping, a NaN norm makes every gradient NaN (the whole
+    step is skipped); without, only the NaN element is skipped. Either way the metrics log (counts so far in the
+    run), the progress line, the summary and summary.json report it, and a resume keeps the counts."""
+    _poison_gradient_at(monkeypatch, 2)
+    full = tmp_path / "full"
+    args = ["--steps", "4", "--save-every", "2", "--grad-clip", clip, *FAST]
+    assert _train(full, *args) == 0
+    captured = capsys.readouterr()
+    log = MetricsLog.read(full / "metrics.jsonl")
+    summary = json.loads((full / "summary.json").read_text())
+    elements = summary["params"] if clip != "0" else 1
+    assert [r["nonfinite_grad_steps"] for r in log] == [0, 1, 1, 1]
+    assert [r["nonfinite_grad_elements"] for r in log] == [0, elements, elements, elements]
+    assert (summary["nonfinite_grad_steps"], summary["nonfinite_grad_elements"]) == (1, elements)
+    assert "1 step with non-finite gradients" in captured.err
+    assert re.search(r"non-finite gradients\s+1 step with non-finite gradients", captured.out), captured.out
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    assert _train(run, "--resume") == 0
+    assert MetricsLog.read(run / "metrics.jsonl")[-1]["nonfinite_grad_elements"] == elements
+    assert json.loads((run / "summary.json").read_text())["nonfinite_grad_steps"] == 1
+
+
+def test_non_finite_gradients_with_torchs_adamw_stop_the_run_as_diverged(tmp_path, monkeypatch, capsys):
+    _poison_gradient_at(monkeypatch, 2)
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "4", *FAST, "--optimizer", "torch", "--master-weights", "auto") == 1
+    assert "non-finite at step 3" in capsys.readouterr().err
+    assert MetricsLog.read(out / "metrics.jsonl")[1]["nonfinite_grad_steps"] == 1
+
+
+# --- K: hand-damaged run files give clear errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,message", [
+    ('"0.003"', 'config.json: \'lr\' is "0.003", expected a number'),
+    ("0.5", "lr 0.5 in the run, 0.003 in the checkpoint"),
+])
+def test_changed_config_json_is_named_on_resume(reference, tmp_path, capsys, value, message):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    config = run / "config.json"
+    config.write_text(config.read_text().replace('"lr": 0.003', f'"lr": {value}'))
+    capsys.readouterr()
+    assert _train(run, "--resume") == 2
+    err = capsys.readouterr().err
+    assert message in err and "--lr" not in err, err
+
+
+def test_damaged_metrics_lines_after_the_checkpoint_are_dropped(reference, tmp_path):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": "x"}\n\xff\xfe junk\n')
+    assert _train(run, "--resume") == 0
+    assert _losses(run) == _losses(reference)
+
+
+@pytest.mark.parametrize("line", [b"\xff\xfe junk", b'{"step": "x"}', b"[1, 2]"])
+def test_damaged_metrics_line_before_the_checkpoint_is_named(reference, tmp_path, capsys, line):
+    run = _interrupted_copy(reference, tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = line + b"\n"
+    (run / "metrics.jsonl").write_bytes(b"".join(lines))
+    config = (run / "config.json").read_bytes()
+    capsys.readouterr()
+    assert _train(run, "--resume") == 2
+    assert f"{run}/metrics.jsonl line 2 is damaged" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == b"".join(lines) and (run / "config.json").read_bytes() == config
+
+
+# --- L: a fine-tuning run resumes without the checkpoint it started from -------------------------------------------
+
+def test_finetune_run_resumes_after_its_source_checkpoint_is_gone(reference, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(reference / "checkpoints" / "step_000006", source)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full, "--model", str(source), *FAST[2:], "--steps", "4", "--save-every", "2") == 0
+    _interrupted_copy(full, part, newest="step_000004")
+    shutil.rmtree(source)
+    assert _train(part, "--resume") == 0
+    assert _losses(part) == _losses(full)

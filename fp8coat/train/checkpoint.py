@@ -26,9 +26,11 @@ import torch
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "checkpoint_steps", "latest_intact_checkpoint",
            "verify_checkpoint", "write_manifest", "read_state", "prune_checkpoints", "remove_leftovers",
-           "DamagedCheckpoint", "MANIFEST"]
+           "model_files", "DamagedCheckpoint", "MANIFEST"]
 
 MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"  # the model's weights, or with an index the shards it names
+INDEX = "model.safetensors.index.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(partial|deleting)$")
 _HANG = "FP8COAT_TEST_SAVE_HANG"
@@ -160,14 +162,13 @@ def read_state(path: str) -> dict:
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Load weights and optimizer state in place; returns the saved ``state.json`` (with ``step``). Raises
-    ValueError (:class:`DamagedCheckpoint` for unreadable files) naming the file."""
+    """Load the weights (the files :func:`model_files` names) and the optimizer state in place; returns the saved
+    ``state.json`` (with ``step``). Raises ValueError (:class:`DamagedCheckpoint` for unreadable files) naming the
+    file."""
     from safetensors.torch import load_file
 
     state = read_state(path)
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model weights (*.safetensors) in checkpoint {path}")
+    files = model_files(path)
     weights = {}
     device = str(next(model.parameters()).device)
     for f in files:
@@ -187,6 +188,47 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     except (KeyError, IndexError, TypeError, RuntimeError) as err:
         raise ValueError(f"{file} does not fit the optimizer: {type(err).__name__}: {err}") from None
     return state
+
+
+def model_files(path: str) -> "list[str]":
+    """The weight files of checkpoint ``path``: the shards named by ``model.safetensors.index.json``, else
+    ``model.safetensors``; no other file is read as weights. With a manifest, each of them (and the index) must be
+    one it lists, else :class:`DamagedCheckpoint`."""
+    if os.path.isfile(os.path.join(path, INDEX)):
+        files = _shards(os.path.join(path, INDEX))
+        used = [INDEX, *files]
+    elif os.path.isfile(os.path.join(path, WEIGHTS)):
+        files = used = [WEIGHTS]
+    else:
+        raise FileNotFoundError(f"no model weights in checkpoint {path} (neither {WEIGHTS} nor {INDEX})")
+    listed = _manifest_files(path)
+    unlisted = [name for name in used if listed is not None and name not in listed]
+    if unlisted:
+        raise DamagedCheckpoint(f"{os.path.join(path, unlisted[0])} is not listed in "
+                                f"{os.path.join(path, MANIFEST)}")
+    return files
+
+
+def _shards(index: str) -> "list[str]":
+    """The file names of the shards an index names; :class:`DamagedCheckpoint` if it is no index."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or not all(isinstance(n, str) and n == os.path.basename(n) for n in names):
+        raise DamagedCheckpoint(f"{index} is not a weight index (no weight_map naming files of the checkpoint)")
+    return names
+
+
+def _manifest_files(path: str) -> "set[str] | None":
+    """The names of the files the manifest of checkpoint ``path`` lists; None without a manifest."""
+    file = os.path.join(path, MANIFEST)
+    if not os.path.exists(file):
+        return None
+    content = _read_json(file)
+    files = content.get("files") if isinstance(content, dict) else None
+    if not isinstance(files, dict):
+        raise DamagedCheckpoint(f"{file} is not a checkpoint manifest")
+    return set(files)
 
 
 def _read(file: str, reader):

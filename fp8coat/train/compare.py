@@ -13,7 +13,8 @@ AdamW, else the first ``bf16`` variant, else the first variant. With several see
 seed; the table reports mean ± standard deviation and the plot the mean with the min–max band over seeds.
 Runs go seed by seed (every variant for the first seed, then for the next); ``compare.md``, ``compare.json``
 and ``loss.png`` are rewritten after every finished run, so an interrupted compare keeps the runs it finished.
-Each run has its own folder, ``<out_dir>/<variant>_seed<seed>``; running compare again replaces those runs.
+Each run has its own folder, ``<out_dir>/<variant>_seed<seed>``; running compare again replaces those runs, and
+removes the report files of the earlier compare before its first run starts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .progress import MetricsLog
 __all__ = ["compare", "variant_config", "describe", "DEFAULT_VARIANTS"]
 
 DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
+REPORT_FILES = ("compare.md", "compare.json", "loss.png")
 
 _MODIFIERS = {"noexp": {"expansion": False}, "torchopt": {"optimizer": "torch"},
               "torchaofp8": {"optimizer": "torchao-fp8"}, "fp32master": {"master_weights": "fp32"}}
@@ -105,7 +107,8 @@ def _check_unique(items, what: str) -> None:
 
 def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_dir: str) -> dict:
     """Train every variant × seed; write ``compare.md``, ``compare.json`` and ``loss.png`` to ``out_dir`` after
-    each finished run. All variants are validated before the first run starts. Returns ``{variant: [summary per
+    each finished run (those of an earlier compare are removed before the first run starts). All variants are
+    validated before the first run starts. Returns ``{variant: [summary per
     seed]}``; each summary is :func:`fp8coat.train.train`'s plus ``seed`` and ``history`` (the metrics log)."""
     if not variants:
         raise ValueError("--variants: name at least one variant")
@@ -119,6 +122,7 @@ def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_di
     labels = {v: describe(c) for v, c in first.items()}
     baseline = _baseline(first)
     os.makedirs(out_dir, exist_ok=True)
+    _remove_reports(out_dir)
     results: dict[str, list[dict]] = {v: [] for v in variants}
     document = ""
     for done, ((variant, seed), cfg) in enumerate(configs.items(), start=1):
@@ -141,6 +145,14 @@ def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_di
     print(f"(column meanings: {os.path.join(out_dir, 'compare.md')}; loss curves: "
           f"{os.path.join(out_dir, 'loss.png')})")
     return results
+
+
+def _remove_reports(out_dir: str) -> None:
+    """Remove the report files of an earlier compare into ``out_dir``: they describe runs this one replaces."""
+    for name in REPORT_FILES:
+        for path in (os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")):
+            if os.path.isfile(path):
+                os.remove(path)
 
 
 def _write_replacing(path: str, write, mode: str = "w") -> None:

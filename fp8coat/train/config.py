@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -84,9 +85,25 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict, where: str = "the configuration") -> "TrainConfig":
+        """The options in ``d`` (other keys are ignored) over the defaults; ValueError naming ``where`` (e.g. the
+        file ``d`` was read from) and the option when a value has the wrong type."""
+        known = {k: _typed(k, v, cls.__dataclass_fields__[k].type, where) for k, v in d.items()
+                 if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+# field type (as annotated) -> accepted JSON types, and how an error names the expected type
+_TYPES = {"str": ((str,), "a string"), "bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
+          "float": ((int, float), "a number"), "dict": ((dict,), "an object")}
+
+
+def _typed(name: str, value, annotation: str, where: str):
+    """``value`` if it has the type of option ``name`` (an integer for a float option becomes a float)."""
+    accepted, expected = _TYPES[annotation]
+    if not isinstance(value, accepted) or (isinstance(value, bool) and annotation != "bool"):
+        raise ValueError(f"{where}: {name!r} is {json.dumps(value)}, expected {expected}")
+    return float(value) if annotation == "float" else value
 
 
 def _check_floats(cfg: TrainConfig) -> None:

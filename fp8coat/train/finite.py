@@ -1,8 +1,8 @@
 """Divergence checks of ``fp8coat train``.
 
-* A 0-d device tensor records the first step whose training loss was not finite. It is updated every step with
-  device operations only (no host sync) and read where the loop syncs anyway: at log steps and before a
-  checkpoint is written.
+* A 0-d device tensor records the first step whose training loss was not finite, another counts the steps whose
+  gradient norm was not finite. Both are updated every step with device operations only (no host sync) and read
+  where the loop syncs anyway: at log steps and before a checkpoint is written.
 * :func:`first_non_finite` scans the weights and the optimizer state for NaN or inf (before a checkpoint is
   written, and after one is loaded).
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NonFiniteError", "new_tracker", "track_loss", "first_bad_step", "first_non_finite"]
+__all__ = ["NonFiniteError", "new_tracker", "track_loss", "first_bad_step", "new_counter", "count_non_finite",
+           "first_non_finite"]
 
 
 class NonFiniteError(RuntimeError):
@@ -31,6 +32,16 @@ def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
 def first_bad_step(tracker: torch.Tensor) -> int:
     """The step recorded by :func:`track_loss`, 0 if none (a host sync)."""
     return int(tracker)
+
+
+def new_counter(device: torch.device, start: int = 0) -> torch.Tensor:
+    """0-d int64 tensor on ``device`` holding ``start``, for :func:`count_non_finite`."""
+    return torch.full((), start, dtype=torch.int64, device=device)
+
+
+def count_non_finite(counter: torch.Tensor, value: torch.Tensor) -> None:
+    """Add 1 to ``counter`` if the 0-d tensor ``value`` is NaN or inf (no host sync)."""
+    counter.add_((~torch.isfinite(value)).to(torch.int64))
 
 
 def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":

@@ -2,9 +2,10 @@
 checkpoints (exact resume), a JSONL metrics log and a progress line.
 
 Per step: ``grad_accum`` micro-batches of ``batch_size × seq_len`` tokens (batch ``i`` of the run depends only on
-the seed and ``i``), loss = token-mean cross-entropy in fp32, gradients clipped to ``grad_clip`` (global L2 norm),
-AdamW with linear warm-up and cosine decay. Parameters are bf16 (``fp8coat.AdamW`` keeps the exact fp32 master as
-bf16 + 16-bit remainders) unless ``master_weights="fp32"`` or ``optimizer="torch"`` (fp32 params, bf16 autocast).
+the seed and ``i``), loss = token-mean cross-entropy in fp32, gradients clipped to ``grad_clip`` (global L2 norm;
+:func:`clip_gradients` says what a NaN or inf norm does), AdamW with linear warm-up and cosine decay. Parameters
+are bf16 (``fp8coat.AdamW`` keeps the exact fp32 master as bf16 + 16-bit remainders) unless
+``master_weights="fp32"`` or ``optimizer="torch"`` (fp32 params, bf16 autocast).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from ..optim import AdamW, StepInBackward
 from .checkpoint import (MANIFEST, latest_checkpoint, latest_intact_checkpoint, load_checkpoint, prune_checkpoints,
                          read_state, remove_leftovers, save_checkpoint, verify_checkpoint)
 from .config import TrainConfig
-from .finite import NonFiniteError, first_bad_step, first_non_finite, new_tracker, track_loss
-from .presets import build_model
-from .progress import MetricsLog, Progress, human_count
-from .runs import (check_new_run, check_same_run, clear_run, config_conflicts, new_run_id, read_run,
-                   write_run)
+from .finite import (NonFiniteError, count_non_finite, first_bad_step, first_non_finite, new_counter, new_tracker,
+                     track_loss)
+from .presets import PRESETS, build_model, is_checkpoint_dir
+from .progress import MetricsLog, Progress, human_count, nonfinite_note
+from .runs import (check_new_run, check_same_data, check_same_run, clear_run, config_differences, data_identity,
+                   new_run_id, read_run, write_run)
 from .schedule import lr_at
 
-__all__ = ["train", "resolve_device", "FINAL_WINDOW"]
+__all__ = ["train", "resolve_device", "clip_gradients", "FINAL_WINDOW"]
 
 FINAL_WINDOW = 20  # steps averaged into the final training loss
 
@@ -113,6 +115,37 @@ def _can_chunk_loss(model) -> bool:
 
 
 @torch.no_grad()
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the gradients (a 0-d device tensor, no host sync), as
+    ``torch.nn.utils.clip_grad_norm_`` computes it. With ``max_norm`` > 0 the gradients are scaled to a norm of at
+    most ``max_norm``, and when the norm is NaN or inf every gradient becomes NaN: ``fp8coat.AdamW`` then skips
+    the whole step (torch's AdamW writes NaN into the weights). With ``max_norm`` 0 they stay as they are
+    (``fp8coat.AdamW`` then skips only the elements that are NaN or inf)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = torch.where(torch.isfinite(norm), scale, torch.full_like(scale, float("nan")))
+        torch._foreach_mul_(grads, scale)
+    return norm
+
+
+def _nonfinite_counts(bad_grad_steps: torch.Tensor, optimizer, elements_before: int) -> dict:
+    """``nonfinite_grad_steps``: the steps of the run so far whose gradient norm was NaN or inf; for an optimizer
+    that counts them (``nonfinite_grad_count``: ``fp8coat.AdamW``), ``nonfinite_grad_elements``: the gradient
+    elements it skipped in the run so far (``elements_before``: those of the run before a resume). Host syncs,
+    read at log and save steps."""
+    counts = {"nonfinite_grad_steps": int(bad_grad_steps)}
+    skipped = getattr(optimizer, "nonfinite_grad_count", None)
+    if isinstance(skipped, torch.Tensor):
+        counts["nonfinite_grad_elements"] = elements_before + int(skipped)
+    return counts
+
+
+@torch.no_grad()
 def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> float:
     """Mean validation loss over fixed batches, in eval mode (unquantized forward)."""
     was_training = model.training
@@ -130,9 +163,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     files first. ``resume`` continues the run in ``out_dir`` from its newest intact checkpoint (newer damaged ones
     are reported on stderr and skipped); ``cfg`` must equal the run's configuration except in
     :data:`~fp8coat.train.runs.MAY_CHANGE_ON_RESUME` (``steps`` may grow: the cosine decay then spans the new
-    total). A finished run keeps its summary (or gets its missing one recomputed). When the loss, the weights or
-    the optimizer state become non-finite, the run stops with :class:`~fp8coat.train.finite.NonFiniteError`
-    naming the first bad step, without writing a checkpoint of them.
+    total). A resume uses the checkpoint's tokenizer, builds a fine-tuned model from the checkpoint (not from
+    the checkpoint it fine-tunes) and refuses training data that is not the data the run started with
+    (:func:`~fp8coat.train.runs.check_same_data`). A finished run keeps its summary (or gets its missing one
+    recomputed). When the loss, the weights or the optimizer state become non-finite, the run stops with
+    :class:`~fp8coat.train.finite.NonFiniteError` naming the first bad step, without writing a checkpoint of them.
+    Steps whose gradient norm was NaN or inf (see :func:`clip_gradients`) are counted in the metrics log, on the
+    progress line and in the summary.
     """
     from ..data import batch_iterator, eval_batches, prepare_dataset, TokenDataset
 
@@ -150,37 +187,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     else:
         check_new_run(cfg.out_dir, overwrite)
         run_id, ckpt, state = new_run_id(), None, {}
-    if os.path.isdir(cfg.model):
-        verify_checkpoint(cfg.model)  # fine-tuning from a checkpoint: its files as written
-    tokenizer = cfg.tokenizer
-    ckpt_tokenizer = os.path.join(cfg.model, "tokenizer.json")
-    if tokenizer == "bpe" and os.path.isfile(ckpt_tokenizer):  # fine-tuning: keep the checkpoint's tokenizer
-        tokenizer = ckpt_tokenizer
-    data = prepare_dataset(cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
+    model_source = _model_source(cfg, ckpt)
+    if model_source != ckpt and os.path.isdir(model_source):
+        verify_checkpoint(model_source)  # fine-tuning from a checkpoint: its files as written
+    data = prepare_dataset(cfg.data, tokenizer=_tokenizer(cfg, ckpt), vocab_size=cfg.vocab_size,
                            val_fraction=cfg.val_fraction, seed=cfg.seed)
+    identity = data_identity(data)
+    if ckpt is not None:
+        _check_data(cfg, ckpt, state, identity)
     train_ds, val_ds = TokenDataset(data.train_path), TokenDataset(data.val_path)
     val = eval_batches(val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # validates seq_len vs. the data
 
     fp32_params = cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32"
     autocast = fp32_params and cfg.recipe == "bf16"
     dtype = torch.float32 if fp32_params else torch.bfloat16
-    model, source = build_model(cfg.model, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
+    model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     model = convert(model, cfg.recipe)
     model.train()
     optimizer = _make_optimizer(cfg, model)
     in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
     n_params = sum(p.numel() for p in model.parameters())
 
-    start = 0
-    if ckpt is not None:
-        start = _load_resume_point(ckpt, model, optimizer)
-        remove_leftovers(cfg.out_dir)
-        prune_checkpoints(cfg.out_dir, cfg.keep_last, start)
-    elif overwrite:
+    start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
+    if overwrite:
         clear_run(cfg.out_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    write_run(cfg.out_dir, cfg, run_id)
+    # the history up to the checkpoint (a damaged line in it is an error, before anything else changes)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), truncate_after_step=start)
+    if ckpt is not None:
+        remove_leftovers(cfg.out_dir)
+        prune_checkpoints(cfg.out_dir, cfg.keep_last, start)
+    write_run(cfg.out_dir, cfg, run_id, identity)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     if not quiet:
         print(f"[{label}] {source}: {human_count(n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
@@ -202,6 +239,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     recent: "collections.deque[torch.Tensor]" = collections.deque(
         (torch.tensor(v, device=device) for v in state.get("recent_losses", [])), maxlen=FINAL_WINDOW)
     diverged = new_tracker(device)  # the first step with a non-finite loss, kept on device (no sync per step)
+    bad_grad_steps = new_counter(device, state.get("nonfinite_grad_steps", 0))  # steps with a NaN/inf grad norm
+    elements_before = state.get("nonfinite_grad_elements", 0)  # skipped by the optimizer before a resume
     t_log, steps_since = time.time(), 0
     val_loss = last.get("val_loss") if last.get("step") == start else None
     for step in range(start, cfg.steps):
@@ -223,8 +262,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
         track_loss(diverged, done, recent[-1])
         grad_norm = None
         if in_backward is None:
-            # --grad-clip 0: no clipping (the norm is still measured for the log)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = clip_gradients(model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
+            count_non_finite(bad_grad_steps, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps_since += 1
@@ -233,7 +272,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
             train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
             _stop_if_diverged(diverged, cfg.out_dir)
             elapsed = time.time() - t_log
-            record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            record = {"step": done, "loss": train_loss, "lr": lr,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      **_nonfinite_counts(bad_grad_steps, optimizer, elements_before),
                       "tokens": done * tokens_per_step, "tok_per_s": steps_since * tokens_per_step / elapsed}
             if device.type == "cuda":
                 record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -244,12 +285,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
             last = record
             if progress:
                 progress.update(done, loss=train_loss, val_loss=record.get("val_loss"), lr=lr,
-                                tok_per_s=record["tok_per_s"], mem_gib=record.get("mem_gib"))
+                                tok_per_s=record["tok_per_s"], mem_gib=record.get("mem_gib"),
+                                nonfinite=nonfinite_note(record["nonfinite_grad_steps"],
+                                                         record.get("nonfinite_grad_elements")))
             t_log, steps_since = time.time(), 0
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
             _check_before_save(diverged, model, optimizer, cfg.out_dir, done)
-            saved = {"run_id": run_id, "config": cfg.to_dict(), "last": last,
-                     "recent_losses": torch.stack(list(recent)).tolist()}
+            saved = {"run_id": run_id, "config": cfg.to_dict(), "data_identity": identity, "last": last,
+                     "recent_losses": torch.stack(list(recent)).tolist(),
+                     **_nonfinite_counts(bad_grad_steps, optimizer, elements_before)}
             save_checkpoint(cfg.out_dir, done, model, optimizer, saved, data.tokenizer_path)
             prune_checkpoints(cfg.out_dir, cfg.keep_last, done)
     if progress:
@@ -259,6 +303,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     final_train = float(torch.stack(list(recent)).mean()) if recent else None
     summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss)
     summary["final_train_window"] = len(recent)
+    summary.update(_nonfinite_counts(bad_grad_steps, optimizer, elements_before))
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -282,13 +327,51 @@ def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
               "checked for damage", file=sys.stderr, flush=True)
     state = read_state(path)
     check_same_run(run_id, state, path, cfg.out_dir)
-    conflicts = config_conflicts(state.get("config", {}), cfg.to_dict())
-    if conflicts:
-        raise ValueError(f"checkpoint {path} was written with another configuration: {'; '.join(conflicts)}")
+    state_file = os.path.join(path, "state.json")
+    differences = config_differences(state.get("config", {}), cfg.to_dict(), state_file)
+    if differences:
+        listed = "; ".join(f"{name} {ours} in the run, {theirs} in the checkpoint"
+                           for name, ours, theirs in differences)
+        raise ValueError(f"checkpoint {path} was written with another configuration than the run's (the run: "
+                         f"{cfg.out_dir}/config.json with the flags given; the checkpoint: {state_file}): {listed}. "
+                         "Restore config.json, or remove the checkpoint")
     if cfg.steps < state["step"]:
         raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({state['step']}: "
                          f"{path})")
     return run_id or state.get("run_id") or new_run_id(), path, state
+
+
+def _model_source(cfg: TrainConfig, ckpt: "str | None") -> str:
+    """What the model is built from: ``--model``, except on resume of a run whose ``--model`` is a checkpoint
+    folder (fine-tuning) or no longer exists: then the checkpoint to resume, which holds the architecture."""
+    if ckpt is not None and cfg.model not in PRESETS and (is_checkpoint_dir(cfg.model) or
+                                                          not os.path.exists(cfg.model)):
+        return ckpt
+    return cfg.model
+
+
+def _tokenizer(cfg: TrainConfig, ckpt: "str | None") -> str:
+    """The tokenizer to prepare the data with: on resume the checkpoint's ``tokenizer.json`` (the one the run
+    trained with); when fine-tuning a checkpoint with ``--tokenizer bpe``, that checkpoint's; else
+    ``--tokenizer``."""
+    for folder in (ckpt, cfg.model if cfg.tokenizer == "bpe" else None):
+        if folder is not None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return os.path.join(folder, "tokenizer.json")
+    return cfg.tokenizer
+
+
+def _check_data(cfg: TrainConfig, ckpt: str, state: dict, identity: dict) -> None:
+    """ValueError if the prepared data (``identity``) is not the data the run started with, as recorded in the
+    checkpoint's ``state.json`` (else in ``config.json``); a warning for a run that records none."""
+    run = read_run(cfg.out_dir) or {}
+    for recorded, where in ((state.get("data_identity"), os.path.join(ckpt, "state.json")),
+                            (run.get("data_identity"), os.path.join(cfg.out_dir, "config.json"))):
+        if isinstance(recorded, dict):
+            check_same_data(recorded, identity, where)
+            return
+    print(f"fp8coat train: warning: the run in {cfg.out_dir} records no identity of its training data (written "
+          "by an older fp8coat): the data cannot be checked against the data the run started with; it is "
+          "recorded from now on", file=sys.stderr, flush=True)
 
 
 def _load_resume_point(path: str, model, optimizer) -> int:

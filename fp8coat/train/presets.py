@@ -23,7 +23,7 @@ import os
 
 import torch
 
-__all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "build_model"]
+__all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "build_model", "is_checkpoint_dir"]
 
 PRESET_MAX_POSITIONS = 4096  # context length of every preset (RoPE)
 
@@ -46,7 +46,7 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
         cfg = transformers.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=PRESET_MAX_POSITIONS,
                                        tie_word_embeddings=False, **PRESETS[model])
         source = f"preset {model}"
-    elif os.path.isdir(model) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model)):
+    elif is_checkpoint_dir(model):
         m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         _check_vocab(m.config, vocab_size, model)
         _check_positions(m.config, seq_len)
@@ -65,6 +65,11 @@ def build_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype, d
     with torch.device(device):
         m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return m, source
+
+
+def is_checkpoint_dir(model: str) -> bool:
+    """Whether ``model`` is a folder holding model weights (a pretrained checkpoint to load)."""
+    return os.path.isdir(model) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model))
 
 
 def _read_config(path: str) -> dict:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-__all__ = ["MetricsLog", "Progress", "human_count", "human_bytes", "format_summary"]
+__all__ = ["MetricsLog", "Progress", "human_count", "human_bytes", "nonfinite_note", "format_summary"]
 
 
 def human_count(n: float) -> str:
@@ -32,7 +32,8 @@ def human_bytes(n: float) -> str:
 
 
 def format_summary(summary: dict, out_dir: str) -> str:
-    """The end-of-run summary (``summary.json``) as a few lines: the losses, the throughput and the memory."""
+    """The end-of-run summary (``summary.json``) as a few lines: the losses, the throughput, steps with non-finite
+    gradients (when there were any) and the memory."""
     window = summary.get("final_train_window")
     rows = [
         ("validation loss", _loss(summary.get("final_val_loss"))),
@@ -42,6 +43,9 @@ def format_summary(summary: dict, out_dir: str) -> str:
          if summary.get("tok_per_s") else "–"),
         ("optimizer state", human_bytes(summary["optimizer_state_bytes"])),
     ]
+    note = nonfinite_note(summary.get("nonfinite_grad_steps"), summary.get("nonfinite_grad_elements"))
+    if note:
+        rows.append(("non-finite gradients", note))
     if "peak_mem_gib" in summary:
         rows.append(("peak GPU memory", f"{summary['peak_mem_gib']:.2f} GiB"))
     if "saved_activation_bytes" in summary:
@@ -56,31 +60,71 @@ def _loss(value: "float | None") -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _parse(line: str) -> "dict | None":
+def nonfinite_note(steps: "int | None", elements: "int | None") -> "str | None":
+    """``"2 steps with non-finite gradients, 3.4k gradient elements skipped"`` (either part alone when the other is
+    0 or None); None when both are."""
+    parts = []
+    if steps:
+        parts.append(f"{steps} step{'s' if steps != 1 else ''} with non-finite gradients")
+    if elements:
+        parts.append(f"{human_count(elements)} gradient element{'s' if elements != 1 else ''} skipped")
+    return ", ".join(parts) or None
+
+
+def _parse(line: bytes) -> "tuple[dict | None, str | None]":
+    """``(record, None)`` for a metrics line, ``(None, what is wrong)`` for a damaged one."""
     try:
-        record = json.loads(line)
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
     except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+        return None, "it is not JSON (cut off?)"
+    if not isinstance(record, dict):
+        return None, "it is not a JSON object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        return None, f"its \"step\" is {json.dumps(step)}, expected an integer >= 1"
+    return record, None
+
+
+def _lines(path: str) -> "list[tuple[int, dict | None, str | None]]":
+    """``(line number, record, problem)`` of every non-blank line of the log at ``path``."""
+    with open(path, "rb") as f:
+        return [(n, *_parse(line)) for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _damaged(path: str, n: int, problem: str) -> ValueError:
+    return ValueError(f"{path} line {n} is damaged: {problem}")
 
 
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (flushed, so a crashed run keeps its history).
 
-    Records with ``step`` > ``truncate_after_step`` are dropped first (0 for a fresh run: an empty log; the
-    checkpoint's step when resuming: the history up to it is kept), and so is a line that does not parse (the
-    last one of a run killed while writing it)."""
+    Opening it keeps the history up to step ``truncate_after_step`` (0 for a fresh run: an empty log; the
+    checkpoint's step when resuming): the lines up to the last record of a step <= ``truncate_after_step``,
+    without records of later steps. The lines after it are dropped whatever they hold (such as the half-written
+    last line of a run killed while writing it); a damaged line within the kept history (not UTF-8, not a JSON
+    object, no integer ``step``) is a ValueError naming the file and the line."""
 
     def __init__(self, path: str, truncate_after_step: int = 0):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
-            with open(path) as f:
-                kept = [json.dumps(r) + "\n" for r in map(_parse, f) if r is not None
-                        and r.get("step", 0) <= truncate_after_step]
+            kept = self._history(path, truncate_after_step)
             with open(path, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
         self._f = open(path, "a")
+
+    @staticmethod
+    def _history(path: str, up_to_step: int) -> "list[dict]":
+        lines = _lines(path)
+        end = max((i + 1 for i, (_, r, _) in enumerate(lines) if r is not None and r["step"] <= up_to_step),
+                  default=0)
+        for n, record, problem in lines[:end]:
+            if record is None:
+                raise ValueError(f"{_damaged(path, n, problem)}; it lies within the history up to step "
+                                 f"{up_to_step} that the run keeps: repair or delete the line, then run again")
+        return [r for _, r, _ in lines[:end] if r["step"] <= up_to_step]
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -91,8 +135,13 @@ class MetricsLog:
 
     @staticmethod
     def read(path: str) -> "list[dict]":
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """Every record of the log; ValueError naming the file and the line if one is damaged."""
+        records = []
+        for n, record, problem in _lines(path):
+            if record is None:
+                raise _damaged(path, n, problem)
+            records.append(record)
+        return records
 
 
 class Progress:
@@ -118,6 +167,8 @@ class Progress:
                 parts.append(f"{v:.1f} GiB")
             elif k == "lr":
                 parts.append(f"lr {v:.1e}")
+            elif k == "nonfinite":  # a nonfinite_note
+                parts.append(v)
             else:
                 parts.append(f"{k.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
         parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")

@@ -7,11 +7,14 @@ configuration it was started with.
   checkpoints) unless told to overwrite it, which deletes those files first.
 * ``--resume`` takes the run's saved configuration (``config.json``; without one, the newest checkpoint's); of the
   options given again, only :data:`MAY_CHANGE_ON_RESUME` may differ from it.
+* ``config.json`` and every checkpoint's ``state.json`` record the identity of the prepared training data
+  (:func:`data_identity`); a resume on other data is refused (:func:`check_same_data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +24,8 @@ from .checkpoint import DamagedCheckpoint, checkpoint_steps, read_state
 from .config import TrainConfig
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "RUN_FILES", "new_run_id", "check_new_run", "clear_run", "read_run",
-           "write_run", "saved_config", "resumed_config", "config_conflicts", "check_same_run"]
+           "write_run", "saved_config", "resumed_config", "config_differences", "check_same_run", "data_identity",
+           "check_same_data"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 # where and how the run continues, not what it trains (--steps extends it; the cosine decay spans the new total)
@@ -74,45 +78,58 @@ def read_run(out_dir: str) -> "dict | None":
     return run
 
 
-def write_run(out_dir: str, cfg: TrainConfig, run_id: str) -> None:
+def write_run(out_dir: str, cfg: TrainConfig, run_id: str, data: "dict | None" = None) -> None:
+    """Write ``config.json``: the run id, the identity of its training data (:func:`data_identity`) and the
+    configuration."""
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"run_id": run_id, **cfg.to_dict()}, f, indent=1)
+        json.dump({"run_id": run_id, "data_identity": data, **cfg.to_dict()}, f, indent=1)
 
 
-def saved_config(out_dir: str) -> dict:
-    """The configuration of the run in ``out_dir``: its ``config.json``, else the newest readable checkpoint's."""
+def saved_config(out_dir: str) -> "tuple[dict, str]":
+    """The configuration of the run in ``out_dir`` and the file it was read from: its ``config.json``, else the
+    newest readable checkpoint's ``state.json``."""
     run = read_run(out_dir)
     if run is not None:
-        return run
+        return run, os.path.join(out_dir, "config.json")
     for _, path in reversed(checkpoint_steps(out_dir)):
         try:
-            return read_state(path)["config"]
+            return read_state(path)["config"], os.path.join(path, "state.json")
         except (DamagedCheckpoint, KeyError):
             continue
     raise FileNotFoundError(f"--resume: no run to resume in {out_dir} (no config.json and no checkpoint)")
 
 
-def config_conflicts(saved: dict, given: dict) -> "list[str]":
-    """``--flag value (the run has value)`` for each option in ``given`` that differs from ``saved`` and may not
-    change on resume."""
-    base = TrainConfig.from_dict(saved)
-    return [f"--{name.replace('_', '-')} {value} (the run has {getattr(base, name)})"
-            for name, value in given.items()
+def config_differences(saved: dict, given: dict, where: str) -> "list[tuple[str, object, object]]":
+    """``(option, given value, saved value)`` for each option in ``given`` that differs from ``saved`` (read from
+    the file ``where``, named in a ValueError for a value of the wrong type) and may not change on resume."""
+    base = TrainConfig.from_dict(saved, where)
+    return [(name, value, getattr(base, name)) for name, value in given.items()
             if name not in MAY_CHANGE_ON_RESUME and name in TrainConfig.__dataclass_fields__
             and value != getattr(base, name)]
 
 
-def resumed_config(saved: dict, given: dict, out_dir: str) -> TrainConfig:
-    """The run's ``saved`` configuration with the options in ``given`` that may change on resume; ValueError naming
-    every other option of ``given`` that differs from the run."""
-    conflicts = config_conflicts(saved, given)
+def resumed_config(saved: dict, given: dict, out_dir: str, where: str) -> TrainConfig:
+    """The run's ``saved`` configuration (read from the file ``where``) with the options in ``given`` that may
+    change on resume; ValueError naming every other option of ``given`` that differs from the run, or naming
+    ``where`` and the option when a saved value is of the wrong type or out of range."""
+    conflicts = [f"--{name.replace('_', '-')} {value} (the run has {theirs})"
+                 for name, value, theirs in config_differences(saved, given, where)]
     if conflicts:
         allowed = ", ".join("--" + n.replace("_", "-") for n in MAY_CHANGE_ON_RESUME if n != "out_dir")
-        raise ValueError(f"--resume continues the run in {out_dir} with its saved configuration, which these flags "
-                         f"would change: {'; '.join(conflicts)}. On resume only {allowed} may change: drop the "
-                         "others, or start a new run (another --out-dir, or --overwrite)")
+        raise ValueError(f"--resume continues the run in {out_dir} with its saved configuration ({where}), which "
+                         f"these flags would change: {'; '.join(conflicts)}. On resume only {allowed} may change: "
+                         "drop the others, or start a new run (another --out-dir, or --overwrite)")
     changes = {k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME}
-    return dataclasses.replace(TrainConfig.from_dict(saved), **{**changes, "out_dir": out_dir})
+    base = _valid(TrainConfig.from_dict(saved, where), where)
+    return dataclasses.replace(base, **{**changes, "out_dir": out_dir})
+
+
+def _valid(cfg: TrainConfig, where: str) -> TrainConfig:
+    """``cfg`` validated; a ValueError names the file ``where`` it was read from."""
+    try:
+        return cfg.validate()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def check_same_run(run_id: "str | None", state: dict, path: str, out_dir: str) -> None:
@@ -121,3 +138,38 @@ def check_same_run(run_id: "str | None", state: dict, path: str, out_dir: str) -
     if run_id and theirs and theirs != run_id:
         raise ValueError(f"checkpoint {path} belongs to another run (run id {theirs}; {out_dir}/config.json has "
                          f"{run_id}): remove it, or resume that run from its own folder")
+
+
+# (key, how a message names it) of the identity of the prepared training data
+_DATA_FIELDS = (("source", "data"), ("tokenizer", "tokenizer.json sha256"), ("train_tokens", "training tokens"),
+                ("val_tokens", "validation tokens"), ("tokens_sha256", "token files' sha256"))
+
+
+def data_identity(data) -> dict:
+    """What identifies the prepared training data (a :class:`~fp8coat.data.PreparedData`): its description, the
+    sha256 of its tokenizer (``"bytes"`` for the byte tokenizer), the training and validation token counts and the
+    sha256 of the two token files (16 hex digits each)."""
+    return {"source": data.description,
+            "tokenizer": _sha256(data.tokenizer_path) if data.tokenizer_path is not None else "bytes",
+            "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,
+            "tokens_sha256": _sha256(data.train_path, data.val_path)}
+
+
+def _sha256(*files) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_same_data(recorded: dict, current: dict, where: str) -> None:
+    """ValueError naming every part of the data identity ``current`` that differs from ``recorded`` (read from
+    the file ``where``)."""
+    changes = [f"{label} {current.get(key)} (the run started with {recorded.get(key)})"
+               for key, label in _DATA_FIELDS if current.get(key) != recorded.get(key)]
+    if changes:
+        raise ValueError(f"--resume: the training data is not the data the run started with (recorded in {where}): "
+                         f"{'; '.join(changes)}. Restore the data the run started with, or start a new run on "
+                         "this data (another --out-dir, or --overwrite)")
