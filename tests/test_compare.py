@@ -171,6 +171,15 @@ def test_plot_draws_the_mean_and_min_max_band_of_each_variant():
         plt.close(fig)
 
 
+def _fake_run(cfg) -> dict:
+    """What ``train`` leaves for compare: a 3-step metrics log in the run folder, and its summary."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in (1, 2, 3))
+    return {key: value for key, value in _summary(cfg.recipe, cfg.optimizer, 3.0, 3.1).items()
+            if key not in ("seed", "history")}
+
+
 def test_interrupted_compare_keeps_the_finished_runs(tmp_path, monkeypatch):
     """The table, the JSON and the plot are written after every run: Ctrl-C in the second run keeps the first."""
     started = []
@@ -179,11 +188,7 @@ def test_interrupted_compare_keeps_the_finished_runs(tmp_path, monkeypatch):
         started.append(cfg.out_dir)
         if len(started) == 2:
             raise KeyboardInterrupt
-        os.makedirs(cfg.out_dir)
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in (1, 2, 3))
-        return {key: value for key, value in _summary(cfg.recipe, cfg.optimizer, 3.0, 3.1).items()
-                if key not in ("seed", "history")}
+        return _fake_run(cfg)
 
     monkeypatch.setattr(compare_module, "train", fake_train)
     out = tmp_path / "cmp"
@@ -206,11 +211,7 @@ def test_compare_again_removes_the_earlier_report_before_its_first_run(tmp_path,
         if runs and runs[-1] == "interrupt":
             raise KeyboardInterrupt
         runs.append(cfg.out_dir)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in (1, 2, 3))
-        return {key: value for key, value in _summary(cfg.recipe, cfg.optimizer, 3.0, 3.1).items()
-                if key not in ("seed", "history")}
+        return _fake_run(cfg)
 
     monkeypatch.setattr(compare_module, "train", fake_train)
     out = tmp_path / "cmp"
