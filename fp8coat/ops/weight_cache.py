@@ -48,6 +48,7 @@ class FP8WeightCache:
         self.q: "torch.Tensor | None" = None
         self.scale: "torch.Tensor | None" = None
         self.record: "torch.Tensor | None" = None
+        self._changed: "torch.Tensor | None" = None  # record[3:], the flag the conditional quantization reads
         self._meta = None
         self._force = False
         self.handle = next(self._next)
@@ -70,16 +71,17 @@ class FP8WeightCache:
             self.q = torch.empty(w.shape, dtype=self.fmt.dtype, device=w.device)
             self.scale = torch.ones((), dtype=torch.float32, device=w.device)
             self.record = torch.zeros(4, dtype=torch.int32, device=w.device)
+            self._changed = self.record[3:]
             self._meta = meta
         scale = refresh_tensor_scale(w, self.fmt, self.record, self.scale, self._force)
         self._force = False
-        quantize_if(w, self.fmt, self.scale, self.q, self.record[3:])
+        quantize_if(w, self.fmt, self.scale, self.q, self._changed)
         return self.q, scale
 
     @property
     def refreshed(self) -> "torch.Tensor | None":
         """int32 (1,) on the device: 1 if the last :meth:`get` quantized the weight, 0 if it reused the copy."""
-        return None if self.record is None else self.record[3:]
+        return None if self.record is None else self._changed
 
     def clear(self) -> None:
         """Make the next call quantize again, as after a change of the weight (the buffers are kept)."""
@@ -87,7 +89,7 @@ class FP8WeightCache:
 
     def release(self) -> None:
         """Free the FP8 copy and its state (the next call allocates and quantizes again)."""
-        self.q = self.scale = self.record = self._meta = None
+        self.q = self.scale = self.record = self._changed = self._meta = None
 
     @property
     def nbytes(self) -> int:
