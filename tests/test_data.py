@@ -215,6 +215,14 @@ def test_prepare_is_deterministic_and_splits_by_document(folder, tmp_path):
     assert len(val_sets) > 1  # the seed chooses the held-out documents
 
 
+def test_dataset_manifest_records_the_token_files_hash(folder, tmp_path):
+    import hashlib
+
+    data = prepare_dataset(folder, tokenizer="bytes", cache=tmp_path)
+    digest = hashlib.sha256(data.train_path.read_bytes() + data.val_path.read_bytes()).hexdigest()[:16]
+    assert data.tokens_sha256 == digest
+
+
 def test_cache_reuse_and_invalidation(folder, tmp_path, monkeypatch):
     calls = []
     encode = tokens_mod._encode_documents

@@ -1,19 +1,31 @@
 """Atomic writes into the cache: a file or a folder appears complete under its final name, or not at all.
 
 Everything is first written to a hidden sibling (``.<name>.partial-<pid>-<random>``) and then renamed into place;
-on any failure (including KeyboardInterrupt) the partial file or folder is removed.
+on any failure (including KeyboardInterrupt) the partial file or folder is removed. Also :func:`sha256_of_files`,
+the content hash of written files (dataset and checkpoint manifests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text", "sha256_of_files"]
+
+
+def sha256_of_files(*paths: "str | os.PathLike") -> str:
+    """Hex sha256 of the files' bytes, read in order in chunks of 1 MiB."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _partial_name(path: Path) -> Path:

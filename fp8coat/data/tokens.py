@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_dir
+from ._atomic import atomic_dir, sha256_of_files
 from .batches import TokenDataset, batch_iterator, eval_batches
 from .corpus import MIXES, NAMED_CORPORA, Document, Source, cache_dir, corpus_identity, describe_source, load_corpus
 from .split import split_documents
@@ -68,6 +68,7 @@ class PreparedData:
     n_train_docs: int = 0
     n_val_docs: int = 0
     split: str = "documents"  # "documents" | "tail" (single-document corpus)
+    tokens_sha256: "str | None" = None  # of train.bin then val.bin (16 hex digits); None in older caches
 
     @property
     def dir(self) -> Path:
@@ -100,6 +101,7 @@ class PreparedData:
             vocab_size=m["vocab_size"], eot_id=m["eot_id"], n_train_tokens=m["train"]["tokens"],
             n_val_tokens=m["val"]["tokens"], source=m["source"], dtype=m["dtype"], tokenizer=m["tokenizer"]["kind"],
             n_train_docs=len(m["train"]["documents"]), n_val_docs=len(m["val"]["documents"]), split=m["split"],
+            tokens_sha256=m.get("tokens_sha256"),
         )
         itemsize = np.dtype(data.dtype).itemsize
         for file, n in ((data.train_path, data.n_train_tokens), (data.val_path, data.n_val_tokens)):
@@ -283,6 +285,7 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
             "val_fraction": val_fraction, "seed": seed, "characters": chars,
             "train": {"file": "train.bin", "tokens": n_train, "documents": [docs[i].name for i in train_idx]},
             "val": {"file": "val.bin", "tokens": n_val, "documents": [docs[i].name for i in val_idx]},
+            "tokens_sha256": sha256_of_files(tmp / "train.bin", tmp / "val.bin")[:16],
             "seconds": {"load": round(t_load, 3), "tokenizer": round(t1 - t0 - t_load, 3), "encode": round(t2 - t1, 3),
                         "total": round(time.perf_counter() - t0, 3)},
         }

@@ -15,7 +15,6 @@ to ``step_N.deleting`` first, so a crash while deleting never leaves a half chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,8 @@ import shutil
 import time
 
 import torch
+
+from ..data._atomic import sha256_of_files
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "checkpoint_steps", "latest_intact_checkpoint",
            "verify_checkpoint", "write_manifest", "read_state", "prune_checkpoints", "remove_leftovers",
@@ -116,11 +117,7 @@ def _file_problem(file: str, entry: dict) -> "str | None":
 
 
 def _describe(file: str) -> dict:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"bytes": os.path.getsize(file), "sha256": digest.hexdigest()}
+    return {"bytes": os.path.getsize(file), "sha256": sha256_of_files(file)}
 
 
 def checkpoint_steps(out_dir: str) -> "list[tuple[int, str]]":

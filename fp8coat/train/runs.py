@@ -14,12 +14,12 @@ configuration it was started with.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import uuid
 
+from ..data._atomic import sha256_of_files
 from .checkpoint import DamagedCheckpoint, checkpoint_steps, read_state
 from .config import TrainConfig
 
@@ -148,20 +148,12 @@ _DATA_FIELDS = (("source", "data"), ("tokenizer", "tokenizer.json sha256"), ("tr
 def data_identity(data) -> dict:
     """What identifies the prepared training data (a :class:`~fp8coat.data.PreparedData`): its description, the
     sha256 of its tokenizer (``"bytes"`` for the byte tokenizer), the training and validation token counts and the
-    sha256 of the two token files (16 hex digits each)."""
+    sha256 of the two token files (16 hex digits each; the latter as the dataset's manifest records it, computed
+    here for datasets prepared without it)."""
+    tokens = data.tokens_sha256 or sha256_of_files(data.train_path, data.val_path)[:16]
     return {"source": data.description,
-            "tokenizer": _sha256(data.tokenizer_path) if data.tokenizer_path is not None else "bytes",
-            "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,
-            "tokens_sha256": _sha256(data.train_path, data.val_path)}
-
-
-def _sha256(*files) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+            "tokenizer": sha256_of_files(data.tokenizer_path)[:16] if data.tokenizer_path is not None else "bytes",
+            "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens, "tokens_sha256": tokens}
 
 
 def check_same_data(recorded: dict, current: dict, where: str) -> None:
