@@ -91,13 +91,9 @@ def verify_checkpoint(path: str) -> bool:
     """Check every file of checkpoint ``path`` against its manifest; raises :class:`DamagedCheckpoint` naming the
     first file that is missing or differs in size or content. Returns False for a checkpoint without a manifest
     (nothing to check it against), True otherwise."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest_path):
+    files = _manifest_files(path)
+    if files is None:
         return False
-    manifest = _read_json(manifest_path)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files or not all(isinstance(e, dict) for e in files.values()):
-        raise DamagedCheckpoint(f"{manifest_path} is not a checkpoint manifest")
     for name, entry in files.items():
         problem = _file_problem(os.path.join(path, name), entry)
         if problem:
@@ -216,16 +212,17 @@ def _shards(index: str) -> "list[str]":
     return names
 
 
-def _manifest_files(path: str) -> "set[str] | None":
-    """The names of the files the manifest of checkpoint ``path`` lists; None without a manifest."""
+def _manifest_files(path: str) -> "dict[str, dict] | None":
+    """File name -> ``{"bytes", "sha256"}`` as the manifest of checkpoint ``path`` lists them; None without a
+    manifest; :class:`DamagedCheckpoint` if it is not one."""
     file = os.path.join(path, MANIFEST)
     if not os.path.exists(file):
         return None
     content = _read_json(file)
     files = content.get("files") if isinstance(content, dict) else None
-    if not isinstance(files, dict):
+    if not isinstance(files, dict) or not files or not all(isinstance(e, dict) for e in files.values()):
         raise DamagedCheckpoint(f"{file} is not a checkpoint manifest")
-    return set(files)
+    return files
 
 
 def _read(file: str, reader):
