@@ -24,10 +24,11 @@ import os
 import statistics
 from dataclasses import replace
 
+from ..data._atomic import atomic_file, atomic_write_text
 from ..recipe import RECIPES
 from .config import TrainConfig
 from .loop import FINAL_WINDOW, train
-from .progress import MetricsLog
+from .progress import MetricsLog, human_bytes
 
 __all__ = ["compare", "variant_config", "describe", "DEFAULT_VARIANTS"]
 
@@ -138,8 +139,8 @@ def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_di
         document = report(results, labels, baseline, base, seeds, runs_total=len(configs))
         record = {"config": base.to_dict(), "variants": variants, "seeds": seeds, "baseline": baseline,
                   "labels": labels, "runs_finished": done, "runs_total": len(configs), "results": results}
-        _write_replacing(os.path.join(out_dir, "compare.md"), lambda f: f.write(document))
-        _write_replacing(os.path.join(out_dir, "compare.json"), lambda f: json.dump(record, f, indent=1))
+        atomic_write_text(os.path.join(out_dir, "compare.md"), document)
+        atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps(record, indent=1))
         _plot(results, labels, _title(results, base, seeds), os.path.join(out_dir, "loss.png"))
     print(document.split("\n**Columns**")[0].rstrip())
     print(f"(column meanings: {os.path.join(out_dir, 'compare.md')}; loss curves: "
@@ -150,17 +151,9 @@ def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_di
 def _remove_reports(out_dir: str) -> None:
     """Remove the report files of an earlier compare into ``out_dir``: they describe runs this one replaces."""
     for name in REPORT_FILES:
-        for path in (os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")):
-            if os.path.isfile(path):
-                os.remove(path)
-
-
-def _write_replacing(path: str, write, mode: str = "w") -> None:
-    """Write ``path`` through a temporary file renamed over it: readers see the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def _mean_std(values):
@@ -168,13 +161,6 @@ def _mean_std(values):
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _title(results: dict, base: TrainConfig, seeds: "list[int]") -> str:
@@ -244,7 +230,7 @@ def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base
         for column in memory:
             value = mem_value(runs, column)
             ref_value = mem_value(ref, column) if ref else None
-            cells.append("–" if value is None else _fmt_bytes(value) + (
+            cells.append("–" if value is None else human_bytes(value, digits=2) + (
                 f" ({value / ref_value:.2f}x)" if ref_value else ""))
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -344,6 +330,7 @@ def _plot(results: dict, labels: "dict[str, str]", title: str, path: str) -> Non
         return
     fig = _figure(results, labels, title)
     try:
-        _write_replacing(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+        with atomic_file(path) as tmp:  # readers see the old plot or the new one
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)

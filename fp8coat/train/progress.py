@@ -21,14 +21,14 @@ def human_count(n: float) -> str:
     return f"{n / 1e9:.1f}B"
 
 
-def human_bytes(n: float) -> str:
-    """``512 B``, ``3.4 KiB``, ``12.0 MiB``, ``1.5 GiB``."""
+def human_bytes(n: float, digits: int = 1) -> str:
+    """``512 B``, ``3.4 KiB``, ``12.0 MiB``, ``1.5 GiB`` (``digits`` decimals)."""
     if n < 1024:
         return f"{n:.0f} B"
     for suffix, scale in (("KiB", 2**10), ("MiB", 2**20)):
         if n < 1024 * scale:
-            return f"{n / scale:.1f} {suffix}"
-    return f"{n / 2**30:.1f} GiB"
+            return f"{n / scale:.{digits}f} {suffix}"
+    return f"{n / 2**30:.{digits}f} GiB"
 
 
 def format_summary(summary: dict, out_dir: str) -> str:
