@@ -45,15 +45,17 @@ def _in_repeated_block(fqn: str, parents: "dict[str, torch.nn.Module]") -> bool:
     return False
 
 
-def _check_device(model: torch.nn.Module, recipe: Recipe) -> None:
-    for p in model.parameters():
-        if p.is_cuda and not recipe.emulate and not fp8_gemm_supported(p.device):
-            cap = torch.cuda.get_device_capability(p.device)
+def _check_devices(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Every CUDA device holding a parameter must have FP8 tensor cores, unless the recipe emulates the GEMMs."""
+    if recipe.emulate:
+        return
+    for device in {p.device for p in model.parameters() if p.is_cuda}:
+        if not fp8_gemm_supported(device):
+            cap = torch.cuda.get_device_capability(device)
             raise ValueError(
-                f"recipe {recipe.name!r} needs FP8 tensor cores (compute capability 8.9+), but {p.device} is "
+                f"recipe {recipe.name!r} needs FP8 tensor cores (compute capability 8.9+), but {device} is "
                 f"sm_{cap[0]}{cap[1]}; use recipe.with_options(emulate=True) to emulate the FP8 GEMMs"
             )
-        return
 
 
 def convert(
@@ -71,7 +73,7 @@ def convert(
     model._fp8coat_recipe = recipe
     if not recipe.fp8_linear:
         return model
-    _check_device(model, recipe)
+    _check_devices(model, recipe)
     modules = dict(model.named_modules())
     selected = {}
     for fqn, module in modules.items():

@@ -19,7 +19,6 @@ which clamps to ``±max`` first (NaN stays NaN) and then rounds to nearest-even.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +50,6 @@ class FP8Format:
     def dynamic_range(self) -> float:
         """Ratio of the largest to the smallest positive magnitude (E4M3: 229376)."""
         return self.max / self.min_subnormal
-
-    @property
-    def log2_max(self) -> float:
-        return math.log2(self.max)
 
     def __repr__(self) -> str:  # short, used in error messages and extra_repr
         return self.name.upper()

@@ -47,6 +47,9 @@ class Recipe:
     def __post_init__(self):
         get_format(self.forward_format)
         get_format(self.backward_format)
+        if get_format(self.forward_format).name == get_format(self.backward_format).name == "e5m2":
+            raise ValueError("forward_format and backward_format cannot both be e5m2: the input-gradient GEMM "
+                             "multiplies gradients by weights, and FP8 GEMMs take at most one E5M2 operand")
         if self.fp8_activations and not self.fp8_linear:
             raise ValueError("fp8_activations needs fp8_linear (the precision flow feeds FP8 GEMMs)")
 

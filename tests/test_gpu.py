@@ -191,3 +191,22 @@ def test_cuda_graph_of_a_cached_fp8_linear_sees_weight_updates():
         eager = step()
         for a, b in zip(static, eager):
             assert_bit_equal(b, a, f"update {update}")
+
+
+@pytest.mark.parametrize("field", ["fast_accum", "emulate"])
+def test_gemm_recipe_fields_change_the_cuda_gemms(field):
+    """``fast_accum`` (forward GEMM accumulation) and ``emulate`` (fp32 emulation instead of ``_scaled_mm``) change
+    the output bits of a converted layer at a real shape; the difference stays within FP8 accuracy."""
+    from fp8coat.nn.linear import fp8_linear_kwargs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = (torch.randn(4096, 4096, device="cuda", generator=g) / 64).bfloat16()
+    base = fp8coat.get_recipe("coat")
+    changed = base.with_options(**{field: not getattr(base, field)})
+    from fp8coat.ops.linear import linear
+
+    y0, y1 = (linear(x, w, **fp8_linear_kwargs(r)) for r in (base, changed))
+    assert not torch.equal(y0, y1)
+    rel = (y0.float() - y1.float()).norm() / y0.float().norm()
+    assert rel < 1e-2

@@ -98,4 +98,4 @@ class FP8GatedMLPMixin:
         act, g_q, g_s, u_q, u_s = A.swiglu_with_saved(gate, up, group_size=g)
         down = self.down_proj
         return linears(act, [_weight_nk(down)], [down.bias], [down._fp8coat_cache],
-                       recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), 0.0, g), **kw)[0]
+                       recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), **kw)[0]

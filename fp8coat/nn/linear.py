@@ -19,7 +19,8 @@ __all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs", "make_offer", "t
 
 
 def fp8_linear_kwargs(recipe: Recipe) -> dict:
-    return dict(fast_accum=recipe.fast_accum, emulate=recipe.emulate, fwd_format=recipe.forward_format)
+    return dict(fast_accum=recipe.fast_accum, emulate=recipe.emulate, fwd_format=recipe.forward_format,
+                bwd_format=recipe.backward_format)
 
 
 def _weight_nk(module) -> torch.Tensor:

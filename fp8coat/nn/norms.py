@@ -44,7 +44,7 @@ class FP8RMSNormMixin:
             return rmsnorm(x, self.weight, _eps(self), group)
         y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
         self._fp8coat_consumer._fp8coat_offer = make_offer(
-            y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), _eps(self), group))
+            y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), group))
         return y
 
 

@@ -3,15 +3,15 @@
 For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, sharing ONE quantized input:
 
     forward   X8, sX  = E4M3 per-tensor (scale from a two-stage amax, on device)
-              W8, sW  = E4M3 per-tensor, cached per module while the weight's content is unchanged
-                        (``weight_cache.py``: a content fingerprint checked on the device)
+              W8, sW  = E4M3 per-tensor (``weight_cache.weight_fp8``, before the op: with an
+                        :class:`FP8WeightCache`, quantized again only when the weight's content changed)
               Y_i     = (X8·sX)(W8_i·sW_i)ᵀ + b_i         torch._scaled_mm on CUDA (fast accumulation), fp32
                                                            emulation elsewhere; output in X's dtype
               saved:  X8ᵀ (K×M_pad, FP8, the K-major copy wgrad needs), sX and the sW_i — or, with
                       ``save_input_hp``, the high-precision X itself when another op keeps it anyway (attention
                       output)
-    backward  G8, sG  = E5M2 per-tensor of [dY_1 … dY_n] side by side (M × ΣN_i, one joint scale), row-major
-                        and transposed
+    backward  G8, sG  = ``bwd_format`` (E5M2 by default, or E4M3) per-tensor of [dY_1 … dY_n] side by side
+                        (M × ΣN_i, one joint scale), row-major and transposed
               Wᵀ8, sW' = E4M3 of [W_1ᵀ … W_nᵀ] side by side (K × ΣN_i), sW' = max_i sW_i (sW_1 for one layer)
               dX      = (G8·sG)(Wᵀ8·sW')ᵀ                 ONE GEMM over ΣN_i, as for a fused projection; precise
                                                            accumulation, in x's dtype
@@ -26,7 +26,7 @@ token dimension (their inner dimension) padded with zeros to a multiple of 16.
 quantization, fp32 matmul).
 
 Registered as the custom op ``fp8coat::linears`` with autograd, so ``torch.compile`` treats it as opaque; eager
-calls run the same functions through a plain ``autograd.Function`` (see ``fp8coat.ops.eager``).
+calls run the same functions without the custom-op dispatch (``fp8coat.ops.eager.call``).
 """
 
 from __future__ import annotations
@@ -36,16 +36,14 @@ import itertools
 
 import torch
 
+from .._grid import cdiv
 from ..formats import get_format
 from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
 from .recompute import Recompute, recompute_input, recompute_quantized_t
+from .eager import call, register_eager
 from .weight_cache import FP8WeightCache, weight_fp8
 
 __all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
-
-
-def _weight_fp8(w: torch.Tensor, handle: int, fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    return weight_fp8(w, FP8WeightCache.lookup(handle) if handle > 0 else None, fmt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,65 +82,59 @@ def fp8_mm(
 # custom ops
 
 
-def _input_scale(x2: torch.Tensor, fmt) -> torch.Tensor:
-    return tensor_scale(x2, fmt)
-
-
 def _forward_impl(
     x: torch.Tensor,
     weights: list[torch.Tensor],
+    weights_fp8: list[torch.Tensor],
+    weight_scales: list[torch.Tensor],
     biases: list[torch.Tensor],
     has_bias: list[bool],
-    cache_handles: list[int],
     save_input_hp: bool,
     fast_accum: bool,
     emulate: bool,
     fwd_format: str,
+    bwd_format: str,
     recompute_kind: str,
     recompute_src: list[torch.Tensor],
-    recompute_eps: float,
     recompute_group: int,
 ) -> list[torch.Tensor]:
-    """Returns ``[*ys, x_saved, x_scale, *w_scales]``: outputs (…, N_i) in x's dtype, then what backward needs.
+    """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
 
+    ``weights_fp8[i]`` / ``weight_scales[i]``: ``weights[i]``'s E4M3 copy and 0-d fp32 scale
+    (:func:`~fp8coat.ops.weight_cache.weight_fp8`); ``weights`` themselves are read only by the backward.
     ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
-    wrapper of custom ops cannot return gradients for a list with holes)."""
+    wrapper of custom ops cannot return gradients for a list with holes). ``bwd_format`` is the gradients'
+    format, used by the backward."""
     fmt = get_format(fwd_format)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    sx = _input_scale(x2, fmt)
+    sx = tensor_scale(x2, fmt)
     saves_own_copy = not save_input_hp and not recompute_kind
     xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True, transposed=saves_own_copy)
-    ys, sws = [], []
+    ys = []
     bias_iter = iter(biases)
-    for w, hb, h in zip(weights, has_bias, cache_handles):
-        b = next(bias_iter) if hb else None
-        wq, sw = _weight_fp8(w, h, fmt)
+    for w, wq, sw, hb in zip(weights, weights_fp8, weight_scales, has_bias):
         y = fp8_mm(xq, sx, wq, sw, x.dtype, fast_accum=fast_accum, emulate=emulate)
-        if b is not None:
-            y = y + b.to(y.dtype)
+        if hb:
+            y = y + next(bias_iter).to(y.dtype)
         ys.append(y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0]))
-        sws.append(sw)
     # otherwise setup_context saves x itself (save_input_hp) or the producer's tensors (recompute)
     saved = xqt if saves_own_copy else xq.new_empty(0)
-    return ys + [saved, sx] + sws
+    return ys + [saved, sx]
 
 
 _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutates_args=())
 
 
 @_linears_fwd.register_fake
-def _(x, weights, biases, has_bias, cache_handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
-      recompute_src, recompute_eps, recompute_group):
-    m = 1
-    for s in x.shape[:-1]:
-        m *= s
+def _(x, weights, weights_fp8, weight_scales, biases, has_bias, save_input_hp, fast_accum, emulate, fwd_format,
+      bwd_format, recompute_kind, recompute_src, recompute_group):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
     fp8 = get_format(fwd_format).dtype
     own = not save_input_hp and not recompute_kind
-    saved = x.new_empty((k, -(-m // 16) * 16), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
-    scales = [x.new_empty((), dtype=torch.float32) for _ in range(len(weights) + 1)]
-    return ys + [saved] + scales
+    saved = x.new_empty((k, cdiv(m, 16) * 16), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
+    return ys + [saved, x.new_empty((), dtype=torch.float32)]
 
 
 def _backward_impl(
@@ -160,7 +152,6 @@ def _backward_impl(
     bwd_format: str,
     recompute_kind: str,
     recompute_src: list[torch.Tensor],
-    recompute_eps: float,
     recompute_group: int,
 ) -> list[torch.Tensor]:
     """Returns ``[dx, *dw_i, *db_i (for biased layers)]``."""
@@ -178,18 +169,18 @@ def _backward_impl(
     ns = [w.shape[0] for w in weights]
     g2s = [g if g.dim() == 2 else g.reshape(-1, n) for g, n in zip(grads, ns)]
     if len(weights) == 1:
-        sg, sw = _input_scale(g2s[0], gfmt), w_scales[0]
+        sg, sw = tensor_scale(g2s[0], gfmt), w_scales[0]
         gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True)
         _, wqt = quantize_transpose(weights[0].detach(), fmt, sw, rowwise=False, pad_to=1)
         gqts = [gqt]
     else:
         # the layers' input gradients in ONE GEMM, as for a fused projection: the dY_i side by side (M × ΣN_i) and
         # the W_iᵀ side by side (K × ΣN_i), each under one joint scale. Against a GEMM per layer summed in x's
-        # dtype: n - 1 fewer GEMMs and no add passes (about 0.1 ms for q/k/v at 8192 × 4096 on an H200).
+        # dtype: n - 1 fewer GEMMs and no add passes.
         sg = joint_tensor_scale(g2s, gfmt)
         sw = functools.reduce(torch.maximum, w_scales)  # = scale_from_amax(max amax_i): the scale rule is monotone
         ends = list(itertools.accumulate(ns))
-        device, m_pad = x_scale.device, -(-m // 16) * 16
+        device, m_pad = x_scale.device, cdiv(m, 16) * 16
         gq = torch.empty((m, ends[-1]), dtype=gfmt.dtype, device=device)
         gqt = torch.empty((ends[-1], m_pad), dtype=gfmt.dtype, device=device)
         wqt = torch.empty((k, ends[-1]), dtype=fmt.dtype, device=device)
@@ -210,7 +201,7 @@ _linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_im
 
 @_linears_bwd.register_fake
 def _(grads, x_saved, x_scale, weights, w_scales, has_bias, x_shape, x_dtype, save_input_hp, emulate,
-      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_eps, recompute_group):
+      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
     dws = [torch.empty_like(w) for w in weights]
     dbs = [w.new_empty((w.shape[0],)) for w, hb in zip(weights, has_bias) if hb]
@@ -218,29 +209,29 @@ def _(grads, x_saved, x_scale, weights, w_scales, has_bias, x_shape, x_dtype, sa
 
 
 def _setup(ctx, inputs, output):
-    (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, recompute_kind,
-     recompute_src, recompute_eps, recompute_group) = inputs
+    (x, weights, _, w_scales, _, has_bias, save_input_hp, _, emulate, fwd_format, bwd_format, recompute_kind,
+     recompute_src, recompute_group) = inputs
     n = len(weights)
-    saved, x_scale, w_scales = output[n], output[n + 1], output[n + 2:]
-    ctx.mark_non_differentiable(saved, x_scale, *w_scales)
+    saved, x_scale = output[n], output[n + 1]
+    ctx.mark_non_differentiable(saved, x_scale)
     ctx.set_materialize_grads(False)  # outputs that do not reach the loss: None, handled in _backward
     if save_input_hp:
         saved = x
     ctx.save_for_backward(saved, x_scale, *weights, *w_scales, *recompute_src)
     ctx.meta = dict(
-        has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
-        save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, n=len(weights),
-        recompute=(recompute_kind, len(recompute_src), recompute_eps, recompute_group),
+        has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype, save_input_hp=save_input_hp,
+        emulate=emulate, fwd_format=fwd_format, bwd_format=bwd_format, n=n,
+        recompute=(recompute_kind, len(recompute_src), recompute_group),
     )
 
 
 def _backward(ctx, grads, backward_fn=None):
-    """Gradients in the custom op's input order; ``backward_fn``: the backward op (default: the registered
-    custom op; the eager path passes the plain implementation)."""
+    """Gradients in the custom op's input order from ``grads`` (those of the op's outputs); ``backward_fn``: the
+    backward op (default: the registered custom op; the eager path passes the plain implementation)."""
     backward_fn = backward_fn or torch.ops.fp8coat.linears_backward
     meta = ctx.meta
     n = meta["n"]
-    kind, n_src, eps, group = meta["recompute"]
+    kind, n_src, group = meta["recompute"]
     saved, x_scale, *rest = ctx.saved_tensors
     weights, w_scales, src = rest[:n], rest[n : 2 * n], rest[2 * n :]
     ys_grads = list(grads[:n])
@@ -250,44 +241,19 @@ def _backward(ctx, grads, backward_fn=None):
                                       device=x_scale.device)
     out = backward_fn(
         ys_grads, saved, x_scale, weights, list(w_scales), meta["has_bias"], meta["x_shape"], meta["x_dtype"],
-        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], _BWD_FORMAT, kind, list(src), eps, group,
+        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], meta["bwd_format"], kind, list(src), group,
     )
     dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]
-    return dx, list(dws), list(dbs), None, None, None, None, None, None, None, [None] * n_src, None, None
+    return (dx, list(dws), [None] * n, [None] * n, list(dbs), None, None, None, None, None, None, None,
+            [None] * n_src, None)
 
 
-_BWD_FORMAT = "e5m2"
+def _eager_backward(ctx, *grads):
+    return _backward(ctx, grads, _backward_impl)
+
+
 torch.library.register_autograd("fp8coat::linears", _backward, setup_context=_setup)
-
-
-class _LinearsEager(torch.autograd.Function):
-    """The eager path of ``fp8coat::linears``: the same forward, saved tensors and backward, called directly.
-
-    Dispatching a ``torch.library`` custom op with autograd costs about as much host time per call as the op's
-    own kernel launches; ``torch.compile`` (and anything that is not a plain tensor, e.g. fake tensors) goes
-    through the registered op instead. ``tensors`` = weights, the biases present, the recompute sources.
-    """
-
-    @staticmethod
-    def forward(ctx, args: tuple, x: torch.Tensor, *tensors: torch.Tensor):
-        (n, n_bias, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, eps, group) = args
-        weights, biases, src = list(tensors[:n]), list(tensors[n:n + n_bias]), list(tensors[n + n_bias:])
-        inputs = (x, weights, biases, has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, src,
-                  eps, group)
-        out = _forward_impl(*inputs)
-        _setup(ctx, inputs, out)
-        ctx.n_bias = n_bias
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        dx, dws, dbs, *_ = _backward(ctx, grads, _backward_impl)
-        n_src = ctx.meta["recompute"][1]
-        return (None, dx, *dws, *dbs, *([None] * n_src))
-
-
-def _plain(tensors) -> bool:
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+register_eager(_linears_fwd, _forward_impl, _setup, _eager_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,31 +270,29 @@ def linears(
     fast_accum: bool = True,
     emulate: bool = False,
     fwd_format: str = "e4m3",
+    bwd_format: str = "e5m2",
     recompute: "Recompute | None" = None,
 ) -> "list[torch.Tensor]":
     """Several FP8 linear layers on one input, quantized once: returns ``[x @ W_iᵀ + b_i]``.
 
     ``x``: (..., K) bf16/fp16/fp32; ``weights[i]``: (N_i, K) any float dtype (gradients come back in it);
-    ``caches``: optional :class:`FP8WeightCache` per weight. ``save_input_hp`` keeps ``x`` itself for backward
-    instead of its FP8 transposed copy (use it when ``x`` is saved by another op anyway); ``recompute`` saves
-    nothing of ``x`` and rebuilds it in backward from its producer's saved FP8 tensors.
+    ``caches``: optional :class:`FP8WeightCache` per weight. ``fwd_format``: FP8 format of ``x`` and the weights;
+    ``bwd_format``: of the output gradients (``e5m2`` or ``e4m3``; not both operands ``e5m2``). ``save_input_hp``
+    keeps ``x`` itself for backward instead of its FP8 transposed copy (use it when ``x`` is saved by another op
+    anyway); ``recompute`` saves nothing of ``x`` and rebuilds it in backward from its producer's saved FP8
+    tensors.
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
-    handles = [c.handle if c is not None else 0 for c in (caches or [None] * n)]
+    caches = list(caches) if caches is not None else [None] * n
+    casts = [weight_fp8(w, c, fwd_format) for w, c in zip(weights, caches)]
     present = [b for b in biases if b is not None]
     has_bias = [b is not None for b in biases]
     kind = recompute.kind if recompute else ""
     src = list(recompute.tensors) if recompute else []
-    eps = float(recompute.eps) if recompute else 0.0
     group = int(recompute.group_size) if recompute else 16
-    tensors = [*weights, *present, *src]
-    if not torch.compiler.is_compiling() and _plain([x, *tensors]):
-        args = (n, len(present), has_bias, handles, save_input_hp, fast_accum, emulate, fwd_format, kind, eps, group)
-        out = _LinearsEager.apply(args, x, *tensors)
-    else:
-        out = torch.ops.fp8coat.linears(x, list(weights), present, has_bias, handles, save_input_hp, fast_accum,
-                                        emulate, fwd_format, kind, src, eps, group)
+    out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], present, has_bias,
+               save_input_hp, fast_accum, emulate, fwd_format, bwd_format, kind, src, group)
     return list(out[:n])
 
 

@@ -33,7 +33,6 @@ class Recompute:
 
     kind: str
     tensors: tuple
-    eps: float = 0.0
     group_size: int = 16
 
 

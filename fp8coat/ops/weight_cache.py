@@ -9,23 +9,22 @@ forward: optimizer steps (torch's, fp8coat's, fused kernels writing through raw 
 reads the weight once (fingerprint + amax) and, only when it changed, quantizes it (a second read and the FP8
 write) into a buffer it owns; no host sync. A fingerprint misses a change with probability about 2^-64.
 
-While a CUDA graph is being captured (``torch.cuda.graph``, ``make_graphed_callables``,
-``torch.compile(mode="reduce-overhead")``) the cache is bypassed and the weight is quantized inside the graph, so
-every replay quantizes the weight's current values.
+:func:`weight_fp8` is the one entry point: ``(W8, scale) = weight_fp8(w, cache, fmt)``, called in the forward
+of a converted linear layer before its GEMMs. The cache's tensors travel as arguments of the custom op
+``fp8coat::refresh_weight_fp8`` (which mutates them), so ``torch.compile`` sees the weight cast as one node of
+the layer's graph and every layer's cache as an input of the same kind — no per-layer constants.
 
-Caches are registered under an integer handle so that an opaque custom op (``fp8coat::linears``) can find them
-at run time from its integer arguments.
+While a CUDA graph is being captured eagerly (``torch.cuda.graph``, ``make_graphed_callables``) the cache is
+bypassed and the weight is quantized inside the graph, so every replay quantizes the weight's current values.
 """
 
 from __future__ import annotations
-
-import itertools
-import weakref
 
 import torch
 
 from ..formats import get_format
 from ..quantization import quantize_if, quantize_per_tensor, refresh_tensor_scale
+from .eager import call, register_eager
 
 __all__ = ["FP8WeightCache", "weight_fp8"]
 
@@ -40,68 +39,95 @@ class FP8WeightCache:
     the weight's shape, dtype or device changes.
     """
 
-    _registry: "dict[int, weakref.ref]" = {}
-    _next = itertools.count(1)
-
     def __init__(self, fmt: str = "e4m3"):
         self.fmt = get_format(fmt)
         self.q: "torch.Tensor | None" = None
         self.scale: "torch.Tensor | None" = None
         self.record: "torch.Tensor | None" = None
-        self._changed: "torch.Tensor | None" = None  # record[3:], the flag the conditional quantization reads
         self._meta = None
-        self._force = False
-        self.handle = next(self._next)
-        self._registry[self.handle] = weakref.ref(self)
-        weakref.finalize(self, self._registry.pop, self.handle, None)
 
-    @classmethod
-    def lookup(cls, handle: int) -> "FP8WeightCache | None":
-        ref = cls._registry.get(handle)
-        return ref() if ref is not None else None
-
-    def get(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W8, scale)`` of ``w``: the cache's FP8 buffer, refreshed if ``w``'s content changed since the last
-        call, and the scale as a new 0-d fp32 tensor. ``W8`` is overwritten by later calls: use it right away."""
-        w = w.detach()
-        if w.dtype not in _CACHED_DTYPES or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return quantize_per_tensor(w, self.fmt)
+    def state(self, w: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None":
+        """``(q, scale, record)`` for weight ``w`` (allocated now if ``w``'s shape, dtype or device changed), or
+        None where the cache does not apply (an FP8 or integer weight; eager CUDA-graph capture)."""
+        if w.dtype not in _CACHED_DTYPES:
+            return None
+        if not torch.compiler.is_compiling() and w.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
         meta = (tuple(w.shape), w.dtype, w.device)
         if meta != self._meta:
             self.q = torch.empty(w.shape, dtype=self.fmt.dtype, device=w.device)
             self.scale = torch.ones((), dtype=torch.float32, device=w.device)
             self.record = torch.zeros(4, dtype=torch.int32, device=w.device)
-            self._changed = self.record[3:]
             self._meta = meta
-        scale = refresh_tensor_scale(w, self.fmt, self.record, self.scale, self._force)
-        self._force = False
-        quantize_if(w, self.fmt, self.scale, self.q, self._changed)
-        return self.q, scale
+        return self.q, self.scale, self.record
 
     @property
     def refreshed(self) -> "torch.Tensor | None":
-        """int32 (1,) on the device: 1 if the last :meth:`get` quantized the weight, 0 if it reused the copy."""
-        return None if self.record is None else self._changed
+        """int32 (1,) on the device: 1 if the last forward quantized the weight, 0 if it reused the copy."""
+        return None if self.record is None else self.record[3:]
 
     def clear(self) -> None:
-        """Make the next call quantize again, as after a change of the weight (the buffers are kept)."""
-        self._force = True
+        """Make the next forward quantize again, as after a change of the weight (the buffers are kept)."""
+        if self.record is not None:
+            self.record[2:3].zero_()  # "valid" = 0 (on the device, no sync)
 
     def release(self) -> None:
         """Free the FP8 copy and its state (the next call allocates and quantizes again)."""
-        self.q = self.scale = self.record = self._changed = self._meta = None
+        self.q = self.scale = self.record = self._meta = None
 
     @property
     def nbytes(self) -> int:
         return 0 if self.q is None else self.q.numel() * self.q.element_size() + 4 + 16
 
     def __deepcopy__(self, memo) -> "FP8WeightCache":
-        return FP8WeightCache(self.fmt.name)  # a copy of a module gets its own (empty) cache under a new handle
+        return FP8WeightCache(self.fmt.name)  # a copy of a module gets its own (empty) cache
 
     def __reduce__(self):
-        return (FP8WeightCache, (self.fmt.name,))  # pickles hold no FP8 copy; the unpickled cache has a new handle
+        return (FP8WeightCache, (self.fmt.name,))  # pickles hold no FP8 copy
 
 
-def weight_fp8(w: torch.Tensor, cache: "FP8WeightCache | None", fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W8, scale)`` of ``w`` through ``cache``, or a fresh quantization without one."""
-    return cache.get(w) if cache is not None else quantize_per_tensor(w.detach(), fmt)
+def weight_fp8(w: torch.Tensor, cache: "FP8WeightCache | None", fmt) -> "tuple[torch.Tensor, torch.Tensor]":
+    """``(W8, scale)`` of ``w`` (any shape; float): the E4M3/E5M2 per-tensor copy and its 0-d fp32 scale — through
+    ``cache`` (``W8`` is then the cache's buffer, overwritten by its next refresh: use it right away; ``scale`` is a
+    new tensor), or quantized afresh without one."""
+    fmt = get_format(fmt)
+    w = w.detach()
+    state = cache.state(w) if cache is not None else None
+    if state is None:
+        return call(_quantize_weight_op, w, fmt.name)
+    q, scale, record = state
+    return q, call(_refresh_weight_op, w, q, scale, record, fmt.name)
+
+
+def _quantize_weight_impl(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_per_tensor(w, fmt)
+
+
+_quantize_weight_op = torch.library.custom_op("fp8coat::quantize_weight_fp8", _quantize_weight_impl, mutates_args=())
+
+
+@_quantize_weight_op.register_fake
+def _(w, fmt):
+    return w.new_empty(w.shape, dtype=get_format(fmt).dtype), w.new_empty((), dtype=torch.float32)
+
+
+def _refresh_weight_impl(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, record: torch.Tensor,
+                         fmt: str) -> torch.Tensor:
+    """Refresh ``scale`` and ``record`` from ``w``'s fingerprint and amax, quantize ``w`` into ``q`` if it changed;
+    returns the scale as a new 0-d fp32 tensor."""
+    s = refresh_tensor_scale(w, fmt, record, scale)
+    quantize_if(w, fmt, scale, q, record[3:])
+    return s
+
+
+_refresh_weight_op = torch.library.custom_op("fp8coat::refresh_weight_fp8", _refresh_weight_impl,
+                                             mutates_args=("q", "scale", "record"))
+
+
+@_refresh_weight_op.register_fake
+def _(w, q, scale, record, fmt):
+    return scale.new_empty(())
+
+
+register_eager(_quantize_weight_op, _quantize_weight_impl)
+register_eager(_refresh_weight_op, _refresh_weight_impl)
