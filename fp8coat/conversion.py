@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .nn._swap import is_swapped, restore_class, swap_class
+from .nn.handoff import Handoff
 from .nn.activations import FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
@@ -90,8 +91,8 @@ def convert(
             group = [getattr(module, n, None) for n in names]
             if all(isinstance(m, FP8LinearMixin) for m in group) and len({_in_features(m) for m in group}) == 1:
                 share = InputShare(group)
-                for m in group:
-                    m._fp8coat_share = share
+                for slot, m in enumerate(group):
+                    m._fp8coat_share, m._fp8coat_slot = share, slot
     if recipe.fp8_activations:
         for fqn, module in selected.items():
             if is_swapped(module):
@@ -112,17 +113,22 @@ def convert(
 
 
 def _link_norms_to_consumers(block: torch.nn.Module) -> None:
-    """In a pre-norm decoder block, let each FP8 RMSNorm hand its saved tensors to the linears reading its output
-    (``input_layernorm`` -> q/k/v, ``post_attention_layernorm`` -> the gated MLP)."""
-    pairs = []
+    """In a pre-norm decoder block, link each FP8 RMSNorm to the linears reading its output by a :class:`Handoff`
+    (``input_layernorm`` -> the q/k/v group, ``post_attention_layernorm`` -> the gated MLP)."""
     attn = getattr(block, "self_attn", None)
     q = getattr(attn, "q_proj", None)
-    if q is not None and getattr(q, "_fp8coat_share", None) is not None:
-        pairs.append((getattr(block, "input_layernorm", None), q._fp8coat_share))
-    pairs.append((getattr(block, "post_attention_layernorm", None), getattr(block, "mlp", None)))
-    for norm, consumer in pairs:
+    share = getattr(q, "_fp8coat_share", None)
+    links = [("input_layernorm", share, "self_attn.q_proj/k_proj/v_proj"), ("post_attention_layernorm",
+             getattr(block, "mlp", None), "mlp")]
+    for norm_name, consumer, consumer_name in links:
+        norm = getattr(block, norm_name, None)
         if isinstance(norm, FP8RMSNormMixin) and isinstance(consumer, (InputShare, FP8GatedMLPMixin)):
-            object.__setattr__(norm, "_fp8coat_consumer", consumer)  # a plain reference, not a submodule
+            handoff = Handoff(norm_name, consumer_name)
+            norm._fp8coat_handoff = handoff
+            if isinstance(consumer, InputShare):
+                consumer.handoff = handoff
+            else:
+                consumer._fp8coat_handoff = handoff
 
 
 def _in_features(m: torch.nn.Module) -> int:

@@ -148,3 +148,27 @@ def test_fp8_gemm_capability_check(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match="emulate=True"):
         convert_module.convert(model, "coat")
+
+
+def test_handoffs_are_listed_and_survive_copies():
+    """Each pre-norm block links its two FP8 RMSNorms to their consumers; copies keep each link shared by both
+    ends (one object), separate from the original's."""
+    import pickle
+
+    from fp8coat.nn.handoff import describe_handoffs
+
+    model = fp8coat.convert(tiny_decoder("llama"), "coat").train()
+    assert describe_handoffs(model) == [
+        f"model.layers.{i}: {norm} -> {consumer}" for i in range(2)
+        for norm, consumer in (("input_layernorm", "self_attn.q_proj/k_proj/v_proj"),
+                               ("post_attention_layernorm", "mlp"))]
+    assert "hands its FP8 input to mlp" in repr(model.model.layers[0].post_attention_layernorm)
+    assert describe_handoffs(fp8coat.convert(tiny_decoder("llama"), "fp8-linear")) == []
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layer, original = copied.model.layers[0], model.model.layers[0]
+        assert layer.input_layernorm._fp8coat_handoff is layer.self_attn.q_proj._fp8coat_share.handoff
+        assert layer.post_attention_layernorm._fp8coat_handoff is layer.mlp._fp8coat_handoff
+        assert layer.mlp._fp8coat_handoff is not original.mlp._fp8coat_handoff
+        out = copied(input_ids=_ids(), labels=_ids())
+        assert_close = torch.testing.assert_close
+        assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)

@@ -13,7 +13,8 @@ import torch
 
 from ..recipe import Recipe
 from .hooks import has_hooks
-from .linear import _weight_nk, fp8_linear_kwargs, take_offer
+from .handoff import Handoff
+from .linear import _weight_nk, fp8_linear_kwargs
 
 __all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
 
@@ -72,14 +73,14 @@ class FP8GatedMLPMixin:
 
     _fp8coat_recipe: Recipe
     _fp8coat_kind: str
-    _fp8coat_offer = None
+    _fp8coat_handoff: "Handoff | None" = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        recompute = self._fp8coat_handoff.take(x) if self._fp8coat_handoff is not None else None
         if any(has_hooks(m) for m in (self.gate_proj, self.up_proj, self.down_proj, self.act_fn)):
-            take_offer(self, x)  # hooks of the parts must run: the module's own forward calls each of them
-            return super().forward(x)
+            return super().forward(x)  # hooks of the parts must run: the module's own forward calls each of them
         from ..ops import activations as A
         from ..ops.linear import Recompute, linears
 
@@ -88,7 +89,7 @@ class FP8GatedMLPMixin:
         kw = fp8_linear_kwargs(recipe)
         gate, up = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
-            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], recompute=take_offer(self, x), **kw,
+            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], recompute=recompute, **kw,
         )
         if self._fp8coat_kind != "silu":
             approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..recipe import Recipe
-from .linear import make_offer
+from .handoff import Handoff
 
 __all__ = ["FP8RMSNormMixin", "FP8LayerNormMixin", "RMSNORM_CLASS_NAMES"]
 
@@ -26,12 +26,12 @@ def _eps(module) -> float:
 
 
 class FP8RMSNormMixin:
-    """With a consumer (the q/k/v group or the gated MLP reading this norm's output), the norm offers its saved
-    FP8 input and statistics: the consumer's linears rebuild their input from them in backward and save nothing
-    of their own."""
+    """Linked to a consumer (the q/k/v group or the gated MLP reading this norm's output) by a
+    :class:`~fp8coat.nn.handoff.Handoff`, the norm offers its saved FP8 input and statistics: the consumer's
+    linears rebuild their input from them in backward and save nothing of their own."""
 
     _fp8coat_recipe: Recipe
-    _fp8coat_consumer = None
+    _fp8coat_handoff: "Handoff | None" = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -40,12 +40,15 @@ class FP8RMSNormMixin:
         from ..ops.norms import rmsnorm, rmsnorm_with_saved
 
         group = self._fp8coat_recipe.activation_group_size
-        if self._fp8coat_consumer is None or not torch.is_grad_enabled():
+        if self._fp8coat_handoff is None or not torch.is_grad_enabled():
             return rmsnorm(x, self.weight, _eps(self), group)
         y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
-        self._fp8coat_consumer._fp8coat_offer = make_offer(
-            y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), group))
+        self._fp8coat_handoff.offer(y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), group))
         return y
+
+    def extra_repr(self) -> str:
+        link = f", hands its FP8 input to {self._fp8coat_handoff.consumer}" if self._fp8coat_handoff else ""
+        return f"{super().extra_repr()}, fp8=1x{self._fp8coat_recipe.activation_group_size}{link}"
 
 
 class FP8LayerNormMixin:
