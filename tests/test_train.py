@@ -179,41 +179,6 @@ def test_compile_helper_compiles_layers_in_place():
     assert type(wrapped).__name__ == "OptimizedModule"
 
 
-def test_compiled_layers_each_keep_their_own_variants():
-    """Converted decoder layers differ in state dynamo guards, so each is a compiled variant of its own. With one
-    shared code object they would queue up in one list (quadratic lookups, and past dynamo's limit of 8 the rest
-    silently runs uncompiled); ``compile_layers`` gives each layer a private copy of its forward code: every layer
-    compiled, each with exactly one variant (training), more layers than the default limit."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import fp8coat
-    from fp8coat.train.loop import _compile
-
-    n_layers = 10
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
-    model = fp8coat.convert(model.to(torch.bfloat16), "coat").train()
-    torch._dynamo.reset()
-    counters.clear()
-    _compile(model, model.model)
-    ids = torch.randint(0, 64, (2, 16))
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-    assert counters["stats"]["unique_graphs"] >= n_layers, dict(counters["stats"])
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:  # pragma: no cover - the per-code cache is not inspectable in this torch
-        _debug_get_cache_entry_list = None
-    if _debug_get_cache_entry_list is not None:
-        codes = [layer._compiled_call_impl._torchdynamo_orig_callable.__code__ for layer in model.model.layers]
-        assert len({id(c) for c in codes}) == n_layers
-        assert [len(_debug_get_cache_entry_list(c)) for c in codes] == [1] * n_layers
-    torch._dynamo.reset()
-
-
 def test_torchao_optimizer_is_optional(tmp_path, capsys):
     """``--optimizer torchao-fp8`` (a peer's FP8 AdamW, for comparisons): without torchao installed, a clear error
     before anything is written; the compare modifier maps to it."""
