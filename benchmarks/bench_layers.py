@@ -179,7 +179,8 @@ class Bench(harness.Bench):
                    "ms_min": t["ms_min"], "ms_max": t["ms_max"], "fwd_ms": tf["ms"],
                    "TFLOPs": flops / t["ms"] / 1e9}
             if self.cuda:  # calls queued back to back (the host runs ahead, as in training) and graph replays
-                row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda fwd=fwd: step(fwd), dev, 10) for _ in range(5))
+                row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda fwd=fwd: step(fwd), dev, 10)
+                                                  for _ in range(5))
                 # a CUDA graph always quantizes the weight (FP8WeightCache is bypassed while capturing: replays must
                 # see weight updates), so the cached variant has no graph timing of its own
                 row["graph_ms"] = graph_ms(fwd) if impl != "fp8_cached" else None
@@ -429,8 +430,8 @@ def table(res: dict) -> str:
         lines.append("")
     if rows["layer"]:
         lines += ["layer (one decoder layer; U = B*S*H*2 bytes)",
-                  ("| variant | fwd+bwd ms | x vs bf16 | saved U | saved GiB | mem after fwd U | GiB | fwd+bwd peak GiB "
-                   "| first step s |"), "|---|---|---|---|---|---|---|---|---|"]
+                  ("| variant | fwd+bwd ms | x vs bf16 | saved U | saved GiB | mem after fwd U | GiB "
+                   "| fwd+bwd peak GiB | first step s |"), "|---|---|---|---|---|---|---|---|---|"]
         base = rows["layer"].get("bf16", {})
         for key, r in rows["layer"].items():
             if r.get("oom"):

@@ -429,7 +429,8 @@ def table(res: dict) -> str:
     """Compact markdown tables of the timing rows and the checks."""
     copy = res.get("copy", {}).get("GBps")
     lines = [f"copy bandwidth: {copy:.0f} GB/s" if copy else "copy bandwidth: n/a", ""]
-    lines.append("| optimizer | params | dtype | ms/step | b2b ms | host ms | GB/s | % copy | state B/param | peak GiB |")
+    lines.append("| optimizer | params | dtype | ms/step | b2b ms | host ms | GB/s | % copy | state B/param "
+                 "| peak GiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res["rows"].items():
         pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-"

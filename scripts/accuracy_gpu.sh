@@ -2,14 +2,16 @@
 # Accuracy study on the GPU: a ~60M-parameter Llama pretrained on the larger real-text mix with the BF16 reference
 # (autocast + torch fused AdamW), coat, and coat without dynamic range expansion; then a coat fine-tuning run from
 # the BF16 checkpoint. The GPU box has no network: carry the prepared token files (prepare them here with
-# `python scripts/accuracy_gpu.sh --prepare`, which writes .carry/datasets/).
+# `bash scripts/accuracy_gpu.sh --prepare`, which writes .carry/datasets/).
 #
 #   STAGE=pretrain VARIANTS=coat,coat-noexp SEEDS=1 TAG=s1 bash scripts/accuracy_gpu.sh     # a part per call
 #   STAGE=finetune SEEDS=0 bash scripts/accuracy_gpu.sh    # bf16 pretrain, then bf16 / coat fine-tunes from it
 #   STAGE=all bash scripts/accuracy_gpu.sh   # everything at once: one process per (variant, seed), spread over all
 #                                            # GPUs (several per GPU); $OUT gets accuracy.tar.gz + merged tables
 # Run directories (checkpoints) stay in $RUNS on the machine; $OUT gets compare-<stage>-<tag>.{json,md,png}
-# (flat names: the device returns few, small files). Merge the JSON files with scripts/merge_compare.py.
+# (flat names: the device returns few, small files) and $OUT/results/accuracy/<stage>-<tag>.json, the layout of
+# docs/results/ (`cp -r $OUT/results/* docs/results/ && python -m benchmarks.report` publishes them). Merge the JSON
+# files of several calls with `python -m scripts.merge_compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -46,6 +48,8 @@ export_results() {  # $1: stage
   for f in compare.json compare.md loss.png; do
     [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "$OUT/compare-$1-$TAG.${f##*.}"
   done
+  mkdir -p "$OUT/results/accuracy"
+  [ -f "$RUNS/$1/compare.json" ] && cp "$RUNS/$1/compare.json" "$OUT/results/accuracy/$1-$TAG.json"
   cat "$RUNS/$1/compare.md"
 }
 
@@ -99,11 +103,13 @@ case "${STAGE:-pretrain}" in
     for log in "$RUNS"/logs/*.log; do echo "== $log"; tail -n 3 "$log"; done
     shopt -s nullglob
     jsons=("$RUNS"/pretrain-*/compare.json)
-    [ ${#jsons[@]} -gt 0 ] && python3 scripts/merge_compare.py "$RUNS/pretrain" "${jsons[@]}"
+    [ ${#jsons[@]} -gt 0 ] && python3 -m scripts.merge_compare "$RUNS/pretrain" "${jsons[@]}"
     for d in pretrain finetune; do
       for f in compare.json compare.md loss.png; do
         [ -f "$RUNS/$d/$f" ] && cp "$RUNS/$d/$f" "$OUT/compare-$d-$TAG.${f##*.}"
       done
+      mkdir -p "$OUT/results/accuracy"
+      [ -f "$RUNS/$d/compare.json" ] && cp "$RUNS/$d/compare.json" "$OUT/results/accuracy/$d-$TAG.json"
     done
     (cd "$RUNS" && tar czf "$OUT/accuracy-$TAG.tar.gz" logs pretrain-*/compare.* pretrain-*/*/metrics.jsonl \
        finetune/compare.* finetune/*/metrics.jsonl 2>/dev/null) || true
