@@ -18,7 +18,7 @@ and the reported numbers are, pooled over all elements of all selected tensors (
 
 Usage::
 
-    python scripts/optimizer_state_error.py [--steps 300] [--seed 0] [--out runs/optimizer_state_error]
+    python -m benchmarks.optimizer_state_error [--steps 300] [--seed 0] [--out runs/optimizer_state_error]
 
 Writes ``results.md`` and ``results.json`` under ``--out``.
 """
@@ -323,8 +323,8 @@ def bulk_ratio(result: dict) -> float:
 def report(result: dict) -> str:
     """Markdown section for one snapshot."""
     labels = [c[0] for c in CODECS]
-    moment_rows = ["| codec | m rel. err | m entries flushed to 0 | m median k | v rel. err | v entries flushed to 0 "
-                   "| v median k |", "|---|---|---|---|---|---|---|"]
+    moment_rows = [("| codec | m rel. err | m entries flushed to 0 | m median k | v rel. err | v entries flushed to 0 "
+                   "| v median k |"), "|---|---|---|---|---|---|---|"]
     for lab in labels:
         mm, vv = result["moments"]["m"][lab], result["moments"]["v"][lab]
         k_m, k_v = (f"{x['median_k']:.4g}" if x["median_k"] is not None else "–" for x in (mm, vv))
@@ -350,12 +350,13 @@ def report(result: dict) -> str:
         "",
         table(result["share_of_sq_err_from_flushed_v"], ".2%"),
         "",
-        "Each moment alone (relative L2 error; number of non-zero entries decoded as 0; median expansion exponent k "
-        "over the groups that are not all zero):",
+        ("Each moment alone (relative L2 error; number of non-zero entries decoded as 0; median expansion exponent k "
+        "over the groups that are not all zero):"),
         "",
         "\n".join(moment_rows),
         "",
-        f"Ratio MSE(E4M3+Expand, E4M3+Expand) / MSE(E4M3, E4M3) = **{ratio(result):.3f}** (paper: 12.31 / 20.10 = 0.61)",
+        (f"Ratio MSE(E4M3+Expand, E4M3+Expand) / MSE(E4M3, E4M3) = **{ratio(result):.3f}** "
+         "(paper: 12.31 / 20.10 = 0.61)"),
         "",
         f"Same ratio without the elements whose v a codec flushed to 0: {bulk_ratio(result):.3f}",
         "",
