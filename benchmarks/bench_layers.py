@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8coat
-from benchmarks import harness
+from benchmarks import harness, provenance
 from benchmarks.harness import graph_replay_ms, log, problem_lines, sync, time_back_to_back_ms, time_ms
 from fp8coat.compiling import compile_layers
 from fp8coat.memory import measure_saved_tensors
@@ -504,7 +504,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    b = Bench(args, harness.run_meta("benchmarks.bench_layers", argv))
+    b = Bench(args, provenance.run_meta("benchmarks.bench_layers", argv))
     h, f = args.hidden, args.ffn
     log(f"bench_layers on {args.device}: hidden {h}, heads {args.heads}, ffn {f}, batch {args.batch} x seq "
         f"{args.seq}, {args.steps} timed after {args.warmup} warm-up, compile={args.compile}, budget {args.budget_s}s")

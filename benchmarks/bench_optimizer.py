@@ -40,7 +40,7 @@ import traceback
 import torch
 
 import fp8coat
-from benchmarks import harness
+from benchmarks import harness, provenance
 from benchmarks.harness import log, problem_lines, sync, time_back_to_back_ms, time_ms
 from fp8coat.memory import optimizer_state_bytes
 from fp8coat.optim.master_weights import join_bf16_remainder
@@ -475,7 +475,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    b = Bench(args, harness.run_meta("benchmarks.bench_optimizer", argv))
+    b = Bench(args, provenance.run_meta("benchmarks.bench_optimizer", argv))
     log(f"params: {b.res['config']['numel'] / 1e9:.4f}B in {len(b.shapes)} tensors on {args.device}")
 
     def runs():

@@ -6,14 +6,10 @@ summary) and the command-line arguments every benchmark shares."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -154,22 +150,6 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     args.sections = [s for s in args.sections.split(",") if s]
     os.makedirs(args.out, exist_ok=True)
     return args
-
-
-def run_meta(module: str, argv: list[str] | None = None) -> dict:
-    """Where a result comes from: UTC date, the command (``python -m <module> ...``) and the commit (from
-    ``FP8COAT_COMMIT`` or ``git rev-parse``; None when neither is available). Read by ``benchmarks.report``."""
-    commit = os.environ.get("FP8COAT_COMMIT") or None
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    timeout=10, check=True).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    args = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "-m", module, *args])
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "command": command}
 
 
 # ---------------------------------------------------------------------------------------------------------------
