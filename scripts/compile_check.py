@@ -313,6 +313,7 @@ def main() -> int:
     )
     part = torch.empty(qk.AMAX_PROGRAMS, dtype=torch.float32)
     one = torch.empty((), dtype=torch.float32)
+    flag = torch.empty((), dtype=torch.int32)
     counter = torch.empty(1, dtype=torch.int32)
     tiles_k = triton.cdiv(4096, block_k)
     for scale in (False, True):
@@ -346,8 +347,8 @@ def main() -> int:
             "scaled_quant e5m2",
             compile_sm90(
                 qk._scaled_quant_kernel,
-                dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
-                {"FMAX": E5M2.max, "BLOCK_R": block_r, "BLOCK_K": block_k},
+                dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), flag_ptr=flag, **common),
+                {"FMAX": E5M2.max, "CONDITIONAL": False, "BLOCK_R": block_r, "BLOCK_K": block_k},
             ),
         )
     )
@@ -440,6 +441,7 @@ def main() -> int:
                         "lr_ptr": one,
                         "lr_value": 1e-3,
                         "seed": 7,
+                        "count_ptr": torch.empty((), dtype=torch.int64),
                         "one_minus_beta1": 0.1,
                         "beta1": 0.9,
                         "beta2": 0.95,
@@ -470,6 +472,7 @@ def main() -> int:
                         "FLAT": flat,
                         "IEEE": ieee,
                         "FAST": True,
+                        "COUNT": True,  # non-finite gradient elements counted (fp8coat.AdamW with a count tensor)
                     },
                     num_warps=warps,
                     enable_fp_fusion=False,
