@@ -37,43 +37,31 @@ printed last.
 
 Usage::
 
-    python benchmarks/bench_layers.py --out $OUT --budget-s 270       # on a CUDA GPU
-    python benchmarks/bench_layers.py --dry-run                         # tiny shapes on the CPU
+    python -m benchmarks.bench_layers --out $OUT --budget-s 270       # on a CUDA GPU, from the repository root
+    python -m benchmarks.bench_layers --dry-run                         # tiny shapes on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fp8coat  # noqa: E402
-from fp8coat.compiling import compile_layers  # noqa: E402
-from fp8coat.memory import measure_saved_tensors  # noqa: E402
-from fp8coat.ops.linear import FP8WeightCache, linears  # noqa: E402
+import fp8coat
+from benchmarks import harness, provenance
+from benchmarks.harness import graph_replay_ms, log, problem_lines, sync, time_back_to_back_ms, time_ms
+from benchmarks.report import TARGET_PEAK_GIB, TARGET_TOK_S  # model4 targets for fp8coat
+from fp8coat.compiling import compile_layers
+from fp8coat.memory import measure_saved_tensors
+from fp8coat.ops.linear import FP8WeightCache, linears
 
 GIB = 2**30
 LR = 1e-5  # as the anchor script
-JSON_NAME = "bench_layers.json"
 COMPILE_COST_S = 45.0  # estimated seconds a compiled run needs beyond an eager one (compilation)
-TARGET_TOK_S, TARGET_PEAK_GIB = 120e3, 9.5  # model4 targets for fp8coat
-
-
-# benchmarks/ is on sys.path when run as a script
-from harness import (  # noqa: E402
-    finish, graph_replay_ms, log, problem_lines, stop_on_sigterm, sync, time_back_to_back_ms, time_ms,
-)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,27 +89,14 @@ def compile_fn(module: torch.nn.Module, mode: str, layers=None):
     return module
 
 
-class Bench:
+class Bench(harness.Bench):
     """Arguments, results and the run bookkeeping; every variant runs under :meth:`run`."""
 
-    def __init__(self, args):
-        self.args = args
-        self.device = args.device
-        self.cuda = torch.device(self.device).type == "cuda"
-        self.res: dict = {"config": vars(args).copy(), "rows": {"linear": {}, "layer": {}, "model4": {}},
-                          "saved_tables": {}, "errors": {}, "skipped": []}
-        self.t_start = time.time()
+    json_name = "bench_layers.json"
 
-    # -- bookkeeping ------------------------------------------------------------------------------------------
-
-    def save(self) -> None:
-        with open(os.path.join(self.args.out, JSON_NAME), "w") as f:
-            json.dump(self.res, f, indent=1, default=str)
-
-    def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
+    def __init__(self, args, meta: dict | None = None):
+        super().__init__(args, {"config": vars(args).copy(), "rows": {"linear": {}, "layer": {}, "model4": {}},
+                                "saved_tables": {}, "errors": {}, "skipped": []}, meta)
 
     def run(self, section: str, key: str, fn, optional: bool = True, compiled: bool = False) -> None:
         """Run one variant: skipped when its section is not selected, when it is compiled and compilation is
@@ -134,32 +109,16 @@ class Bench:
         if compiled and self.args.compile == "none":
             self.res["skipped"].append(f"{name} (compile off)")
             return
-        elapsed = time.time() - self.t_start
-        cost = COMPILE_COST_S if compiled and self.cuda else 0.0
-        if optional and elapsed + cost > self.args.budget_s:
-            log(f"[{name}] skipped: {elapsed:.0f}s elapsed + ~{cost:.0f}s > budget {self.args.budget_s:.0f}s")
-            self.res["skipped"].append(f"{name} (budget)")
-            return
-        log(f"[{name}] ...")
-        t0 = time.time()
-        try:
-            fn()
-        except ImportError as ex:
-            self.res["skipped"].append(f"{name} ({ex})")
-            log(f"[{name}] skipped: {ex}")
-        except torch.OutOfMemoryError as ex:
+
+        def on_oom():
             self.res["rows"][section][key] = {"oom": True}
-            self.res["errors"][name] = "out of memory: " + str(ex)[:200]
-            log(f"[{name}] OUT OF MEMORY")
-        except Exception as ex:  # noqa: BLE001 - one failing variant must not stop the others
-            self.res["errors"][name] = repr(ex)[:500]
-            log(f"[{name}] FAILED: {ex!r}")
-            traceback.print_exc()
-        if compiled:
-            torch._dynamo.reset()  # drop compiled graphs (and what they reference) before the next variant
-        self.free()
-        log(f"[{name}] {time.time() - t0:.1f}s")
-        self.save()
+
+        def cleanup():
+            if compiled:
+                torch._dynamo.reset()  # drop compiled graphs (and what they reference) before the next variant
+
+        self.attempt(name, fn, optional=optional, cost_s=COMPILE_COST_S if compiled and self.cuda else 0.0,
+                     on_oom=on_oom, cleanup=cleanup)
 
     # -- env --------------------------------------------------------------------------------------------------
 
@@ -202,7 +161,7 @@ class Bench:
         def step(fwd, x=x, ws=ws):
             return torch.autograd.grad(fwd(x=x, ws=ws), [x, *ws], dys)
 
-        def graph_ms(fwd) -> "float | None":
+        def graph_ms(fwd) -> float | None:
             # fresh leaves (same storage): their gradient-accumulator nodes are then created on the capture stream;
             # the ones of x and ws, made on the default stream and kept alive, invalidate a capture on another stream
             gx = x.detach().requires_grad_()
@@ -214,13 +173,14 @@ class Bench:
         flops = 6 * m * n * k * count
         ref = None
         for impl, fwd in variants.items():
-            t = time_ms(lambda: step(fwd), dev, a.warmup, a.steps)
+            t = time_ms(lambda fwd=fwd: step(fwd), dev, a.warmup, a.steps)
             tf = time_ms(fwd, dev, a.warmup, a.steps)
             row = {"shape": key, "impl": impl, "M": m, "K": k, "N": n, "count": count, "ms": t["ms"],
                    "ms_min": t["ms_min"], "ms_max": t["ms_max"], "fwd_ms": tf["ms"],
                    "TFLOPs": flops / t["ms"] / 1e9}
             if self.cuda:  # calls queued back to back (the host runs ahead, as in training) and graph replays
-                row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda: step(fwd), dev, 10) for _ in range(5))
+                row["b2b_ms"] = statistics.median(time_back_to_back_ms(lambda fwd=fwd: step(fwd), dev, 10)
+                                                  for _ in range(5))
                 # a CUDA graph always quantizes the weight (FP8WeightCache is bypassed while capturing: replays must
                 # see weight updates), so the cached variant has no graph timing of its own
                 row["graph_ms"] = graph_ms(fwd) if impl != "fp8_cached" else None
@@ -243,7 +203,7 @@ class Bench:
 
     # -- layer ------------------------------------------------------------------------------------------------
 
-    def layer(self, key: str, recipe: "str | None" = None, torchao: bool = False, compiled: bool = False) -> None:
+    def layer(self, key: str, recipe: str | None = None, torchao: bool = False, compiled: bool = False) -> None:
         """One decoder layer: fwd+bwd time, bytes saved for backward, activation memory after the forward."""
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -326,14 +286,15 @@ class Bench:
 
     # -- model4 -----------------------------------------------------------------------------------------------
 
-    def train(self, key: str, make_opt, *, recipe: "str | None" = None, torchao: bool = False,
+    def train(self, key: str, make_opt, *, recipe: str | None = None, torchao: bool = False,
               compiled: bool = False, amp: bool = False, param_dtype=torch.float32, ref: str = "bf16amp_eager",
-              chunked_loss: bool = False, in_backward: "bool | str" = False, loss_chunk: "int | None" = None) -> None:
+              chunked_loss: bool = False, in_backward: bool | str = False, loss_chunk: int | None = None) -> None:
         """Training steps of the 4-layer model: tok/s, peak memory, final loss. ``chunked_loss``: the LM head and
         cross-entropy through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (no fp32 logits kept), in chunks
         of ``loss_chunk`` tokens (default: its own choice)."""
-        from fp8coat.ops.cross_entropy import linear_cross_entropy
         from transformers import LlamaForCausalLM
+
+        from fp8coat.ops.cross_entropy import linear_cross_entropy
 
         a, dev = self.args, self.device
         cfg = llama_config(a, a.layers)
@@ -366,7 +327,7 @@ class Bench:
                     return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], chunk=loss_chunk)
                 return fn(input_ids=ids, labels=ids, use_cache=False).loss
 
-        phase_ms: "dict[str, list[float]]" = {"forward": [], "backward": [], "optimizer": []}
+        phase_ms: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
         def step() -> float:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda else None
@@ -410,11 +371,14 @@ class Bench:
             # one more step, phase by phase: what is resident before it and the peak inside each phase
             row["resident_GiB"] = (torch.cuda.memory_allocated() - leftover) / GIB
             phases = {}
-            for phase, run in (("forward", forward_loss), ("backward", lambda: loss.backward()),
-                               ("optimizer", opt.step)):
+            for phase in ("forward", "backward", "optimizer"):
                 torch.cuda.reset_peak_memory_stats()
-                out = run()
-                loss = out if phase == "forward" else loss
+                if phase == "forward":
+                    loss = forward_loss()
+                elif phase == "backward":
+                    loss.backward()
+                else:
+                    opt.step()
                 sync(dev)
                 phases[phase] = (torch.cuda.max_memory_allocated() - leftover) / GIB
             opt.zero_grad(set_to_none=True)
@@ -447,8 +411,8 @@ def table(res: dict) -> str:
     rows = res["rows"]
     if rows["linear"]:
         lines += ["linear (fwd+bwd = y, dX, dW; M = tokens)",
-                  "| shape | impl | fwd ms | fwd+bwd ms | TFLOP/s | x vs bf16 | back to back ms | x | graph replay ms "
-                  "| x | err y / dX / dW |",
+                  ("| shape | impl | fwd ms | fwd+bwd ms | TFLOP/s | x vs bf16 | back to back ms | x | graph replay ms "
+                   "| x | err y / dX / dW |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in rows["linear"].items():
             if r.get("oom"):
@@ -466,8 +430,8 @@ def table(res: dict) -> str:
         lines.append("")
     if rows["layer"]:
         lines += ["layer (one decoder layer; U = B*S*H*2 bytes)",
-                  "| variant | fwd+bwd ms | x vs bf16 | saved U | saved GiB | mem after fwd U | GiB | fwd+bwd peak GiB "
-                  "| first step s |", "|---|---|---|---|---|---|---|---|---|"]
+                  ("| variant | fwd+bwd ms | x vs bf16 | saved U | saved GiB | mem after fwd U | GiB "
+                   "| fwd+bwd peak GiB | first step s |"), "|---|---|---|---|---|---|---|---|---|"]
         base = rows["layer"].get("bf16", {})
         for key, r in rows["layer"].items():
             if r.get("oom"):
@@ -481,8 +445,8 @@ def table(res: dict) -> str:
         lines.append("")
     if rows["model4"]:
         lines += ["model4 (4-layer Llama-7B shape, bs x seq tokens per step)",
-                  "| run | tok/s | x vs bf16 eager | x vs torchao | peak GiB | loss first -> last | step ms "
-                  "| fwd / bwd / opt ms | first step s |",
+                  ("| run | tok/s | x vs bf16 eager | x vs torchao | peak GiB | loss first -> last | step ms "
+                   "| fwd / bwd / opt ms | first step s |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         m = rows["model4"]
         b_ref = m.get("bf16amp_eager", {}).get("tok_per_s")
@@ -510,12 +474,12 @@ def table(res: dict) -> str:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="", help="comma list of linear,layer,model4 (default: all)")
+    harness.add_common_args(
+        ap, steps=10, steps_help="timed iterations / training steps (median)", budget_s=270.0,
+        budget_help="optional runs start only within this",
+        sections_help="comma list of linear,layer,model4 (default: all)",
+        dry_run_help="tiny shapes on the CPU (hidden 128, 2 heads, ffn 344, seq 64, batch 2), compiled runs off")
     ap.add_argument("--only", default="", help="comma list of row keys to run (default: all rows of the sections)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
-    ap.add_argument("--budget-s", type=float, default=270.0, help="optional runs start only within this")
-    ap.add_argument("--steps", type=int, default=10, help="timed iterations / training steps (median)")
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", choices=("layers", "model", "none"), default=None,
                     help="model4 compiled runs: per decoder layer (default), the whole model, or none (no compiled "
                          "runs; the default with --dry-run)")
@@ -526,31 +490,25 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny shapes on the CPU (hidden 128, 2 heads, ffn 344, seq 64, batch 2), compiled runs off")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.device = args.device or "cpu"
         args.hidden, args.heads, args.ffn, args.vocab, args.batch, args.seq = 128, 2, 344, 1000, 2, 64
         args.steps, args.warmup = min(args.steps, 2), 1
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    harness.finish_args(args)
     args.compile = args.compile or ("none" if args.dry_run else "layers")
     args.tokens = args.batch * args.seq
-    args.sections = [s for s in args.sections.split(",") if s]
     args.only = [s for s in args.only.split(",") if s]
-    os.makedirs(args.out, exist_ok=True)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    b = Bench(args)
+    b = Bench(args, provenance.run_meta("benchmarks.bench_layers", argv))
     h, f = args.hidden, args.ffn
     log(f"bench_layers on {args.device}: hidden {h}, heads {args.heads}, ffn {f}, batch {args.batch} x seq "
         f"{args.seq}, {args.steps} timed after {args.warmup} warm-up, compile={args.compile}, budget {args.budget_s}s")
 
-    stop_on_sigterm()
     for name in ("recompile_limit", "cache_size_limit"):  # one entry per recipe and call site; never fall back
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -568,7 +526,8 @@ def main(argv=None) -> int:
         return AdamWFp8(ps, lr=LR)
 
     bf16 = torch.bfloat16
-    try:
+
+    def runs():
         b.run("env", "env", b.env, optional=False)
         # most important first; optional runs are skipped once the budget is spent
         for key, k, n, count in ((f"{h}->{h}", h, h, 1), (f"{h}->{f}", h, f, 1), (f"{f}->{h}", f, h, 1),
@@ -625,10 +584,9 @@ def main(argv=None) -> int:
               compiled=True)
         b.run("model4", "bf16amp_compiled", lambda: b.train("bf16amp_compiled", torch_adamw, amp=True, compiled=True),
               compiled=True)
-    except SystemExit as ex:
-        b.res["errors"]["stopped"] = str(ex)
-        log(str(ex))
-    finish(b, "bench_layers", table(b.res), os.path.join(args.out, JSON_NAME))
+
+    b.main_loop(runs)
+    b.finish("bench_layers", table(b.res))
     return 0
 
 

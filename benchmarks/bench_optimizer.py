@@ -22,32 +22,28 @@ same device) from identical parameters, gradients and states and reports how oft
 
 Usage::
 
-    python benchmarks/bench_optimizer.py --out $OUT          # on a CUDA GPU
-    python benchmarks/bench_optimizer.py --dry-run            # tiny shapes on the CPU, torch reference backend
+    python -m benchmarks.bench_optimizer --out $OUT          # on a CUDA GPU, from the repository root
+    python -m benchmarks.bench_optimizer --dry-run            # tiny shapes on the CPU, torch reference backend
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 
 import torch
 
-from harness import finish, log, problem_lines, stop_on_sigterm, sync, time_back_to_back_ms, time_ms  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fp8coat  # noqa: E402
-from fp8coat.memory import optimizer_state_bytes  # noqa: E402
-from fp8coat.optim.master_weights import join_bf16_remainder  # noqa: E402
+import fp8coat
+from benchmarks import harness, provenance
+from benchmarks.harness import log, problem_lines, sync, time_back_to_back_ms, time_ms
+from fp8coat.memory import optimizer_state_bytes
+from fp8coat.optim.master_weights import join_bf16_remainder
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
@@ -62,7 +58,7 @@ def layer_shapes(hidden: int, ffn: int) -> list[tuple[int, ...]]:
     return [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,), (hidden,)]
 
 
-def model_shapes(params_billion: float, hidden: int, ffn: int, layers: "int | None" = None) -> list[tuple[int, ...]]:
+def model_shapes(params_billion: float, hidden: int, ffn: int, layers: int | None = None) -> list[tuple[int, ...]]:
     """Shapes of the fewest whole layers holding at least ``params_billion`` · 1e9 elements (or ``layers``)."""
     one = layer_shapes(hidden, ffn)
     per_layer = sum(math.prod(s) for s in one)
@@ -122,31 +118,18 @@ def min_traffic_bytes(params, state_bytes: int) -> int:
 # benchmark sections
 
 
-class Bench:
+class Bench(harness.Bench):
     """Holds the arguments, the parameter sets and the results; each section is run under ``run_section``."""
 
-    def __init__(self, args):
-        self.args = args
-        self.device = args.device
-        self.cuda = torch.device(self.device).type == "cuda"
+    json_name = "bench_optimizer.json"
+
+    def __init__(self, args, meta: dict | None = None):
+        super().__init__(args, {"config": vars(args).copy(), "rows": {}, "checks": {}, "errors": {}, "skipped": []},
+                         meta)
         self.shapes = model_shapes(args.params_billion, args.hidden, args.ffn, args.layers)
-        self.res: dict = {"config": vars(args).copy(), "rows": {}, "checks": {}, "errors": {}, "skipped": []}
         self.res["config"]["n_tensors"] = len(self.shapes)
         self.res["config"]["numel"] = sum(math.prod(s) for s in self.shapes)
-        self.t_start = time.time()
         self._params: dict = {}
-
-    # -- bookkeeping ------------------------------------------------------------------------------------------
-
-    def save(self) -> None:
-        path = os.path.join(self.args.out, "bench_optimizer.json")
-        with open(path, "w") as f:
-            json.dump(self.res, f, indent=1, default=str)
-
-    def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
 
     def params(self, dtype) -> list[torch.nn.Parameter]:
         """The benchmark's parameter set in ``dtype`` (one set kept at a time)."""
@@ -162,25 +145,7 @@ class Bench:
     def run_section(self, name: str, fn, optional: bool = True) -> None:
         if self.args.sections and name not in self.args.sections:
             return
-        elapsed = time.time() - self.t_start
-        if optional and elapsed > self.args.budget_s:
-            log(f"[{name}] skipped: {elapsed:.0f}s elapsed > budget {self.args.budget_s}s")
-            self.res["skipped"].append(name)
-            return
-        log(f"[{name}] ...")
-        t0 = time.time()
-        try:
-            fn()
-        except ImportError as ex:
-            self.res["skipped"].append(name)
-            log(f"[{name}] skipped: {ex}")
-        except Exception as ex:  # noqa: BLE001 - one failing section must not stop the others
-            self.res["errors"][name] = repr(ex)[:500]
-            log(f"[{name}] FAILED: {ex!r}")
-            traceback.print_exc()
-        log(f"[{name}] {time.time() - t0:.1f}s")
-        self.free()
-        self.save()
+        self.attempt(name, fn, optional=optional)
 
     # -- sections ---------------------------------------------------------------------------------------------
 
@@ -219,7 +184,7 @@ class Bench:
             base = torch.cuda.memory_allocated()
         opt = make_opt(params)
         t = time_steps(opt.step, self.device, self.args.warmup, self.args.steps)
-        numel, pbytes, gbytes = param_storage_bytes(params)
+        numel = param_storage_bytes(params)[0]
         sbytes = optimizer_state_bytes(opt)
         traffic = min_traffic_bytes(params, sbytes)
         row = {
@@ -258,7 +223,7 @@ class Bench:
             note="states in param dtype",
         )
 
-    def fp8coat_adamw(self, master: str, expansion: bool, kernel_options: "dict | None" = None) -> None:
+    def fp8coat_adamw(self, master: str, expansion: bool, kernel_options: dict | None = None) -> None:
         dtype = torch.float32 if master == "fp32" else torch.bfloat16
         key = f"fp8coat_{master}_{'exp' if expansion else 'noexp'}"
         if kernel_options:
@@ -408,7 +373,8 @@ def check_triton_vs_torch(shapes, device, master: str, expansion: bool, *, backe
     pa = [torch.nn.Parameter(p.detach().clone()) for p in base]
     pb = [torch.nn.Parameter(p.detach().clone()) for p in base]
     del base
-    kw = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, master_weights=master, expansion=expansion)
+    kw = {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY, "master_weights": master,
+          "expansion": expansion}
     oa = fp8coat.AdamW(pa, backend=backend, **kw)
     ob = fp8coat.AdamW(pb, backend="torch", **kw)
 
@@ -463,7 +429,8 @@ def table(res: dict) -> str:
     """Compact markdown tables of the timing rows and the checks."""
     copy = res.get("copy", {}).get("GBps")
     lines = [f"copy bandwidth: {copy:.0f} GB/s" if copy else "copy bandwidth: n/a", ""]
-    lines.append("| optimizer | params | dtype | ms/step | b2b ms | host ms | GB/s | % copy | state B/param | peak GiB |")
+    lines.append("| optimizer | params | dtype | ms/step | b2b ms | host ms | GB/s | % copy | state B/param "
+                 "| peak GiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res["rows"].items():
         pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-"
@@ -486,38 +453,32 @@ def table(res: dict) -> str:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_common_args(
+        ap, steps=15, steps_help="timed steps (>= 10 recommended)", budget_s=240.0,
+        budget_help="optional sections start only before this",
+        sections_help="comma list of section names to run (default: all)",
+        dry_run_help="tiny shapes on the CPU with the torch backend")
     ap.add_argument("--params-billion", type=float, default=1.0, help="parameter count to reach (whole layers)")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (overrides --params-billion)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=11008)
-    ap.add_argument("--steps", type=int, default=15, help="timed steps (>= 10 recommended)")
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--check-layers", type=int, default=1, help="layers of the triton-vs-torch check")
     ap.add_argument("--check-steps", type=int, default=2, help="steps before the one-step comparison")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
-    ap.add_argument("--budget-s", type=float, default=240.0, help="optional sections start only before this")
-    ap.add_argument("--sections", default="", help="comma list of section names to run (default: all)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU with the torch backend")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.device = args.device or "cpu"
         args.hidden, args.ffn, args.layers = 128, 344, args.layers or 1
         args.steps, args.warmup = min(args.steps, 2), 1
         args.check_layers = 1
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.sections = [s for s in args.sections.split(",") if s]
-    os.makedirs(args.out, exist_ok=True)
-    return args
+    return harness.finish_args(args)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    b = Bench(args)
+    b = Bench(args, provenance.run_meta("benchmarks.bench_optimizer", argv))
     log(f"params: {b.res['config']['numel'] / 1e9:.4f}B in {len(b.shapes)} tensors on {args.device}")
 
-    stop_on_sigterm()
-    try:
+    def runs():
         # most important first: optional sections are skipped once --budget-s has passed
         b.run_section("env", b.env, optional=False)
         b.run_section("copy", b.copy_bandwidth, optional=False)
@@ -542,10 +503,9 @@ def main(argv=None) -> int:
         b.run_section("check", b.check)
         b.run_section("torchao_AdamWFp8", lambda: b.torchao("fp8"))
         b.run_section("torchao_AdamW8bit", lambda: b.torchao("8bit"))
-    except SystemExit as ex:
-        b.res["errors"]["stopped"] = str(ex)
-        log(str(ex))
-    finish(b, "bench_optimizer", table(b.res), os.path.join(args.out, 'bench_optimizer.json'))
+
+    b.main_loop(runs)
+    b.finish("bench_optimizer", table(b.res))
     return 0
 
 

@@ -2,14 +2,17 @@
 # Accuracy study on the GPU: a ~60M-parameter Llama pretrained on the larger real-text mix with the BF16 reference
 # (autocast + torch fused AdamW), coat, and coat without dynamic range expansion; then a coat fine-tuning run from
 # the BF16 checkpoint. The GPU box has no network: carry the prepared token files (prepare them here with
-# `python scripts/accuracy_gpu.sh --prepare`, which writes .carry/datasets/).
+# `bash scripts/accuracy_gpu.sh --prepare`, which writes .carry/datasets/).
 #
 #   STAGE=pretrain VARIANTS=coat,coat-noexp SEEDS=1 TAG=s1 bash scripts/accuracy_gpu.sh     # a part per call
 #   STAGE=finetune SEEDS=0 bash scripts/accuracy_gpu.sh    # bf16 pretrain, then bf16 / coat fine-tunes from it
 #   STAGE=all bash scripts/accuracy_gpu.sh   # everything at once: one process per (variant, seed), spread over all
 #                                            # GPUs (several per GPU); $OUT gets accuracy.tar.gz + merged tables
 # Run directories (checkpoints) stay in $RUNS on the machine; $OUT gets compare-<stage>-<tag>.{json,md,png}
-# (flat names: the device returns few, small files). Merge the JSON files with scripts/merge_compare.py.
+# (flat names: the device returns few, small files) and, for the pretrain and finetune stages,
+# $OUT/results/accuracy/<stage>-<tag>.json (with date, commit, command and GPU), the layout of
+# docs/results/ (`cp -r $OUT/results/* docs/results/ && python -m benchmarks.report` publishes them). Merge the JSON
+# files of several calls with `python -m scripts.merge_compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -41,11 +44,29 @@ if [ -n "${SMOKE:-}" ]; then  # a CPU check of the whole flow with a tiny model
 fi
 STEPS="${STEPS:-500}"
 
+publish() {  # $1: stage, $2: its compare.json; a copy in the docs/results/accuracy/ layout, with its provenance
+  case "$1" in pretrain | finetune) ;; *) return 0 ;; esac
+  [ -f "$2" ] || return 0
+  mkdir -p "$OUT/results/accuracy"
+  python3 - "$2" "$OUT/results/accuracy/$1-$TAG.json" "STAGE=${STAGE:-pretrain} TAG=$TAG bash scripts/accuracy_gpu.sh" \
+    "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" <<'PY'
+import json, sys
+from benchmarks import provenance
+src, dst, command, gpu = sys.argv[1:5]
+with open(src) as f:
+    data = json.load(f)
+data["meta"] = {"date": provenance.utc_now(), "commit": provenance.commit(), "command": command, "gpu": gpu or None}
+with open(dst, "w") as f:
+    json.dump(data, f, indent=1)
+PY
+}
+
 export_results() {  # $1: stage
   mkdir -p "$OUT"
   for f in compare.json compare.md loss.png; do
     [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "$OUT/compare-$1-$TAG.${f##*.}"
   done
+  publish "$1" "$RUNS/$1/compare.json"
   cat "$RUNS/$1/compare.md"
 }
 
@@ -99,11 +120,12 @@ case "${STAGE:-pretrain}" in
     for log in "$RUNS"/logs/*.log; do echo "== $log"; tail -n 3 "$log"; done
     shopt -s nullglob
     jsons=("$RUNS"/pretrain-*/compare.json)
-    [ ${#jsons[@]} -gt 0 ] && python3 scripts/merge_compare.py "$RUNS/pretrain" "${jsons[@]}"
+    [ ${#jsons[@]} -gt 0 ] && python3 -m scripts.merge_compare "$RUNS/pretrain" "${jsons[@]}"
     for d in pretrain finetune; do
       for f in compare.json compare.md loss.png; do
         [ -f "$RUNS/$d/$f" ] && cp "$RUNS/$d/$f" "$OUT/compare-$d-$TAG.${f##*.}"
       done
+      publish "$d" "$RUNS/$d/compare.json"
     done
     (cd "$RUNS" && tar czf "$OUT/accuracy-$TAG.tar.gz" logs pretrain-*/compare.* pretrain-*/*/metrics.jsonl \
        finetune/compare.* finetune/*/metrics.jsonl 2>/dev/null) || true

@@ -5,7 +5,7 @@ divisible by 16 carry a divisibility hint), compiles through ptxas, and prints p
 shared memory, and how many global loads/stores are vectorized. A compile error here is a compile error on the
 GPU, found without spending GPU time.
 
-    python scripts/compile_check.py            # all kernels at representative arguments
+    python -m scripts.compile_check           # all kernels at representative arguments
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
 _TYPES = {
-    torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float8_e4m3fn: "*fp8e4nv",
-    torch.float8_e5m2: "*fp8e5", torch.float64: "*fp64", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",
+    torch.float32: "*fp32",
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float8_e4m3fn: "*fp8e4nv",
+    torch.float8_e5m2: "*fp8e5",
+    torch.float64: "*fp64",
+    torch.uint8: "*u8",
+    torch.int16: "*i16",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
 }
 
 
@@ -41,7 +49,7 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, **options
             signature[name] = _TYPES[v.dtype]
             if v.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool) or isinstance(v, int):
+        elif isinstance(v, (bool, int)):
             if v == 1:
                 signature[name] = "constexpr"
                 consts[name] = 1
@@ -64,21 +72,33 @@ def report(name: str, kernel) -> dict:
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)
     stores = re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx)
-    vec = lambda xs: sum(1 for x in xs if ".v2" in x or ".v4" in x or ".v8" in x)  # noqa: E731
+    vec = lambda xs: sum(1 for x in xs if ".v2" in x or ".v4" in x or ".v8" in x)
     regs = spills = "?"
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True).stderr
+        out = subprocess.run(
+            [ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stderr
         m = re.search(r"Used (\d+) registers", out)
         regs = int(m.group(1)) if m else "?"
         m = re.search(r"(\d+) bytes spill stores", out)
         spills = int(m.group(1)) if m else "?"
-    row = dict(kernel=name, regs=regs, spill_bytes=spills, shared=kernel.metadata.shared,
-               loads=len(loads), vec_loads=vec(loads), stores=len(stores), vec_stores=vec(stores))
+    row = {
+        "kernel": name,
+        "regs": regs,
+        "spill_bytes": spills,
+        "shared": kernel.metadata.shared,
+        "loads": len(loads),
+        "vec_loads": vec(loads),
+        "stores": len(stores),
+        "vec_stores": vec(stores),
+    }
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return row
 
@@ -97,20 +117,73 @@ def _activation_rows() -> list:
     q = torch.empty(r, k, dtype=torch.float8_e4m3fn)
     s = torch.empty(r, ng, dtype=torch.float32)
     rows = []
-    for name, code, gated in [("swiglu", ACTIVATIONS["silu"], True), ("gelu", ACTIVATIONS["gelu"], False),
-                              ("gelu tanh", ACTIVATIONS["gelu_tanh"], False)]:
-        rows.append(report(f"{name} fwd {r}x{k} bf16 tile={block_r}x{block_k}", compile_sm90(
-            act._act_fwd_kernel,
-            dict(x_ptr=x, u_ptr=x, out_ptr=x, xq_ptr=q, xs_ptr=s, uq_ptr=q, us_ptr=s, R=r, K=k, NG=ng,
-                 K_TILES=k_tiles, stride_xr=k, stride_xk=1, stride_ur=k, stride_uk=1),
-            dict(ACT=code, GATED=gated, FMAX=E4M3.max, G=g, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=True),
-            num_warps=act._GPU_TILE[2], enable_fp_fusion=False)))
-        rows.append(report(f"{name} bwd {r}x{k} bf16 tile={block_r}x{block_k}", compile_sm90(
-            act._act_bwd_kernel,
-            dict(dy_ptr=x, xq_ptr=q, xs_ptr=s, uq_ptr=q, us_ptr=s, dx_ptr=x, du_ptr=x, R=r, K=k, NG=ng,
-                 K_TILES=k_tiles, stride_dr=k, stride_dk=1),
-            dict(ACT=code, GATED=gated, G=g, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=True),
-            num_warps=act._GPU_TILE[2], enable_fp_fusion=False)))
+    for name, code, gated in [
+        ("swiglu", ACTIVATIONS["silu"], True),
+        ("gelu", ACTIVATIONS["gelu"], False),
+        ("gelu tanh", ACTIVATIONS["gelu_tanh"], False),
+    ]:
+        rows.append(
+            report(
+                f"{name} fwd {r}x{k} bf16 tile={block_r}x{block_k}",
+                compile_sm90(
+                    act._act_fwd_kernel,
+                    {
+                        "x_ptr": x,
+                        "u_ptr": x,
+                        "out_ptr": x,
+                        "xq_ptr": q,
+                        "xs_ptr": s,
+                        "uq_ptr": q,
+                        "us_ptr": s,
+                        "R": r,
+                        "K": k,
+                        "NG": ng,
+                        "K_TILES": k_tiles,
+                        "stride_xr": k,
+                        "stride_xk": 1,
+                        "stride_ur": k,
+                        "stride_uk": 1,
+                    },
+                    {
+                        "ACT": code,
+                        "GATED": gated,
+                        "FMAX": E4M3.max,
+                        "G": g,
+                        "BLOCK_R": block_r,
+                        "BLOCK_K": block_k,
+                        "LIBDEVICE": True,
+                    },
+                    num_warps=act._GPU_TILE[2],
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
+        rows.append(
+            report(
+                f"{name} bwd {r}x{k} bf16 tile={block_r}x{block_k}",
+                compile_sm90(
+                    act._act_bwd_kernel,
+                    {
+                        "dy_ptr": x,
+                        "xq_ptr": q,
+                        "xs_ptr": s,
+                        "uq_ptr": q,
+                        "us_ptr": s,
+                        "dx_ptr": x,
+                        "du_ptr": x,
+                        "R": r,
+                        "K": k,
+                        "NG": ng,
+                        "K_TILES": k_tiles,
+                        "stride_dr": k,
+                        "stride_dk": 1,
+                    },
+                    {"ACT": code, "GATED": gated, "G": g, "BLOCK_R": block_r, "BLOCK_K": block_k, "LIBDEVICE": True},
+                    num_warps=act._GPU_TILE[2],
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
     return rows
 
 
@@ -130,75 +203,223 @@ def _norm_rows(r: int = 8192, h: int = 4096) -> list:
     part = torch.empty(264, h, dtype=torch.float64)
     rows = []
     for name, ln in [("rmsnorm", False), ("layernorm", True)]:
-        rows.append(report(f"{name} fwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}", compile_sm90(
-            norms._norm_fwd_kernel,
-            dict(x_ptr=x, w_ptr=w, b_ptr=w, y_ptr=x, q_ptr=q, s_ptr=s, mean_ptr=stat, rstd_ptr=stat,
-                 R=r, H=h, NG=ng, stride_xr=h, stride_xh=1, eps=1e-6),
-            dict(LAYERNORM=ln, HAS_W=True, HAS_B=ln, FMAX=E4M3.max, G=g, BLOCK_R=block_r, BLOCK_H=block_h),
-            num_warps=warps, enable_fp_fusion=False)))
-        rows.append(report(f"{name} bwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}", compile_sm90(
-            norms._norm_bwd_kernel,
-            dict(dy_ptr=x, q_ptr=q, s_ptr=s, mean_ptr=stat, rstd_ptr=stat, w_ptr=w, dx_ptr=x, dw_ptr=part,
-                 db_ptr=part, R=r, H=h, NG=ng, stride_dyr=h, stride_dyh=1, n_blocks=triton.cdiv(r, block_r)),
-            dict(LAYERNORM=ln, HAS_W=True, HAS_DB=ln, G=g, BLOCK_R=block_r, BLOCK_H=block_h),
-            num_warps=warps, enable_fp_fusion=False)))
+        rows.append(
+            report(
+                f"{name} fwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}",
+                compile_sm90(
+                    norms._norm_fwd_kernel,
+                    {
+                        "x_ptr": x,
+                        "w_ptr": w,
+                        "b_ptr": w,
+                        "y_ptr": x,
+                        "q_ptr": q,
+                        "s_ptr": s,
+                        "mean_ptr": stat,
+                        "rstd_ptr": stat,
+                        "R": r,
+                        "H": h,
+                        "NG": ng,
+                        "stride_xr": h,
+                        "stride_xh": 1,
+                        "eps": 1e-6,
+                    },
+                    {
+                        "LAYERNORM": ln,
+                        "HAS_W": True,
+                        "HAS_B": ln,
+                        "FMAX": E4M3.max,
+                        "G": g,
+                        "BLOCK_R": block_r,
+                        "BLOCK_H": block_h,
+                    },
+                    num_warps=warps,
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
+        rows.append(
+            report(
+                f"{name} bwd {r}x{h} bf16 tile={block_r}x{block_h} warps={warps}",
+                compile_sm90(
+                    norms._norm_bwd_kernel,
+                    {
+                        "dy_ptr": x,
+                        "q_ptr": q,
+                        "s_ptr": s,
+                        "mean_ptr": stat,
+                        "rstd_ptr": stat,
+                        "w_ptr": w,
+                        "dx_ptr": x,
+                        "dw_ptr": part,
+                        "db_ptr": part,
+                        "R": r,
+                        "H": h,
+                        "NG": ng,
+                        "stride_dyr": h,
+                        "stride_dyh": 1,
+                        "n_blocks": triton.cdiv(r, block_r),
+                    },
+                    {"LAYERNORM": ln, "HAS_W": True, "HAS_DB": ln, "G": g, "BLOCK_R": block_r, "BLOCK_H": block_h},
+                    num_warps=warps,
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
     return rows
 
 
 def main() -> int:
+    import triton.language as tl
+
     from fp8coat.formats import E4M3, E5M2
     from fp8coat.optim import step_triton as st
     from fp8coat.quantization import triton_kernels as qk
-    import triton.language as tl
 
     rows = []
     x = torch.empty(4096, 4096, dtype=torch.bfloat16)
     q = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
     s = torch.empty(4096, 256, dtype=torch.float32)
     block_r, block_k = qk._tiles(4096, 4096, 16)
-    common = dict(R=4096, K=4096, stride_xr=4096, stride_xk=1)
-    rows.append(report("group_quant G=16", compile_sm90(
-        qk._group_quant_kernel, dict(x_ptr=x, q_ptr=q, s_ptr=s, NG=256, **common),
-        dict(FMAX=E4M3.max, G=16, BLOCK_R=block_r, BLOCK_K=block_k))))
-    rows.append(report("group_dequant G=16", compile_sm90(
-        qk._group_dequant_kernel, dict(q_ptr=q, s_ptr=s, x_ptr=x, R=4096, K=4096, NG=256, stride_qr=4096,
-                                       stride_qk=1), dict(G=16, BLOCK_R=block_r, BLOCK_K=block_k))))
+    common = {"R": 4096, "K": 4096, "stride_xr": 4096, "stride_xk": 1}
+    rows.append(
+        report(
+            "group_quant G=16",
+            compile_sm90(
+                qk._group_quant_kernel,
+                dict(x_ptr=x, q_ptr=q, s_ptr=s, NG=256, **common),
+                {"FMAX": E4M3.max, "G": 16, "BLOCK_R": block_r, "BLOCK_K": block_k},
+            ),
+        )
+    )
+    rows.append(
+        report(
+            "group_dequant G=16",
+            compile_sm90(
+                qk._group_dequant_kernel,
+                {
+                    "q_ptr": q,
+                    "s_ptr": s,
+                    "x_ptr": x,
+                    "R": 4096,
+                    "K": 4096,
+                    "NG": 256,
+                    "stride_qr": 4096,
+                    "stride_qk": 1,
+                },
+                {"G": 16, "BLOCK_R": block_r, "BLOCK_K": block_k},
+            ),
+        )
+    )
     part = torch.empty(qk.AMAX_PROGRAMS, dtype=torch.float32)
     one = torch.empty((), dtype=torch.float32)
+    flag = torch.empty((), dtype=torch.int32)
     counter = torch.empty(1, dtype=torch.int32)
     tiles_k = triton.cdiv(4096, block_k)
     for scale in (False, True):
-        rows.append(report(f"amax{' -> scale' if scale else ''} (programs loop over tiles, last one finalizes)",
-                           compile_sm90(qk._amax_kernel, dict(x_ptr=x, part_ptr=part, count_ptr=counter, out_ptr=one,
-                                                              TILES_K=tiles_k, TILES=tiles_k * 4096 // block_r,
-                                                              **common),
-                                        dict(FMAX=E4M3.max, SCALE=scale, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k,
-                                             BLOCK=qk.AMAX_PROGRAMS))))
-    rows.append(report("scaled_quant e5m2", compile_sm90(
-        qk._scaled_quant_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), **common),
-        dict(FMAX=E5M2.max, BLOCK_R=block_r, BLOCK_K=block_k))))
+        rows.append(
+            report(
+                f"amax{' -> scale' if scale else ''} (programs loop over tiles, last one finalizes)",
+                compile_sm90(
+                    qk._amax_kernel,
+                    dict(
+                        x_ptr=x,
+                        part_ptr=part,
+                        count_ptr=counter,
+                        out_ptr=one,
+                        TILES_K=tiles_k,
+                        TILES=tiles_k * 4096 // block_r,
+                        **common,
+                    ),
+                    {
+                        "FMAX": E4M3.max,
+                        "SCALE": scale,
+                        "PRIOR": False,
+                        "BLOCK_R": block_r,
+                        "BLOCK_K": block_k,
+                        "BLOCK": qk.AMAX_PROGRAMS,
+                    },
+                ),
+            )
+        )
+    rows.append(
+        report(
+            "scaled_quant e5m2",
+            compile_sm90(
+                qk._scaled_quant_kernel,
+                dict(x_ptr=x, s_ptr=one, q_ptr=q.view(torch.float8_e5m2), flag_ptr=flag, **common),
+                {"FMAX": E5M2.max, "CONDITIONAL": False, "BLOCK_R": block_r, "BLOCK_K": block_k},
+            ),
+        )
+    )
 
     rows += _activation_rows()
     rows += _norm_rows()
 
     qt = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
-    rows.append(report("quant_transpose", compile_sm90(
-        qk._quant_transpose_kernel, dict(x_ptr=x, s_ptr=one, q_ptr=q, qt_ptr=qt, M=4096, K=4096, M_pad=4096,
-                                         stride_xm=4096, stride_xk=1, stride_qm=4096, stride_qtk=4096),
-        dict(FMAX=E4M3.max, ROWWISE=True, TRANSPOSED=True, BLOCK_M=64, BLOCK_K=64))))
+    rows.append(
+        report(
+            "quant_transpose",
+            compile_sm90(
+                qk._quant_transpose_kernel,
+                {
+                    "x_ptr": x,
+                    "s_ptr": one,
+                    "q_ptr": q,
+                    "qt_ptr": qt,
+                    "M": 4096,
+                    "K": 4096,
+                    "M_pad": 4096,
+                    "stride_xm": 4096,
+                    "stride_xk": 1,
+                    "stride_qm": 4096,
+                    "stride_qtk": 4096,
+                },
+                {"FMAX": E4M3.max, "ROWWISE": True, "TRANSPOSED": True, "BLOCK_M": 64, "BLOCK_K": 64},
+            ),
+        )
+    )
     from fp8coat.ops import recompute_kernels as rk
 
     rstd = torch.empty(4096, dtype=torch.float32)
     for name, kind in (("recompute rmsnorm+weight -> fp8 transposed", 1), ("recompute swiglu -> fp8 transposed", 2)):
-        rows.append(report(name, compile_sm90(
-            rk._recompute_kernel, dict(a_q=q, a_s=s, b_q=q, b_s=s, rstd_ptr=rstd, w_ptr=x, scale_ptr=one,
-                                       out_ptr=qt, M=4096, K=4096, NG=256, M_PAD=4096),
-            dict(KIND=kind, ROUND=1, STORE_T=True, FMAX=E4M3.max, G=16, BLOCK_M=64, BLOCK_K=64, LIBDEVICE=True),
-            enable_fp_fusion=False)))
+        rows.append(
+            report(
+                name,
+                compile_sm90(
+                    rk._recompute_kernel,
+                    {
+                        "a_q": q,
+                        "a_s": s,
+                        "b_q": q,
+                        "b_s": s,
+                        "rstd_ptr": rstd,
+                        "w_ptr": x,
+                        "scale_ptr": one,
+                        "out_ptr": qt,
+                        "M": 4096,
+                        "K": 4096,
+                        "NG": 256,
+                        "M_PAD": 4096,
+                    },
+                    {
+                        "KIND": kind,
+                        "ROUND": 1,
+                        "STORE_T": True,
+                        "FMAX": E4M3.max,
+                        "G": 16,
+                        "BLOCK_M": 64,
+                        "BLOCK_K": 64,
+                        "LIBDEVICE": True,
+                    },
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
 
     table = torch.empty(9, 64, dtype=torch.int64)
     meta = torch.empty(4, 64, dtype=torch.int64)
-    BG, warps = int(os.environ.get("BG", 8)), int(os.environ.get("WARPS", 4))
+    BG, warps = int(os.environ.get("BG", "8")), int(os.environ.get("WARPS", "4"))
     for name, master, p_dt, g_dt, expand, flat, ieee in [
         ("adamw fp32 dre", 0, tl.float32, tl.float32, True, True, True),
         ("adamw fp32 dre approx-math", 0, tl.float32, tl.float32, True, True, False),
@@ -207,15 +428,57 @@ def main() -> int:
         ("adamw bf16-remainder dre", 1, tl.int16, tl.bfloat16, True, True, True),
         ("adamw bf16-stochastic dre", 2, tl.int16, tl.bfloat16, True, True, True),
     ]:
-        rows.append(report(f"{name} BG={BG} warps={warps}", compile_sm90(
-            st._adamw_step_kernel,
-            dict(table=table, meta=meta, prog_tensor=torch.empty(64, dtype=torch.int32), NT=45, lr_ptr=one, lr_value=1e-3, seed=7, one_minus_beta1=0.1, beta1=0.9,
-                 beta2=0.95, one_minus_beta2=0.05, eps=1e-8, weight_decay=0.1, bias_correction1=0.1,
-                 inv_bc2_sqrt=1.2),
-            dict(P_DT=p_dt, G_DT=g_dt, M_DT=tl.float8e4nv, V_DT=tl.float8e4nv, M_FP8=True, V_FP8=True,
-                 EXPAND=expand, M_FMAX=448.0, V_FMAX=448.0, M_C=265.8, V_C=265.8, MASTER=master,
-                 LR_FROM_PTR=False, MAXIMIZE=False, LERP_SMALL=True, G=128, BLOCK_GROUPS=BG, FLAT=flat, IEEE=ieee, FAST=True),
-            num_warps=warps, enable_fp_fusion=False)))
+        rows.append(
+            report(
+                f"{name} BG={BG} warps={warps}",
+                compile_sm90(
+                    st._adamw_step_kernel,
+                    {
+                        "table": table,
+                        "meta": meta,
+                        "prog_tensor": torch.empty(64, dtype=torch.int32),
+                        "NT": 45,
+                        "lr_ptr": one,
+                        "lr_value": 1e-3,
+                        "seed": 7,
+                        "count_ptr": torch.empty((), dtype=torch.int64),
+                        "one_minus_beta1": 0.1,
+                        "beta1": 0.9,
+                        "beta2": 0.95,
+                        "one_minus_beta2": 0.05,
+                        "eps": 1e-8,
+                        "weight_decay": 0.1,
+                        "bias_correction1": 0.1,
+                        "inv_bc2_sqrt": 1.2,
+                    },
+                    {
+                        "P_DT": p_dt,
+                        "G_DT": g_dt,
+                        "M_DT": tl.float8e4nv,
+                        "V_DT": tl.float8e4nv,
+                        "M_FP8": True,
+                        "V_FP8": True,
+                        "EXPAND": expand,
+                        "M_FMAX": 448.0,
+                        "V_FMAX": 448.0,
+                        "M_C": 265.8,
+                        "V_C": 265.8,
+                        "MASTER": master,
+                        "LR_FROM_PTR": False,
+                        "MAXIMIZE": False,
+                        "LERP_SMALL": True,
+                        "G": 128,
+                        "BLOCK_GROUPS": BG,
+                        "FLAT": flat,
+                        "IEEE": ieee,
+                        "FAST": True,
+                        "COUNT": True,  # non-finite gradient elements counted (fp8coat.AdamW with a count tensor)
+                    },
+                    num_warps=warps,
+                    enable_fp_fusion=False,
+                ),
+            )
+        )
     return 0
 
 

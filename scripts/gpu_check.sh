@@ -2,6 +2,10 @@
 # One GPU run: install the carried wheels (torchao, bitsandbytes) if present, print the environment, run the tests
 # marked `gpu` and the benchmarks. Each section runs under its own time limit and writes $OUT/<section>.log; a
 # failing or timed-out section does not stop the others. A summary is printed last and written to $OUT/summary.txt.
+# The benchmarks' result files land in the layout of docs/results/: $OUT/results/optimizer/<RUN_ID>.json and
+# $OUT/results/layers/<RUN_ID>.json (RUN_ID defaults to the UTC date and time), each recording the commit
+# (FP8COAT_COMMIT, else `git rev-parse`), date, command and GPU. To publish them, from the repository root:
+#   cp -r $OUT/results/* docs/results/ && python -m benchmarks.report     # rewrites docs/benchmarks.md
 #
 # Usage, from the repository root:  bash scripts/gpu_check.sh            (OUT defaults to /tmp/fp8coat_gpu)
 # To add a benchmark: write a section_<name> function below and add "<name> <limit_s>" to SECTIONS.
@@ -10,8 +14,14 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-/tmp/fp8coat_gpu}"
-mkdir -p "$OUT"
+export RUN_ID="${RUN_ID:-$(date -u +%Y-%m-%d-%H%M)}"
+export RESULTS="$OUT/results"
+mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers"
 export PYTHONUNBUFFERED=1
+if [ -z "${FP8COAT_COMMIT:-}" ]; then
+  FP8COAT_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || true)"
+  export FP8COAT_COMMIT
+fi
 
 SECTIONS=(
   "env 45"
@@ -50,7 +60,7 @@ EOF
 
 section_launch() {
   # where the FP8 linear's host time goes: pieces, whole calls (tiny and real shapes), cProfile
-  python3 scripts/host_overhead_gpu.py
+  python3 -m scripts.host_overhead_gpu
 }
 
 section_pytest_gpu() {
@@ -61,18 +71,19 @@ section_pytest_gpu() {
 section_bench_optimizer() {
   # BENCH_ARGS: extra arguments of both benchmarks, e.g. BENCH_ARGS=--dry-run for a quick run without a GPU;
   # BENCH_OPTIMIZER_ARGS: of this one only (e.g. --sections copy,fp8coat_fp32_exp)
-  python3 benchmarks/bench_optimizer.py --out "$OUT" --budget-s 200 ${BENCH_ARGS:-} ${BENCH_OPTIMIZER_ARGS:-}
+  python3 -m benchmarks.bench_optimizer --out "$RESULTS/optimizer" --budget-s 200 ${BENCH_ARGS:-} \
+    ${BENCH_OPTIMIZER_ARGS:-}
 }
 
 section_bench_layers() {
   # FP8 linear / decoder layer / 4-layer model training vs BF16 and torchao; BENCH_LAYERS_ARGS: extra arguments
-  python3 benchmarks/bench_layers.py --out "$OUT" --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-}
+  python3 -m benchmarks.bench_layers --out "$RESULTS/layers" --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-}
 }
 
 section_profile() {
   # host vs GPU time of one FP8 linear fwd+bwd, kernel breakdowns of the linear and of one decoder layer
-  python3 scripts/profile_linear_gpu.py --no-checks
-  python3 scripts/profile_layer_gpu.py --recipes bf16,coat --cprofile --top 25
+  python3 -m scripts.profile_linear_gpu --no-checks
+  python3 -m scripts.profile_layer_gpu --recipes bf16,coat --cprofile --top 25
 }
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,6 +117,12 @@ for entry in "${SECTIONS[@]}"; do
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; elif [ "$rc" -ne 0 ]; then status="FAILED"; fi
   [ "$status" = "ok" ] || failed=$((failed + 1))
   summary+=("$(printf '%-18s %-8s rc=%-4s %4ss' "$name" "$status" "$rc" "$((SECONDS - t0))")")
+  # a benchmark's JSON (saved after every run, so also after a time-out) gets the run's name
+  for bench in optimizer layers; do
+    if [ "$name" = "bench_$bench" ] && [ -f "$RESULTS/$bench/bench_$bench.json" ]; then
+      mv "$RESULTS/$bench/bench_$bench.json" "$RESULTS/$bench/$RUN_ID.json"
+    fi
+  done
 done
 
 {

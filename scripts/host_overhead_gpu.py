@@ -12,7 +12,7 @@
 4. The amax kernel's GPU time at 8192 × 4096 bf16 for several tile sizes, warp counts and program counts (CUDA
    events, median of 20), against a copy of the same tensor.
 
-    python3 scripts/host_overhead_gpu.py
+    python -m scripts.host_overhead_gpu        # from the repository root
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fp8coat.formats import E4M3  # noqa: E402
-from fp8coat.ops.linear import FP8WeightCache, linear  # noqa: E402
-from fp8coat.quantization import triton_kernels as tk  # noqa: E402
-from harness import launch_graph_us  # noqa: E402
+from benchmarks.harness import launch_graph_us
+from fp8coat.formats import E4M3
+from fp8coat.ops.linear import FP8WeightCache, linear
+from fp8coat.quantization import triton_kernels as tk
 
 
 def per_call_us(fn, calls: int = 200, batches: int = 7) -> float:
@@ -57,7 +54,8 @@ def pieces() -> None:
     part, count = tk._amax_scratch(x.device)
     out = torch.empty((), dtype=torch.float32, device="cuda")
     args = (x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles)
-    meta = dict(FMAX=E4M3.max, SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=tk.AMAX_PROGRAMS)
+    meta = {"FMAX": E4M3.max, "SCALE": True, "PRIOR": False, "BLOCK_R": block_r, "BLOCK_K": block_k,
+            "BLOCK": tk.AMAX_PROGRAMS}
     grid = (min(tiles, tk.AMAX_PROGRAMS),)
     a8 = torch.randn(64, 64, device="cuda").to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
@@ -120,7 +118,7 @@ def breakdown(m: int = 256, k: int = 256, n: int = 256, calls: int = 200, warmup
     """Host µs per fwd+bwd of the functions the FP8 linear calls, timed from inside the op by wrapping them."""
     import fp8coat.ops.linear as lin
 
-    totals: "dict[str, float]" = {}
+    totals: dict[str, float] = {}
     names = ("tensor_scale", "quantize_transpose", "quantize_per_tensor", "fp8_mm")
     originals = {name: getattr(lin, name) for name in names}
 
@@ -158,7 +156,7 @@ def breakdown(m: int = 256, k: int = 256, n: int = 256, calls: int = 200, warmup
                 fwd_s += t1 - t0
                 bwd_s += t2 - t1
             torch.cuda.synchronize()
-            us = lambda v: v * 1e6 / calls  # noqa: E731
+            us = lambda v: v * 1e6 / calls
             print(f"\n{variant} {m}x{k}->{n}: forward {us(fwd_s):.1f} µs, backward (autograd.grad) {us(bwd_s):.1f} µs "
                   "per call")
             for name in names:
@@ -192,7 +190,7 @@ def bisect(calls: int = 200) -> None:
 
     def sequence(x):
         s = tensor_scale(x, "e4m3")
-        q, qt = quantize_transpose(x, "e4m3", s)
+        q, _qt = quantize_transpose(x, "e4m3", s)
         fp8_mm(q, s, w8, one, torch.bfloat16, fast_accum=True)
 
     rows = {
@@ -261,7 +259,8 @@ def amax_sweep() -> None:
 
     y = torch.empty_like(x)
     print(f"\namax of 8192x4096 bf16 (64 MiB), GPU µs: copy of the tensor {gpu_ms(lambda: y.copy_(x)) * 1e3:.1f} "
-          f"(reads and writes), current launcher (incl. its scratch) {gpu_ms(lambda: tk.tensor_scale_triton(x, E4M3)) * 1e3:.1f}")
+          "(reads and writes), current launcher (incl. its scratch) "
+          f"{gpu_ms(lambda: tk.tensor_scale_triton(x, E4M3)) * 1e3:.1f}")
     print(f"{'tile':>10} {'warps':>6} {'programs':>9} {'µs':>7}")
     for block_r, block_k in ((4, 1024), (8, 1024), (16, 1024)):
         tiles_k = -(-k // block_k)
@@ -270,10 +269,10 @@ def amax_sweep() -> None:
             for programs in (528, 1056, 2112):
                 if programs > part.numel() or programs > tiles:
                     continue
-                meta = dict(FMAX=E4M3.max, SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k,
-                            BLOCK=next_pow2(programs), num_warps=warps)
+                meta = {"FMAX": E4M3.max, "SCALE": True, "PRIOR": False, "BLOCK_R": block_r, "BLOCK_K": block_k,
+                        "BLOCK": next_pow2(programs), "num_warps": warps}
                 args = (x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles)
-                us = gpu_ms(lambda: tk._amax_kernel.fn[(programs,)](*args, **meta)) * 1e3
+                us = gpu_ms(lambda p=programs, a=args, kw=meta: tk._amax_kernel.fn[(p,)](*a, **kw)) * 1e3
                 print(f"{block_r:>4}x{block_k:<5} {warps:>6} {programs:>9} {us:7.1f}")
 
 

@@ -1,7 +1,7 @@
 """Where the time of one Llama-2-7B-shaped decoder layer's fwd+bwd goes: wall time per step, GPU busy time per
 step, and the kernels ranked by GPU time, for BF16 and the fp8coat recipes.
 
-    python3 scripts/profile_layer_gpu.py [--recipes bf16,coat,torchao] [--compile] [--batch 4 --seq 2048]  # GPU
+    python -m scripts.profile_layer_gpu [--recipes bf16,coat,torchao] [--compile] [--batch 4 --seq 2048]  # GPU
 
 A step whose wall time is well above its GPU busy time is host-bound (launch and Python overhead).
 """
@@ -79,7 +79,7 @@ def profile_recipe(recipe: str, args) -> None:
         for _ in range(args.steps):
             step()
         sync(args)
-    kernels: "dict[str, list[float]]" = collections.defaultdict(list)
+    kernels: dict[str, list[float]] = collections.defaultdict(list)
     for evt in prof.events():
         if evt.device_type == DeviceType.CUDA:
             kernels[evt.name].append(evt.device_time_total / 1e3)

@@ -1,7 +1,7 @@
 """GPU diagnostics for the FP8 linear op: a kernel-time breakdown of fwd+bwd at a Llama-7B shape, and checks of the
 quantize-transpose kernel and torch._scaled_mm against the torch reference for fp32 inputs and odd token counts.
 
-    python3 scripts/profile_linear_gpu.py [--no-checks] [--no-profile]   # prints tables; needs an FP8 CUDA GPU
+    python -m scripts.profile_linear_gpu [--no-checks] [--no-profile]   # prints tables; needs an FP8 CUDA GPU
 
 The host-vs-GPU table tells whether one fwd+bwd is host-bound (host ≈ wall > GPU busy) or GPU-bound.
 """

@@ -1,7 +1,7 @@
 """Tile sweep of the FP8 quantize-transpose kernel (and of the amax kernel) at a real shape: device time per launch
 and bandwidth.
 
-    python3 scripts/quant_transpose_sweep_gpu.py [--m 8192 --k 4096] [--amax]      # needs a CUDA GPU
+    python -m scripts.quant_transpose_sweep_gpu [--m 8192 --k 4096] [--amax]      # needs a CUDA GPU
 
 For each (BLOCK_M, BLOCK_K, warps) it launches ``_quant_transpose_kernel`` directly (row-major + transposed copy, and
 transposed only), checks the output bit for bit against the launcher's current configuration, and times 20 launches
@@ -12,17 +12,14 @@ sweeps the per-tensor amax kernel (tiles, warps, programs) against ``torch.amax`
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import launch_graph_us as gpu_us
+from fp8coat.formats import E4M3
+from fp8coat.quantization import triton_kernels as tk
 
-from fp8coat.formats import E4M3  # noqa: E402
-from fp8coat.quantization import triton_kernels as tk  # noqa: E402
-from harness import launch_graph_us as gpu_us  # noqa: E402
+# ruff: noqa: B023 - every closure below is timed within the loop iteration that defines it
 
 
 def amax_sweep(x: torch.Tensor) -> None:
@@ -95,7 +92,7 @@ def main() -> None:
             try:
                 launch()
                 torch.cuda.synchronize()
-            except Exception as ex:  # e.g. out of shared memory for the largest tiles
+            except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory for the largest tiles
                 print(f"{block_m:>8} {block_k:>8} {warps:>6}  failed: {type(ex).__name__}: {str(ex)[:80]}")
                 continue
             same = torch.equal(qt.view(torch.uint8), ref_qt.view(torch.uint8))

@@ -3,7 +3,7 @@
 A tiny byte-level Llama is trained for 30 fp32 AdamW steps on a slice of the Shakespeare corpus; its moments are
 then round-tripped through the FP8 state codec and the pooled MSE of m̂/(√v̂ + eps) is compared between plain
 per-group E4M3 and E4M3 with expansion, for both moments. The metric and model come from
-``scripts/optimizer_state_error.py``.
+``benchmarks/optimizer_state_error.py``.
 
 Measured with this setup (torch 2.13 CPU, seeds 0 / 1 / 2):
 
@@ -16,32 +16,21 @@ Measured with this setup (torch 2.13 CPU, seeds 0 / 1 / 2):
 With expansion a no-op every ratio would be exactly 1.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks import optimizer_state_error as ose
 from fp8coat.data.corpus import shakespeare_text
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "optimizer_state_error.py"
 STEPS = 30
 BETAS = (0.9, 0.95)
 EPS = 1e-8
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("optimizer_state_error", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def result():
     """``evaluate()`` output for the moments of a tiny model after 30 AdamW steps."""
     pytest.importorskip("transformers")
-    ose = _load_script()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     data = ose.byte_tokens(shakespeare_text()[:200_000])
@@ -91,7 +80,6 @@ def test_flat_blocks_mix_rows_and_flush_what_row_groups_keep():
     """The layout comparison's mechanism: with rows of 320 (not a multiple of 256), one flattened block of 256
     holds the end of a large row and the start of a tiny one; its absmax scale flushes the tiny values to 0, which
     groups along the last dim (never mixing rows) keep."""
-    ose = _load_script()
     x = torch.empty(2, 320)
     x[0], x[1] = 1.0, 1e-7  # e.g. the v of a frequent and of a rare token's embedding row
     flat = ose.flat_block_roundtrip(x, "e4m3", 256)
