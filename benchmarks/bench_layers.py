@@ -56,6 +56,7 @@ from benchmarks import harness, provenance
 from benchmarks.harness import graph_replay_ms, log, problem_lines, sync, time_back_to_back_ms, time_ms
 from benchmarks.report import TARGET_PEAK_GIB, TARGET_TOK_S  # model4 targets for fp8coat
 from fp8coat.compiling import compile_layers
+from fp8coat.conversion import weight_caches
 from fp8coat.memory import measure_saved_tensors
 from fp8coat.ops.linear import FP8WeightCache, linears
 
@@ -85,7 +86,7 @@ def compile_fn(module: torch.nn.Module, mode: str, layers=None):
     """``torch.compile`` the module whole (``mode='model'``) or each of ``layers`` in place (``'layers'``)."""
     if mode == "model" or layers is None:
         return torch.compile(module)
-    compile_layers(layers)  # each layer with its own compiled code (see fp8coat.compiling)
+    compile_layers(layers)  # layer.compile() on each: converted layers share one compiled code
     return module
 
 
@@ -233,7 +234,7 @@ class Bench(harness.Bench):
             out = fn(x, position_embeddings=pe)
             return out[0] if isinstance(out, tuple) else out
 
-        caches = [m._fp8coat_cache for m in layer.modules() if getattr(m, "_fp8coat_cache", None) is not None]
+        caches = weight_caches(layer)
 
         def step():
             for c in caches:  # weights change at every optimizer step: quantize them once per step

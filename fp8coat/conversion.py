@@ -29,7 +29,7 @@ from .ops.linear import fp8_gemm_supported
 from .ops.weight_cache import FP8WeightCache
 from .recipe import Recipe, get_recipe
 
-__all__ = ["convert", "unconvert", "conversion_summary"]
+__all__ = ["convert", "unconvert", "conversion_summary", "weight_caches"]
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -159,3 +159,10 @@ def conversion_summary(model: torch.nn.Module) -> dict:
             kind = type(module).__mro__[1].__name__
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def weight_caches(model: torch.nn.Module) -> "list[FP8WeightCache]":
+    """The FP8 weight caches of ``model``'s converted linear layers, in module order: e.g. to count their bytes
+    (``cache.nbytes``), free them before evaluation (``cache.release()``) or make the next forward quantize every
+    weight again (``cache.clear()``)."""
+    return [m._fp8coat_cache for m in model.modules() if isinstance(m, FP8LinearMixin)]

@@ -119,7 +119,7 @@ def breakdown(m: int = 256, k: int = 256, n: int = 256, calls: int = 200, warmup
     import fp8coat.ops.linear as lin
 
     totals: dict[str, float] = {}
-    names = ("tensor_scale", "quantize_transpose", "quantize_per_tensor", "fp8_mm")
+    names = ("tensor_scale", "quantize_transpose", "weight_fp8", "fp8_mm")
     originals = {name: getattr(lin, name) for name in names}
 
     def timed(name, fn):

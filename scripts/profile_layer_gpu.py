@@ -17,6 +17,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import fp8coat
+from fp8coat.conversion import weight_caches
 
 
 def build(recipe: str, args):
@@ -43,7 +44,7 @@ def build(recipe: str, args):
     dy = torch.randn_like(x)
     with torch.no_grad():
         pe = rope(x, torch.arange(args.seq, device=args.device)[None])
-    caches = [m._fp8coat_cache for m in layer.modules() if getattr(m, "_fp8coat_cache", None) is not None]
+    caches = weight_caches(layer)
 
     def step():
         for c in caches:  # a new optimizer step: weights are re-quantized

@@ -172,3 +172,19 @@ def test_handoffs_are_listed_and_survive_copies():
         out = copied(input_ids=_ids(), labels=_ids())
         assert_close = torch.testing.assert_close
         assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)
+
+
+def test_weight_caches_lists_each_converted_linear_once():
+    from fp8coat.conversion import weight_caches
+
+    model = fp8coat.convert(tiny_decoder("llama"), "coat").train()
+    caches = weight_caches(model)
+    assert len(caches) == conversion_summary(model)["FP8LinearMixin"] == 14 and len(set(map(id, caches))) == 14
+    assert sum(c.nbytes for c in caches) == 0  # allocated by the first training forward
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    linears = [m for m in model.modules() if hasattr(m, "_fp8coat_cache")]
+    assert sum(c.nbytes for c in caches) == sum(m.weight.numel() + 20 for m in linears)
+    for c in caches:
+        c.release()
+    assert sum(c.nbytes for c in caches) == 0
+    assert weight_caches(fp8coat.convert(tiny_decoder("llama"), "bf16")) == []
