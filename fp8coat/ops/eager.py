@@ -33,40 +33,53 @@ def register_eager(op, impl: Callable, setup_context: "Callable | None" = None,
     _IMPLS[op] = (impl, setup_context, backward)
 
 
-def _flatten(args: tuple) -> "tuple[list, list[int]]":
-    """The arguments with lists spliced in, and each argument's length (-1: not a list)."""
-    leaves, sizes = [], []
+_TENSOR = -1  # spec entry of a tensor argument; n >= 0: a list of n tensors; a tuple (value,): anything else
+
+
+def _split(args: tuple):
+    """``(tensors, spec)``: the tensor arguments (lists of tensors spliced in) and how to rebuild the arguments;
+    None when a tensor is not a plain tensor (the registered op must dispatch it)."""
+    tensors, spec = [], []
     for a in args:
-        if isinstance(a, list):
-            leaves.extend(a)
-            sizes.append(len(a))
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return None
+            tensors.append(a)
+            spec.append(_TENSOR)
+        elif type(a) is list and a and isinstance(a[0], torch.Tensor):
+            for t in a:
+                if type(t) not in _PLAIN:
+                    return None
+            tensors.extend(a)
+            spec.append(len(a))
         else:
-            leaves.append(a)
-            sizes.append(-1)
-    return leaves, sizes
+            spec.append((a,))
+    return tensors, spec
 
 
-def _unflatten(leaves, sizes) -> list:
+def _join(tensors, spec) -> list:
     args, i = [], 0
-    for n in sizes:
-        if n < 0:
-            args.append(leaves[i])
+    for entry in spec:
+        if entry == _TENSOR:
+            args.append(tensors[i])
             i += 1
+        elif type(entry) is int:
+            args.append(list(tensors[i : i + entry]))
+            i += entry
         else:
-            args.append(list(leaves[i : i + n]))
-            i += n
+            args.append(entry[0])
     return args
 
 
 class _EagerOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op, sizes, *leaves):
+    def forward(ctx, op, spec, *tensors):
         impl, setup_context, backward = _IMPLS[op]
-        args = _unflatten(leaves, sizes)
+        args = _join(tensors, spec)
         out = impl(*args)
         ctx.set_materialize_grads(False)
         setup_context(ctx, args, out)
-        ctx.eager_backward, ctx.eager_sizes = backward, sizes
+        ctx.eager_backward, ctx.eager_spec = backward, spec
         return tuple(out) if isinstance(out, (tuple, list)) else out
 
     @staticmethod
@@ -74,11 +87,11 @@ class _EagerOp(torch.autograd.Function):
         res = ctx.eager_backward(ctx, *grads)
         res = res if isinstance(res, tuple) else (res,)
         flat = []
-        for g, n in zip(res, ctx.eager_sizes):
-            if n < 0:
+        for g, entry in zip(res, ctx.eager_spec):
+            if entry == _TENSOR:
                 flat.append(g)
-            else:
-                flat.extend(g if g is not None else [None] * n)
+            elif type(entry) is int:
+                flat.extend(g if g is not None else [None] * entry)
         return (None, None, *flat)
 
 
@@ -86,10 +99,11 @@ def call(op, *args):
     """``op(*args)``: directly (or through :class:`_EagerOp` for differentiable ops) when registered with
     :func:`register_eager`, not compiling and every tensor argument is a plain tensor; else the registered op."""
     entry = _IMPLS.get(op)
-    if entry is not None and not torch.compiler.is_compiling():
-        leaves, sizes = _flatten(args)
-        if all(type(a) in _PLAIN for a in leaves if isinstance(a, torch.Tensor)):
-            if entry[2] is None:
-                return entry[0](*args)
-            return _EagerOp.apply(op, sizes, *leaves)
-    return op(*args)
+    if entry is None or torch.compiler.is_compiling():
+        return op(*args)
+    split = _split(args)
+    if split is None:
+        return op(*args)
+    if entry[2] is None:
+        return entry[0](*args)
+    return _EagerOp.apply(op, split[1], *split[0])
