@@ -136,3 +136,14 @@ def test_forward_set_on_a_part_instance_is_called(where):
     assert calls == [1] and not torch.equal(changed, base)
     del part.forward
     assert_bit_equal(model(input_ids=ids).logits, base)
+
+
+def test_shared_input_group_keeps_nothing_after_its_last_member():
+    """After q, k and v ran, the group holds neither their input nor outputs (they would outlive the layer)."""
+    model = fp8coat.convert(_tiny_llama(), "coat").train()
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    for layer in model.model.layers:
+        for share in (layer.self_attn.q_proj._fp8coat_share, layer.mlp.gate_proj._fp8coat_share):
+            assert share.x is None and all(o is None for o in share.outputs)
+        assert layer.input_layernorm._fp8coat_handoff._offer is None
+        assert layer.post_attention_layernorm._fp8coat_handoff._offer is None

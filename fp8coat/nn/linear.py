@@ -59,9 +59,11 @@ class InputShare:
     def forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         module = self.members[slot]
         if slot > 0:
-            out = self.outputs[slot]
+            out, held = self.outputs[slot], self.x
             self.outputs[slot] = None
-            if out is not None and self.x is x and unchanged(x, self.x_version):
+            if all(o is None for o in self.outputs):
+                self.x = None  # nothing waits any more: do not keep the input alive
+            if out is not None and held is x and unchanged(x, self.x_version):
                 return out
             return _single(module, x)
         self.x = None
