@@ -12,7 +12,7 @@ import statistics
 import pytest
 import torch
 
-from fp8coat.cli import build_parser, main
+from fp8coat.train.cli import build_parser, main
 from fp8coat.train.config import TrainConfig
 
 pytest.importorskip("transformers")

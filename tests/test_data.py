@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fp8coat.data import (
+from fp8coat.train.data import (
     ByteTokenizer,
     PreparedData,
     TokenDataset,
@@ -23,11 +23,11 @@ from fp8coat.data import (
     split_documents,
     train_tokenizer,
 )
-from fp8coat.data import corpus as corpus_mod
-from fp8coat.data import debian as debian_mod
-from fp8coat.data import tokenizer as tokenizer_mod
-from fp8coat.data import tokens as tokens_mod
-from fp8coat.data._atomic import atomic_dir, atomic_file
+from fp8coat.train.data import corpus as corpus_mod
+from fp8coat.train.data import debian as debian_mod
+from fp8coat.train.data import tokenizer as tokenizer_mod
+from fp8coat.train.data import tokens as tokens_mod
+from fp8coat.train.data._atomic import atomic_dir, atomic_file
 
 N_DOCS = 12
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8coat.data.corpus import shakespeare_text
+from fp8coat.train.data.corpus import shakespeare_text
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "optimizer_state_error.py"
 STEPS = 30

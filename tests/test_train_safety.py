@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from fp8coat.cli import build_parser, main
+from fp8coat.train.cli import build_parser, main
 from fp8coat.train.progress import MetricsLog
 
 pytest.importorskip("transformers")
@@ -435,7 +435,7 @@ def test_resume_uses_the_checkpoints_tokenizer_and_refuses_other_data(tmp_path, 
     BPE cache now holds (here: another tokenizer under the same cache key): the run ends bit-identical. Data
     that differs from the data the run started with (a file added) is refused, naming what changed, before
     anything is written."""
-    from fp8coat.data import train_tokenizer
+    from fp8coat.train.data import train_tokenizer
 
     monkeypatch.setenv("FP8COAT_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "texts"

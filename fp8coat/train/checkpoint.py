@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..data._atomic import sha256_of_files
+from .data._atomic import sha256_of_files
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "checkpoint_steps", "latest_intact_checkpoint",
            "verify_checkpoint", "write_manifest", "read_state", "prune_checkpoints", "remove_leftovers",

@@ -24,9 +24,9 @@ import os
 import statistics
 from dataclasses import replace
 
-from ..data._atomic import atomic_file, atomic_write_text
 from ..recipe import RECIPES
 from .config import TrainConfig
+from .data._atomic import atomic_file, atomic_write_text
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 

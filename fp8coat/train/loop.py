@@ -25,15 +25,41 @@ from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
-from .checkpoint import (MANIFEST, latest_checkpoint, latest_intact_checkpoint, load_checkpoint, prune_checkpoints,
-                         read_state, remove_leftovers, save_checkpoint, verify_checkpoint)
+from .checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_state,
+    remove_leftovers,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import TrainConfig
-from .finite import (NonFiniteError, count_non_finite, first_bad_step, first_non_finite, new_counter, new_tracker,
-                     track_loss)
+from .data import TokenDataset, batch_iterator, eval_batches, prepare_dataset
+from .finite import (
+    NonFiniteError,
+    count_non_finite,
+    first_bad_step,
+    first_non_finite,
+    new_counter,
+    new_tracker,
+    track_loss,
+)
 from .presets import PRESETS, build_model, is_checkpoint_dir
 from .progress import MetricsLog, Progress, human_count, nonfinite_note
-from .runs import (check_new_run, check_same_data, check_same_run, clear_run, config_differences, data_identity,
-                   new_run_id, read_run, write_run)
+from .runs import (
+    check_new_run,
+    check_same_data,
+    check_same_run,
+    clear_run,
+    config_differences,
+    data_identity,
+    new_run_id,
+    read_run,
+    write_run,
+)
 from .schedule import lr_at
 
 __all__ = ["train", "resolve_device", "clip_gradients", "FINAL_WINDOW"]
@@ -171,8 +197,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     Steps whose gradient norm was NaN or inf (see :func:`clip_gradients`) are counted in the metrics log, on the
     progress line and in the summary.
     """
-    from ..data import batch_iterator, eval_batches, prepare_dataset, TokenDataset
-
     cfg.validate()
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass only one")

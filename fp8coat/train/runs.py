@@ -19,9 +19,9 @@ import os
 import shutil
 import uuid
 
-from ..data._atomic import sha256_of_files
 from .checkpoint import DamagedCheckpoint, checkpoint_steps, read_state
 from .config import TrainConfig
+from .data._atomic import sha256_of_files
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "RUN_FILES", "new_run_id", "check_new_run", "clear_run", "read_run",
            "write_run", "saved_config", "resumed_config", "config_differences", "check_same_run", "data_identity",
@@ -146,7 +146,7 @@ _DATA_FIELDS = (("source", "data"), ("tokenizer", "tokenizer.json sha256"), ("tr
 
 
 def data_identity(data) -> dict:
-    """What identifies the prepared training data (a :class:`~fp8coat.data.PreparedData`): its description, the
+    """What identifies the prepared training data (a :class:`~fp8coat.train.data.PreparedData`): its description, the
     sha256 of its tokenizer (``"bytes"`` for the byte tokenizer), the training and validation token counts and the
     sha256 of the two token files (16 hex digits each; the latter as the dataset's manifest records it, computed
     here for datasets prepared without it)."""

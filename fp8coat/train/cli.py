@@ -13,6 +13,13 @@ import argparse
 import dataclasses
 import sys
 
+from .compare import DEFAULT_VARIANTS, compare
+from .config import TrainConfig
+from .finite import NonFiniteError
+from .loop import train
+from .progress import format_summary
+from .runs import resumed_config, saved_config
+
 __all__ = ["main", "build_parser"]
 
 _HELP = {
@@ -70,8 +77,6 @@ _OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.j
 def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: bool = False) -> None:
     """One flag per :class:`~fp8coat.train.TrainConfig` option. With ``given_only``, options not on the command
     line stay out of the parsed namespace (their defaults are shown in the help only)."""
-    from .train import TrainConfig
-
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
@@ -92,8 +97,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: boo
 
 
 def _config(args):
-    from .train import TrainConfig
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
     return TrainConfig(**values).validate()
 
@@ -101,16 +104,12 @@ def _config(args):
 def _given(args) -> dict:
     """The :class:`~fp8coat.train.TrainConfig` options typed on the command line (``train`` parses with
     ``given_only``: defaults never appear in ``args``)."""
-    from .train import TrainConfig
-
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
 
 
 def _train_config(args):
     """A new run's configuration (the given options over the defaults), or with ``--resume`` the saved one of the
     run in ``--out-dir`` with the given options that may change on resume (others that differ: ValueError)."""
-    from .train import TrainConfig
-    from .train.runs import resumed_config, saved_config
 
     given = _given(args)
     if not args.resume:
@@ -121,9 +120,6 @@ def _train_config(args):
 
 
 def _train(args) -> int:
-    from .train import train
-    from .train.progress import format_summary
-
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(summary, cfg.out_dir))
@@ -131,8 +127,6 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from .train import TrainConfig, compare
-
     if args.recipe is not None:
         raise ValueError("--recipe has no effect in compare: each variant names its recipe "
                          "(e.g. --variants bf16-torchopt,coat)")
@@ -148,8 +142,6 @@ def _compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
-
     parser = argparse.ArgumentParser(prog="fp8coat", description="Memory-efficient FP8 training (COAT).")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train or fine-tune a model (CPU or GPU)")
@@ -157,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", action="store_true", help=_RESUME_HELP)
     p_train.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p_train.set_defaults(func=_train)
-
-    from .train.compare import DEFAULT_VARIANTS
 
     p_cmp = sub.add_parser("compare", help="train several recipes on identical data; table + loss plot",
                            conflict_handler="resolve")  # --out-dir, --recipe, --seed below replace the run flags
@@ -181,8 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    from .train.finite import NonFiniteError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

