@@ -11,32 +11,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NonFiniteError", "new_tracker", "track_loss", "first_bad_step", "new_counter", "count_non_finite",
-           "first_non_finite"]
+__all__ = ["NonFiniteError", "count_non_finite", "device_int", "first_non_finite", "track_loss"]
 
 
 class NonFiniteError(RuntimeError):
     """Training produced NaN or inf; the message names the first step (or tensor) affected."""
 
 
-def new_tracker(device: torch.device) -> torch.Tensor:
-    """0-d int64 tensor on ``device``: 0 while every loss was finite, else the first step whose loss was not."""
-    return torch.zeros((), dtype=torch.int64, device=device)
+def device_int(device: torch.device, value: int = 0) -> torch.Tensor:
+    """0-d int64 tensor on ``device`` holding ``value``: for :func:`track_loss` (0 while every loss was finite,
+    else the first step whose loss was not) or :func:`count_non_finite`. Read it with ``int()`` (a host sync)."""
+    return torch.full((), value, dtype=torch.int64, device=device)
 
 
 def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
     """Record ``step`` in ``tracker`` if ``loss`` is not finite and no earlier step was recorded (no host sync)."""
     tracker.masked_fill_(~torch.isfinite(loss) & (tracker == 0), step)
-
-
-def first_bad_step(tracker: torch.Tensor) -> int:
-    """The step recorded by :func:`track_loss`, 0 if none (a host sync)."""
-    return int(tracker)
-
-
-def new_counter(device: torch.device, start: int = 0) -> torch.Tensor:
-    """0-d int64 tensor on ``device`` holding ``start``, for :func:`count_non_finite`."""
-    return torch.full((), start, dtype=torch.int64, device=device)
 
 
 def count_non_finite(counter: torch.Tensor, value: torch.Tensor) -> None:
