@@ -96,22 +96,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: boo
                                 default=argparse.SUPPRESS if given_only else default, help=shown)
 
 
-def _config(args):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
-    return TrainConfig(**values).validate()
-
-
-def _given(args) -> dict:
-    """The :class:`~fp8coat.train.TrainConfig` options typed on the command line (``train`` parses with
-    ``given_only``: defaults never appear in ``args``)."""
+def _options(args) -> dict:
+    """The :class:`~fp8coat.train.TrainConfig` options in ``args``: for ``train`` (parsed with ``given_only``) those
+    typed on the command line, for ``compare`` every one."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
 
 
 def _train_config(args):
     """A new run's configuration (the given options over the defaults), or with ``--resume`` the saved one of the
     run in ``--out-dir`` with the given options that may change on resume (others that differ: ValueError)."""
-
-    given = _given(args)
+    given = _options(args)
     if not args.resume:
         return TrainConfig(**given).validate()
     out_dir = given.get("out_dir", TrainConfig.out_dir)
@@ -137,7 +131,7 @@ def _compare(args) -> int:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     # the recipe and the seed of each run come from its variant and --seeds
     base = argparse.Namespace(**{**vars(args), "recipe": TrainConfig.recipe, "seed": seeds[0] if seeds else 0})
-    compare(_config(base), variants, seeds, args.out_dir)
+    compare(TrainConfig(**_options(base)).validate(), variants, seeds, args.out_dir)
     return 0
 
 
