@@ -151,7 +151,7 @@ def data_identity(data) -> dict:
     sha256 of the two token files (16 hex digits each; the latter as the dataset's manifest records it, computed
     here for datasets prepared without it)."""
     tokens = data.tokens_sha256 or sha256_of_files(data.train_path, data.val_path)[:16]
-    return {"source": data.description,
+    return {"source": data.source,
             "tokenizer": sha256_of_files(data.tokenizer_path)[:16] if data.tokenizer_path is not None else "bytes",
             "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens, "tokens_sha256": tokens}
 

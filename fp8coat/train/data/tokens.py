@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_dir, sha256_of_files
-from .batches import TokenDataset, batch_iterator, eval_batches
+from .batches import TokenDataset
 from .corpus import MIXES, NAMED_CORPORA, Document, Source, cache_dir, corpus_identity, describe_source, load_corpus
 from .split import split_documents
 from .tokenizer import ByteTokenizer, cached_bpe_tokenizer, encode_ids, eot_id, load_tokenizer
 
-__all__ = ["PreparedData", "TokenDataset", "batch_iterator", "eval_batches", "prepare_dataset"]
+__all__ = ["PreparedData", "prepare_dataset"]
 
 DATASET_FORMAT = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _pieces)
@@ -70,23 +70,11 @@ class PreparedData:
     split: str = "documents"  # "documents" | "tail" (single-document corpus)
     tokens_sha256: "str | None" = None  # of train.bin then val.bin (16 hex digits); None in older caches
 
-    @property
-    def dir(self) -> Path:
-        return self.train_path.parent
-
-    @property
-    def description(self) -> str:
-        return self.source
-
     def train_dataset(self) -> TokenDataset:
         return TokenDataset(self.train_path, self.dtype, "training split")
 
     def val_dataset(self) -> TokenDataset:
         return TokenDataset(self.val_path, self.dtype, "validation split")
-
-    def load_tokenizer(self):
-        """The tokenizer: a ``tokenizers.Tokenizer``, or a :class:`ByteTokenizer`."""
-        return ByteTokenizer() if self.tokenizer_path is None else load_tokenizer(self.tokenizer_path)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> PreparedData:
