@@ -280,8 +280,9 @@ def test_named_corpus_cache_and_offline_reuse(tmp_path, monkeypatch):
     assert (len(fetched), len(calls)) == (1, 1)
     assert prepare_dataset(data.train_path.parent) == data  # a dataset folder is a source too
 
-    version[0] = "second"  # fetched again with other content: prepared again
-    load_corpus("tiny", refresh=True)
+    version[0] = "second"  # fetched again (it is not cached here) with other content: prepared again
+    load_corpus("tiny")
+    assert len(fetched) == 2
     again = prepare_dataset("tiny", tokenizer="bytes", val_fraction=0.25, cache=tmp_path / "ds")
     assert len(calls) == 2 and again.train_path.read_bytes() != first_tokens
     assert "second" in _decode_bytes(again.train_path) and "first" not in _decode_bytes(again.train_path)

@@ -47,7 +47,7 @@ __all__ = ["PreparedData", "prepare_dataset"]
 DATASET_FORMAT = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _pieces)
 BATCH_CHARS = 8 << 20  # characters per encode_batch call
-PROGRESS_CHARS = 8 << 20  # show progress on stderr for corpora at least this large (progress=None)
+PROGRESS_CHARS = 8 << 20  # show progress on stderr for corpora at least this large
 KNOWN = {*NAMED_CORPORA, *MIXES}
 
 
@@ -202,15 +202,15 @@ def _reuse(folder: Path, source: Source) -> PreparedData | None:
 
 
 def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathLike = "bpe", vocab_size: int = 16384,
-                    val_fraction: float = 0.02, seed: int = 0, cache: str | os.PathLike | None = None,
-                    progress: bool | None = None) -> PreparedData:
+                    val_fraction: float = 0.02, seed: int = 0, cache: str | os.PathLike | None = None
+                    ) -> PreparedData:
     """Encode ``source`` (see :func:`load_corpus`) into cached train/validation token files.
 
     ``tokenizer``: "bpe" (byte-level BPE with ``vocab_size`` entries trained on the whole corpus, cached),
     "bytes" (:class:`ByteTokenizer`, vocabulary 257; ``vocab_size`` ignored) or the path of a ``tokenizer.json``
     (its end-of-text token separates documents). ``val_fraction``: share of tokens held out, as whole documents
     chosen with ``seed``. ``cache``: root for tokenizers and datasets (default :func:`cache_dir`).
-    ``progress``: print progress on stderr (default: for corpora of 8 M characters or more).
+    Progress is shown on stderr for corpora of 8 M characters or more.
     Returns the :class:`PreparedData`; a second call with the same arguments reuses the files. ``source`` may also
     be a prepared dataset folder (one holding a ``manifest.json``), returned as it is (other arguments ignored).
     """
@@ -233,7 +233,7 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
     t0 = time.perf_counter()
     docs = load_corpus(source)
     chars = sum(len(d.text) for d in docs)
-    progress = chars >= PROGRESS_CHARS if progress is None else progress
+    progress = chars >= PROGRESS_CHARS
     t_load = time.perf_counter() - t0
     tok_path = None
     if kind == "bytes":
