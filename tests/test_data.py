@@ -106,7 +106,8 @@ def test_apt_failure_is_reported_and_leaves_no_files(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 100, "", "Reading package lists...\nE: Unable to locate package X\n")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match="(?s)could not download dict-gcide via apt-get: .*E: Unable to locate package"):
+    with pytest.raises(RuntimeError,
+                       match="(?s)could not download dict-gcide via apt-get: .*E: Unable to locate package"):
         load_corpus("gcide")
     assert not [p for p in _files(tmp_path / "cache") if p.endswith(".jsonl") or "partial" in p]
 
@@ -209,9 +210,9 @@ def test_prepare_is_deterministic_and_splits_by_document(folder, tmp_path):
     total = sum(len(d.text.encode()) + 1 for d in docs)
     assert a.n_train_tokens + a.n_val_tokens == total and 0.1 < a.n_val_tokens / total < 0.4
 
-    val_sets = {tuple(json.loads((prepare_dataset(folder, tokenizer="bytes", val_fraction=0.2, seed=s,
-                                                  cache=tmp_path / "c1").train_path.parent / "manifest.json").read_text())
-                      ["val"]["documents"]) for s in range(4)}
+    folders = [prepare_dataset(folder, tokenizer="bytes", val_fraction=0.2, seed=s, cache=tmp_path / "c1"
+                               ).train_path.parent for s in range(4)]
+    val_sets = {tuple(json.loads((f / "manifest.json").read_text())["val"]["documents"]) for f in folders}
     assert len(val_sets) > 1  # the seed chooses the held-out documents
 
 
@@ -393,7 +394,8 @@ def test_sequence_longer_than_split(tmp_path):
 # ---- downloaded corpora (opt-in) --------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.environ.get("FP8COAT_SLOW_TESTS") != "1", reason="downloads Debian packages; FP8COAT_SLOW_TESTS=1")
+@pytest.mark.skipif(os.environ.get("FP8COAT_SLOW_TESTS") != "1",
+                    reason="downloads Debian packages; FP8COAT_SLOW_TESTS=1")
 def test_mix_corpus():
     docs = load_corpus("mix")
     names = [d.name for d in docs]

@@ -13,4 +13,4 @@ from .finite import NonFiniteError
 from .loop import train
 from .presets import PRESETS
 
-__all__ = ["TrainConfig", "train", "compare", "variant_config", "PRESETS", "NonFiniteError"]
+__all__ = ["PRESETS", "NonFiniteError", "TrainConfig", "compare", "train", "variant_config"]

@@ -20,7 +20,7 @@ from .loop import train
 from .progress import format_summary
 from .runs import resumed_config, saved_config
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _HELP = {
     "out_dir": "run directory: config.json, metrics.jsonl, checkpoints/, summary.json",
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

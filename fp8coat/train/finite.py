@@ -34,7 +34,7 @@ def count_non_finite(counter: torch.Tensor, value: torch.Tensor) -> None:
     counter.add_((~torch.isfinite(value)).to(torch.int64))
 
 
-def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":
+def first_non_finite(model: torch.nn.Module, optimizer) -> str | None:
     """The name of the first parameter or optimizer-state tensor holding a NaN or inf, else None (one host sync).
     FP8 tensors are checked through bf16 (same NaN and inf); tensor subclasses without ``isfinite`` (torchao's
     FP8 states) count as finite."""
@@ -47,7 +47,7 @@ def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":
     return named[int(bad[0, 0])][0] if len(bad) else None
 
 
-def _float_tensors(model: torch.nn.Module, optimizer) -> "list[tuple[str, torch.Tensor]]":
+def _float_tensors(model: torch.nn.Module, optimizer) -> list[tuple[str, torch.Tensor]]:
     names = {id(p): n for n, p in model.named_parameters()}
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     for p, state in optimizer.state.items():

@@ -61,7 +61,7 @@ from .runs import (
 )
 from .schedule import lr_at
 
-__all__ = ["train", "resolve_device", "clip_gradients", "FINAL_WINDOW"]
+__all__ = ["FINAL_WINDOW", "clip_gradients", "resolve_device", "train"]
 
 FINAL_WINDOW = 20  # steps averaged into the final training loss
 
@@ -109,7 +109,7 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
                  seed=cfg.seed)
 
 
-def _loss(model, ids: torch.Tensor, autocast: bool, head: "torch.nn.Linear | None" = None) -> torch.Tensor:
+def _loss(model, ids: torch.Tensor, autocast: bool, head: torch.nn.Linear | None = None) -> torch.Tensor:
     """Token-mean next-token cross-entropy (fp32). With ``head`` (the LM head), ``model`` is the decoder body and
     the loss goes through :func:`linear_cross_entropy`: the logits are never held for backward."""
     x, y = ids[:, :-1], ids[:, 1:]
@@ -224,7 +224,7 @@ class _Tracking:
 
 
 @torch.no_grad()
-def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> float:
+def evaluate(model, batches: list[torch.Tensor], device, autocast: bool) -> float:
     """Mean validation loss over fixed batches, in eval mode (unquantized forward)."""
     was_training = model.training
     model.eval()
@@ -233,7 +233,7 @@ def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> fl
     return total
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, label: "str | None" = None,
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, label: str | None = None,
           quiet: bool = False) -> dict:
     """Run (or resume) one training run; returns its summary (also written to ``<out_dir>/summary.json``).
 
@@ -425,7 +425,7 @@ def _checkpoint(run: _Run, tracking: _Tracking, last: dict, step: int) -> None:
     prune_checkpoints(cfg.out_dir, cfg.keep_last, step)
 
 
-def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
+def _resume_point(cfg: TrainConfig) -> tuple[str, str, dict]:
     """``(run id, checkpoint, its state)`` to resume ``cfg``'s run from: the newest intact checkpoint of the run
     in ``cfg.out_dir``, whose configuration ``cfg`` may change only where a resume allows it."""
     run = read_run(cfg.out_dir)
@@ -457,7 +457,7 @@ def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
     return run_id or state.get("run_id") or new_run_id(), path, state
 
 
-def _model_source(cfg: TrainConfig, ckpt: "str | None") -> str:
+def _model_source(cfg: TrainConfig, ckpt: str | None) -> str:
     """What the model is built from: ``--model``, except on resume of a run whose ``--model`` is a checkpoint
     folder (fine-tuning) or no longer exists: then the checkpoint to resume, which holds the architecture."""
     if ckpt is not None and cfg.model not in PRESETS and (is_checkpoint_dir(cfg.model) or
@@ -466,7 +466,7 @@ def _model_source(cfg: TrainConfig, ckpt: "str | None") -> str:
     return cfg.model
 
 
-def _tokenizer(cfg: TrainConfig, ckpt: "str | None") -> str:
+def _tokenizer(cfg: TrainConfig, ckpt: str | None) -> str:
     """The tokenizer to prepare the data with: on resume the checkpoint's ``tokenizer.json`` (the one the run
     trained with); when fine-tuning a checkpoint with ``--tokenizer bpe``, that checkpoint's; else
     ``--tokenizer``."""
@@ -501,7 +501,7 @@ def _load_resume_point(path: str, model, optimizer) -> int:
     return step
 
 
-def _finished_summary(cfg: TrainConfig, step: int, label: str) -> "dict | None":
+def _finished_summary(cfg: TrainConfig, step: int, label: str) -> dict | None:
     """The summary of a run that already finished, kept as it is; None (after saying so) when it is missing."""
     path = os.path.join(cfg.out_dir, "summary.json")
     where = f"[{label}] the run in {cfg.out_dir} already finished at step {step} of {cfg.steps}"

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["atomic_dir", "atomic_file", "atomic_write_text", "sha256_of_files"]
 
 
-def sha256_of_files(*paths: "str | os.PathLike") -> str:
+def sha256_of_files(*paths: str | os.PathLike) -> str:
     """Hex sha256 of the files' bytes, read in order in chunks of 1 MiB."""
     digest = hashlib.sha256()
     for path in paths:

@@ -69,7 +69,8 @@ def _manifest_dtype(path: Path) -> str:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` whose state depends only on ``(seed, step)`` (mixed with ``np.random.SeedSequence``)."""
+    """A CPU ``torch.Generator`` whose state depends only on ``(seed, step)`` (mixed with
+    ``np.random.SeedSequence``)."""
     seed, step = int(seed) % 2**64, int(step) % 2**64
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, step >> 32]).generate_state(
         2, np.uint32)

@@ -68,7 +68,7 @@ class PreparedData:
     n_train_docs: int = 0
     n_val_docs: int = 0
     split: str = "documents"  # "documents" | "tail" (single-document corpus)
-    tokens_sha256: "str | None" = None  # of train.bin then val.bin (16 hex digits); None in older caches
+    tokens_sha256: str | None = None  # of train.bin then val.bin (16 hex digits); None in older caches
 
     def train_dataset(self) -> TokenDataset:
         return TokenDataset(self.train_path, self.dtype, "training split")
@@ -143,9 +143,9 @@ def _encode_documents(tokenizer, docs: list[Document], dtype: np.dtype, progress
             start = end
             if progress and (tty or start == len(pieces)):
                 dt = time.perf_counter() - t0
-                print(f"\rfp8coat: encoding {done / 1e6:.1f}/{total / 1e6:.1f} M characters ({100 * done / total:.0f}%), "
-                      f"{n_tokens / 1e6:.2f} M tokens, {dt:.1f} s", end="" if start < len(pieces) else "\n",
-                      file=sys.stderr, flush=True)
+                print(f"\rfp8coat: encoding {done / 1e6:.1f}/{total / 1e6:.1f} M characters "
+                      f"({100 * done / total:.0f}%), {n_tokens / 1e6:.2f} M tokens, {dt:.1f} s",
+                      end="" if start < len(pieces) else "\n", file=sys.stderr, flush=True)
     finally:
         if literal is not None:
             tokenizer.encode_special_tokens = literal
