@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fp8coat.data.corpus import shakespeare_text
+from fp8coat.train.data.corpus import shakespeare_text
 from fp8coat.formats import get_format
 from fp8coat.optim.state_codec import decode, encode
 

@@ -25,7 +25,7 @@ FT_DATA="${FT_DATA:-.carry/datasets/shakespeare-mixtok}"
 if [ "${1:-}" = "--prepare" ]; then  # on a machine with network access
   python3 - <<'PY'
 import os, shutil
-from fp8coat.data import prepare_dataset
+from fp8coat.train.data import prepare_dataset
 os.makedirs(".carry/datasets", exist_ok=True)
 mix = prepare_dataset("mix", tokenizer="bpe", vocab_size=16384, seed=0)
 shutil.copytree(mix.dir, ".carry/datasets/mix", dirs_exist_ok=True)

@@ -12,7 +12,7 @@ import statistics
 import pytest
 import torch
 
-from fp8coat.cli import build_parser, main
+from fp8coat.train.cli import build_parser, main
 from fp8coat.train.config import TrainConfig
 
 pytest.importorskip("transformers")
@@ -27,7 +27,7 @@ def _run(args) -> int:
     return main(args)
 
 
-def _table(markdown: str) -> "tuple[list[str], dict[str, list[str]]]":
+def _table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
     """Header cells and the rows (keyed by their variant cell) of the first markdown table."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]

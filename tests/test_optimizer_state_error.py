@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks import optimizer_state_error as ose
-from fp8coat.data.corpus import shakespeare_text
+from fp8coat.train.data.corpus import shakespeare_text
 
 STEPS = 30
 BETAS = (0.9, 0.95)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fp8coat.cli import main
+from fp8coat.train.cli import main
 from fp8coat.train.progress import MetricsLog
 
 pytest.importorskip("transformers")

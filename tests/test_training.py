@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fp8coat
-from fp8coat.data import shakespeare_text
+from fp8coat.train.data import shakespeare_text
 
 transformers = pytest.importorskip("transformers")
 

@@ -23,11 +23,23 @@ import time
 
 import torch
 
-from ..data._atomic import sha256_of_files
+from .data._atomic import sha256_of_files
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "checkpoint_steps", "latest_intact_checkpoint",
-           "verify_checkpoint", "write_manifest", "read_state", "prune_checkpoints", "remove_leftovers",
-           "model_files", "DamagedCheckpoint", "MANIFEST"]
+__all__ = [
+    "MANIFEST",
+    "DamagedCheckpoint",
+    "checkpoint_steps",
+    "latest_checkpoint",
+    "latest_intact_checkpoint",
+    "load_checkpoint",
+    "model_files",
+    "prune_checkpoints",
+    "read_state",
+    "remove_leftovers",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "write_manifest",
+]
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"  # the model's weights, or with an index the shards it names
@@ -41,7 +53,7 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint file is missing, truncated, altered or unreadable; the message names the file."""
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: "str | None") -> str:
+def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: str | None) -> str:
     """Write checkpoint ``step`` (replacing one of that step) and return its folder."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
@@ -101,7 +113,7 @@ def verify_checkpoint(path: str) -> bool:
     return True
 
 
-def _file_problem(file: str, entry: dict) -> "str | None":
+def _file_problem(file: str, entry: dict) -> str | None:
     if not os.path.isfile(file):
         return f"{file} is missing"
     size = os.path.getsize(file)
@@ -116,7 +128,7 @@ def _describe(file: str) -> dict:
     return {"bytes": os.path.getsize(file), "sha256": sha256_of_files(file)}
 
 
-def checkpoint_steps(out_dir: str) -> "list[tuple[int, str]]":
+def checkpoint_steps(out_dir: str) -> list[tuple[int, str]]:
     """``(step, folder)`` of every complete checkpoint under ``<out_dir>/checkpoints``, oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -124,13 +136,13 @@ def checkpoint_steps(out_dir: str) -> "list[tuple[int, str]]":
     return sorted((int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d)))
 
 
-def latest_checkpoint(out_dir: str) -> "str | None":
+def latest_checkpoint(out_dir: str) -> str | None:
     """The folder of the newest checkpoint (unverified), or None."""
     steps = checkpoint_steps(out_dir)
     return steps[-1][1] if steps else None
 
 
-def latest_intact_checkpoint(out_dir: str) -> "tuple[str | None, list[str]]":
+def latest_intact_checkpoint(out_dir: str) -> tuple[str | None, list[str]]:
     """The newest checkpoint that passes :func:`verify_checkpoint` and whose ``state.json`` reads (None if there is
     none), and why each newer one was skipped."""
     skipped = []
@@ -183,7 +195,7 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     return state
 
 
-def model_files(path: str) -> "list[str]":
+def model_files(path: str) -> list[str]:
     """The weight files of checkpoint ``path``: the shards named by ``model.safetensors.index.json``, else
     ``model.safetensors``; no other file is read as weights. With a manifest, each of them (and the index) must be
     one it lists, else :class:`DamagedCheckpoint`."""
@@ -202,7 +214,7 @@ def model_files(path: str) -> "list[str]":
     return files
 
 
-def _shards(index: str) -> "list[str]":
+def _shards(index: str) -> list[str]:
     """The file names of the shards an index names; :class:`DamagedCheckpoint` if it is no index."""
     content = _read_json(index)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
@@ -212,7 +224,7 @@ def _shards(index: str) -> "list[str]":
     return names
 
 
-def _manifest_files(path: str) -> "dict[str, dict] | None":
+def _manifest_files(path: str) -> dict[str, dict] | None:
     """File name -> ``{"bytes", "sha256"}`` as the manifest of checkpoint ``path`` lists them; None without a
     manifest; :class:`DamagedCheckpoint` if it is not one."""
     file = os.path.join(path, MANIFEST)
@@ -230,7 +242,7 @@ def _read(file: str, reader):
         raise DamagedCheckpoint(f"{file} is missing")
     try:
         return reader(file)
-    except Exception as err:  # any failure to parse the file: name it
+    except Exception as err:  # noqa: BLE001 -- any failure to parse the file: name it
         raise DamagedCheckpoint(f"{file} is unreadable (truncated or damaged?): {type(err).__name__}: "
                                 f"{str(err)[:200]}") from None
 
@@ -248,7 +260,7 @@ def _write_json(file: str, data: dict) -> None:
         json.dump(data, f, indent=1)
 
 
-def prune_checkpoints(out_dir: str, keep_last: int, up_to_step: int) -> "list[str]":
+def prune_checkpoints(out_dir: str, keep_last: int, up_to_step: int) -> list[str]:
     """Remove all but the newest ``keep_last`` checkpoints of steps <= ``up_to_step`` (``keep_last`` 0: keep all);
     returns the removed folders. Newer ones (skipped as damaged on resume) are left to be overwritten."""
     if keep_last <= 0:

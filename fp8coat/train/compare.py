@@ -24,13 +24,13 @@ import os
 import statistics
 from dataclasses import replace
 
-from ..data._atomic import atomic_file, atomic_write_text
 from ..recipe import RECIPES
 from .config import TrainConfig
+from .data._atomic import atomic_file, atomic_write_text
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 
-__all__ = ["compare", "variant_config", "describe", "DEFAULT_VARIANTS"]
+__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "variant_config"]
 
 DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 REPORT_FILES = ("compare.md", "compare.json", "loss.png")
@@ -88,7 +88,7 @@ def describe(cfg: TrainConfig) -> str:
     return name + (f" ({', '.join(options)})" if options else "")
 
 
-def _baseline(configs: "dict[str, TrainConfig]") -> "str | None":
+def _baseline(configs: dict[str, TrainConfig]) -> str | None:
     """The first ``bf16`` variant with torch's AdamW, else the first ``bf16`` variant, else the first variant."""
     for accept in (lambda c: c.recipe == "bf16" and c.optimizer == "torch", lambda c: c.recipe == "bf16",
                    lambda c: True):
@@ -106,7 +106,7 @@ def _check_unique(items, what: str) -> None:
         seen.add(item)
 
 
-def compare(base: TrainConfig, variants: "list[str]", seeds: "list[int]", out_dir: str) -> dict:
+def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: str) -> dict:
     """Train every variant × seed; write ``compare.md``, ``compare.json`` and ``loss.png`` to ``out_dir`` after
     each finished run (those of an earlier compare are removed before the first run starts). All variants are
     validated before the first run starts. Returns ``{variant: [summary per
@@ -163,7 +163,7 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _title(results: dict, base: TrainConfig, seeds: "list[int]") -> str:
+def _title(results: dict, base: TrainConfig, seeds: list[int]) -> str:
     params = next((r["params"] for runs in results.values() for r in runs), None)
     tokens = base.batch_size * base.grad_accum * base.seq_len
     size = f" ({params / 1e6:.1f}M params)" if params else ""
@@ -181,8 +181,8 @@ _MEMORY_COLUMNS = (
 )
 
 
-def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base: TrainConfig,
-           seeds: "list[int]", runs_total: "int | None" = None) -> str:
+def report(results: dict, labels: dict[str, str], baseline: str | None, base: TrainConfig,
+           seeds: list[int], runs_total: int | None = None) -> str:
     """``compare.md``: a title line, the table (one row per variant with finished runs; mean ± std over seeds;
     gaps and memory ratios relative to ``baseline``) and what each column means."""
     finished = sum(len(runs) for runs in results.values())
@@ -241,8 +241,8 @@ def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base
     if baseline is not None:
         usual = not ref or (ref[0]["recipe"], ref[0]["optimizer"]) == ("bf16", "torch")
         cfg_note = "" if usual else " (add `bf16-torchopt` to `--variants` for BF16 with torch's AdamW)"
-        out += [f"Baseline: {labels[baseline]} (`{baseline}`){cfg_note}. Gaps and the ratios in parentheses are "
-                f"relative to it.", ""]
+        out += [(f"Baseline: {labels[baseline]} (`{baseline}`){cfg_note}. Gaps and the ratios in parentheses are "
+                 "relative to it."), ""]
     recipes = [r for r in dict.fromkeys(run["recipe"] for run in any_run) if r in _RECIPE_NOTES]  # row order
     optimizers = [o for o in dict.fromkeys(run["optimizer"] for run in any_run) if o in _OPTIMIZER_NOTES]
     tokens = f"{base.batch_size} × {base.seq_len} tokens"
@@ -250,13 +250,13 @@ def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base
         "**run**: recipe + optimizer." + "".join(f"\n  - `{r}`: {_RECIPE_NOTES[r]}." for r in recipes) +
         "".join(f"\n  - {_OPTIMIZER_NAMES[o]}: {_OPTIMIZER_NOTES[o]}." for o in optimizers),
         "**variant**: the name to pass to `--variants`.",
-        f"**train loss (last {window} steps)**: mean training cross-entropy (nats/token) of the last {window} "
-        "optimizer steps, on the training batches and with the recipe's FP8 quantization: an average over a model "
-        "still changing, on other text than the val loss, so compare it between rows, not with the val loss.",
-        f"**val loss**: cross-entropy (nats/token) of the final model on {base.eval_batches} held-out validation "
-        f"batches of {tokens}, in eval mode (unquantized forward).",
-        "**val gap / train gap vs baseline**: 100 × (loss / loss of the baseline's run with the same seed − 1), "
-        "the mean over seeds (± their standard deviation); negative: lower than the baseline.",
+        (f"**train loss (last {window} steps)**: mean training cross-entropy (nats/token) of the last {window} "
+         "optimizer steps, on the training batches and with the recipe's FP8 quantization: an average over a model "
+         "still changing, on other text than the val loss, so compare it between rows, not with the val loss."),
+        (f"**val loss**: cross-entropy (nats/token) of the final model on {base.eval_batches} held-out validation "
+         f"batches of {tokens}, in eval mode (unquantized forward)."),
+        ("**val gap / train gap vs baseline**: 100 × (loss / loss of the baseline's run with the same seed − 1), "
+         "the mean over seeds (± their standard deviation); negative: lower than the baseline."),
         "**tok/s**: median training throughput over the logged intervals (the first one excluded).",
     ]
     memory_notes = {
@@ -277,7 +277,7 @@ def report(results: dict, labels: "dict[str, str]", baseline: "str | None", base
     return "\n".join(out) + "\n"
 
 
-def _band(runs: "list[dict]", key: str):
+def _band(runs: list[dict], key: str):
     """Steps logged by every run, with the mean, min and max of ``key`` over the runs at each."""
     per_run = [{r["step"]: r[key] for r in run["history"] if key in r} for run in runs]
     steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
@@ -285,7 +285,7 @@ def _band(runs: "list[dict]", key: str):
     return (steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
 
 
-def _figure(results: dict, labels: "dict[str, str]", title: str):
+def _figure(results: dict, labels: dict[str, str], title: str):
     """Training and validation loss against step: per variant the mean over seeds, with the min–max band over
     seeds shaded; each variant has a colour and a line style of its own, so overlapping curves stay visible."""
     import matplotlib.pyplot as plt
@@ -319,7 +319,7 @@ def _figure(results: dict, labels: "dict[str, str]", title: str):
     return fig
 
 
-def _plot(results: dict, labels: "dict[str, str]", title: str, path: str) -> None:
+def _plot(results: dict, labels: dict[str, str], title: str, path: str) -> None:
     try:
         import matplotlib
 

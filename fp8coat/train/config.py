@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from ..optim.master_weights import MASTER_MODES
 from ..recipe import RECIPES
 
-__all__ = ["TrainConfig", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "TrainConfig"]
 
 OPTIMIZERS = ("fp8coat", "torch", "torchao-fp8")
 
@@ -57,7 +57,7 @@ class TrainConfig:
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
         if self.master_weights not in MASTER_MODES:
@@ -85,7 +85,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "the configuration") -> "TrainConfig":
+    def from_dict(cls, d: dict, where: str = "the configuration") -> TrainConfig:
         """The options in ``d`` (other keys are ignored) over the defaults; ValueError naming ``where`` (e.g. the
         file ``d`` was read from) and the option when a value has the wrong type."""
         known = {k: _typed(k, v, cls.__dataclass_fields__[k].type, where) for k, v in d.items()

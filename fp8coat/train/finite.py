@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NonFiniteError", "new_tracker", "track_loss", "first_bad_step", "new_counter", "count_non_finite",
-           "first_non_finite"]
+__all__ = ["NonFiniteError", "count_non_finite", "device_int", "first_non_finite", "track_loss"]
 
 
 class NonFiniteError(RuntimeError):
     """Training produced NaN or inf; the message names the first step (or tensor) affected."""
 
 
-def new_tracker(device: torch.device) -> torch.Tensor:
-    """0-d int64 tensor on ``device``: 0 while every loss was finite, else the first step whose loss was not."""
-    return torch.zeros((), dtype=torch.int64, device=device)
+def device_int(device: torch.device, value: int = 0) -> torch.Tensor:
+    """0-d int64 tensor on ``device`` holding ``value``: for :func:`track_loss` (0 while every loss was finite,
+    else the first step whose loss was not) or :func:`count_non_finite`. Read it with ``int()`` (a host sync)."""
+    return torch.full((), value, dtype=torch.int64, device=device)
 
 
 def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
@@ -29,22 +29,12 @@ def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
     tracker.masked_fill_(~torch.isfinite(loss) & (tracker == 0), step)
 
 
-def first_bad_step(tracker: torch.Tensor) -> int:
-    """The step recorded by :func:`track_loss`, 0 if none (a host sync)."""
-    return int(tracker)
-
-
-def new_counter(device: torch.device, start: int = 0) -> torch.Tensor:
-    """0-d int64 tensor on ``device`` holding ``start``, for :func:`count_non_finite`."""
-    return torch.full((), start, dtype=torch.int64, device=device)
-
-
 def count_non_finite(counter: torch.Tensor, value: torch.Tensor) -> None:
     """Add 1 to ``counter`` if the 0-d tensor ``value`` is NaN or inf (no host sync)."""
     counter.add_((~torch.isfinite(value)).to(torch.int64))
 
 
-def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":
+def first_non_finite(model: torch.nn.Module, optimizer) -> str | None:
     """The name of the first parameter or optimizer-state tensor holding a NaN or inf, else None (one host sync).
     FP8 tensors are checked through bf16 (same NaN and inf); tensor subclasses without ``isfinite`` (torchao's
     FP8 states) count as finite."""
@@ -57,7 +47,7 @@ def first_non_finite(model: torch.nn.Module, optimizer) -> "str | None":
     return named[int(bad[0, 0])][0] if len(bad) else None
 
 
-def _float_tensors(model: torch.nn.Module, optimizer) -> "list[tuple[str, torch.Tensor]]":
+def _float_tensors(model: torch.nn.Module, optimizer) -> list[tuple[str, torch.Tensor]]:
     names = {id(p): n for n, p in model.named_parameters()}
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     for p, state in optimizer.state.items():

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +26,42 @@ from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
-from .checkpoint import (MANIFEST, latest_checkpoint, latest_intact_checkpoint, load_checkpoint, prune_checkpoints,
-                         read_state, remove_leftovers, save_checkpoint, verify_checkpoint)
+from .checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_state,
+    remove_leftovers,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import TrainConfig
-from .finite import (NonFiniteError, count_non_finite, first_bad_step, first_non_finite, new_counter, new_tracker,
-                     track_loss)
+from .data import PreparedData, TokenDataset, batch_iterator, eval_batches, prepare_dataset
+from .finite import (
+    NonFiniteError,
+    count_non_finite,
+    device_int,
+    first_non_finite,
+    track_loss,
+)
 from .presets import PRESETS, build_model, is_checkpoint_dir
 from .progress import MetricsLog, Progress, human_count, nonfinite_note
-from .runs import (check_new_run, check_same_data, check_same_run, clear_run, config_differences, data_identity,
-                   new_run_id, read_run, write_run)
+from .runs import (
+    check_new_run,
+    check_same_data,
+    check_same_run,
+    clear_run,
+    config_differences,
+    data_identity,
+    new_run_id,
+    read_run,
+    write_run,
+)
 from .schedule import lr_at
 
-__all__ = ["train", "resolve_device", "clip_gradients", "FINAL_WINDOW"]
+__all__ = ["FINAL_WINDOW", "clip_gradients", "resolve_device", "train"]
 
 FINAL_WINDOW = 20  # steps averaged into the final training loss
 
@@ -84,7 +109,7 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
                  seed=cfg.seed)
 
 
-def _loss(model, ids: torch.Tensor, autocast: bool, head: "torch.nn.Linear | None" = None) -> torch.Tensor:
+def _loss(model, ids: torch.Tensor, autocast: bool, head: torch.nn.Linear | None = None) -> torch.Tensor:
     """Token-mean next-token cross-entropy (fp32). With ``head`` (the LM head), ``model`` is the decoder body and
     the loss goes through :func:`linear_cross_entropy`: the logits are never held for backward."""
     x, y = ids[:, :-1], ids[:, 1:]
@@ -133,20 +158,73 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _nonfinite_counts(bad_grad_steps: torch.Tensor, optimizer, elements_before: int) -> dict:
-    """``nonfinite_grad_steps``: the steps of the run so far whose gradient norm was NaN or inf; for an optimizer
-    that counts them (``nonfinite_grad_count``: ``fp8coat.AdamW``), ``nonfinite_grad_elements``: the gradient
-    elements it skipped in the run so far (``elements_before``: those of the run before a resume). Host syncs,
-    read at log and save steps."""
-    counts = {"nonfinite_grad_steps": int(bad_grad_steps)}
-    skipped = getattr(optimizer, "nonfinite_grad_count", None)
-    if isinstance(skipped, torch.Tensor):
-        counts["nonfinite_grad_elements"] = elements_before + int(skipped)
-    return counts
+@dataclass(frozen=True)
+class _Run:
+    """A run set up to train (:func:`_setup`): what its steps, evaluations and checkpoints work with."""
+
+    cfg: TrainConfig
+    run_id: str
+    device: torch.device
+    data: PreparedData
+    identity: dict  # data_identity(data): recorded in config.json and in every checkpoint
+    train_data: TokenDataset
+    val: list  # the fixed validation batches
+    model: torch.nn.Module
+    source: str  # what the model was built from
+    optimizer: torch.optim.Optimizer
+    in_backward: StepInBackward | None  # with --step-in-backward
+    step_model: torch.nn.Module  # what a step runs: the model, or with the chunked loss its body (maybe compiled)
+    head: torch.nn.Linear | None  # with the chunked loss, the LM head
+    autocast: bool  # bf16 autocast: fp32 params with the bf16 recipe
+    start: int  # the step the run starts at: 0, or on resume the checkpoint's
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class _Tracking:
+    """What the loop tracks across steps on the device (updated without a host sync, read at log and save
+    steps); a checkpoint's state carries it over a resume."""
+
+    recent: collections.deque  # the mean losses of the last FINAL_WINDOW steps (0-d tensors)
+    diverged: torch.Tensor  # the first step whose loss was not finite, 0 while none was (finite.track_loss)
+    bad_grad_steps: torch.Tensor  # the steps whose gradient norm was NaN or inf (finite.count_non_finite)
+    elements_before: int  # gradient elements the optimizer skipped before a resume
+
+    @classmethod
+    def restore(cls, state: dict, device: torch.device) -> _Tracking:
+        """Empty for a new run (``state`` ``{}``), else continued from a checkpoint's state."""
+        recent = collections.deque((torch.tensor(v, device=device) for v in state.get("recent_losses", [])),
+                                   maxlen=FINAL_WINDOW)
+        return cls(recent, device_int(device), device_int(device, state.get("nonfinite_grad_steps", 0)),
+                   state.get("nonfinite_grad_elements", 0))
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Step ``step``'s mean loss and gradient norm (None with step-in-backward)."""
+        self.recent.append(loss)
+        track_loss(self.diverged, step, loss)
+        if grad_norm is not None:
+            count_non_finite(self.bad_grad_steps, grad_norm)
+
+    def counts(self, optimizer) -> dict:
+        """``nonfinite_grad_steps``: the steps of the run so far whose gradient norm was NaN or inf; for an
+        optimizer that counts them (``nonfinite_grad_count``: ``fp8coat.AdamW``), ``nonfinite_grad_elements``: the
+        gradient elements it skipped in the run so far. Host syncs, read at log and save steps."""
+        counts = {"nonfinite_grad_steps": int(self.bad_grad_steps)}
+        skipped = getattr(optimizer, "nonfinite_grad_count", None)
+        if isinstance(skipped, torch.Tensor):
+            counts["nonfinite_grad_elements"] = self.elements_before + int(skipped)
+        return counts
 
 
 @torch.no_grad()
-def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> float:
+def evaluate(model, batches: list[torch.Tensor], device, autocast: bool) -> float:
     """Mean validation loss over fixed batches, in eval mode (unquantized forward)."""
     was_training = model.training
     model.eval()
@@ -155,7 +233,7 @@ def evaluate(model, batches: "list[torch.Tensor]", device, autocast: bool) -> fl
     return total
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, label: "str | None" = None,
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, label: str | None = None,
           quiet: bool = False) -> dict:
     """Run (or resume) one training run; returns its summary (also written to ``<out_dir>/summary.json``).
 
@@ -171,8 +249,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     Steps whose gradient norm was NaN or inf (see :func:`clip_gradients`) are counted in the metrics log, on the
     progress line and in the summary.
     """
-    from ..data import batch_iterator, eval_batches, prepare_dataset, TokenDataset
-
     cfg.validate()
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass only one")
@@ -187,6 +263,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     else:
         check_new_run(cfg.out_dir, overwrite)
         run_id, ckpt, state = new_run_id(), None, {}
+    run = _setup(cfg, run_id, device, ckpt, state)
+    log = _open_run(run, ckpt, overwrite)
+    if not quiet:
+        print(f"[{label}] {_describe(run)}" + (_resume_note(ckpt, state, cfg) if ckpt else ""), flush=True)
+    progress = Progress(cfg.steps, label, start=run.start) if not quiet else None
+    tracking, val_loss = _train_steps(run, state, log, progress)
+    return _finish(run, tracking, val_loss)
+
+
+def _param_dtype(cfg: TrainConfig) -> torch.dtype:
+    """bf16 params, except fp32 ones for ``master_weights="fp32"`` and for the other optimizers."""
+    return torch.float32 if cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32" else torch.bfloat16
+
+
+def _setup(cfg: TrainConfig, run_id: str, device: torch.device, ckpt: str | None, state: dict) -> _Run:
+    """The run's data, model and optimizer (loaded from checkpoint ``ckpt`` with its ``state`` on resume);
+    ValueError where the data or the checkpoint does not fit the run."""
     model_source = _model_source(cfg, ckpt)
     if model_source != ckpt and os.path.isdir(model_source):
         verify_checkpoint(model_source)  # fine-tuning from a checkpoint: its files as written
@@ -195,121 +288,144 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     identity = data_identity(data)
     if ckpt is not None:
         _check_data(cfg, ckpt, state, identity)
-    train_ds, val_ds = TokenDataset(data.train_path), TokenDataset(data.val_path)
-    val = eval_batches(val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # validates seq_len vs. the data
+    train_data = data.train_dataset()
+    val = eval_batches(data.val_dataset(), cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # checks seq_len
 
-    fp32_params = cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32"
-    autocast = fp32_params and cfg.recipe == "bf16"
-    dtype = torch.float32 if fp32_params else torch.bfloat16
+    dtype = _param_dtype(cfg)
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     model = convert(model, cfg.recipe)
     model.train()
     optimizer = _make_optimizer(cfg, model)
     in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
-    n_params = sum(p.numel() for p in model.parameters())
-
     start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
-    if overwrite:
-        clear_run(cfg.out_dir)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    # the history up to the checkpoint (a damaged line in it is an error, before anything else changes)
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), truncate_after_step=start)
-    if ckpt is not None:
-        remove_leftovers(cfg.out_dir)
-        prune_checkpoints(cfg.out_dir, cfg.keep_last, start)
-    write_run(cfg.out_dir, cfg, run_id, identity)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    if not quiet:
-        print(f"[{label}] {source}: {human_count(n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
-              f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} params, device {device}, data {data.description} "
-              f"({human_count(data.n_train_tokens)} train tokens), {cfg.steps} steps of "
-              f"{human_count(tokens_per_step)} tokens" + (_resume_note(ckpt, state, cfg) if ckpt else ""),
-              flush=True)
-
     head = model.lm_head if cfg.chunked_loss and _can_chunk_loss(model) else None
     step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
     if cfg.compile:
         step_model = _compile(model, step_model)
-    progress = Progress(cfg.steps, label, start=start) if not quiet else None
-    batches = batch_iterator(train_ds, cfg.batch_size, cfg.seq_len, cfg.seed, start_step=start * cfg.grad_accum)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return _Run(cfg, run_id, device, data, identity, train_data, val, model, source, optimizer, in_backward,
+                step_model, head, autocast=dtype == torch.float32 and cfg.recipe == "bf16", start=start)
+
+
+def _open_run(run: _Run, ckpt: str | None, overwrite: bool) -> MetricsLog:
+    """Make ``out_dir`` the run's: with ``overwrite`` the files of the run there deleted first; on resume the
+    history kept up to the checkpoint and the leftovers of a killed run removed; ``config.json`` written.
+    Returns the metrics log to append to."""
+    cfg = run.cfg
+    if overwrite:
+        clear_run(cfg.out_dir)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    # the history up to the checkpoint (a damaged line in it is an error, before anything else changes)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), truncate_after_step=run.start)
+    if ckpt is not None:
+        remove_leftovers(cfg.out_dir)
+        prune_checkpoints(cfg.out_dir, cfg.keep_last, run.start)
+    write_run(cfg.out_dir, cfg, run.run_id, run.identity)
+    return log
+
+
+def _describe(run: _Run) -> str:
+    cfg, data = run.cfg, run.data
+    return (f"{run.source}: {human_count(run.n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
+            f"{'bf16' if _param_dtype(cfg) == torch.bfloat16 else 'fp32'} params, device {run.device}, data "
+            f"{data.source} ({human_count(data.n_train_tokens)} train tokens), {cfg.steps} steps of "
+            f"{human_count(run.tokens_per_step)} tokens")
+
+
+def _train_steps(run: _Run, state: dict, log: MetricsLog, progress: Progress | None
+                 ) -> tuple[_Tracking, float | None]:
+    """Steps ``run.start`` to ``cfg.steps``: a metrics record at log steps, the validation loss at evaluation
+    steps, a checkpoint at save steps and at the last step. Returns what was tracked and the last validation
+    loss."""
+    cfg = run.cfg
+    batches = batch_iterator(run.train_data, cfg.batch_size, cfg.seq_len, cfg.seed,
+                             start_step=run.start * cfg.grad_accum)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     last = state.get("last", {})
-    # per-step losses on device; a resumed run continues the window its checkpoint saved
-    recent: "collections.deque[torch.Tensor]" = collections.deque(
-        (torch.tensor(v, device=device) for v in state.get("recent_losses", [])), maxlen=FINAL_WINDOW)
-    diverged = new_tracker(device)  # the first step with a non-finite loss, kept on device (no sync per step)
-    bad_grad_steps = new_counter(device, state.get("nonfinite_grad_steps", 0))  # steps with a NaN/inf grad norm
-    elements_before = state.get("nonfinite_grad_elements", 0)  # skipped by the optimizer before a resume
+    tracking = _Tracking.restore(state, run.device)
+    val_loss = last.get("val_loss") if last.get("step") == run.start else None
     t_log, steps_since = time.time(), 0
-    val_loss = last.get("val_loss") if last.get("step") == start else None
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            if isinstance(group["lr"], torch.Tensor):  # optimizers that keep lr on device expect it updated in place
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            loss = _loss(step_model, next(batches).to(device), autocast, head)
-            last_micro = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if in_backward is None or last_micro else in_backward.accumulating():
-                (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
-            loss_sum += loss.detach()
+        loss_sum, grad_norm = _step(run, batches, lr)
         done = step + 1
-        recent.append(loss_sum / cfg.grad_accum)
-        track_loss(diverged, done, recent[-1])
-        grad_norm = None
-        if in_backward is None:
-            grad_norm = clip_gradients(model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
-            count_non_finite(bad_grad_steps, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        tracking.record(done, loss_sum / cfg.grad_accum, grad_norm)
         steps_since += 1
         is_eval = (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps
-        if done % cfg.log_every == 0 or is_eval or done == start + 1:
-            train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
-            _stop_if_diverged(diverged, cfg.out_dir)
-            elapsed = time.time() - t_log
-            record = {"step": done, "loss": train_loss, "lr": lr,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      **_nonfinite_counts(bad_grad_steps, optimizer, elements_before),
-                      "tokens": done * tokens_per_step, "tok_per_s": steps_since * tokens_per_step / elapsed}
-            if device.type == "cuda":
-                record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if done % cfg.log_every == 0 or is_eval or done == run.start + 1:
+            last = _metrics(run, tracking, done, loss_sum, lr, grad_norm, steps_since, t_log)
             if is_eval:
-                val_loss = evaluate(model, val, device, autocast)
-                record["val_loss"] = val_loss
-            log.write(record)
-            last = record
+                last["val_loss"] = val_loss = evaluate(run.model, run.val, run.device, run.autocast)
+            log.write(last)
             if progress:
-                progress.update(done, loss=train_loss, val_loss=record.get("val_loss"), lr=lr,
-                                tok_per_s=record["tok_per_s"], mem_gib=record.get("mem_gib"),
-                                nonfinite=nonfinite_note(record["nonfinite_grad_steps"],
-                                                         record.get("nonfinite_grad_elements")))
+                progress.update(done, loss=last["loss"], val_loss=last.get("val_loss"), lr=lr,
+                                tok_per_s=last["tok_per_s"], mem_gib=last.get("mem_gib"),
+                                nonfinite=nonfinite_note(last["nonfinite_grad_steps"],
+                                                         last.get("nonfinite_grad_elements")))
             t_log, steps_since = time.time(), 0
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            _check_before_save(diverged, model, optimizer, cfg.out_dir, done)
-            saved = {"run_id": run_id, "config": cfg.to_dict(), "data_identity": identity, "last": last,
-                     "recent_losses": torch.stack(list(recent)).tolist(),
-                     **_nonfinite_counts(bad_grad_steps, optimizer, elements_before)}
-            save_checkpoint(cfg.out_dir, done, model, optimizer, saved, data.tokenizer_path)
-            prune_checkpoints(cfg.out_dir, cfg.keep_last, done)
+            _checkpoint(run, tracking, last, done)
     if progress:
         progress.close()
     log.close()
-
-    final_train = float(torch.stack(list(recent)).mean()) if recent else None
-    summary = _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss)
-    summary["final_train_window"] = len(recent)
-    summary.update(_nonfinite_counts(bad_grad_steps, optimizer, elements_before))
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return tracking, val_loss
 
 
-def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
+def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step at learning rate ``lr`` on ``grad_accum`` micro-batches from ``batches``. Returns the
+    sum of their losses and the gradient norm (None with step-in-backward, which updates inside backward) as
+    device tensors: no host sync."""
+    cfg, optimizer = run.cfg, run.optimizer
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # optimizers that keep lr on device expect it updated in place
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        loss = _loss(run.step_model, next(batches).to(run.device), run.autocast, run.head)
+        last_micro = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if run.in_backward is None or last_micro else run.in_backward.accumulating():
+            (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
+        loss_sum += loss.detach()
+    if run.in_backward is not None:
+        return loss_sum, None
+    grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _metrics(run: _Run, tracking: _Tracking, step: int, loss_sum: torch.Tensor, lr: float,
+             grad_norm: torch.Tensor | None, steps_since: int, t_log: float) -> dict:
+    """The metrics record of ``step`` (``steps_since`` steps after the record made at time ``t_log``): the host
+    sync of the step; NonFiniteError if a loss so far was not finite."""
+    cfg = run.cfg
+    train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
+    _stop_if_diverged(tracking.diverged, cfg.out_dir)
+    elapsed = time.time() - t_log
+    record = {"step": step, "loss": train_loss, "lr": lr,
+              "grad_norm": None if grad_norm is None else float(grad_norm),
+              **tracking.counts(run.optimizer),
+              "tokens": step * run.tokens_per_step, "tok_per_s": steps_since * run.tokens_per_step / elapsed}
+    if run.device.type == "cuda":
+        record["mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return record
+
+
+def _checkpoint(run: _Run, tracking: _Tracking, last: dict, step: int) -> None:
+    """Write checkpoint ``step`` (then prune older ones): the model, the optimizer and what a resume needs to
+    continue exactly (``last``: the latest metrics record). NonFiniteError, writing nothing, if the run
+    diverged."""
+    cfg = run.cfg
+    _check_before_save(tracking.diverged, run.model, run.optimizer, cfg.out_dir, step)
+    saved = {"run_id": run.run_id, "config": cfg.to_dict(), "data_identity": run.identity, "last": last,
+             "recent_losses": torch.stack(list(tracking.recent)).tolist(), **tracking.counts(run.optimizer)}
+    save_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path)
+    prune_checkpoints(cfg.out_dir, cfg.keep_last, step)
+
+
+def _resume_point(cfg: TrainConfig) -> tuple[str, str, dict]:
     """``(run id, checkpoint, its state)`` to resume ``cfg``'s run from: the newest intact checkpoint of the run
     in ``cfg.out_dir``, whose configuration ``cfg`` may change only where a resume allows it."""
     run = read_run(cfg.out_dir)
@@ -341,7 +457,7 @@ def _resume_point(cfg: TrainConfig) -> "tuple[str, str, dict]":
     return run_id or state.get("run_id") or new_run_id(), path, state
 
 
-def _model_source(cfg: TrainConfig, ckpt: "str | None") -> str:
+def _model_source(cfg: TrainConfig, ckpt: str | None) -> str:
     """What the model is built from: ``--model``, except on resume of a run whose ``--model`` is a checkpoint
     folder (fine-tuning) or no longer exists: then the checkpoint to resume, which holds the architecture."""
     if ckpt is not None and cfg.model not in PRESETS and (is_checkpoint_dir(cfg.model) or
@@ -350,7 +466,7 @@ def _model_source(cfg: TrainConfig, ckpt: "str | None") -> str:
     return cfg.model
 
 
-def _tokenizer(cfg: TrainConfig, ckpt: "str | None") -> str:
+def _tokenizer(cfg: TrainConfig, ckpt: str | None) -> str:
     """The tokenizer to prepare the data with: on resume the checkpoint's ``tokenizer.json`` (the one the run
     trained with); when fine-tuning a checkpoint with ``--tokenizer bpe``, that checkpoint's; else
     ``--tokenizer``."""
@@ -385,7 +501,7 @@ def _load_resume_point(path: str, model, optimizer) -> int:
     return step
 
 
-def _finished_summary(cfg: TrainConfig, step: int, label: str) -> "dict | None":
+def _finished_summary(cfg: TrainConfig, step: int, label: str) -> dict | None:
     """The summary of a run that already finished, kept as it is; None (after saying so) when it is missing."""
     path = os.path.join(cfg.out_dir, "summary.json")
     where = f"[{label}] the run in {cfg.out_dir} already finished at step {step} of {cfg.steps}"
@@ -409,7 +525,7 @@ def _resume_note(ckpt: str, state: dict, cfg: TrainConfig) -> str:
 
 
 def _stop_if_diverged(diverged: torch.Tensor, out_dir: str) -> None:
-    first = first_bad_step(diverged)
+    first = int(diverged)  # the first step whose loss was not finite, 0: none
     if first:
         raise NonFiniteError(f"the training loss became non-finite at step {first}: the run diverged (lower --lr, "
                              f"or check the data); stopped without writing a checkpoint after it{_newest(out_dir)}")
@@ -428,15 +544,18 @@ def _newest(out_dir: str) -> str:
     return f" (the newest checkpoint is {path})" if path else ""
 
 
-def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train, val_loss) -> dict:
+def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
+    """The run's summary, also written to ``<out_dir>/summary.json``."""
+    cfg, model, device = run.cfg, run.model, run.device
     history = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
     speeds = [r["tok_per_s"] for r in history[1:] if "tok_per_s" in r]
+    recent = tracking.recent
     summary = {
-        "recipe": cfg.recipe, "optimizer": cfg.optimizer, "params": n_params, "steps": cfg.steps,
-        "final_train_loss": final_train,  # mean over the last FINAL_WINDOW steps
+        "recipe": cfg.recipe, "optimizer": cfg.optimizer, "params": run.n_params, "steps": cfg.steps,
+        "final_train_loss": float(torch.stack(list(recent)).mean()) if recent else None,  # the last FINAL_WINDOW
         "final_val_loss": val_loss,
         "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if device.type == "cuda":
@@ -444,8 +563,12 @@ def _summary(cfg, model, optimizer, val, device, autocast, n_params, final_train
     else:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
         model.train()
         body = getattr(model, "model", model)  # HF causal LMs: the decoder without the LM head and the loss
-        ids = val[0][:, :-1].to(device)
+        ids = run.val[0][:, :-1].to(device)
         _, saved = measure_saved_tensors(lambda: body(input_ids=ids, use_cache=False).last_hidden_state,
                                          modules=model)
         summary["saved_activation_bytes"] = saved.total_bytes
+    summary["final_train_window"] = len(recent)
+    summary.update(tracking.counts(run.optimizer))
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     return summary

@@ -12,8 +12,9 @@ preset          hidden  layers  heads  MLP       note
 ``llama2-7b``    4096     32     32     11008    Llama-2-7B shape
 ==============  ======  ======  =====  ========  ====================================================
 
-Every preset has a context of 4096 positions. Besides a preset name, ``model`` may be a path to an HF config JSON (random init) or to a pretrained HF
-checkpoint directory (fine-tuning); the tokenizer's vocabulary must fit the model's.
+Every preset has a context of 4096 positions. Besides a preset name, ``model`` may be a path to an HF config JSON
+(random init) or to a pretrained HF checkpoint directory (fine-tuning); the tokenizer's vocabulary must fit the
+model's.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ __all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "build_model", "is_checkpoint_dir"
 PRESET_MAX_POSITIONS = 4096  # context length of every preset (RoPE)
 
 PRESETS = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
-    "25m": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1024),
-    "60m": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=10, intermediate_size=1728),
-    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
-    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=5632),
-    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 352},
+    "25m": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "intermediate_size": 1024},
+    "60m": {"hidden_size": 640, "num_hidden_layers": 8, "num_attention_heads": 10, "intermediate_size": 1728},
+    "125m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 2048},
+    "350m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 2816},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "intermediate_size": 5632},
+    "llama2-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008},
 }
 
 

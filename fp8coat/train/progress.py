@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-__all__ = ["MetricsLog", "Progress", "human_count", "human_bytes", "nonfinite_note", "format_summary"]
+__all__ = ["MetricsLog", "Progress", "format_summary", "human_bytes", "human_count", "nonfinite_note"]
 
 
 def human_count(n: float) -> str:
@@ -56,11 +56,11 @@ def format_summary(summary: dict, out_dir: str) -> str:
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
-def _loss(value: "float | None") -> str:
+def _loss(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def nonfinite_note(steps: "int | None", elements: "int | None") -> "str | None":
+def nonfinite_note(steps: int | None, elements: int | None) -> str | None:
     """``"2 steps with non-finite gradients, 3.4k gradient elements skipped"`` (either part alone when the other is
     0 or None); None when both are."""
     parts = []
@@ -71,7 +71,7 @@ def nonfinite_note(steps: "int | None", elements: "int | None") -> "str | None":
     return ", ".join(parts) or None
 
 
-def _parse(line: bytes) -> "tuple[dict | None, str | None]":
+def _parse(line: bytes) -> tuple[dict | None, str | None]:
     """``(record, None)`` for a metrics line, ``(None, what is wrong)`` for a damaged one."""
     try:
         record = json.loads(line.decode("utf-8"))
@@ -87,7 +87,7 @@ def _parse(line: bytes) -> "tuple[dict | None, str | None]":
     return record, None
 
 
-def _lines(path: str) -> "list[tuple[int, dict | None, str | None]]":
+def _lines(path: str) -> list[tuple[int, dict | None, str | None]]:
     """``(line number, record, problem)`` of every non-blank line of the log at ``path``."""
     with open(path, "rb") as f:
         return [(n, *_parse(line)) for n, line in enumerate(f, start=1) if line.strip()]
@@ -113,10 +113,10 @@ class MetricsLog:
             kept = self._history(path, truncate_after_step)
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._f = open(path, "a")
+        self._f = open(path, "a")  # noqa: SIM115 -- appended to until close()
 
     @staticmethod
-    def _history(path: str, up_to_step: int) -> "list[dict]":
+    def _history(path: str, up_to_step: int) -> list[dict]:
         lines = _lines(path)
         end = max((i + 1 for i, (_, r, _) in enumerate(lines) if r is not None and r["step"] <= up_to_step),
                   default=0)
@@ -134,7 +134,7 @@ class MetricsLog:
         self._f.close()
 
     @staticmethod
-    def read(path: str) -> "list[dict]":
+    def read(path: str) -> list[dict]:
         """Every record of the log; ValueError naming the file and the line if one is damaged."""
         records = []
         for n, record, problem in _lines(path):

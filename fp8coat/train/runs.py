@@ -19,13 +19,25 @@ import os
 import shutil
 import uuid
 
-from ..data._atomic import sha256_of_files
 from .checkpoint import DamagedCheckpoint, checkpoint_steps, read_state
 from .config import TrainConfig
+from .data._atomic import sha256_of_files
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "RUN_FILES", "new_run_id", "check_new_run", "clear_run", "read_run",
-           "write_run", "saved_config", "resumed_config", "config_differences", "check_same_run", "data_identity",
-           "check_same_data"]
+__all__ = [
+    "MAY_CHANGE_ON_RESUME",
+    "RUN_FILES",
+    "check_new_run",
+    "check_same_data",
+    "check_same_run",
+    "clear_run",
+    "config_differences",
+    "data_identity",
+    "new_run_id",
+    "read_run",
+    "resumed_config",
+    "saved_config",
+    "write_run",
+]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 # where and how the run continues, not what it trains (--steps extends it; the cosine decay spans the new total)
@@ -36,7 +48,7 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _present(out_dir: str) -> "list[str]":
+def _present(out_dir: str) -> list[str]:
     found = []
     for name in RUN_FILES:
         path = os.path.join(out_dir, name)
@@ -63,7 +75,7 @@ def clear_run(out_dir: str) -> None:
             os.remove(path)
 
 
-def read_run(out_dir: str) -> "dict | None":
+def read_run(out_dir: str) -> dict | None:
     """The run's ``config.json`` (configuration plus ``run_id``), None if there is none."""
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
@@ -74,18 +86,18 @@ def read_run(out_dir: str) -> "dict | None":
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is unreadable: {err}") from None
     if not isinstance(run, dict):
-        raise ValueError(f"{path} is not a run configuration")
+        raise ValueError(f"{path} is not a run configuration")  # noqa: TRY004 -- a bad file: a usage error
     return run
 
 
-def write_run(out_dir: str, cfg: TrainConfig, run_id: str, data: "dict | None" = None) -> None:
+def write_run(out_dir: str, cfg: TrainConfig, run_id: str, data: dict | None = None) -> None:
     """Write ``config.json``: the run id, the identity of its training data (:func:`data_identity`) and the
     configuration."""
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({"run_id": run_id, "data_identity": data, **cfg.to_dict()}, f, indent=1)
 
 
-def saved_config(out_dir: str) -> "tuple[dict, str]":
+def saved_config(out_dir: str) -> tuple[dict, str]:
     """The configuration of the run in ``out_dir`` and the file it was read from: its ``config.json``, else the
     newest readable checkpoint's ``state.json``."""
     run = read_run(out_dir)
@@ -99,7 +111,7 @@ def saved_config(out_dir: str) -> "tuple[dict, str]":
     raise FileNotFoundError(f"--resume: no run to resume in {out_dir} (no config.json and no checkpoint)")
 
 
-def config_differences(saved: dict, given: dict, where: str) -> "list[tuple[str, object, object]]":
+def config_differences(saved: dict, given: dict, where: str) -> list[tuple[str, object, object]]:
     """``(option, given value, saved value)`` for each option in ``given`` that differs from ``saved`` (read from
     the file ``where``, named in a ValueError for a value of the wrong type) and may not change on resume."""
     base = TrainConfig.from_dict(saved, where)
@@ -132,7 +144,7 @@ def _valid(cfg: TrainConfig, where: str) -> TrainConfig:
         raise ValueError(f"{where}: {err}") from None
 
 
-def check_same_run(run_id: "str | None", state: dict, path: str, out_dir: str) -> None:
+def check_same_run(run_id: str | None, state: dict, path: str, out_dir: str) -> None:
     """ValueError if checkpoint ``path`` (its ``state``) belongs to another run than ``run_id``."""
     theirs = state.get("run_id")
     if run_id and theirs and theirs != run_id:
@@ -146,12 +158,12 @@ _DATA_FIELDS = (("source", "data"), ("tokenizer", "tokenizer.json sha256"), ("tr
 
 
 def data_identity(data) -> dict:
-    """What identifies the prepared training data (a :class:`~fp8coat.data.PreparedData`): its description, the
+    """What identifies the prepared training data (a :class:`~fp8coat.train.data.PreparedData`): its description, the
     sha256 of its tokenizer (``"bytes"`` for the byte tokenizer), the training and validation token counts and the
     sha256 of the two token files (16 hex digits each; the latter as the dataset's manifest records it, computed
     here for datasets prepared without it)."""
     tokens = data.tokens_sha256 or sha256_of_files(data.train_path, data.val_path)[:16]
-    return {"source": data.description,
+    return {"source": data.source,
             "tokenizer": sha256_of_files(data.tokenizer_path)[:16] if data.tokenizer_path is not None else "bytes",
             "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens, "tokens_sha256": tokens}
 

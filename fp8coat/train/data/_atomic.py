@@ -15,10 +15,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text", "sha256_of_files"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_text", "sha256_of_files"]
 
 
-def sha256_of_files(*paths: "str | os.PathLike") -> str:
+def sha256_of_files(*paths: str | os.PathLike) -> str:
     """Hex sha256 of the files' bytes, read in order in chunks of 1 MiB."""
     digest = hashlib.sha256()
     for path in paths:
@@ -68,10 +68,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8 to ``path`` (through :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))

@@ -13,7 +13,14 @@ import argparse
 import dataclasses
 import sys
 
-__all__ = ["main", "build_parser"]
+from .compare import DEFAULT_VARIANTS, compare
+from .config import TrainConfig
+from .finite import NonFiniteError
+from .loop import train
+from .progress import format_summary
+from .runs import resumed_config, saved_config
+
+__all__ = ["build_parser", "main"]
 
 _HELP = {
     "out_dir": "run directory: config.json, metrics.jsonl, checkpoints/, summary.json",
@@ -70,8 +77,6 @@ _OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.j
 def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: bool = False) -> None:
     """One flag per :class:`~fp8coat.train.TrainConfig` option. With ``given_only``, options not on the command
     line stay out of the parsed namespace (their defaults are shown in the help only)."""
-    from .train import TrainConfig
-
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
@@ -91,28 +96,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, given_only: boo
                                 default=argparse.SUPPRESS if given_only else default, help=shown)
 
 
-def _config(args):
-    from .train import TrainConfig
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
-    return TrainConfig(**values).validate()
-
-
-def _given(args) -> dict:
-    """The :class:`~fp8coat.train.TrainConfig` options typed on the command line (``train`` parses with
-    ``given_only``: defaults never appear in ``args``)."""
-    from .train import TrainConfig
-
+def _options(args) -> dict:
+    """The :class:`~fp8coat.train.TrainConfig` options in ``args``: for ``train`` (parsed with ``given_only``) those
+    typed on the command line, for ``compare`` every one."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
 
 
 def _train_config(args):
     """A new run's configuration (the given options over the defaults), or with ``--resume`` the saved one of the
     run in ``--out-dir`` with the given options that may change on resume (others that differ: ValueError)."""
-    from .train import TrainConfig
-    from .train.runs import resumed_config, saved_config
-
-    given = _given(args)
+    given = _options(args)
     if not args.resume:
         return TrainConfig(**given).validate()
     out_dir = given.get("out_dir", TrainConfig.out_dir)
@@ -121,9 +114,6 @@ def _train_config(args):
 
 
 def _train(args) -> int:
-    from .train import train
-    from .train.progress import format_summary
-
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(summary, cfg.out_dir))
@@ -131,8 +121,6 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from .train import TrainConfig, compare
-
     if args.recipe is not None:
         raise ValueError("--recipe has no effect in compare: each variant names its recipe "
                          "(e.g. --variants bf16-torchopt,coat)")
@@ -143,13 +131,11 @@ def _compare(args) -> int:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     # the recipe and the seed of each run come from its variant and --seeds
     base = argparse.Namespace(**{**vars(args), "recipe": TrainConfig.recipe, "seed": seeds[0] if seeds else 0})
-    compare(_config(base), variants, seeds, args.out_dir)
+    compare(TrainConfig(**_options(base)).validate(), variants, seeds, args.out_dir)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
-
     parser = argparse.ArgumentParser(prog="fp8coat", description="Memory-efficient FP8 training (COAT).")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train or fine-tune a model (CPU or GPU)")
@@ -157,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", action="store_true", help=_RESUME_HELP)
     p_train.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p_train.set_defaults(func=_train)
-
-    from .train.compare import DEFAULT_VARIANTS
 
     p_cmp = sub.add_parser("compare", help="train several recipes on identical data; table + loss plot",
                            conflict_handler="resolve")  # --out-dir, --recipe, --seed below replace the run flags
@@ -180,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: "list[str] | None" = None) -> int:
-    from .train.finite import NonFiniteError
-
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

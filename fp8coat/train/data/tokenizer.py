@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,35 +43,16 @@ BPE_FORMAT = 1
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255 = byte values, ``eot_id`` = 256, ``vocab_size`` = 257.
 
-    Mirrors the parts of ``tokenizers.Tokenizer`` used here, except that :meth:`encode` returns the ids
-    (``list[int]``) rather than an ``Encoding``.
+    Answers the calls made here to a ``tokenizers.Tokenizer`` (``token_to_id``, ``get_vocab_size``);
+    :func:`encode_ids` encodes with :meth:`encode_array`.
     """
 
     vocab_size = 257
     eot_id = 256
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
     def encode_array(self, text: str) -> np.ndarray:
         """``np.uint8`` array of the UTF-8 bytes of ``text``."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        out, chunk = [], bytearray()
-        for i in ids:
-            i = int(i)
-            if i == self.eot_id:
-                out.append(chunk.decode("utf-8", errors="replace"))
-                chunk = bytearray()
-                if not skip_special_tokens:
-                    out.append(EOT)
-            elif 0 <= i < 256:
-                chunk.append(i)
-            else:
-                raise ValueError(f"token id {i} is outside the byte vocabulary (0..256)")
-        out.append(chunk.decode("utf-8", errors="replace"))
-        return "".join(out)
 
     def get_vocab_size(self) -> int:
         return self.vocab_size
@@ -90,34 +70,19 @@ def _new_bpe():
     return tok
 
 
-def train_tokenizer(docs: Sequence[Document] | Sequence[str], vocab_size: int = 16384, seed: int = 0, *,
-                    max_chars: int | None = None, min_frequency: int = 2, verbose: bool = False):
-    """Train a byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` entries (fewer if the text is small).
-
-    ``docs``: documents or plain strings. ``max_chars``: train on a random subset of whole documents, drawn with
-    ``seed``, of about that many characters (``None``: all documents; ``seed`` is then unused, since BPE counts do
-    not depend on order).
-    """
+def train_tokenizer(docs: Sequence[Document] | Sequence[str], vocab_size: int = 16384):
+    """Train a byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` entries (fewer if the text is small) on
+    ``docs`` (documents or plain strings); tokens seen fewer than twice are not merged."""
     from tokenizers import pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size {vocab_size} is too small for byte-level BPE (needs at least 258)")
     texts = [d.text if isinstance(d, Document) else d for d in docs]
-    if max_chars is not None and sum(map(len, texts)) > max_chars:
-        order = list(range(len(texts)))
-        random.Random(seed).shuffle(order)
-        picked, total = [], 0
-        for i in order:
-            if total >= max_chars:
-                break
-            picked.append(i)
-            total += len(texts[i])
-        texts = [texts[i] for i in sorted(picked)]
     if not any(t.strip() for t in texts):
         raise ValueError("cannot train a tokenizer on empty text")
     tok = _new_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=verbose)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if tok.token_to_id(EOT) != 0:
         raise RuntimeError(f"{EOT} did not get id 0")

@@ -1,6 +1,6 @@
 """Token files: a corpus encoded once, split into train/validation by document, cached on disk.
 
-Cache layout (``<cache>`` = the ``cache`` argument or :func:`fp8coat.data.cache_dir`)::
+Cache layout (``<cache>`` = the ``cache`` argument or :func:`fp8coat.train.data.cache_dir`)::
 
     <cache>/datasets/<slug>-<key>/      one prepared dataset (written atomically: complete or absent)
         train.bin                       training tokens, flat uint16 (vocab <= 65536) or uint32, native byte order
@@ -18,7 +18,7 @@ hash is recorded in the manifest) also prepares a new dataset; a machine without
 folder copied to a machine without network) reuses the dataset as it is.
 
 Each split is its documents in corpus order, each followed by the end-of-text id. Validation is a seeded random
-set of whole documents (:func:`fp8coat.data.split.split_documents`); a single-document corpus is instead cut at
+set of whole documents (:func:`fp8coat.train.data.split.split_documents`); a single-document corpus is instead cut at
 ``1 - val_fraction`` of its tokens (validation = the tail).
 """
 
@@ -37,17 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_dir, sha256_of_files
-from .batches import TokenDataset, batch_iterator, eval_batches
+from .batches import TokenDataset
 from .corpus import MIXES, NAMED_CORPORA, Document, Source, cache_dir, corpus_identity, describe_source, load_corpus
 from .split import split_documents
 from .tokenizer import ByteTokenizer, cached_bpe_tokenizer, encode_ids, eot_id, load_tokenizer
 
-__all__ = ["PreparedData", "TokenDataset", "batch_iterator", "eval_batches", "prepare_dataset"]
+__all__ = ["PreparedData", "prepare_dataset"]
 
 DATASET_FORMAT = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _pieces)
 BATCH_CHARS = 8 << 20  # characters per encode_batch call
-PROGRESS_CHARS = 8 << 20  # show progress on stderr for corpora at least this large (progress=None)
+PROGRESS_CHARS = 8 << 20  # show progress on stderr for corpora at least this large
 KNOWN = {*NAMED_CORPORA, *MIXES}
 
 
@@ -68,25 +68,13 @@ class PreparedData:
     n_train_docs: int = 0
     n_val_docs: int = 0
     split: str = "documents"  # "documents" | "tail" (single-document corpus)
-    tokens_sha256: "str | None" = None  # of train.bin then val.bin (16 hex digits); None in older caches
-
-    @property
-    def dir(self) -> Path:
-        return self.train_path.parent
-
-    @property
-    def description(self) -> str:
-        return self.source
+    tokens_sha256: str | None = None  # of train.bin then val.bin (16 hex digits); None in older caches
 
     def train_dataset(self) -> TokenDataset:
         return TokenDataset(self.train_path, self.dtype, "training split")
 
     def val_dataset(self) -> TokenDataset:
         return TokenDataset(self.val_path, self.dtype, "validation split")
-
-    def load_tokenizer(self):
-        """The tokenizer: a ``tokenizers.Tokenizer``, or a :class:`ByteTokenizer`."""
-        return ByteTokenizer() if self.tokenizer_path is None else load_tokenizer(self.tokenizer_path)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> PreparedData:
@@ -155,9 +143,9 @@ def _encode_documents(tokenizer, docs: list[Document], dtype: np.dtype, progress
             start = end
             if progress and (tty or start == len(pieces)):
                 dt = time.perf_counter() - t0
-                print(f"\rfp8coat: encoding {done / 1e6:.1f}/{total / 1e6:.1f} M characters ({100 * done / total:.0f}%), "
-                      f"{n_tokens / 1e6:.2f} M tokens, {dt:.1f} s", end="" if start < len(pieces) else "\n",
-                      file=sys.stderr, flush=True)
+                print(f"\rfp8coat: encoding {done / 1e6:.1f}/{total / 1e6:.1f} M characters "
+                      f"({100 * done / total:.0f}%), {n_tokens / 1e6:.2f} M tokens, {dt:.1f} s",
+                      end="" if start < len(pieces) else "\n", file=sys.stderr, flush=True)
     finally:
         if literal is not None:
             tokenizer.encode_special_tokens = literal
@@ -214,15 +202,15 @@ def _reuse(folder: Path, source: Source) -> PreparedData | None:
 
 
 def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathLike = "bpe", vocab_size: int = 16384,
-                    val_fraction: float = 0.02, seed: int = 0, cache: str | os.PathLike | None = None,
-                    progress: bool | None = None) -> PreparedData:
+                    val_fraction: float = 0.02, seed: int = 0, cache: str | os.PathLike | None = None
+                    ) -> PreparedData:
     """Encode ``source`` (see :func:`load_corpus`) into cached train/validation token files.
 
     ``tokenizer``: "bpe" (byte-level BPE with ``vocab_size`` entries trained on the whole corpus, cached),
     "bytes" (:class:`ByteTokenizer`, vocabulary 257; ``vocab_size`` ignored) or the path of a ``tokenizer.json``
     (its end-of-text token separates documents). ``val_fraction``: share of tokens held out, as whole documents
     chosen with ``seed``. ``cache``: root for tokenizers and datasets (default :func:`cache_dir`).
-    ``progress``: print progress on stderr (default: for corpora of 8 M characters or more).
+    Progress is shown on stderr for corpora of 8 M characters or more.
     Returns the :class:`PreparedData`; a second call with the same arguments reuses the files. ``source`` may also
     be a prepared dataset folder (one holding a ``manifest.json``), returned as it is (other arguments ignored).
     """
@@ -245,7 +233,7 @@ def prepare_dataset(source: Source = "shakespeare", *, tokenizer: str | os.PathL
     t0 = time.perf_counter()
     docs = load_corpus(source)
     chars = sum(len(d.text) for d in docs)
-    progress = chars >= PROGRESS_CHARS if progress is None else progress
+    progress = chars >= PROGRESS_CHARS
     t_load = time.perf_counter() - t0
     tok_path = None
     if kind == "bytes":
