@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import fp8coat
-from fp8coat.train import TrainConfig
 
 from helpers import assert_bit_equal, device
 
@@ -111,6 +110,11 @@ def test_errors():
     other = fp8coat.AdamW(_mlp(torch.float32).parameters(), **HYPER)
     with pytest.raises(ValueError, match="does not hold"):
         other.step_params([next(model.parameters())], new_step=True)
+
+
+def test_train_config_refuses_what_step_in_backward_cannot_do():
+    from fp8coat.train import TrainConfig  # the application's configuration
+
     with pytest.raises(ValueError, match="grad-clip 0"):
         TrainConfig(step_in_backward=True).validate()
     with pytest.raises(ValueError, match="fp8coat optimizer"):
