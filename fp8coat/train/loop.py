@@ -122,9 +122,10 @@ def _loss(model, ids: torch.Tensor, autocast: bool, head: torch.nn.Linear | None
 
 
 def _compile(model: torch.nn.Module, step_model: torch.nn.Module) -> torch.nn.Module:
-    """``--compile``: each decoder layer compiled in place when the model has them (quick to compile, graph breaks
-    stay inside one layer, each layer with compiled code of its own: see :mod:`fp8coat.compiling`), else the whole
-    step module wrapped. Module names and state_dict keys stay unchanged either way."""
+    """``--compile``: each decoder layer compiled in place when the model has them (all layers share one compiled
+    code, so compile time does not grow with depth; graph breaks stay inside one layer: see
+    :mod:`fp8coat.compiling`), else the whole step module wrapped. Module names and state_dict keys stay unchanged
+    either way."""
     layers = decoder_layers(model)
     if layers is not None:
         compile_layers(layers)
