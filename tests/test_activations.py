@@ -317,6 +317,43 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_aot_eager_compile_matches_eager(name):
+    """Every public function (two custom ops, parameterized by the activation) under torch.compile: the same bits
+    as eager, forward and backward."""
+    torch._dynamo.reset()
+    call, gated, _ = OPS[name]
+
+    def f(*ts):
+        return call(*ts).float().pow(2).sum()
+
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(3, 5, 48, generator=g).to(torch.bfloat16) for _ in range(2 if gated else 1)]
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert_bit_equal(a, b, name)
+
+
+_OPCHECK = ("test_faketensor", "test_autograd_registration")  # test_schema multiplies the FP8 outputs: no CPU kernel
+
+
+def test_custom_ops_opcheck():
+    """Fake implementation and autograd registration of the two activation ops and their backwards."""
+    x, u = torch.randn(4, 40), torch.randn(4, 40)
+    for code in act.ACTIVATIONS.values():
+        torch.library.opcheck(act._gated_op, (x, u, code, 16, "torch"), test_utils=_OPCHECK)
+        torch.library.opcheck(act._plain_op, (x, code, 16, "torch"), test_utils=_OPCHECK)
+        out = act._gated_op(x, u, code, 16, "torch")
+        torch.library.opcheck(act._gated_backward_op, (x, *out[1:], code, 16, "torch"), test_utils=_OPCHECK)
+        saved = act._plain_op(x, code, 16, "torch")[1:]
+        torch.library.opcheck(act._plain_backward_op, (x, *saved, code, 16, "torch"), test_utils=_OPCHECK)
+
+
 def test_default_backend_and_errors():
     x, u = torch.randn(4, 40), torch.randn(4, 40)
     assert act.resolve_backend(x, None) == ("triton" if x.is_cuda else "torch")
