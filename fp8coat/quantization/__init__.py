@@ -23,7 +23,6 @@ __all__ = [
     "check_triton_device",
     "dequantize_per_group",
     "dequantize_per_tensor",
-    "group_amax",
     "joint_tensor_scale",
     "quantize_if",
     "quantize_per_group",
@@ -106,11 +105,6 @@ def tensor_scale(x: torch.Tensor, fmt="e4m3", *, backend: str | None = None) -> 
     if resolve_backend(x, backend) == "triton":
         return _kernels().tensor_scale_triton(x, fmt)
     return scale_from_amax(reference.tensor_amax(x), get_format(fmt))
-
-
-def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-group amax, shape ``(*lead, ceil(K/G))`` (the first stage of group scaling)."""
-    return reference.group_amax(x, group_size)
 
 
 def quantize_per_tensor(x: torch.Tensor, fmt="e4m3", scale=None, *, backend: str | None = None):
