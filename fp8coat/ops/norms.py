@@ -132,13 +132,13 @@ def _norm_bwd_torch(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, nee
 # public functional API (no autograd)
 
 
-def _impl(x: torch.Tensor, backend, kind: str):
-    """The forward or backward implementation (``kind``: "fwd" / "bwd") of the backend that runs for ``x``."""
+def _impls(x: torch.Tensor, backend):
+    """(forward, backward) implementations of the backend that runs for ``x``."""
     if resolve_backend(x, backend) == "triton":
-        from . import norms_kernels
+        from .norms_kernels import norm_bwd_triton, norm_fwd_triton
 
-        return norms_kernels.norm_fwd_triton if kind == "fwd" else norms_kernels.norm_bwd_triton
-    return _norm_fwd_torch if kind == "fwd" else _norm_bwd_torch
+        return norm_fwd_triton, norm_bwd_triton
+    return _norm_fwd_torch, _norm_bwd_torch
 
 
 def _contig(*ts):
@@ -148,7 +148,7 @@ def _contig(*ts):
 def rmsnorm_fwd(x, weight, eps, group_size=16, *, backend=None):
     """RMSNorm forward -> ``(y, x_q, x_s, rstd)``; see the module docstring for the exact arithmetic."""
     _check_inputs(x, group_size, weight)
-    impl = _impl(x, backend, "fwd")
+    impl = _impls(x, backend)[0]
     y, x_q, x_s, _, rstd = impl(x, weight, None, float(eps), group_size, False)
     return _contig(y, x_q, x_s, rstd)
 
@@ -156,7 +156,7 @@ def rmsnorm_fwd(x, weight, eps, group_size=16, *, backend=None):
 def rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, backend=None):
     """RMSNorm backward from the FP8 copy of x -> ``(dx, dw)`` (``dw`` None without weight)."""
     _check_inputs(dy, group_size, weight)
-    impl = _impl(dy, backend, "bwd")
+    impl = _impls(dy, backend)[1]
     dx, dw, _ = impl(dy, x_q, x_s, None, rstd, weight, group_size, False, False)
     return _contig(dx, dw)
 
@@ -164,7 +164,7 @@ def rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, backend=None):
 def layernorm_fwd(x, weight, bias, eps, group_size=16, *, backend=None):
     """LayerNorm forward -> ``(y, x_q, x_s, mean, rstd)``; weight and bias are optional."""
     _check_inputs(x, group_size, weight, bias)
-    impl = _impl(x, backend, "fwd")
+    impl = _impls(x, backend)[0]
     return _contig(*impl(x, weight, bias, float(eps), group_size, True))
 
 
@@ -176,7 +176,7 @@ def layernorm_bwd(dy, x_q, x_s, mean, rstd, weight, group_size=16, *, has_bias=N
     """
     _check_inputs(dy, group_size, weight)
     need_db = (weight is not None) if has_bias is None else bool(has_bias)
-    impl = _impl(dy, backend, "bwd")
+    impl = _impls(dy, backend)[1]
     return _contig(*impl(dy, x_q, x_s, mean, rstd, weight, group_size, True, need_db))
 
 
