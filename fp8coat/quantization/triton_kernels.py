@@ -2,7 +2,9 @@
 
 Every kernel works on a 2-D view ``(R, K)`` of its input with arbitrary strides (any shape, non-contiguous input,
 0 elements are handled by the launchers). Divisions use ``tl.div_rn`` (IEEE round-to-nearest) so that scales match
-torch exactly; the per-element work is one multiply, a clamp and the cast.
+torch exactly; the per-element work is one multiply, a clamp and the cast. The arithmetic shared with the other
+kernel files (scale from amax, clamp-then-cast, per-group quantize / dequantize, mix32) is in
+``fp8coat._kernel_helpers``.
 
 Kernels:
   * ``_group_quant_kernel``   x -> (q, scale) per 1×G group (scale fp32, shape (R, ceil(K/G))).
