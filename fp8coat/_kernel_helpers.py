@@ -4,7 +4,8 @@ Each ``@triton.jit`` helper here is the one Triton form of a rule that has a tor
 
     abs_nan_to_inf      |x| with NaN -> +inf                     (quantization.reference.abs_for_amax)
     clamp_cast          fp8(clamp(y, -FMAX, FMAX)), NaN kept      (quantization.reference.quantize_with_scale)
-    recip_rn            1 / x, one IEEE division                  (_numerics.ieee_div(1.0, x))
+    recip_rn            1 / x, one IEEE division                  (_numerics.recip)
+    floor_min_scale     max(s, 2^-126)                           (quantization.reference.floor_min_scale)
     scale_from_amax_tl  max(amax / FMAX, 2^-126)                 (quantization.reference.scale_from_amax)
     group_quant_store   per-1×G quantization of a tile            (quantization.reference.quantize_per_group)
     group_dequant_load  fp32(q) · s per 1×G group                 (quantization.reference.dequantize_per_group)
@@ -37,6 +38,7 @@ __all__ = [
     "act_grad_tl",
     "act_tl",
     "clamp_cast",
+    "floor_min_scale",
     "group_dequant",
     "group_dequant_load",
     "group_quant_store",
@@ -100,10 +102,15 @@ def recip_rn(x):
 
 
 @triton.jit
+def floor_min_scale(s):
+    """``max(s, 2^-126)`` (NaN stays NaN): keeps ``1/s`` finite."""
+    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
+
+
+@triton.jit
 def scale_from_amax_tl(amax, FMAX: tl.constexpr):
     """``max(amax / FMAX, 2^-126)`` (IEEE division)."""
-    s = tl.div_rn(amax, FMAX)
-    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    return floor_min_scale(tl.div_rn(amax, FMAX))
 
 
 @triton.jit

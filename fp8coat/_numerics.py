@@ -14,7 +14,7 @@ import struct
 
 import torch
 
-__all__ = ["div64", "f32", "ieee_div", "ieee_sqrt", "sqrt64"]
+__all__ = ["div64", "f32", "ieee_div", "ieee_sqrt", "recip", "sqrt64"]
 
 _F32 = struct.Struct("f")
 
@@ -35,6 +35,11 @@ def ieee_div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     if not isinstance(b, torch.Tensor):
         b = torch.full_like(ref, b, dtype=torch.float32)
     return torch.div(a.float(), b.float())
+
+
+def recip(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` elementwise in ``x``'s dtype, one IEEE division (``1 / tensor`` is a reciprocal instruction)."""
+    return torch.div(torch.ones_like(x), x)
 
 
 def div64(a: torch.Tensor, n: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .._numerics import f32
+from .._numerics import f32, recip
 
 __all__ = ["ACTIVATIONS", "C3", "INV_SQRT_2PI", "K2", "SQRT1_2", "TANH_CLAMP", "C", "act_grad_torch", "act_torch"]
 
@@ -26,25 +26,20 @@ C3 = f32(3.0 * 0.044715)
 TANH_CLAMP = 9.0
 
 
-def _recip_1p(e: torch.Tensor) -> torch.Tensor:
-    """``1 / (1 + e)`` with one IEEE division."""
-    return torch.div(torch.ones_like(e), 1.0 + e)
-
-
 def act_torch(x: torch.Tensor, act: int) -> torch.Tensor:
     """f(x) for fp32 ``x``."""
     if act == 0:
-        return x * _recip_1p(torch.exp(-x))
+        return x * recip(1.0 + torch.exp(-x))
     if act == 1:
         return x * (0.5 * (1.0 + torch.erf(x * SQRT1_2)))
     z2 = (x + C * (x * x * x)) * K2
-    return x * _recip_1p(torch.exp(-z2))
+    return x * recip(1.0 + torch.exp(-z2))
 
 
 def act_grad_torch(x: torch.Tensor, act: int) -> torch.Tensor:
     """f'(x) for fp32 ``x``."""
     if act == 0:
-        s = _recip_1p(torch.exp(-x))
+        s = recip(1.0 + torch.exp(-x))
         return s * (1.0 + x * (1.0 - s))
     if act == 1:
         cdf = 0.5 * (1.0 + torch.erf(x * SQRT1_2))
@@ -52,5 +47,5 @@ def act_grad_torch(x: torch.Tensor, act: int) -> torch.Tensor:
     x = torch.clamp(x, -TANH_CLAMP, TANH_CLAMP)
     z2 = (x + C * (x * x * x)) * K2
     e = torch.exp(-z2)
-    s = _recip_1p(e)
+    s = recip(1.0 + e)
     return s + x * (s * (e * s)) * (K2 * (1.0 + C3 * (x * x)))

@@ -47,7 +47,7 @@ import functools
 import torch
 
 from .._grid import cdiv
-from .._numerics import div64, f32, sqrt64
+from .._numerics import div64, f32, recip, sqrt64
 from ..formats import E4M3
 from ..quantization import reference as qref
 from ..quantization import resolve_backend
@@ -77,8 +77,7 @@ def _check_inputs(x: torch.Tensor, group_size: int, *params: torch.Tensor | None
 
 def _rstd_from_var(var: torch.Tensor, eps: float) -> torch.Tensor:
     """fp32(1 / sqrt(var + fp32(eps))) from an fp64 ``var``."""
-    root = sqrt64(var + f32(eps))
-    return torch.div(torch.ones_like(root), root).float()
+    return recip(sqrt64(var + f32(eps))).float()
 
 
 def _norm_fwd_torch(x, weight, bias, eps, group_size, layernorm):

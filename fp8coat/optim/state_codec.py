@@ -39,8 +39,8 @@ from .._grid import cdiv
 from .._numerics import f32, ieee_div
 from ..formats import FP8Format, get_format
 from ..quantization.reference import (
-    MIN_SCALE,
     abs_for_amax,
+    floor_min_scale,
     grouped,
     quantize_with_scale,
     scale_from_amax,
@@ -79,11 +79,6 @@ def side_shape(shape: tuple[int, ...] | torch.Size, group_size: int) -> tuple[in
     return (*shape[:-1], group_count(shape[-1], group_size))
 
 
-def _floored_absmax(absmax: torch.Tensor) -> torch.Tensor:
-    """``max(M, 2^-126)``: keeps ``1/M`` finite for all-zero and subnormal groups (used by encode and decode)."""
-    return torch.where(absmax < MIN_SCALE, torch.full_like(absmax, MIN_SCALE), absmax)
-
-
 def _clamp_max(y: torch.Tensor, fmax: float) -> torch.Tensor:
     return torch.where(y > fmax, torch.full_like(y, fmax), y)
 
@@ -109,7 +104,7 @@ def encode(
     log_range = torch.where(log_range > 0, log_range, torch.zeros_like(log_range))  # R == 1, all-zero, non-finite
     k16 = torch.floor(ieee_div(expand_constant(fmt), log_range)).clamp(1, MAX_EXPO)
     expo_f = k16 * EXPO_UNIT  # exact
-    r = a * ieee_div(1.0, _floored_absmax(absmax)).unsqueeze(-1)
+    r = a * ieee_div(1.0, floor_min_scale(absmax)).unsqueeze(-1)
     y = _clamp_max(fmt.max * torch.exp2(expo_f.unsqueeze(-1) * torch.log2(r)), fmt.max)
     y = torch.where(xg < 0, -y, y)
     return ungrouped(y.to(fmt.dtype), k).contiguous(), absmax, k16.to(torch.uint8)
@@ -125,7 +120,7 @@ def decode(
     if expo is None:
         x = qg * scale_from_amax(absmax, fmt).unsqueeze(-1)
     else:
-        m = _floored_absmax(absmax.float()).unsqueeze(-1)
+        m = floor_min_scale(absmax.float()).unsqueeze(-1)
         inv_k = ieee_div(float(EXPAND_STEPS), expo.float()).unsqueeze(-1)
         mag = torch.exp2(torch.log2(qg.abs() * (1.0 / fmt.max)) * inv_k) * m
         x = torch.where(qg < 0, -mag, mag)

@@ -24,7 +24,15 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv
-from .._kernel_helpers import MIN_SCALE, abs_nan_to_inf, clamp_cast, mix32, on_gpu, recip_rn, scale_from_amax_tl
+from .._kernel_helpers import (
+    abs_nan_to_inf,
+    clamp_cast,
+    floor_min_scale,
+    mix32,
+    on_gpu,
+    recip_rn,
+    scale_from_amax_tl,
+)
 from .._launch import fast_kernel
 from .._numerics import f32
 from ..formats import E4M3
@@ -100,7 +108,7 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         if EXPAND:
             k16 = tl.load(expo_ptr + gidx, mask=gmask, other=EXPAND_STEPS).to(tl.float32)
             inv_k = tl.div_rn(tl.full(k16.shape, EXPAND_STEPS, tl.float32), k16)
-            amax = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
+            amax = floor_min_scale(amax)
             if FAST:
                 # M·(|q|/fmax)^(1/k) = exp2(log2|q| / k + (log2 M - log2(fmax) / k)): one MUFU pair, one FMA
                 bias = _log2(amax, FAST) - _log2(tl.full(amax.shape, FMAX, tl.float32), FAST) * inv_k
@@ -128,7 +136,7 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
             k16 = tl.floor(tl.div_rn(tl.full(log_range.shape, C, tl.float32), log_range))
             k16 = tl.where(k16 > MAX_EXPO, MAX_EXPO, k16)
             k16 = tl.where(k16 < 1.0, 1.0, k16)
-            floored = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
+            floored = floor_min_scale(amax)
             k = k16 * EXPO_UNIT
             if FAST:
                 # fmax·(|x|/M)^k = exp2(k·log2|x| + (log2 fmax - k·log2 M)); the satfinite cast clamps at fmax

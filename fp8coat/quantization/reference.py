@@ -34,6 +34,7 @@ __all__ = [
     "dequantize_per_group",
     "dequantize_per_tensor",
     "fingerprint_units",
+    "floor_min_scale",
     "group_amax",
     "grouped",
     "joint_tensor_scale",
@@ -65,10 +66,14 @@ def abs_for_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
 
 
+def floor_min_scale(s: torch.Tensor) -> torch.Tensor:
+    """``max(s, 2^-126)`` (NaN stays NaN): keeps ``1/s`` finite."""
+    return torch.where(s < MIN_SCALE, torch.full_like(s, MIN_SCALE), s)
+
+
 def scale_from_amax(amax: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     """Dequantization scale ``max(amax / fmax, 2^-126)`` (fp32, same shape as ``amax``)."""
-    s = ieee_div(amax.float(), fmt.max)
-    return torch.where(s < MIN_SCALE, torch.full_like(s, MIN_SCALE), s)
+    return floor_min_scale(ieee_div(amax.float(), fmt.max))
 
 
 def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
