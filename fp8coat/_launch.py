@@ -83,7 +83,7 @@ class FastKernel:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _bind(self, args: tuple, kwargs: dict) -> "tuple[tuple, list] | None":
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
         """(cache key, constexpr values in signature order), or None for calls the fast path does not bind."""
         if len(args) != self.n_runtime:
             return None

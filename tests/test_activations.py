@@ -20,12 +20,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import adversarial, assert_bit_equal, device, sqnr_db
 
 from fp8coat.ops import activations as act
 from fp8coat.ops import geglu, gelu, silu, swiglu
 from fp8coat.quantization.reference import dequantize_per_group, quantize_per_group
-
-from helpers import adversarial, assert_bit_equal, device, sqnr_db
 
 pytestmark = [
     # the interpreter's numpy exp overflows to inf on purpose (silu/gelu of large |x|)
@@ -83,7 +82,7 @@ def _assert_close(ref: torch.Tensor, got: torch.Tensor, m: torch.Tensor, what: s
 
 def _run(name: str, inputs: list, dy: torch.Tensor, **kw):
     """Forward + backward through the public op -> (out, saved tensors, grads)."""
-    call, gated, _ = OPS[name]
+    call, _gated, _ = OPS[name]
     leaves = [t.detach().requires_grad_() for t in inputs]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -205,7 +204,7 @@ def test_adversarial_inputs(name, dtype):
         x[i, :16] = 0.0  # an all-zero group
         inputs.append(x.to(dtype=dtype, device=device()))
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(5)).clamp(-1, 1).to(dtype=dtype, device=device())
-    out, saved, grads = _compare_backends(name, inputs, dy)
+    out, _saved, grads = _compare_backends(name, inputs, dy)
 
     nonfinite_in = ~torch.isfinite(inputs[0])
     if gated:
@@ -256,7 +255,7 @@ def test_forward_uses_original_inputs():
     for name, (call, gated, fn) in OPS.items():
         out = call(g, u) if gated else call(g)
         if name.endswith("tanh"):  # 0.5·x·(1 + tanh z) = x·σ(2z); the latter has no cancellation, even in fp64
-            fn = lambda t: t * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))  # noqa: E731
+            fn = lambda t: t * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))
         ref = fn(g.double()) * (u.double() if gated else 1.0)
         m = _mags(g, name)[0] * (u.double().abs() if gated else 1.0)
         ratio = float(((out.double() - ref).abs() / (2.0**-24 * m + 2.0**-126)).max())
@@ -315,6 +314,43 @@ def test_torch_compile_matches_eager():
         grads.append([loss.detach()] + [t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_aot_eager_compile_matches_eager(name):
+    """Every public function (two custom ops, parameterized by the activation) under torch.compile: the same bits
+    as eager, forward and backward."""
+    torch._dynamo.reset()
+    call, gated, _ = OPS[name]
+
+    def f(*ts):
+        return call(*ts).float().pow(2).sum()
+
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(3, 5, 48, generator=g).to(torch.bfloat16) for _ in range(2 if gated else 1)]
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert_bit_equal(a, b, name)
+
+
+_OPCHECK = ("test_faketensor", "test_autograd_registration")  # test_schema multiplies the FP8 outputs: no CPU kernel
+
+
+def test_custom_ops_opcheck():
+    """Fake implementation and autograd registration of the two activation ops and their backwards."""
+    x, u = torch.randn(4, 40), torch.randn(4, 40)
+    for code in act.ACTIVATIONS.values():
+        torch.library.opcheck(act._gated_op, (x, u, code, 16, "torch"), test_utils=_OPCHECK)
+        torch.library.opcheck(act._plain_op, (x, code, 16, "torch"), test_utils=_OPCHECK)
+        out = act._gated_op(x, u, code, 16, "torch")
+        torch.library.opcheck(act._gated_backward_op, (x, *out[1:], code, 16, "torch"), test_utils=_OPCHECK)
+        saved = act._plain_op(x, code, 16, "torch")[1:]
+        torch.library.opcheck(act._plain_backward_op, (x, *saved, code, 16, "torch"), test_utils=_OPCHECK)
 
 
 def test_default_backend_and_errors():

@@ -100,6 +100,63 @@ def test_default_chunk_size():
         assert c & (c - 1) == 0 and (c * v * 4 <= 128 * 2**20 or c == 64)
 
 
+def _loss_and_grads(fn, h, w, y):
+    leaves = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+    loss = fn(*leaves, y)
+    (loss * 1.5).backward()
+    return [loss.detach(), leaves[0].grad, leaves[1].grad]
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_eager_path_skips_the_dispatcher_and_equals_the_registered_op(chunk, monkeypatch):
+    """Eager calls run the op's functions through ``ops.eager`` (no custom-op dispatch), with the same bits as
+    the registered ``fp8coat::linear_cross_entropy``."""
+    from fp8coat.ops import eager
+
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(40, 16, generator=g).to(torch.bfloat16), torch.randn(30, 16, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, 30, (40,), generator=g)
+    y[::5] = -100
+
+    def fn(a, b, t):
+        return linear_cross_entropy(a, b, t, chunk=chunk)
+
+    assert type(fn(h.requires_grad_(), w, y).grad_fn) is eager._EagerOp._backward_cls
+    h.requires_grad_(False)
+    got = _loss_and_grads(fn, h, w, y)
+    monkeypatch.setattr(eager, "_PLAIN", ())  # every call takes the registered custom op
+    assert "fp8coat_linear_cross_entropy" in type(fn(h.clone().requires_grad_(), w, y).grad_fn).__name__
+    want = _loss_and_grads(fn, h, w, y)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_aot_eager_compile_matches_eager(chunk):
+    torch._dynamo.reset()
+
+    def f(a, b, t):
+        return linear_cross_entropy(a * 2.0, b, t, chunk=chunk)
+
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(40, 16, generator=g), torch.randn(30, 16, generator=g)
+    y = torch.randint(0, 30, (40,), generator=g)
+    y[::3] = -100
+    want = _loss_and_grads(f, h, w, y)
+    got = _loss_and_grads(torch.compile(f, backend="aot_eager", fullgraph=True), h, w, y)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_custom_op_registrations():
+    from fp8coat.ops import cross_entropy as ce
+
+    h, w, y = torch.randn(12, 8), torch.randn(5, 8), torch.randint(0, 5, (12,))
+    for wants in ((True, True), (True, False), (False, True), (False, False)):
+        torch.library.opcheck(ce._op, (h, w, y, 4, *wants),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def test_bad_chunk():
     h, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.randint(0, 5, (4,))
     with pytest.raises(ValueError, match="chunk"):

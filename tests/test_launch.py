@@ -58,7 +58,7 @@ def test_first_launch_compiles_through_the_jit_then_direct_with_every_argument_i
     kind, key, grid, stream, args = fn.log[-1]
     assert kind == "direct" and grid == (5, 2, 1) and stream == 1234
     assert args == (x, 100, 0.25, 64, True)  # runtime arguments, then the constexprs in signature order
-    assert k.cached_kernel((x, 100, 0.25), dict(BLOCK=64, FLAG=True)) is fn.kernels[key]
+    assert k.cached_kernel((x, 100, 0.25), {"BLOCK": 64, "FLAG": True}) is fn.kernels[key]
 
 
 @pytest.mark.parametrize("change", ["int_is_one", "int_div16", "int_64bit", "unaligned", "dtype", "constexpr",
@@ -67,7 +67,7 @@ def test_each_specialization_gets_its_own_kernel(fake_cuda, change):
     fn = _FakeJIT(["x_ptr", "n", "BLOCK"], {"BLOCK"})
     k = FastKernel(fn)
     base = torch.zeros(64)
-    args, kw = (base, 100), dict(BLOCK=64)
+    args, kw = (base, 100), {"BLOCK": 64}
     k[(1,)](*args, **kw)
     k[(1,)](*args, **kw)
     assert [e[0] for e in fn.log] == ["jit", "direct"]
@@ -77,8 +77,8 @@ def test_each_specialization_gets_its_own_kernel(fake_cuda, change):
         "int_64bit": ((base, 2**31 + 7), kw),
         "unaligned": ((base[1:], 100), kw),
         "dtype": ((base.to(torch.bfloat16), 100), kw),
-        "constexpr": (args, dict(BLOCK=128)),
-        "num_warps": (args, dict(BLOCK=64, num_warps=8)),
+        "constexpr": (args, {"BLOCK": 128}),
+        "num_warps": (args, {"BLOCK": 64, "num_warps": 8}),
     }[change]
     k[(1,)](*other[0], **other[1])
     assert fn.log[-1][0] == "jit", "a different specialization must be compiled/looked up by the JIT"

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_bit_equal, device, sqnr_db
 
 from fp8coat.ops import layernorm, layernorm_bwd, layernorm_fwd, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
 from fp8coat.quantization import reference as qref
-
-from helpers import assert_bit_equal, device, sqnr_db
 
 DTYPES = [torch.bfloat16, torch.float32]
 # H=48 and H=200, 1000 are not multiples of 16; (2, 5, 80) is 3-D; (3, 1) has one element per row
@@ -95,7 +94,7 @@ def test_layernorm_triton_matches_reference(shape, dtype):
     dy = _rows_of_scales(shape, dtype, seed=5, dev=dev)
     for has_w, has_b in AFFINE:
         w, b = _params(shape[-1], dtype, has_w, has_b, dev=dev)
-        (y, x_q, x_s, mean, rstd), (dx, dw, db) = _check_ln(x, w, b, dy)
+        (_y, _x_q, _x_s, mean, rstd), (_dx, dw, db) = _check_ln(x, w, b, dy)
         assert mean.shape == rstd.shape == shape[:-1] and mean.dtype == torch.float32
         assert (dw is None) == (w is None) and (db is None) == (b is None)
 
@@ -144,10 +143,10 @@ def test_zero_rows(shape):
     dev = device()
     x = torch.empty(shape, dtype=torch.bfloat16, device=dev)
     w, b = _params(shape[-1], torch.bfloat16, True, True, dev=dev)
-    (y, x_q, x_s, rstd), (dx, dw) = _check_rms(x, w, x)
+    (y, _x_q, x_s, rstd), (_dx, dw) = _check_rms(x, w, x)
     assert y.shape == x.shape and x_s.shape == (*shape[:-1], math.ceil(shape[-1] / 16)) and rstd.shape == shape[:-1]
     assert torch.equal(dw, torch.zeros_like(w))
-    _, (dx, dw, db) = _check_ln(x, w, b, x)
+    _, (_dx, dw, db) = _check_ln(x, w, b, x)
     assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
 
 

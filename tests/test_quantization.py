@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import adversarial, assert_bit_equal, device, finite_random, sqnr_db
 
 from fp8coat.formats import E4M3, E5M2, cast_to_fp8, get_format
 from fp8coat.quantization import (
@@ -14,8 +15,6 @@ from fp8coat.quantization import (
     tensor_amax,
 )
 from fp8coat.quantization import reference as ref
-
-from helpers import adversarial, assert_bit_equal, device, finite_random, sqnr_db
 
 SHAPES = [(7,), (3, 16), (33, 70), (5, 3, 300), (2, 1, 129), (1, 1), (64, 256)]
 
@@ -150,8 +149,8 @@ def test_non_contiguous_and_empty_inputs():
             qc, sc = quantize_per_group(x.contiguous(), E4M3, 16, backend=backend)
             assert_bit_equal(q, qc, f"{name} {backend}")
             assert_bit_equal(s, sc, f"{name} {backend} scale")
-            qt, st = quantize_per_tensor(x, E5M2, backend=backend)
-            qtc, stc = quantize_per_tensor(x.contiguous(), E5M2, backend=backend)
+            qt, _st = quantize_per_tensor(x, E5M2, backend=backend)
+            qtc, _stc = quantize_per_tensor(x.contiguous(), E5M2, backend=backend)
             assert_bit_equal(qt, qtc, f"{name} {backend} per-tensor")
     for shape in [(0,), (0, 16), (3, 0, 32)]:
         x = torch.empty(shape, device=device())
@@ -247,14 +246,14 @@ def test_quantize_transpose_rejects_wrong_destinations():
     s = ref.scale_from_amax(ref.tensor_amax(x), E4M3)
     good_t = torch.empty(32, 32, dtype=E4M3.dtype, device=device())
     bad = {
-        "shape": dict(out=torch.empty(20, 16, dtype=E4M3.dtype, device=device())),
-        "dtype": dict(out=torch.empty(20, 32, dtype=E5M2.dtype, device=device())),
-        "strided rows": dict(out=torch.empty(32, 20, dtype=E4M3.dtype, device=device()).t()),
-        "padding": dict(out_t=torch.empty(32, 20, dtype=E4M3.dtype, device=device())),
-        "not requested": dict(out_t=good_t, transposed=False),
+        "shape": {"out": torch.empty(20, 16, dtype=E4M3.dtype, device=device())},
+        "dtype": {"out": torch.empty(20, 32, dtype=E5M2.dtype, device=device())},
+        "strided rows": {"out": torch.empty(32, 20, dtype=E4M3.dtype, device=device()).t()},
+        "padding": {"out_t": torch.empty(32, 20, dtype=E4M3.dtype, device=device())},
+        "not requested": {"out_t": good_t, "transposed": False},
     }
     for backend in ("torch", "triton"):
-        for name, kwargs in bad.items():
+        for kwargs in bad.values():
             with pytest.raises(ValueError, match="out"):
                 quantize_transpose(x, E4M3, s, backend=backend, **kwargs)
         quantize_transpose(x, E4M3, s, out_t=good_t, backend=backend)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import adversarial, assert_bit_equal, device, finite_random
 
+from fp8coat.formats import E4M3
 from fp8coat.ops.recompute import recompute_input, recompute_quantized_t
 from fp8coat.quantization import dequantize_per_group, quantize_per_group, scale_from_amax, tensor_amax
-from fp8coat.formats import E4M3
-
-from helpers import adversarial, assert_bit_equal, device, finite_random
 
 pytest.importorskip("triton")
 

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import finite_random
 
 from fp8coat.formats import E4M3, E5M2
 from fp8coat.optim import state_codec as codec
-
-from helpers import finite_random
 
 
 def _rel_err(x, xh):

@@ -3,91 +3,16 @@ backend runs, so that ``import fp8coat`` works where Triton is not installed."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .._grid import cdiv, next_power_of_2
+from .._grid import cdiv, tile_2d
+from .._kernel_helpers import act_grad_tl, act_tl, group_dequant_load, group_quant_store, on_gpu, use_libdevice
 from .._launch import fast_kernel
-from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
-from ..quantization.triton_kernels import group_quant_store
-from .activations import _C, _C3, _INV_SQRT_2PI, _K2, _SQRT1_2, _TANH_CLAMP, FP8
+from ..formats import E4M3
 
-try:  # the precise exp/erf of CUDA's math library (tl.exp lowers to the approximate ex2 instruction)
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover
-    libdevice = None
-
-SQRT1_2 = tl.constexpr(_SQRT1_2)
-INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
-K2 = tl.constexpr(_K2)
-C = tl.constexpr(_C)
-C3 = tl.constexpr(_C3)
-TANH_CLAMP = tl.constexpr(_TANH_CLAMP)
-MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)
-
-
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _erf(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        return libdevice.erf(x)
-    else:
-        return tl.erf(x)
-
-
-@triton.jit
-def _recip_1p_tl(e):
-    return tl.div_rn(tl.full(e.shape, 1.0, tl.float32), 1.0 + e)
-
-
-@triton.jit
-def _act_tl(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
-    if ACT == 0:
-        y = x * _recip_1p_tl(_exp(-x, LIBDEVICE))
-    elif ACT == 1:
-        y = x * (0.5 * (1.0 + _erf(x * SQRT1_2, LIBDEVICE)))
-    else:
-        z2 = (x + C * (x * x * x)) * K2
-        y = x * _recip_1p_tl(_exp(-z2, LIBDEVICE))
-    return y
-
-
-@triton.jit
-def _act_grad_tl(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
-    if ACT == 0:
-        s = _recip_1p_tl(_exp(-x, LIBDEVICE))
-        d = s * (1.0 + x * (1.0 - s))
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + _erf(x * SQRT1_2, LIBDEVICE))
-        d = cdf + x * (_exp(x * x * -0.5, LIBDEVICE) * INV_SQRT_2PI)
-    else:
-        x = tl.where(x > TANH_CLAMP, TANH_CLAMP, x)  # tl.where keeps NaN
-        x = tl.where(x < -TANH_CLAMP, -TANH_CLAMP, x)
-        z2 = (x + C * (x * x * x)) * K2
-        e = _exp(-z2, LIBDEVICE)
-        s = _recip_1p_tl(e)
-        d = s + x * (s * (e * s)) * (K2 * (1.0 + C3 * (x * x)))
-    return d
-
-
-@triton.jit
-def _dequant_load(q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
-                  G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    q = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
-    s = tl.load(s_ptr + rows[:, None] * NG + gcols[None, :], mask=(rows[:, None] < R) & (gcols[None, :] < NG),
-                other=1.0)
-    return tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // G, G)) * s[:, :, None], (BLOCK_R, BLOCK_K))
+__all__ = ["backward_triton", "forward_triton"]
 
 
 @fast_kernel
@@ -106,7 +31,7 @@ def _act_fwd_kernel(
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     group_quant_store(x, xq_ptr, xs_ptr, rows, cols, mask, pid_k, R, K, NG, FMAX, G, BLOCK_R, BLOCK_K)
-    y = _act_tl(x, ACT, LIBDEVICE)
+    y = act_tl(x, ACT, LIBDEVICE)
     if GATED:
         u = tl.load(u_ptr + rows[:, None] * stride_ur + cols[None, :] * stride_uk, mask=mask, other=0.0)
         u = u.to(tl.float32)
@@ -131,20 +56,16 @@ def _act_bwd_kernel(
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     d = tl.load(dy_ptr + rows[:, None] * stride_dr + cols[None, :] * stride_dk, mask=mask, other=0.0)
     d = d.to(tl.float32)
-    x = _dequant_load(xq_ptr, xs_ptr, rows, cols, mask, pid_k, R, K, NG, G, BLOCK_R, BLOCK_K)
-    fp = _act_grad_tl(x, ACT, LIBDEVICE)
+    x = group_dequant_load(xq_ptr, xs_ptr, rows, cols, mask, pid_k, R, K, NG, G, BLOCK_R, BLOCK_K)
+    fp = act_grad_tl(x, ACT, LIBDEVICE)
     if GATED:
-        u = _dequant_load(uq_ptr, us_ptr, rows, cols, mask, pid_k, R, K, NG, G, BLOCK_R, BLOCK_K)
-        du = d * _act_tl(x, ACT, LIBDEVICE)
+        u = group_dequant_load(uq_ptr, us_ptr, rows, cols, mask, pid_k, R, K, NG, G, BLOCK_R, BLOCK_K)
+        du = d * act_tl(x, ACT, LIBDEVICE)
         tl.store(du_ptr + rows[:, None] * K + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
         dx = (d * u) * fp
     else:
         dx = d * fp
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _GPU_TILE = (1024, 2048, 4)  # (max BLOCK_K, elements per program, warps)
@@ -154,23 +75,21 @@ def _tiles(r: int, k: int, group_size: int, on_gpu: bool) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_K), powers of two: ~2K elements per program on the GPU (16 per thread per tensor with
     4 warps); 16K in the interpreter, where each program costs ~1.5 ms of Python."""
     max_k, elems = _GPU_TILE[:2] if on_gpu else (4096, 16384)
-    block_k = max(group_size, min(max_k, next_power_of_2(max(k, 1))))
-    block_r = max(1, min(next_power_of_2(max(r, 1)), elems // block_k))
-    return block_r, block_k
+    return tile_2d(r, k, min_k=group_size, max_k=max_k, elems=elems)
 
 
 def _launch_geometry(x2: torch.Tensor, group_size: int):
     r, k = x2.shape
-    block_r, block_k = _tiles(r, k, group_size, x2.is_cuda and not _interpreting())
+    block_r, block_k = _tiles(r, k, group_size, on_gpu(x2.device))
     k_tiles = cdiv(k, block_k)
     return r, k, block_r, block_k, k_tiles, (cdiv(r, block_r) * k_tiles,)
 
 
-def forward_triton(x: torch.Tensor, u: "torch.Tensor | None", act: int, group_size: int):
+def forward_triton(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size: int):
     n = x.shape[-1]
     ng = cdiv(n, group_size)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    tensors = [torch.empty(x.shape, dtype=FP8.dtype, device=x.device),
+    tensors = [torch.empty(x.shape, dtype=E4M3.dtype, device=x.device),
                torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)]
     if u is not None:
         tensors += [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])]
@@ -183,8 +102,8 @@ def forward_triton(x: torch.Tensor, u: "torch.Tensor | None", act: int, group_si
     r, k, block_r, block_k, k_tiles, grid = _launch_geometry(x2, group_size)
     _act_fwd_kernel[grid](
         x2, u2, out, xq, xs, uq, us, r, k, ng, k_tiles, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1),
-        ACT=act, GATED=u is not None, FMAX=FP8.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
-        LIBDEVICE=x.is_cuda and not _interpreting() and libdevice is not None,
+        ACT=act, GATED=u is not None, FMAX=E4M3.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
+        LIBDEVICE=use_libdevice(x),
         num_warps=_GPU_TILE[2], enable_fp_fusion=False,
     )
     return (out, *tensors)
@@ -206,7 +125,7 @@ def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):
         d2, xq, xs, uq if uq is not None else xq, us if uq is not None else xs, dx, du if du is not None else dx,
         r, k, ng, k_tiles, d2.stride(0), d2.stride(1),
         ACT=act, GATED=uq is not None, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
-        LIBDEVICE=dy.is_cuda and not _interpreting() and libdevice is not None,
+        LIBDEVICE=use_libdevice(dy),
         num_warps=_GPU_TILE[2], enable_fp_fusion=False,
     )
     return dx, du

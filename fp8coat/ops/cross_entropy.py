@@ -6,7 +6,9 @@ away, chunk by chunk (softmax minus one-hot, then ``d_hidden = d_logits·W`` and
 accumulated in fp32; a single chunk computes ``d_W`` in one GEMM), and keeps only ``d_hidden`` and ``d_W`` (in the
 input dtypes) for backward, which scales them by the incoming gradient. For a 32k vocabulary the fp32 logits and
 their gradient would cost 2 × tokens × 32000 × 4 bytes (2 GiB at 8192 tokens); here the peak is one chunk's worth
-plus the fp32 ``d_W`` accumulator. The logits are computed once (no recomputation in backward) and nothing synchronizes with the host.
+plus the fp32 ``d_W`` accumulator. The logits are computed once (no recomputation in backward) and nothing
+synchronizes with the host. The forward is the custom op ``fp8coat::linear_cross_entropy`` (returning the loss
+and the two gradients, which its registered autograd formula saves), opaque to ``torch.compile``.
 On CUDA each chunk's loss and logit gradient come from one Triton kernel that overwrites the logits with their
 gradient (``cross_entropy_kernels.py``; reference: ``_chunk_torch``). Logits are computed in the dtype of
 ``hidden``/``weight`` (bf16) and reduced in fp32, like the usual ``logits.float()`` + ``cross_entropy``.
@@ -19,8 +21,9 @@ import functools
 import torch
 
 from ..quantization import resolve_backend
+from .eager import call, register_eager
 
-__all__ = ["linear_cross_entropy", "default_chunk"]
+__all__ = ["default_chunk", "linear_cross_entropy"]
 
 IGNORE_INDEX = -100
 
@@ -51,7 +54,7 @@ def _chunk(logits, labels, count, write_grad):
     return _chunk_torch(logits, labels, count, write_grad)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp32_addmm_in_place(device_type: str) -> bool:
     """Whether ``torch.addmm(c, a, b, out_dtype=float32, out=c)`` accumulates bf16 products into an fp32 ``c``
     here (CUDA builds of recent torch): checked once per device type on a tiny product."""
@@ -74,40 +77,65 @@ def _accumulate(d_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor)
         d_weight += d_logits.t() @ h
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, want_dh, want_dw):
-        n = hidden.shape[0]
-        count = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        d_hidden = torch.empty_like(hidden) if want_dh else None
-        single = 0 < n <= chunk  # one chunk: its weight gradient is one GEMM (fp32 accumulation inside)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw and not single \
-            else None
-        for s in range(0, n, chunk):
-            h = hidden[s: s + chunk]
-            loss, d_logits = _chunk(h @ weight.t(), labels[s: s + chunk], count, want_dh or want_dw)
-            total += loss.sum()
-            if want_dh:  # (a copy: under autocast the product's dtype may differ from hidden's)
-                d_hidden[s: s + chunk] = d_logits @ weight
-            if want_dw and single:
-                d_weight = d_logits.t() @ h
-            elif want_dw:
-                _accumulate(d_weight, d_logits, h)
-            del d_logits
-        if want_dw:
-            d_weight = d_weight.to(weight.dtype)
-        ctx.save_for_backward(d_hidden, d_weight)
-        return total / count
+def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, want_dh: bool,
+                  want_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss 0-d fp32, d_hidden or an empty tensor, d_weight or an empty tensor): the gradients of the mean
+    loss, computed chunk by chunk (``want_dh`` / ``want_dw``: which ones)."""
+    n = hidden.shape[0]
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if want_dh else hidden.new_empty(0)
+    single = 0 < n <= chunk  # one chunk: its weight gradient is one GEMM (fp32 accumulation inside)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw and not single \
+        else None
+    for s in range(0, n, chunk):
+        h = hidden[s: s + chunk]
+        loss, d_logits = _chunk(h @ weight.t(), labels[s: s + chunk], count, want_dh or want_dw)
+        total += loss.sum()
+        if want_dh:  # (a copy: under autocast the product's dtype may differ from hidden's)
+            d_hidden[s: s + chunk] = d_logits @ weight
+        if want_dw and single:
+            d_weight = d_logits.t() @ h
+        elif want_dw:
+            _accumulate(d_weight, d_logits, h)
+        del d_logits
+    if want_dw:
+        d_weight = d_weight.to(weight.dtype)
+    else:
+        d_weight = weight.new_empty(0)
+    return total / count, d_hidden, d_weight
 
-    @staticmethod
-    def backward(ctx, grad):
-        d_hidden, d_weight = ctx.saved_tensors
-        if (ctx.needs_input_grad[0] and d_hidden is None) or (ctx.needs_input_grad[1] and d_weight is None):
-            raise RuntimeError("linear_cross_entropy: the forward ran without gradients (torch.no_grad?)")
-        dh = d_hidden * grad.to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = d_weight * grad.to(d_weight.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None
+
+_op = torch.library.custom_op("fp8coat::linear_cross_entropy", _forward_impl, mutates_args=())
+
+
+@_op.register_fake
+def _(hidden, weight, labels, chunk, want_dh, want_dw):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    return loss, hidden.new_empty(hidden.shape if want_dh else 0), weight.new_empty(weight.shape if want_dw else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, d_hidden, d_weight = output
+    ctx.mark_non_differentiable(d_hidden, d_weight)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(d_hidden, d_weight)
+    ctx.wants = inputs[4:]  # want_dh, want_dw
+
+
+def _backward(ctx, grad, _dh, _dw):
+    """Scales the gradients computed in forward by the incoming gradient of the loss."""
+    if grad is None:
+        return None, None, None, None, None, None
+    d_hidden, d_weight = ctx.saved_tensors
+    want_dh, want_dw = ctx.wants
+    dh = d_hidden * grad.to(d_hidden.dtype) if want_dh else None
+    dw = d_weight * grad.to(d_weight.dtype) if want_dw else None
+    return dh, dw, None, None, None, None
+
+
+torch.library.register_autograd("fp8coat::linear_cross_entropy", _backward, setup_context=_setup_context)
+register_eager(_op, _forward_impl, _setup_context, _backward)
 
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: the tokens whose fp32 logits fit in this
@@ -122,7 +150,7 @@ def default_chunk(vocab_size: int, bytes_per_logit: int = 4) -> int:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: "int | None" = None) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 = ignored), chunked over tokens.
 
     ``hidden``: (..., H); ``weight``: (V, H); ``labels``: (...,) int64; ``chunk``: tokens per chunk (default:
@@ -138,4 +166,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     h = hidden.reshape(-1, hidden.shape[-1])
     grad = torch.is_grad_enabled()
     want_dh, want_dw = grad and h.requires_grad, grad and weight.requires_grad
-    return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), int(chunk), want_dh, want_dw)
+    return call(_op, h, weight, labels.reshape(-1), int(chunk), want_dh, want_dw)[0]

@@ -21,8 +21,9 @@ import torch
 
 from ..formats import get_format
 from ..quantization import dequantize_per_group, quantize_transpose, resolve_backend
+from .activation_math import ACTIVATIONS, act_torch
 
-__all__ = ["Recompute", "recompute_input", "recompute_quantized_t", "RECOMPUTE_KINDS"]
+__all__ = ["RECOMPUTE_KINDS", "Recompute", "recompute_input", "recompute_quantized_t"]
 
 RECOMPUTE_KINDS = ("rmsnorm", "swiglu")
 
@@ -44,10 +45,8 @@ def _check(kind: str, src) -> None:
         raise ValueError(f"recompute {kind!r} takes {' or '.join(map(str, expected))} tensors, got {len(src)}")
 
 
-def recompute_input(kind: str, src: "list[torch.Tensor]", group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def recompute_input(kind: str, src: list[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The linear input x̂ (…, K) in ``dtype``, computed in fp32 from the producer's FP8 tensors (reference)."""
-    from .activations import _act_torch  # the SiLU formula of the FP8 activation ops
-
     _check(kind, src)
     if kind == "rmsnorm":
         x = dequantize_per_group(src[0], src[1], group_size, torch.float32)
@@ -57,12 +56,12 @@ def recompute_input(kind: str, src: "list[torch.Tensor]", group_size: int, dtype
         return y.to(dtype)
     g = dequantize_per_group(src[0], src[1], group_size, torch.float32)
     u = dequantize_per_group(src[2], src[3], group_size, torch.float32)
-    return (_act_torch(g, 0) * u).to(dtype)
+    return (act_torch(g, ACTIVATIONS["silu"]) * u).to(dtype)
 
 
 def recompute_quantized_t(
-    kind: str, src: "list[torch.Tensor]", group_size: int, dtype: torch.dtype, scale: torch.Tensor, fmt="e4m3",
-    *, backend: "str | None" = None, fused: bool = True,
+    kind: str, src: list[torch.Tensor], group_size: int, dtype: torch.dtype, scale: torch.Tensor, fmt="e4m3",
+    *, backend: str | None = None, fused: bool = True,
 ) -> torch.Tensor:
     """``qt`` (K, M_pad) FP8: the recomputed input quantized with ``scale`` (0-d fp32) and transposed.
 

@@ -7,14 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .._grid import cdiv
+from .._grid import cdiv, padded
+from .._kernel_helpers import act_tl, clamp_cast, group_dequant_load, use_libdevice
 from .._launch import fast_kernel
 from ..quantization import quantize_transpose
-from ..quantization.triton_kernels import _clamp_cast
-from .activation_kernels import _act_tl, _dequant_load, _interpreting, libdevice
+from .activation_math import ACTIVATIONS
+
+__all__ = ["recompute_quantized_t_triton"]
 
 _KINDS = {"rmsnorm": 0, "swiglu": 2}  # 1: rmsnorm with a weight
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SILU = tl.constexpr(ACTIVATIONS["silu"])
 
 
 @fast_kernel
@@ -31,10 +34,10 @@ def _recompute_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = _dequant_load(a_q, a_s, rows, cols, mask, pid_k, M, K, NG, G, BLOCK_M, BLOCK_K)
+    x = group_dequant_load(a_q, a_s, rows, cols, mask, pid_k, M, K, NG, G, BLOCK_M, BLOCK_K)
     if KIND == 2:
-        u = _dequant_load(b_q, b_s, rows, cols, mask, pid_k, M, K, NG, G, BLOCK_M, BLOCK_K)
-        y = _act_tl(x, 0, LIBDEVICE) * u
+        u = group_dequant_load(b_q, b_s, rows, cols, mask, pid_k, M, K, NG, G, BLOCK_M, BLOCK_K)
+        y = act_tl(x, SILU, LIBDEVICE) * u
     else:
         r = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
         y = x * r[:, None]
@@ -49,7 +52,7 @@ def _recompute_kernel(
         y = tl.where(rows[:, None] < M, y, 0.0)  # padded rows: +0 (a negative weight would give -0)
         inv = tl.div_rn(1.0, tl.load(scale_ptr))
         # transpose the fp32 tile, then cast (as the quantize-transpose kernel); padded rows hold zeros
-        qt = _clamp_cast(tl.trans(y * inv), FMAX, out_ptr.dtype.element_ty)
+        qt = clamp_cast(tl.trans(y * inv), FMAX, out_ptr.dtype.element_ty)
         tmask = (cols[:, None] < K) & (rows[None, :] < M_PAD)
         tl.store(out_ptr + cols[:, None] * M_PAD + rows[None, :], qt, mask=tmask)
     else:
@@ -61,7 +64,7 @@ def recompute_quantized_t_triton(kind, src, group_size: int, dtype: torch.dtype,
     k = src[0].shape[-1]
     a_q = src[0].reshape(-1, k).contiguous()
     m = a_q.shape[0]
-    m_pad = -(-m // pad_to) * pad_to
+    m_pad = padded(m, pad_to)
     ng = src[1].shape[-1]
     a_s = src[1].reshape(m, ng).float().contiguous()
     code = _KINDS[kind]
@@ -87,7 +90,7 @@ def recompute_quantized_t_triton(kind, src, group_size: int, dtype: torch.dtype,
     _recompute_kernel[grid](
         a_q, a_s, b_q, b_s, rstd, w, scale, out, m, k, ng, m_pad,
         KIND=code, ROUND=_ROUNDING[dtype], STORE_T=fused, FMAX=fmt.max, G=group_size, BLOCK_M=block_m,
-        BLOCK_K=block_k, LIBDEVICE=a_q.is_cuda and not _interpreting() and libdevice is not None,
+        BLOCK_K=block_k, LIBDEVICE=use_libdevice(a_q),
         enable_fp_fusion=False,
     )
     if fused:

@@ -35,56 +35,48 @@ import math
 
 import torch
 
-from .._numerics import ieee_div
+from .._grid import cdiv
+from .._numerics import f32, ieee_div
 from ..formats import FP8Format, get_format
-from ..quantization.reference import MIN_SCALE, quantize_with_scale, scale_from_amax
+from ..quantization.reference import (
+    abs_for_amax,
+    floor_min_scale,
+    grouped,
+    quantize_with_scale,
+    scale_from_amax,
+    ungrouped,
+)
 
 __all__ = [
     "EXPAND_STEPS",
+    "EXPO_UNIT",
     "MAX_EXPO",
+    "decode",
+    "encode",
     "expand_constant",
     "group_count",
     "side_shape",
-    "encode",
-    "decode",
 ]
 
-EXPAND_STEPS = 16  # k is a multiple of 1/16
-MAX_EXPO = 255  # k16 stored in uint8
+# the expansion exponent's fixed-point encoding, k = k16 · EXPO_UNIT (the Triton step kernel uses the same values)
+EXPAND_STEPS = 16  # k is a multiple of 1/16 ...
+EXPO_UNIT = 1.0 / EXPAND_STEPS  # ... = 0.0625 exactly
+MAX_EXPO = 255  # k16 stored in uint8: 1 <= k16 <= 255
 
 
 def expand_constant(fmt: FP8Format) -> float:
     """fp32 value of ``16 · log2(fmax² / 2)`` — the numerator of ``k16 = floor(C / log2 R)``."""
-    return float(torch.tensor(EXPAND_STEPS * math.log2(fmt.max * fmt.max / 2.0), dtype=torch.float32))
+    return f32(EXPAND_STEPS * math.log2(fmt.max * fmt.max / 2.0))
 
 
 def group_count(k: int, group_size: int) -> int:
-    return -(-k // group_size)
+    return cdiv(k, group_size)
 
 
-def side_shape(shape: "tuple[int, ...] | torch.Size", group_size: int) -> tuple[int, ...]:
+def side_shape(shape: tuple[int, ...] | torch.Size, group_size: int) -> tuple[int, ...]:
     """Shape of the per-group side tensors for a state of ``shape``: ``(*shape[:-1], ceil(K / G))``."""
     shape = tuple(shape) or (1,)
     return (*shape[:-1], group_count(shape[-1], group_size))
-
-
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(*lead, K)`` fp32 -> ``(*lead, NG, G)`` zero-padded."""
-    k = x.shape[-1]
-    pad = (-k) % group_size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-
-
-def _abs_nan_to_inf(x: torch.Tensor) -> torch.Tensor:
-    a = x.abs()
-    return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
-
-
-def _floored_absmax(absmax: torch.Tensor) -> torch.Tensor:
-    """``max(M, 2^-126)``: keeps ``1/M`` finite for all-zero and subnormal groups (used by encode and decode)."""
-    return torch.where(absmax < MIN_SCALE, torch.full_like(absmax, MIN_SCALE), absmax)
 
 
 def _clamp_max(y: torch.Tensor, fmax: float) -> torch.Tensor:
@@ -93,7 +85,7 @@ def _clamp_max(y: torch.Tensor, fmax: float) -> torch.Tensor:
 
 def encode(
     x: torch.Tensor, fmt="e4m3", group_size: int = 128, expand: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Encode fp32 ``x`` ``(*lead, K)`` -> ``(q, absmax, expo)``.
 
     ``q``: ``x.shape`` in ``fmt.dtype``; ``absmax``: fp32 ``side_shape``; ``expo``: uint8 ``side_shape`` or None
@@ -101,36 +93,35 @@ def encode(
     """
     fmt = get_format(fmt)
     k = x.shape[-1]
-    xg = _grouped(x.float(), group_size)
-    a = _abs_nan_to_inf(xg)
+    xg = grouped(x.float(), group_size)
+    a = abs_for_amax(xg)
     absmax = a.amax(dim=-1)
     if not expand:
         q = quantize_with_scale(xg, scale_from_amax(absmax, fmt).unsqueeze(-1), fmt)
-        return q.reshape(*xg.shape[:-2], -1)[..., :k].contiguous(), absmax, None
+        return ungrouped(q, k).contiguous(), absmax, None
     amin = torch.where(a > 0, a, torch.full_like(a, float("inf"))).amin(dim=-1)
     log_range = torch.log2(absmax) - torch.log2(amin)
     log_range = torch.where(log_range > 0, log_range, torch.zeros_like(log_range))  # R == 1, all-zero, non-finite
     k16 = torch.floor(ieee_div(expand_constant(fmt), log_range)).clamp(1, MAX_EXPO)
-    expo_f = k16 * (1.0 / EXPAND_STEPS)  # exact
-    r = a * ieee_div(1.0, _floored_absmax(absmax)).unsqueeze(-1)
+    expo_f = k16 * EXPO_UNIT  # exact
+    r = a * ieee_div(1.0, floor_min_scale(absmax)).unsqueeze(-1)
     y = _clamp_max(fmt.max * torch.exp2(expo_f.unsqueeze(-1) * torch.log2(r)), fmt.max)
     y = torch.where(xg < 0, -y, y)
-    q = y.to(fmt.dtype).reshape(*xg.shape[:-2], -1)[..., :k]
-    return q.contiguous(), absmax, k16.to(torch.uint8)
+    return ungrouped(y.to(fmt.dtype), k).contiguous(), absmax, k16.to(torch.uint8)
 
 
 def decode(
-    q: torch.Tensor, absmax: torch.Tensor, expo: "torch.Tensor | None", fmt="e4m3", group_size: int = 128
+    q: torch.Tensor, absmax: torch.Tensor, expo: torch.Tensor | None, fmt="e4m3", group_size: int = 128
 ) -> torch.Tensor:
     """Inverse of :func:`encode`: fp32 tensor of ``q``'s shape."""
     fmt = get_format(fmt)
     k = q.shape[-1]
-    qg = _grouped(q.float(), group_size)
+    qg = grouped(q.float(), group_size)
     if expo is None:
         x = qg * scale_from_amax(absmax, fmt).unsqueeze(-1)
     else:
-        m = _floored_absmax(absmax.float()).unsqueeze(-1)
+        m = floor_min_scale(absmax.float()).unsqueeze(-1)
         inv_k = ieee_div(float(EXPAND_STEPS), expo.float()).unsqueeze(-1)
         mag = torch.exp2(torch.log2(qg.abs() * (1.0 / fmt.max)) * inv_k) * m
         x = torch.where(qg < 0, -mag, mag)
-    return x.reshape(*qg.shape[:-2], -1)[..., :k].contiguous()
+    return ungrouped(x, k).contiguous()

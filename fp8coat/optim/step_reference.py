@@ -30,16 +30,15 @@ for any sane lr and eps > 0. Torch's AdamW differs only beyond the bounds: a gra
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from .._numerics import ieee_div, ieee_sqrt
+from .._numerics import f32, ieee_div, ieee_sqrt
 from .layout import MOMENTS, StateLayout, read_moment, write_moment
-from .master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16, random16
+from .master_weights import join_bf16_remainder, random16, split_bf16_remainder, stochastic_round_bf16
 
-__all__ = ["StepScalars", "step_constants", "adamw_step_reference", "M_BOUND", "V_BOUND"]
+__all__ = ["M_BOUND", "V_BOUND", "StepScalars", "adamw_step_reference", "step_constants"]
 
 M_BOUND = 2.0**63  # |m| <= M_BOUND after every step
 V_BOUND = 2.0**126  # v <= V_BOUND after every step (= M_BOUND², so m / sqrt(v) stays of order 1 at the bounds)
@@ -49,7 +48,7 @@ V_BOUND = 2.0**126  # v <= V_BOUND after every step (= M_BOUND², so m / sqrt(v)
 class StepScalars:
     """Hyper-parameters of one step for one parameter group. ``lr`` may be a float or a 0-d tensor."""
 
-    lr: "float | torch.Tensor"
+    lr: float | torch.Tensor
     beta1: float
     beta2: float
     eps: float
@@ -58,22 +57,17 @@ class StepScalars:
     maximize: bool = False
 
 
-def _f32(x: float) -> float:
-    """Round a Python float to the nearest fp32 value."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 def step_constants(s: StepScalars) -> dict:
     """fp32-rounded host constants shared by the reference and the kernel (lr excluded: it may live on device)."""
     return {
-        "one_minus_beta1": _f32(1.0 - s.beta1),
-        "beta1": _f32(s.beta1),
-        "beta2": _f32(s.beta2),
-        "one_minus_beta2": _f32(1.0 - s.beta2),
-        "eps": _f32(s.eps),
-        "weight_decay": _f32(s.weight_decay),
-        "bias_correction1": _f32(1.0 - s.beta1**s.step),
-        "inv_bias_correction2_sqrt": _f32(1.0 / math.sqrt(1.0 - s.beta2**s.step)),
+        "one_minus_beta1": f32(1.0 - s.beta1),
+        "beta1": f32(s.beta1),
+        "beta2": f32(s.beta2),
+        "one_minus_beta2": f32(1.0 - s.beta2),
+        "eps": f32(s.eps),
+        "weight_decay": f32(s.weight_decay),
+        "bias_correction1": f32(1.0 - s.beta1**s.step),
+        "inv_bias_correction2_sqrt": f32(1.0 / math.sqrt(1.0 - s.beta2**s.step)),
     }
 
 
@@ -90,7 +84,7 @@ def adamw_step_reference(
     layout: StateLayout,
     scalars: StepScalars,
     sr_key: int = 0,
-    nonfinite_count: "torch.Tensor | None" = None,
+    nonfinite_count: torch.Tensor | None = None,
 ) -> None:
     """Update ``param`` and ``state`` in place (``state['step']`` must already hold ``scalars.step``).
 

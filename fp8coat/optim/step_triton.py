@@ -19,21 +19,30 @@ few ulp of the reference (``exact_math=True`` keeps the exact arithmetic except 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv
+from .._kernel_helpers import (
+    abs_nan_to_inf,
+    clamp_cast,
+    floor_min_scale,
+    mix32,
+    on_gpu,
+    recip_rn,
+    scale_from_amax_tl,
+)
 from .._launch import fast_kernel
+from .._numerics import f32
 from ..formats import E4M3
-from ..quantization.reference import MIN_SCALE as _MIN_SCALE_PY
-from ..quantization.triton_kernels import mix32, scale_from_amax_tl
+from . import state_codec as codec
 from .layout import StateLayout
-from .state_codec import expand_constant
-from .step_reference import M_BOUND as _M_BOUND_PY, V_BOUND as _V_BOUND_PY, StepScalars, _f32, step_constants
+from .step_reference import M_BOUND as _M_BOUND_PY
+from .step_reference import V_BOUND as _V_BOUND_PY
+from .step_reference import StepScalars, step_constants
 
-__all__ = ["fused_adamw_step", "POINTER_KINDS"]
+__all__ = ["POINTER_KINDS", "fused_adamw_step"]
 
 POINTER_KINDS = ("param", "grad", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_expo",
                  "exp_avg_sq_absmax", "exp_avg_sq_expo", "master_remainder")
@@ -49,9 +58,12 @@ _TL_DTYPE = {
 }
 
 
-MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
-M_BOUND = tl.constexpr(_M_BOUND_PY)
+M_BOUND = tl.constexpr(_M_BOUND_PY)  # globals used inside kernels must be constexpr
 V_BOUND = tl.constexpr(_V_BOUND_PY)
+# the expansion exponent's encoding (state_codec): k = k16 · EXPO_UNIT with 1 <= k16 <= MAX_EXPO, 1/k = EXPAND_STEPS / k16
+EXPAND_STEPS = tl.constexpr(codec.EXPAND_STEPS)
+EXPO_UNIT = tl.constexpr(codec.EXPO_UNIT)
+MAX_EXPO = tl.constexpr(float(codec.MAX_EXPO))
 
 
 @triton.jit
@@ -94,9 +106,9 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.load(amax_ptr + gidx, mask=gmask, other=0.0)
         if EXPAND:
-            k16 = tl.load(expo_ptr + gidx, mask=gmask, other=16).to(tl.float32)
-            inv_k = tl.div_rn(tl.full(k16.shape, 16.0, tl.float32), k16)
-            amax = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
+            k16 = tl.load(expo_ptr + gidx, mask=gmask, other=EXPAND_STEPS).to(tl.float32)
+            inv_k = tl.div_rn(tl.full(k16.shape, EXPAND_STEPS, tl.float32), k16)
+            amax = floor_min_scale(amax)
             if FAST:
                 # M·(|q|/fmax)^(1/k) = exp2(log2|q| / k + (log2 M - log2(fmax) / k)): one MUFU pair, one FMA
                 bias = _log2(amax, FAST) - _log2(tl.full(amax.shape, FMAX, tl.float32), FAST) * inv_k
@@ -115,33 +127,30 @@ def _decode(q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
 def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
                   FP8: tl.constexpr, EXPAND: tl.constexpr, FMAX: tl.constexpr, C: tl.constexpr, FAST: tl.constexpr):
     if FP8:
-        a = tl.abs(x)
-        a = tl.where(a != a, float("inf"), a)
+        a = abs_nan_to_inf(x)
         amax = tl.max(a, axis=1)
         if EXPAND:
             amin = tl.min(tl.where(a > 0, a, float("inf")), axis=1)
             log_range = _log2(amax, FAST) - _log2(amin, FAST)
             log_range = tl.where(log_range > 0, log_range, 0.0)
             k16 = tl.floor(tl.div_rn(tl.full(log_range.shape, C, tl.float32), log_range))
-            k16 = tl.where(k16 > 255.0, 255.0, k16)
+            k16 = tl.where(k16 > MAX_EXPO, MAX_EXPO, k16)
             k16 = tl.where(k16 < 1.0, 1.0, k16)
-            floored = tl.where(amax < MIN_SCALE, MIN_SCALE, amax)
-            k = k16 * 0.0625
+            floored = floor_min_scale(amax)
+            k = k16 * EXPO_UNIT
             if FAST:
                 # fmax·(|x|/M)^k = exp2(k·log2|x| + (log2 fmax - k·log2 M)); the satfinite cast clamps at fmax
                 bias = _log2(tl.full(amax.shape, FMAX, tl.float32), FAST) - k * _log2(floored, FAST)
                 y = _exp2(k[:, None] * _log2(a, FAST) + bias[:, None], FAST)
             else:
-                r = a * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), floored)[:, None]
+                r = a * recip_rn(floored)[:, None]
                 y = FMAX * _exp2(k[:, None] * _log2(r, FAST), FAST)
                 y = tl.where(y > FMAX, FMAX, y)
-            y = tl.where(x < 0, -y, y)
+            q = tl.where(x < 0, -y, y).to(q_ptr.dtype.element_ty)
             tl.store(expo_ptr + gidx, k16.to(tl.uint8), mask=gmask)
         else:
-            y = x * tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale_from_amax_tl(amax, FMAX))[:, None]
-            y = tl.where(y > FMAX, FMAX, y)
-            y = tl.where(y < -FMAX, -FMAX, y)
-        tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+            q = clamp_cast(x * recip_rn(scale_from_amax_tl(amax, FMAX))[:, None], FMAX, q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offs, q, mask=mask)
         tl.store(amax_ptr + gidx, amax, mask=gmask)
     else:
         tl.store(q_ptr + offs, x, mask=mask)
@@ -256,12 +265,13 @@ def _adamw_step_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# launcher
 
 
 def _fmt_args(fmt):
     if fmt is None:  # fp32 moments: the FMAX/C constants are unused
         return False, E4M3.max, 0.0
-    return True, fmt.max, expand_constant(fmt)
+    return True, fmt.max, codec.expand_constant(fmt)
 
 
 def _element_view(p: torch.Tensor, state: dict, layout: StateLayout) -> tuple[int, int]:
@@ -295,10 +305,10 @@ class _LaunchPlan:
         for t, (p, s) in enumerate(zip(params, states)):
             numel, k = _element_view(p, s, layout)
             self.flat = self.flat and k % g_size == 0
-            gpr = -(-k // g_size)
+            gpr = cdiv(k, g_size)
             n_groups = (numel // k) * gpr if numel else 0
             meta[0][t], meta[1][t], meta[2][t], meta[3][t] = k, n_groups, gpr, start
-            n_prog = -(-n_groups // block_groups)
+            n_prog = cdiv(n_groups, block_groups)
             programs_per_tensor.append(n_prog)
             start += n_prog
             static[_KIND["param"]][t] = p.data_ptr()
@@ -325,7 +335,7 @@ class _LaunchPlan:
     def make_key(params, states, block_groups: int) -> tuple:
         return (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
 
-    def set_grads(self, grads: "list[torch.Tensor]") -> None:
+    def set_grads(self, grads: list[torch.Tensor]) -> None:
         addresses = [g.data_ptr() for g in grads]
         if any(a % 16 for a in addresses):
             raise ValueError("fused AdamW step needs 16-byte aligned gradients")
@@ -342,18 +352,18 @@ class _LaunchPlan:
 
 
 def fused_adamw_step(
-    params: "list[torch.Tensor]",
-    grads: "list[torch.Tensor]",
-    states: "list[dict]",
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
     layout: StateLayout,
     scalars: StepScalars,
     *,
     seed: int = 0,
-    cache: "_LaunchPlan | None" = None,
+    cache: _LaunchPlan | None = None,
     block_groups: int = 8,
     num_warps: int = 4,
-    exact_math: "bool | None" = None,
-    nonfinite_count: "torch.Tensor | None" = None,
+    exact_math: bool | None = None,
+    nonfinite_count: torch.Tensor | None = None,
 ) -> _LaunchPlan:
     """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the launch plan to reuse.
 
@@ -380,7 +390,7 @@ def fused_adamw_step(
     lr_is_tensor = isinstance(scalars.lr, torch.Tensor)
     device = plan.device
     lr_tensor = scalars.lr.detach().to(device=device, dtype=torch.float32).reshape(()) if lr_is_tensor else plan.meta
-    lr_value = 0.0 if lr_is_tensor else _f32(float(scalars.lr))
+    lr_value = 0.0 if lr_is_tensor else f32(float(scalars.lr))
     p_dtype = tl.int16 if layout.master in ("bf16-remainder", "bf16-stochastic") else _TL_DTYPE[params[0].dtype]
     _adamw_step_kernel[(plan.programs,)](
         plan.table, plan.meta, plan.prog_tensor, plan.nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
@@ -394,7 +404,7 @@ def fused_adamw_step(
         MASTER=_MASTER_CODE[layout.master], LR_FROM_PTR=lr_is_tensor, MAXIMIZE=scalars.maximize,
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
         G=layout.group_size, BLOCK_GROUPS=block_groups, FLAT=plan.flat, IEEE=exact_math,
-        FAST=device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+        FAST=on_gpu(device),
         COUNT=nonfinite_count is not None,
         num_warps=num_warps, enable_fp_fusion=not exact_math,
     )

@@ -21,30 +21,34 @@ from __future__ import annotations
 
 import torch
 
+from .._grid import padded
 from .._numerics import ieee_div
 from ..formats import FP8Format, get_format
 
 __all__ = [
     "MIN_SCALE",
     "abs_for_amax",
-    "scale_from_amax",
-    "group_amax",
-    "tensor_amax",
-    "quantize_with_scale",
-    "quantize_per_group",
-    "dequantize_per_group",
-    "quantize_per_tensor",
-    "dequantize_per_tensor",
-    "check_group_size",
     "check_destinations",
-    "quantize_transpose",
-    "joint_tensor_scale",
+    "check_group_size",
     "check_scale",
+    "dequantize_per_group",
+    "dequantize_per_tensor",
     "fingerprint_units",
+    "floor_min_scale",
+    "group_amax",
+    "grouped",
+    "joint_tensor_scale",
     "mix32",
-    "tensor_fingerprint",
-    "refresh_tensor_scale",
     "quantize_if",
+    "quantize_per_group",
+    "quantize_per_tensor",
+    "quantize_transpose",
+    "quantize_with_scale",
+    "refresh_tensor_scale",
+    "scale_from_amax",
+    "tensor_amax",
+    "tensor_fingerprint",
+    "ungrouped",
 ]
 
 MIN_SCALE = 2.0**-126  # smallest normal fp32
@@ -62,25 +66,33 @@ def abs_for_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
 
 
-def scale_from_amax(amax: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-    """Dequantization scale ``max(amax / fmax, 2^-126)`` (fp32, same shape as ``amax``)."""
-    s = ieee_div(amax.float(), fmt.max)
+def floor_min_scale(s: torch.Tensor) -> torch.Tensor:
+    """``max(s, 2^-126)`` (NaN stays NaN): keeps ``1/s`` finite."""
     return torch.where(s < MIN_SCALE, torch.full_like(s, MIN_SCALE), s)
 
 
-def _pad_last(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    k = x.shape[-1]
-    pad = (-k) % group_size
+def scale_from_amax(amax: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """Dequantization scale ``max(amax / fmax, 2^-126)`` (fp32, same shape as ``amax``)."""
+    return floor_min_scale(ieee_div(amax.float(), fmt.max))
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(*lead, K)`` -> ``(*lead, ceil(K / G), G)``, the last group zero-padded."""
+    pad = (-x.shape[-1]) % group_size
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    return x
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def ungrouped(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`grouped`: ``(*lead, NG, G)`` -> ``(*lead, k)`` (a view; the padding dropped)."""
+    return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])[..., :k]
 
 
 def group_amax(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per-group amax (fp32) of shape ``(*x.shape[:-1], ceil(K / G))``; NaN/inf in a group give +inf."""
     check_group_size(group_size)
-    a = _pad_last(abs_for_amax(x), group_size)
-    a = a.reshape(*a.shape[:-1], a.shape[-1] // group_size, group_size)
+    a = grouped(abs_for_amax(x), group_size)
     if a.numel() == 0:
         return a.new_zeros(a.shape[:-1])
     return a.amax(dim=-1)
@@ -111,9 +123,7 @@ def quantize_per_group(x: torch.Tensor, fmt, group_size: int) -> tuple[torch.Ten
         raise ValueError("per-group quantization needs at least one dimension")
     k = x.shape[-1]
     scale = scale_from_amax(group_amax(x, group_size), fmt)
-    xp = _pad_last(x.float(), group_size)
-    xg = xp.reshape(*xp.shape[:-1], xp.shape[-1] // group_size, group_size)
-    q = quantize_with_scale(xg, scale.unsqueeze(-1), fmt).reshape(xp.shape)[..., :k]
+    q = ungrouped(quantize_with_scale(grouped(x.float(), group_size), scale.unsqueeze(-1), fmt), k)
     return q.contiguous(), scale
 
 
@@ -123,14 +133,12 @@ def dequantize_per_group(
     """Inverse of :func:`quantize_per_group`: ``fp32(q) * scale`` per group, cast to ``out_dtype``."""
     check_group_size(group_size)
     k = q.shape[-1]
-    qp = _pad_last(q.float(), group_size)
-    qg = qp.reshape(*qp.shape[:-1], qp.shape[-1] // group_size, group_size)
-    x = (qg * scale.float().unsqueeze(-1)).reshape(qp.shape)[..., :k]
+    x = ungrouped(grouped(q.float(), group_size) * scale.float().unsqueeze(-1), k)
     return x.to(out_dtype).contiguous()
 
 
 def quantize_per_tensor(
-    x: torch.Tensor, fmt, scale: "torch.Tensor | None" = None
+    x: torch.Tensor, fmt, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` with one scale. ``scale`` (0-d fp32) is computed from ``tensor_amax(x)`` when not given.
 
@@ -147,13 +155,9 @@ def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch
     return (q.float() * scale.float()).to(out_dtype)
 
 
-def padded(n: int, multiple: int = 16) -> int:
-    return -(-n // multiple) * multiple
-
-
 def check_destinations(
     x: torch.Tensor, fmt: FP8Format, rowwise: bool, pad_to: int, transposed: bool,
-    out: "torch.Tensor | None", out_t: "torch.Tensor | None",
+    out: torch.Tensor | None, out_t: torch.Tensor | None,
 ) -> None:
     """Raise unless ``out`` / ``out_t`` (when given) fit :func:`quantize_transpose`'s outputs for ``x``: requested,
     shape, dtype, device, unit stride along rows (e.g. column blocks of a wider buffer)."""
@@ -173,8 +177,8 @@ def check_destinations(
 
 def quantize_transpose(
     x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16, transposed: bool = True,
-    out: "torch.Tensor | None" = None, out_t: "torch.Tensor | None" = None,
-) -> tuple["torch.Tensor | None", "torch.Tensor | None"]:
+    out: torch.Tensor | None = None, out_t: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-tensor quantization of a 2-D ``x`` (M, K) into a row-major copy and a transposed copy.
 
     Returns ``(q, qt)``: ``q`` (M, K) (None when ``rowwise`` is False) and ``qt`` (K, M_pad) with
@@ -197,7 +201,7 @@ def quantize_transpose(
     return q_rows, qt
 
 
-def joint_tensor_scale(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
+def joint_tensor_scale(xs: list[torch.Tensor], fmt) -> torch.Tensor:
     """The per-tensor scale of all of ``xs`` together, as if they were one tensor (0-d fp32)."""
     amax = torch.stack([tensor_amax(x).to(xs[0].device) for x in xs]).amax()
     return scale_from_amax(amax, get_format(fmt))
@@ -239,7 +243,7 @@ def fingerprint_units(x: torch.Tensor) -> torch.Tensor:
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """murmur3's 32-bit finalizer, elementwise on integers in [0, 2^32) held as int64 (a bijection of 32-bit
-    words with full avalanche). Triton twin: ``triton_kernels.mix32`` (content fingerprints, stochastic rounding)."""
+    words with full avalanche). Triton twin: ``fp8coat._kernel_helpers.mix32`` (content fingerprints, stochastic rounding)."""
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32

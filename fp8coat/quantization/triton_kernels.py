@@ -2,7 +2,9 @@
 
 Every kernel works on a 2-D view ``(R, K)`` of its input with arbitrary strides (any shape, non-contiguous input,
 0 elements are handled by the launchers). Divisions use ``tl.div_rn`` (IEEE round-to-nearest) so that scales match
-torch exactly; the per-element work is one multiply, a clamp and the cast.
+torch exactly; the per-element work is one multiply, a clamp and the cast. The arithmetic shared with the other
+kernel files (scale from amax, clamp-then-cast, per-group quantize / dequantize, mix32) is in
+``fp8coat._kernel_helpers``.
 
 Kernels:
   * ``_group_quant_kernel``   x -> (q, scale) per 1×G group (scale fp32, shape (R, ceil(K/G))).
@@ -20,75 +22,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .._grid import cdiv, next_power_of_2
+from .._grid import cdiv, padded, tile_2d
+from .._kernel_helpers import abs_nan_to_inf, clamp_cast, group_dequant, group_quant_store, mix32, scale_from_amax_tl
 from .._launch import fast_kernel
 from ..formats import FP8Format, get_format
 from .reference import FINGERPRINT_STEP as _FINGERPRINT_STEP_PY
-from .reference import MIN_SCALE as _MIN_SCALE_PY
-from .reference import check_destinations, check_group_size, fingerprint_units, padded
+from .reference import MIN_SCALE, check_destinations, check_group_size, fingerprint_units
 
 __all__ = [
-    "quantize_per_group_triton",
     "dequantize_per_group_triton",
-    "tensor_amax_triton",
+    "joint_tensor_scale_triton",
+    "quantize_if_triton",
+    "quantize_per_group_triton",
     "quantize_per_tensor_triton",
     "quantize_transpose_triton",
-    "tensor_scale_triton",
-    "joint_tensor_scale_triton",
     "refresh_tensor_scale_triton",
-    "quantize_if_triton",
+    "tensor_amax_triton",
+    "tensor_scale_triton",
 ]
 
 
-MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)  # globals used inside kernels must be constexpr
-MIN_SCALE_VALUE = _MIN_SCALE_PY
-FINGERPRINT_STEP = tl.constexpr(_FINGERPRINT_STEP_PY)
-
-
-@triton.jit
-def mix32(x):
-    """murmur3's 32-bit finalizer on uint32 (a bijection with full avalanche); torch twin: ``reference.mix32``."""
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
-def _abs_nan_to_inf(x):
-    a = tl.abs(x)
-    return tl.where(a != a, float("inf"), a)
-
-
-@triton.jit
-def _clamp_cast(y, FMAX: tl.constexpr, out_ty: tl.constexpr):
-    # tl.where keeps NaN (tl.minimum/maximum may drop it)
-    y = tl.where(y > FMAX, FMAX, y)
-    y = tl.where(y < -FMAX, -FMAX, y)
-    return y.to(out_ty)
-
-
-@triton.jit
-def scale_from_amax_tl(amax, FMAX: tl.constexpr):
-    """Triton twin of ``reference.scale_from_amax``: ``max(amax / FMAX, 2^-126)`` (IEEE division)."""
-    s = tl.div_rn(amax, FMAX)
-    return tl.where(s < MIN_SCALE, MIN_SCALE, s)
-
-
-@triton.jit
-def group_quant_store(x, q_ptr, s_ptr, rows, cols, mask, pid_k, R, K, NG,
-                      FMAX: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-1×G quantization of the fp32 tile ``x`` (BLOCK_R × BLOCK_K, masked lanes hold 0) at tile column
-    ``pid_k``; stores q into (R, K) and the scales into (R, NG), both contiguous. Shared by producer kernels."""
-    x3 = tl.reshape(x, (BLOCK_R, BLOCK_K // G, G))
-    s = scale_from_amax_tl(tl.max(_abs_nan_to_inf(x3), axis=2), FMAX)
-    inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    y = tl.reshape(x3 * inv[:, :, None], (BLOCK_R, BLOCK_K))
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _clamp_cast(y, FMAX, q_ptr.dtype.element_ty), mask=mask)
-    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
-    tl.store(s_ptr + rows[:, None] * NG + gcols[None, :], s, mask=(rows[:, None] < R) & (gcols[None, :] < NG))
+FINGERPRINT_STEP = tl.constexpr(_FINGERPRINT_STEP_PY)  # globals used inside kernels must be constexpr
 
 
 @fast_kernel
@@ -120,9 +74,7 @@ def _group_dequant_kernel(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     q = tl.load(q_ptr + rows[:, None] * stride_qr + cols[None, :] * stride_qk, mask=mask, other=0.0).to(tl.float32)
-    gcols = pid_k * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
-    s = tl.load(s_ptr + rows[:, None] * NG + gcols[None, :], mask=(rows[:, None] < R) & (gcols[None, :] < NG), other=1.0)
-    x = tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // G, G)) * s[:, :, None], (BLOCK_R, BLOCK_K))
+    x = group_dequant(q, s_ptr, rows, pid_k, R, NG, G, BLOCK_R, BLOCK_K)
     tl.store(x_ptr + rows[:, None] * K + cols[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -154,7 +106,7 @@ def _amax_kernel(
         cols = tk * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        acc = tl.maximum(acc, _abs_nan_to_inf(x.to(tl.float32)))
+        acc = tl.maximum(acc, abs_nan_to_inf(x.to(tl.float32)))
     tl.store(part_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == n - 1:
@@ -187,7 +139,7 @@ def _scaled_quant_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr)
     inv = tl.div_rn(1.0, s)
-    q = _clamp_cast(x * inv, FMAX, q_ptr.dtype.element_ty)
+    q = clamp_cast(x * inv, FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
 
 
@@ -215,13 +167,13 @@ def _fingerprint_kernel(
             u = w.to(tl.uint32, bitcast=True)
             lo = (u & 0xFFFF).to(tl.uint16).to(DT, bitcast=True).to(tl.float32)
             hi = (u >> 16).to(tl.uint16).to(DT, bitcast=True).to(tl.float32)
-            a = tl.maximum(_abs_nan_to_inf(lo), _abs_nan_to_inf(hi))
+            a = tl.maximum(abs_nan_to_inf(lo), abs_nan_to_inf(hi))
         elif DT == tl.float32:
             u = w.to(tl.uint32, bitcast=True)
-            a = _abs_nan_to_inf(w.to(tl.float32, bitcast=True))
+            a = abs_nan_to_inf(w.to(tl.float32, bitcast=True))
         else:
             u = w.to(tl.uint16, bitcast=True).to(tl.uint32)
-            a = _abs_nan_to_inf(w.to(DT, bitcast=True).to(tl.float32))
+            a = abs_nan_to_inf(w.to(DT, bitcast=True).to(tl.float32))
         acc = tl.maximum(acc, a)  # masked lanes hold 0
         pos = offs.to(tl.uint32)
         h = tl.where(mask, mix32(u ^ (pos * FINGERPRINT_STEP)), 0)
@@ -268,13 +220,13 @@ def _quant_transpose_kernel(
     inv = tl.div_rn(1.0, tl.load(s_ptr))
     y = x * inv
     if ROWWISE:
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _clamp_cast(y, FMAX, qt_ptr.dtype.element_ty),
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], clamp_cast(y, FMAX, qt_ptr.dtype.element_ty),
                  mask=mask)
     if TRANSPOSED:
         # transpose the fp32 tile, then cast: (the same values; a transposed fp8 tile from fp32 input came out
         # wrong on sm_90 with triton 3.6). Padded rows (M <= row < M_pad) are zeros: x was loaded as 0 there.
         tmask = (cols[:, None] < K) & (rows[None, :] < M_pad)
-        qt = _clamp_cast(tl.trans(y), FMAX, qt_ptr.dtype.element_ty)
+        qt = clamp_cast(tl.trans(y), FMAX, qt_ptr.dtype.element_ty)
         tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], qt, mask=tmask)
 
 
@@ -300,10 +252,8 @@ def _scalar_f32(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(r: int, k: int, min_k: int = 16) -> tuple[int, int]:
-    """Tile (BLOCK_R, BLOCK_K) of about 4096 elements, powers of two, BLOCK_K >= min_k."""
-    block_k = max(min_k, min(1024, next_power_of_2(max(k, 1))))
-    block_r = max(1, min(next_power_of_2(max(r, 1)), 4096 // block_k))
-    return block_r, block_k
+    """Tile (BLOCK_R, BLOCK_K) of about 4096 elements, powers of two, min_k <= BLOCK_K <= 1024."""
+    return tile_2d(r, k, min_k=min_k, max_k=1024, elems=4096)
 
 
 def quantize_per_group_triton(x: torch.Tensor, fmt, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,8 +308,8 @@ def tensor_amax_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_transpose_triton(x: torch.Tensor, fmt, scale: torch.Tensor, rowwise: bool = True, pad_to: int = 16,
-                              transposed: bool = True, out: "torch.Tensor | None" = None,
-                              out_t: "torch.Tensor | None" = None):
+                              transposed: bool = True, out: torch.Tensor | None = None,
+                              out_t: torch.Tensor | None = None):
     """Triton twin of ``reference.quantize_transpose``: x (M, K) -> (q (M, K) or None, qt (K, M_pad) or None),
     written into ``out`` / ``out_t`` when given."""
     fmt = get_format(fmt)
@@ -402,26 +352,26 @@ def tensor_scale_triton(x: torch.Tensor, fmt) -> torch.Tensor:
     fmt = get_format(fmt)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return scale.fill_(MIN_SCALE_VALUE)
+        return scale.fill_(MIN_SCALE)
     _launch_amax(x, scale, fmt)
     return scale
 
 
-def joint_tensor_scale_triton(xs: "list[torch.Tensor]", fmt) -> torch.Tensor:
+def joint_tensor_scale_triton(xs: list[torch.Tensor], fmt) -> torch.Tensor:
     """The per-tensor scale of all of ``xs`` together (as if concatenated): one chained launch per non-empty
     tensor, no host sync; 0-d fp32 on the first tensor's device."""
     fmt = get_format(fmt)
     scale = torch.empty((), dtype=torch.float32, device=xs[0].device)
     xs = [x for x in xs if x.numel()]
     if not xs:
-        return scale.fill_(MIN_SCALE_VALUE)
+        return scale.fill_(MIN_SCALE)
     for i, x in enumerate(xs):
         _launch_amax(x, scale, fmt if i == len(xs) - 1 else None, prior=i > 0)
     return scale
 
 
 AMAX_PROGRAMS = 1024  # at most this many programs per amax launch (~8 per SM on a 132-SM GPU)
-_AMAX_SCRATCH: "dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]" = {}
+_AMAX_SCRATCH: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _AMAX_SCRATCH_STREAMS = 64  # scratch pairs kept at most
 
 
@@ -436,7 +386,7 @@ def _amax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
                                                        torch.zeros(1, dtype=torch.int32, device=device)))
 
 
-_HASH_SCRATCH: "dict[tuple[int, int], torch.Tensor]" = {}
+_HASH_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _hash_scratch(device: torch.device) -> torch.Tensor:
@@ -460,7 +410,7 @@ def _per_stream(table: dict, device: torch.device, make):
     return value
 
 
-def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
+def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: FP8Format | None,
                  max_programs: int = AMAX_PROGRAMS, prior: bool = False) -> None:
     """amax (``fmt`` None) or scale of non-empty ``x`` into the 0-d fp32 ``out`` (with ``prior``, of ``x`` and the
     amax ``out`` holds); ``max_programs`` <= AMAX_PROGRAMS (tests lower it to make programs loop over tiles)."""
@@ -478,7 +428,7 @@ def _launch_amax(x: torch.Tensor, out: torch.Tensor, fmt: "FP8Format | None",
 
 
 def quantize_per_tensor_triton(
-    x: torch.Tensor, fmt, scale: "torch.Tensor | None" = None
+    x: torch.Tensor, fmt, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fmt: FP8Format = get_format(fmt)
     if scale is None:
