@@ -190,7 +190,7 @@ def _activation_rows() -> list:
 def _norm_rows(r: int = 8192, h: int = 4096) -> list:
     """RMSNorm / LayerNorm with FP8-saved input (fp8coat.ops.norms), forward and backward, r x h bf16."""
     from fp8coat.formats import E4M3
-    from fp8coat.ops import norms
+    from fp8coat.ops import norms_kernels as norms
 
     g = 16
     ng = triton.cdiv(h, g)

@@ -36,7 +36,7 @@ import itertools
 
 import torch
 
-from .._grid import cdiv
+from .._grid import padded
 from ..formats import get_format
 from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
 from .recompute import Recompute, recompute_input, recompute_quantized_t
@@ -133,7 +133,7 @@ def _(x, weights, weights_fp8, weight_scales, biases, has_bias, save_input_hp, f
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
     fp8 = get_format(fwd_format).dtype
     own = not save_input_hp and not recompute_kind
-    saved = x.new_empty((k, cdiv(m, 16) * 16), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
+    saved = x.new_empty((k, padded(m)), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
     return ys + [saved, x.new_empty((), dtype=torch.float32)]
 
 
@@ -180,7 +180,7 @@ def _backward_impl(
         sg = joint_tensor_scale(g2s, gfmt)
         sw = functools.reduce(torch.maximum, w_scales)  # = scale_from_amax(max amax_i): the scale rule is monotone
         ends = list(itertools.accumulate(ns))
-        device, m_pad = x_scale.device, cdiv(m, 16) * 16
+        device, m_pad = x_scale.device, padded(m)
         gq = torch.empty((m, ends[-1]), dtype=gfmt.dtype, device=device)
         gqt = torch.empty((ends[-1], m_pad), dtype=gfmt.dtype, device=device)
         wqt = torch.empty((k, ends[-1]), dtype=fmt.dtype, device=device)
