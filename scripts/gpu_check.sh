@@ -30,7 +30,12 @@ SECTIONS=(
   "bench_optimizer 300"
   "bench_layers 330"
   "profile 120"
+  "compile_time 300"
+  "bench_layers_before 330"
+  "bench_optimizer_before 300"
+  "compile_time_before 300"
 )
+export BEFORE="${BEFORE:-.carry/before}"
 # GPU_SECTIONS="pytest_gpu bench_layers" runs a subset (one device command may run at most 600 s);
 # LIMIT_<SECTION>=seconds changes one section's limit (natively, all test files take > 200 s)
 if [ -n "${GPU_SECTIONS:-}" ]; then
@@ -78,6 +83,29 @@ section_bench_optimizer() {
 section_bench_layers() {
   # FP8 linear / decoder layer / 4-layer model training vs BF16 and torchao; BENCH_LAYERS_ARGS: extra arguments
   python3 -m benchmarks.bench_layers --out "$RESULTS/layers" --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-}
+}
+
+section_compile_time() {
+  # build -> first steps of Llama-7B-shaped models with every decoder layer compiled, 4 and 32 layers
+  python3 -m benchmarks.compile_time --layers "${COMPILE_LAYERS:-4,32}" --out "$RESULTS/compile_time" --tag after ${BENCH_ARGS:-}
+}
+
+# Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat
+# benchmarks scripts | tar -x -C .carry/before`); its benchmarks run with its own package, same arguments.
+section_bench_layers_before() {
+  (cd "$BEFORE" && PYTHONPATH="$PWD" python3 benchmarks/bench_layers.py --out "$OUT/before/layers" \
+    --budget-s 270 ${BENCH_ARGS:-} ${BENCH_LAYERS_ARGS:-})
+}
+
+section_bench_optimizer_before() {
+  (cd "$BEFORE" && PYTHONPATH="$PWD" python3 benchmarks/bench_optimizer.py \
+    --out "$OUT/before/optimizer" --budget-s 200 ${BENCH_ARGS:-} ${BENCH_OPTIMIZER_ARGS:-})
+}
+
+section_compile_time_before() {
+  # this tree's benchmark module, the earlier tree's package (its compile_layers)
+  (cd "$BEFORE" && PYTHONPATH="$PWD:$OLDPWD" python3 -m benchmarks.compile_time --layers "${COMPILE_LAYERS:-4,32}" \
+    --out "$OUT/before/compile_time" --tag before ${BENCH_ARGS:-})
 }
 
 section_profile() {
