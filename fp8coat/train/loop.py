@@ -269,7 +269,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     if not quiet:
         print(f"[{label}] {_describe(run)}" + (_resume_note(ckpt, state, cfg) if ckpt else ""), flush=True)
     progress = Progress(cfg.steps, label, start=run.start) if not quiet else None
-    tracking, val_loss = _train_steps(run, state, log, progress)
+    try:
+        tracking, val_loss = _train_steps(run, state, log, progress)
+    finally:  # also when the run stops (divergence, an interrupt): the metrics written so far are kept
+        if progress:
+            progress.close()
+        log.close()
     return _finish(run, tracking, val_loss)
 
 
@@ -366,9 +371,6 @@ def _train_steps(run: _Run, state: dict, log: MetricsLog, progress: Progress | N
             t_log, steps_since = time.time(), 0
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
             _checkpoint(run, tracking, last, done)
-    if progress:
-        progress.close()
-    log.close()
     return tracking, val_loss
 
 
