@@ -34,6 +34,7 @@ def _table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
     return cells[0], {row[1]: row for row in cells[2:]}
 
 
+@pytest.mark.slow
 def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert _run(["compare", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", *COMMON]) == 0
@@ -249,6 +250,7 @@ def test_compare_help_lists_only_flags_that_apply(capsys):
     assert build_parser().parse_args(["compare", "--seed", "3"]).seeds == "3"  # --seed is --seeds
 
 
+@pytest.mark.slow
 def test_compare_again_into_the_same_folder_replaces_its_runs(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--out-dir", str(out), "--variants", "coat", "--steps", "2", "--eval-every", "0", *COMMON]

@@ -124,6 +124,7 @@ def test_generic_fallback_gpt2_and_vit():
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_converted_model_runs():
     model = fp8coat.convert(tiny_decoder("llama").bfloat16(), "coat")
     model.train()

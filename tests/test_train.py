@@ -25,7 +25,8 @@ def _run(args) -> int:
 
 def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
     out = tmp_path / "run"
-    assert _run(["train", "--out-dir", str(out), "--steps", "6", "--eval-every", "3", "--save-every", "3", *COMMON]) == 0
+    args = ["train", "--out-dir", str(out), "--steps", "6", "--eval-every", "3", "--save-every", "3", *COMMON]
+    assert _run(args) == 0
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000006"]
     ckpt = out / "checkpoints" / "step_000006"
     files = {"config.json", "model.safetensors", "optimizer.pt", "state.json", "manifest.json"}
@@ -38,8 +39,11 @@ def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
     assert summary["saved_activation_bytes"] > 0 and summary["optimizer_state_bytes"] > 0
 
 
-@pytest.mark.parametrize("recipe,master,extra", [("coat", "auto", []), ("bf16", "bf16-stochastic", []),
-                                                 ("coat", "bf16-stochastic", ["--step-in-backward", "--grad-clip", "0"])])
+@pytest.mark.parametrize("recipe,master,extra", [
+    ("coat", "auto", []), ("bf16", "bf16-stochastic", []),
+    ("coat", "bf16-stochastic", ["--step-in-backward", "--grad-clip", "0"]),
+])
+@pytest.mark.slow
 def test_resume_continues_with_identical_losses(tmp_path, recipe, master, extra):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["--recipe", recipe, "--master-weights", master, "--eval-every", "0", *extra, *COMMON]
@@ -143,6 +147,7 @@ def test_step_in_backward_gives_the_same_run(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_each_decoder_layer(tmp_path):
     """--compile: decoder layers compiled in place (checkpoint keys unchanged), losses close to the eager run,
     through an evaluation in between (the layers' evaluation variants) and back to training."""

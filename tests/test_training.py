@@ -10,6 +10,8 @@ from fp8coat.train.data import shakespeare_text
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # a convergence run (make test-slow)
+
 SEQ, BATCH, STEPS = 64, 8, 200
 
 
