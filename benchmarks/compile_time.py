@@ -27,7 +27,6 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
-import torch  # noqa: E402
 
 
 def run(n_layers: int, args) -> dict:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from fp8coat.train.data.corpus import shakespeare_text
 from fp8coat.formats import get_format
 from fp8coat.optim.state_codec import decode, encode
+from fp8coat.train.data.corpus import shakespeare_text
 
 # (label, fp8 format, dynamic range expansion)
 CODECS = (

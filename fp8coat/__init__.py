@@ -15,6 +15,7 @@ from .recipe import RECIPES, Recipe, get_recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "StepInBackward", "compile_layers", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES", "get_recipe",
+    "AdamW", "StepInBackward", "compile_layers", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES",
+    "get_recipe",
     "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
 ]

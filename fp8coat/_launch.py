@@ -22,8 +22,9 @@ for the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``), on ROCm (
 pointers on the size of their storage), when a launch hook is installed (a profiler), for a callable grid, or when
 arguments are passed in a way the fast path does not bind (missing parameters, keywords for non-constexpr
 parameters). Settings the JIT reads on every launch (``knobs.runtime.debug``, instrumentation, pre-run hooks)
-take effect for a kernel's later launches only through the JIT path: change them before the first launch. ``tests/test_gpu.py`` checks on the GPU that the fast path picks the very
-kernel object the JIT picks, for arguments that differ in each specialization.
+take effect for a kernel's later launches only through the JIT path: change them before the first launch.
+``tests/test_gpu.py`` checks on the GPU that the fast path picks the very kernel object the JIT picks, for
+arguments that differ in each specialization.
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ What changes (training mode only; ``model.eval()`` runs every original forward, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .nn._swap import is_swapped, restore_class, swap_class
-from .nn.handoff import Handoff
 from .nn.activations import FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
+from .nn.handoff import Handoff
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
 from .ops.linear import fp8_gemm_supported
@@ -81,12 +81,12 @@ def convert(
         keep = module_filter_fn(module, fqn) if module_filter_fn is not None else _in_repeated_block(fqn, modules)
         if keep:
             selected[fqn] = module
-    for fqn, module in selected.items():
+    for module in selected.values():
         if isinstance(module, torch.nn.Linear) or _is_conv1d(module):
             swap_class(module, FP8LinearMixin, _fp8coat_recipe=recipe,
                        _fp8coat_cache=FP8WeightCache(recipe.forward_format),
                        _fp8coat_transposed=_is_conv1d(module), _fp8coat_share=None)
-    for fqn, module in selected.items():
+    for module in selected.values():
         for names in SIBLING_GROUPS:
             group = [getattr(module, n, None) for n in names]
             if all(isinstance(m, FP8LinearMixin) for m in group) and len({_in_features(m) for m in group}) == 1:
@@ -94,7 +94,7 @@ def convert(
                 for slot, m in enumerate(group):
                     m._fp8coat_share, m._fp8coat_slot = share, slot
     if recipe.fp8_activations:
-        for fqn, module in selected.items():
+        for module in selected.values():
             if is_swapped(module):
                 continue
             name = type(module).__name__

@@ -8,13 +8,12 @@ import io
 
 import pytest
 import torch
+from helpers import assert_bit_equal, device
 
 import fp8coat
 from fp8coat.optim.layout import StateLayout, init_state
 from fp8coat.optim.master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16
 from fp8coat.optim.step_reference import StepScalars, adamw_step_reference
-
-from helpers import assert_bit_equal, device
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 

@@ -9,11 +9,10 @@ import io
 
 import pytest
 import torch
+from helpers import assert_bit_equal
 
 import fp8coat
 from fp8coat.compiling import compile_layers, decoder_layers, is_compiled
-
-from helpers import assert_bit_equal
 
 
 def _layers(n: int = 2) -> torch.nn.ModuleList:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_bit_equal, device
 
 from fp8coat.ops import activations as A
-from fp8coat.ops import eager, linear as L, norms as N
-
-from helpers import assert_bit_equal, device
+from fp8coat.ops import eager
+from fp8coat.ops import linear as L
+from fp8coat.ops import norms as N
 
 
 def _grads(fn, inputs):

@@ -10,14 +10,13 @@ import copy
 
 import pytest
 import torch
+from helpers import adversarial, assert_bit_equal, finite_random
 
 import fp8coat
 from fp8coat.formats import E4M3, E5M2
 from fp8coat.optim.layout import StateLayout, init_state
 from fp8coat.optim.step_reference import StepScalars, adamw_step_reference
 from fp8coat.quantization import quantize_per_group, quantize_per_tensor, tensor_amax
-
-from helpers import adversarial, assert_bit_equal, finite_random
 
 pytestmark = pytest.mark.gpu
 

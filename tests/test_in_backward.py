@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_bit_equal, device
 
 import fp8coat
-
-from helpers import assert_bit_equal, device
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, min_quantized_numel=0)
 
@@ -39,7 +38,7 @@ def test_equals_the_usual_step_exactly(master, backend):
     kw = dict(HYPER, master_weights=master, backend=backend)
     o_ref = fp8coat.AdamW(ref.parameters(), **kw)
     o = fp8coat.AdamW(model.parameters(), **kw)
-    sib = fp8coat.StepInBackward(o)
+    fp8coat.StepInBackward(o)
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     live = []
     original = o.step_params

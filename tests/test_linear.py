@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fp8coat.ops.linear import FP8WeightCache, fp8_mm, linear, linears
-from fp8coat.memory import measure_saved_tensors
-from fp8coat.quantization import quantize_per_tensor
-
 from helpers import device, sqnr_db
+
+from fp8coat.memory import measure_saved_tensors
+from fp8coat.ops.linear import FP8WeightCache, fp8_mm, linear, linears
+from fp8coat.quantization import quantize_per_tensor
 
 
 def _ref(x, ws, bs):
@@ -79,8 +78,8 @@ def test_shared_input_backward_is_one_fused_projection(ns):
     """Several layers on one input: dX is ONE FP8 GEMM over [dY_1 … dY_n] (joint E5M2 scale) and [W_1ᵀ … W_nᵀ]
     (scale max_i sW_i), dW_i uses the joint gradient scale — bit-exact against that computation from the
     primitives (emulated GEMM, fp32 products of FP8 values)."""
-    from fp8coat.quantization import quantize_transpose, scale_from_amax, tensor_amax
     from fp8coat.formats import E4M3, E5M2
+    from fp8coat.quantization import quantize_transpose, scale_from_amax, tensor_amax
 
     g = torch.Generator().manual_seed(11)
     k, m = 64, 50

@@ -46,7 +46,8 @@ def test_coat_layer_saves_at_most_045_of_bf16():
         print(f"\n{name}: {rep.total_bytes / U:.2f} U saved for backward (U = {U} bytes), parameters apart")
         print(rep.table(U))
     ratio = reports["coat"].total_bytes / bf16.total_bytes
-    print(f"\ncoat / bf16 = {ratio:.3f}; fp8-linear / bf16 = {reports['fp8-linear'].total_bytes / bf16.total_bytes:.3f}")
+    fp8_linear = reports["fp8-linear"].total_bytes / bf16.total_bytes
+    print(f"\ncoat / bf16 = {ratio:.3f}; fp8-linear / bf16 = {fp8_linear:.3f}")
     assert ratio <= 0.45
     assert reports["fp8-linear"].total_bytes < bf16.total_bytes
     # what coat saves: FP8 inputs of norms/SwiGLU/linears + the attention core's own BF16 tensors, nothing else

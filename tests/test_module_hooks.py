@@ -9,11 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn.utils.prune as prune
+from helpers import assert_bit_equal
 
 import fp8coat
 from fp8coat.nn.linear import FP8LinearMixin
-
-from helpers import assert_bit_equal
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_bit_equal, device
 
 import fp8coat
 from fp8coat.optim import state_codec
 from fp8coat.optim.layout import init_state
 from fp8coat.optim.master_weights import join_bf16_remainder, split_bf16_remainder
-from helpers import assert_bit_equal, device
 
 M_BOUND, V_BOUND = 2.0**63, 2.0**126  # the documented bounds of |m| and v
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)

@@ -7,14 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import device
 
 import fp8coat
 from fp8coat.formats import E4M3, E5M2
 from fp8coat.memory import measure_saved_tensors
 from fp8coat.ops.linear import fp8_mm, linears
 from fp8coat.quantization import quantize_transpose, scale_from_amax, tensor_amax
-
-from helpers import device
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import adversarial, assert_bit_equal, device
 
 import fp8coat
 from fp8coat.ops.linear import linear, linears
@@ -20,8 +21,6 @@ from fp8coat.quantization import (
     refresh_tensor_scale,
     tensor_fingerprint,
 )
-
-from helpers import adversarial, assert_bit_equal, device
 
 BACKENDS = ["torch", "triton"]
 
@@ -273,7 +272,7 @@ def test_gradient_accumulation_quantizes_each_weight_once(backend, monkeypatch):
     cache = layer._fp8coat_cache
     x = torch.randn(16, 64, device=device(), dtype=torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(2):
+    for _ in range(2):
         for micro in range(3):
             layer(x).float().sum().backward()
             assert int(cache.refreshed) == (1 if micro == 0 else 0)

@@ -12,8 +12,9 @@ saved.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class SavedTensors:
         lines = ["| op | bytes | " + (f"{unit_name} |" if unit_bytes else "") + " tensors (dtype shape) |",
                  "|---|---|" + ("---|" if unit_bytes else "") + "---|"]
         per_op: dict[str, list] = defaultdict(list)
-        for op, _, dtype, shape, nbytes in self.entries:
+        for op, _, dtype, shape, _ in self.entries:
             per_op[op].append(f"{str(dtype).replace('torch.', '')} {list(shape)}")
         for op, nbytes in sorted(self.by_op.items(), key=lambda kv: -kv[1]):
             u = f" {nbytes / unit_bytes:.2f} |" if unit_bytes else ""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..recipe import Recipe
-from .hooks import has_hooks
 from .handoff import Handoff
+from .hooks import has_hooks
 from .linear import _weight_nk, fp8_linear_kwargs
 
 __all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]

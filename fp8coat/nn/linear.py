@@ -103,4 +103,5 @@ class FP8LinearMixin:
         return _single(self, x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8={self._fp8coat_recipe.forward_format}/{self._fp8coat_recipe.backward_format}"
+        recipe = self._fp8coat_recipe
+        return f"{super().extra_repr()}, fp8={recipe.forward_format}/{recipe.backward_format}"

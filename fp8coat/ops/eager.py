@@ -14,7 +14,7 @@ ops return for backward.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -39,8 +39,8 @@ import torch
 from .._grid import padded
 from ..formats import get_format
 from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
-from .recompute import Recompute, recompute_input, recompute_quantized_t
 from .eager import call, register_eager
+from .recompute import Recompute, recompute_input, recompute_quantized_t
 from .weight_cache import FP8WeightCache, weight_fp8
 
 __all__ = ["FP8WeightCache", "Recompute", "linears", "linear", "fp8_mm", "fp8_gemm_supported", "recompute_input"]
@@ -55,7 +55,7 @@ def fp8_gemm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and _capability(device.index) >= (8, 9)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: "int | None") -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 

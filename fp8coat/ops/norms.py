@@ -29,11 +29,12 @@ Backward (per row; x̂ is rebuilt from the FP8 copy, so the input itself is neve
     dw   = Σ_rows dy·x̂,  db = Σ_rows dy            (fp64 sums, cast once to weight.dtype)
 
 Backends: ``backend=None`` runs the Triton kernels (``norms_kernels.py``) on CUDA tensors and the torch reference
-(here) elsewhere, like ``fp8coat.quantization.resolve_backend``. Both compute the same bits: every rounding step above is an IEEE
-operation in both, the fp64 sums only differ in summation order (for bf16 inputs the sums of x and x² are
-usually exact; otherwise a different fp32 result needs an fp64 rounding error to cross an fp32 rounding boundary,
-about one row in 10^7), and the kernels run with FMA contraction disabled. Non-finite values stay in their row: a row holding inf or NaN gets
-non-finite y and dx (and pollutes dw / db, which sum over rows); other rows are unaffected.
+(here) elsewhere, like ``fp8coat.quantization.resolve_backend``. Both compute the same bits: every rounding step
+above is an IEEE operation in both, the fp64 sums only differ in summation order (for bf16 inputs the sums of x
+and x² are usually exact; otherwise a different fp32 result needs an fp64 rounding error to cross an fp32 rounding
+boundary, about one row in 10^7), and the kernels run with FMA contraction disabled. Non-finite values stay in
+their row: a row holding inf or NaN gets non-finite y and dx (and pollutes dw / db, which sum over rows); other
+rows are unaffected.
 
 Autograd and ``torch.compile``: ``rmsnorm`` / ``layernorm`` call the custom ops ``fp8coat::rmsnorm`` /
 ``fp8coat::layernorm``, whose backward saves only ``x_q``, ``x_s``, ``rstd`` (+ ``mean``) and the weight:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

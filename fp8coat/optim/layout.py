@@ -29,8 +29,8 @@ from ..formats import FP8Format
 from . import state_codec
 from .state_codec import side_shape
 
-__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "state_shape", "init_state", "init_moment", "read_moment",
-           "write_moment", "state_nbytes"]
+__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "state_shape", "init_state", "init_moment",
+           "read_moment", "write_moment", "state_nbytes"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MOMENT_SUFFIXES = ("", "_absmax", "_expo")  # a moment's codes and its per-group side tensors

@@ -28,7 +28,7 @@ __all__ = ["GroupStepPlan", "bump_versions"]
 _dtype_of = operator.attrgetter("dtype")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _versions_take_lists() -> bool:
     """Whether ``torch._C._increment_version`` takes a list of tensors (torch >= 2.6)."""
     try:

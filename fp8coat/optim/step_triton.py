@@ -60,7 +60,8 @@ _TL_DTYPE = {
 
 M_BOUND = tl.constexpr(_M_BOUND_PY)  # globals used inside kernels must be constexpr
 V_BOUND = tl.constexpr(_V_BOUND_PY)
-# the expansion exponent's encoding (state_codec): k = k16 · EXPO_UNIT with 1 <= k16 <= MAX_EXPO, 1/k = EXPAND_STEPS / k16
+# the expansion exponent's encoding (state_codec): k = k16 · EXPO_UNIT with 1 <= k16 <= MAX_EXPO,
+# 1/k = EXPAND_STEPS / k16
 EXPAND_STEPS = tl.constexpr(codec.EXPAND_STEPS)
 EXPO_UNIT = tl.constexpr(codec.EXPO_UNIT)
 MAX_EXPO = tl.constexpr(float(codec.MAX_EXPO))
@@ -84,7 +85,8 @@ def _log2(x, FAST: tl.constexpr):
     """log2 in fp32: the MUFU approximation (lg2.approx.ftz: ~2^-22 abs. error, subnormals -> -inf) on GPU;
     tl.log2 elsewhere (the interpreter, which cannot run inline PTX)."""
     if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
         return tl.log2(x)
 
@@ -94,7 +96,8 @@ def _exp2(x, FAST: tl.constexpr):
     """exp2 in fp32: the MUFU approximation (ex2.approx.ftz: ~2 ulp, subnormal results -> 0) on GPU;
     tl.exp2 elsewhere."""
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
         return tl.exp2(x)
 
@@ -329,7 +332,8 @@ class _LaunchPlan:
         self._ring = []
         self._slot = 0
         if device.type == "cuda":
-            self._ring = [(torch.empty(nt, dtype=torch.int64).pin_memory(), torch.cuda.Event()) for _ in range(self.RING)]
+            self._ring = [(torch.empty(nt, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+                          for _ in range(self.RING)]
 
     @staticmethod
     def make_key(params, states, block_groups: int) -> tuple:

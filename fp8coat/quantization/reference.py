@@ -243,7 +243,8 @@ def fingerprint_units(x: torch.Tensor) -> torch.Tensor:
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """murmur3's 32-bit finalizer, elementwise on integers in [0, 2^32) held as int64 (a bijection of 32-bit
-    words with full avalanche). Triton twin: ``fp8coat._kernel_helpers.mix32`` (content fingerprints, stochastic rounding)."""
+    words with full avalanche). Triton twin: ``fp8coat._kernel_helpers.mix32`` (content fingerprints, stochastic
+    rounding)."""
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32

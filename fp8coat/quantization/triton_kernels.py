@@ -294,7 +294,8 @@ def dequantize_per_group_triton(
     r = q2.shape[0]
     block_r, block_k = _tiles(r, k, min_k=group_size)
     grid = (cdiv(r, block_r), cdiv(k, block_k))
-    _group_dequant_kernel[grid](q2, s2, out, r, k, ng, q2.stride(0), q2.stride(1), G=group_size, BLOCK_R=block_r, BLOCK_K=block_k)
+    _group_dequant_kernel[grid](q2, s2, out, r, k, ng, q2.stride(0), q2.stride(1), G=group_size, BLOCK_R=block_r,
+                                BLOCK_K=block_k)
     return out
 
 
