@@ -52,6 +52,20 @@ __all__ = ["AdamW"]
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter and gradient dtypes of the Triton step
 
 
+def _checked_gradient(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` if the optimizer can use it, else RuntimeError: the one place gradients are validated (a prepared
+    :class:`~fp8coat.optim.step_plan.GroupStepPlan` only tests whether a gradient still fits its launches and
+    otherwise leaves the step to the general path, which calls this)."""
+    grad = p.grad
+    if grad.is_sparse:
+        raise RuntimeError("fp8coat.AdamW does not support sparse gradients")
+    if grad.is_complex():
+        raise RuntimeError("fp8coat.AdamW does not support complex gradients")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+    return grad
+
+
 def _check_lr(lr, read_tensor: bool) -> None:
     """lr must be finite and >= 0. A tensor lr must hold one element; its value is read only if ``read_tensor``
     (at construction: at a step reading it would synchronize with the device)."""
@@ -385,13 +399,7 @@ class AdamW(torch.optim.Optimizer):
         for p in params:
             if p.grad is None:
                 continue
-            grad = p.grad
-            if grad.is_sparse:
-                raise RuntimeError("fp8coat.AdamW does not support sparse gradients")
-            if grad.is_complex():
-                raise RuntimeError("fp8coat.AdamW does not support complex gradients")
-            if grad.shape != p.shape:
-                raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+            grad = _checked_gradient(p)
             layout = self._bind(p, group, options)
             items.append((p, grad, self.state[p], layout))
         if not items:
