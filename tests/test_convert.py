@@ -171,8 +171,7 @@ def test_handoffs_are_listed_and_survive_copies():
         assert layer.post_attention_layernorm._fp8coat_handoff is layer.mlp._fp8coat_handoff
         assert layer.mlp._fp8coat_handoff is not original.mlp._fp8coat_handoff
         out = copied(input_ids=_ids(), labels=_ids())
-        assert_close = torch.testing.assert_close
-        assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)
+        torch.testing.assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)
 
 
 def test_weight_caches_lists_each_converted_linear_once():
