@@ -455,7 +455,7 @@ def test_load_state_dict_into_float32_parameters_restores_the_exact_master():
         _step_with(o16, list(m16.parameters()), [x.bfloat16() for x in g])
         _step_with(o32, list(m32.parameters()), g)
     sd = o16.state_dict()
-    assert set(sd["fp8coat"]["param_dtypes"].values()) == {"bfloat16"}
+    assert {state["param_dtype"] for state in sd["state"].values()} == {"bfloat16"}
     loaded = _linear(torch.float32, seed=9)
     loaded.load_state_dict(m16.state_dict())  # bf16 weights upcast exactly
     opt = fp8coat.AdamW(loaded.parameters(), **kw)

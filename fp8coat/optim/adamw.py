@@ -43,6 +43,7 @@ from ..formats import get_format
 from ..quantization import check_group_size, check_triton_device, triton_available
 from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes, state_shape
 from .master_weights import MASTER_MODES, concrete_master_mode, resolve_master_mode
+from .sharding import as_dtensor_like, check_sharding, is_sharded, local_part_of, local_tensor
 from .state_conversion import StateSpec, convert_state, master_conversion_error
 from .step_plan import GroupStepPlan, bump_versions
 from .step_reference import StepScalars, adamw_step_reference
@@ -63,6 +64,10 @@ def _checked_gradient(p: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("fp8coat.AdamW does not support complex gradients")
     if grad.shape != p.shape:
         raise RuntimeError(f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+    if is_sharded(p) and (not is_sharded(grad) or tuple(grad.placements) != tuple(p.placements)):
+        placements = tuple(grad.placements) if is_sharded(grad) else "a plain tensor"
+        raise RuntimeError(f"the gradient of a DTensor parameter with placements {tuple(p.placements)} is "
+                           f"{placements}: fp8coat.AdamW updates each rank's shard from the gradient's matching shard")
     return grad
 
 
@@ -244,6 +249,7 @@ class AdamW(torch.optim.Optimizer):
         if master is None:  # raises with the reason
             resolve_master_mode(group["master_weights"], torch.empty(0, dtype=dtype), self._param_name(p))
         quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"] and p.numel() > 0
+        check_sharding(p, quantized, self._param_name(p))  # (shape and numel are the global parameter's)
         layout = StateLayout(
             m_format=get_format(group["m_format"]) if quantized else None,
             v_format=get_format(group["v_format"]) if quantized else None,
@@ -259,7 +265,8 @@ class AdamW(torch.optim.Optimizer):
         where that is not possible."""
         state = self.state[p]
         spec = self._specs.get(p)
-        if state and tuple(state["exp_avg"].shape) != state_shape(p):
+        local = local_tensor(p)
+        if state and tuple(state["exp_avg"].shape) != state_shape(local):
             raise ValueError(f"{self._param_name(p)} has shape {tuple(p.shape)}, but its optimizer state was made "
                              f"for shape {tuple(state['exp_avg'].shape)}: a parameter cannot change shape under "
                              "fp8coat.AdamW (its moments are laid out per row); restore the shape, or drop its state "
@@ -279,9 +286,9 @@ class AdamW(torch.optim.Optimizer):
                              f"master_weights to one that accepts {p.dtype} ('auto' or 'none'), or convert it back"
                              ) from None
         if not state:
-            state.update(init_state(p, layout))
+            state.update(init_state(local, layout))
         elif spec is not None and (spec.layout, spec.dtype, spec.device) != (layout, p.dtype, p.device):
-            convert_state(p, state, spec, layout)
+            convert_state(local, state, spec, layout)
             self._caches.clear()  # launch tables hold addresses of the replaced state tensors
             self._plans.clear()
         self._specs[p] = StateSpec(layout, p.dtype, p.device, options)
@@ -401,7 +408,7 @@ class AdamW(torch.optim.Optimizer):
                 continue
             grad = _checked_gradient(p)
             layout = self._bind(p, group, options)
-            items.append((p, grad, self.state[p], layout))
+            items.append((local_tensor(p), local_tensor(grad), self.state[p], layout))  # local shards of DTensors
         if not items:
             return
         torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
@@ -454,15 +461,28 @@ class AdamW(torch.optim.Optimizer):
     # checkpointing
 
     def state_dict(self) -> dict:
-        """torch's state dict plus an ``fp8coat`` entry: the stochastic-rounding position, the seed and each
-        state's parameter dtype (so that a checkpoint loads into parameters of another dtype). States are first
-        brought up to date with their parameters and groups (a pending conversion happens, or raises, here)."""
+        """torch's state dict with fp8coat's additions: each parameter's state records the ``param_dtype`` it was
+        made for (so that it loads into parameters of another dtype), and each param group an ``fp8coat`` entry
+        with the stochastic-rounding position and seed. The state tensors of DTensor parameters are presented as
+        DTensors with the parameter's mesh and placements (``sharding.py``), as distributed checkpoints need.
+        States are first brought up to date with their parameters and groups (a pending conversion happens, or
+        raises, here)."""
         self._bind_all()
         sd = super().state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        dtypes = {str(index[id(p)]): str(spec.dtype).removeprefix("torch.") for p, spec in self._specs.items()
-                  if id(p) in index and self.state.get(p)}  # keyed like sd["state"], as strings
-        sd["fp8coat"] = {"stochastic_rounding_calls": self._sr_calls, "seed": self.seed, "param_dtypes": dtypes}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, state in list(sd["state"].items()):
+            p = params[index]
+            spec = self._specs.get(p)
+            if is_sharded(p):
+                state = {k: as_dtensor_like(v, p) if k != "step" and isinstance(v, torch.Tensor) else v
+                         for k, v in state.items()}
+            else:
+                state = dict(state)
+            if spec is not None:
+                state["param_dtype"] = str(spec.dtype).removeprefix("torch.")
+            sd["state"][index] = state
+        for group in sd["param_groups"]:
+            group["fp8coat"] = {"stochastic_rounding_calls": self._sr_calls, "seed": self.seed}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -473,20 +493,23 @@ class AdamW(torch.optim.Optimizer):
         that each one has the dtype and shape the saved options give a parameter of the saved dtype. A state
         saved for parameters of another dtype is converted at the next step, as after a dtype change (a
         ``bf16-remainder`` state loaded for float32 parameters writes its exact master into them then); where
-        that conversion would lose the exact master, this raises ValueError.
+        that conversion would lose the exact master, this raises ValueError. State tensors may be DTensors or
+        plain tensors holding the whole state, for plain or DTensor parameters (``sharding.local_part_of``).
         """
-        extra = state_dict.get("fp8coat", {})
         saved_groups = state_dict["param_groups"]
         for g in saved_groups:
             missing = [k for k in OPTION_KEYS if k not in g]
             if missing:
                 raise ValueError(f"state dict is not from fp8coat.AdamW: param group lacks {missing}")
+        extra = next((g["fp8coat"] for g in saved_groups if "fp8coat" in g), state_dict.get("fp8coat", {}))
         saved_state = state_dict["state"]
         stripped = {
             "state": {pid: {"step": s["step"]} for pid, s in saved_state.items()},
             "param_groups": saved_groups,
         }
         super().load_state_dict(stripped)
+        for group in self.param_groups:
+            group.pop("fp8coat", None)
         self._group_of = None
         self._plans = {}
         self._caches.clear()
@@ -494,7 +517,7 @@ class AdamW(torch.optim.Optimizer):
         self._checked.clear()
         self._sr_calls = int(extra.get("stochastic_rounding_calls", 0))
         self.seed = int(extra.get("seed", self.seed))
-        saved_dtypes = {int(k): v for k, v in extra.get("param_dtypes", {}).items()}
+        saved_dtypes = {int(k): v for k, v in extra.get("param_dtypes", {}).items()}  # (older state dicts)
         for gi, group in enumerate(self.param_groups):
             self._check_group_options(gi, group)
         id_map = dict(
@@ -507,7 +530,8 @@ class AdamW(torch.optim.Optimizer):
             if pid not in id_map:
                 continue
             p, group = id_map[pid]
-            dtype = _dtype_named(saved_dtypes[pid]) if pid in saved_dtypes else p.dtype
+            name = saved.get("param_dtype", saved_dtypes.get(pid))
+            dtype = _dtype_named(name) if name is not None else p.dtype
             self._load_param_state(p, group, dtype, saved)
 
     def _load_param_state(self, p: torch.Tensor, group: dict, dtype: torch.dtype, saved: dict) -> None:
@@ -519,6 +543,7 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError(f"{error} (the checkpoint's state was saved for {dtype} parameters)")
         expected = init_state(torch.empty(p.shape, dtype=dtype, device="meta"), layout)
         state = self.state[p]
+        local = local_tensor(p)
         for key, ref in expected.items():
             if key == "step":
                 continue
@@ -528,11 +553,12 @@ class AdamW(torch.optim.Optimizer):
             if value.dtype != ref.dtype or value.shape != ref.shape:
                 raise ValueError(
                     f"state {key!r} of {self._param_name(p)} is {value.dtype} {tuple(value.shape)}, expected "
-                    f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options"
+                    f"{ref.dtype} {tuple(ref.shape)}: the checkpoint was saved with other optimizer options "
+                    "or for a parameter of another shape"
                 )
-            state[key] = value.detach().to(device=p.device, copy=True)
+            state[key] = local_part_of(value.detach(), p).to(device=local.device, copy=True)
         state["step"] = state["step"].clone()  # never share a step counter with the source optimizer
-        unexpected = set(saved) - set(expected)
+        unexpected = set(saved) - set(expected) - {"param_dtype"}
         if unexpected:
             raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(unexpected)}")
         self._specs[p] = StateSpec(layout, dtype, p.device, group_options(group))

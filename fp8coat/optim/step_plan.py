@@ -21,6 +21,7 @@ import operator
 import torch
 
 from .layout import StateLayout
+from .sharding import local_tensor
 from .step_reference import StepScalars
 
 __all__ = ["GroupStepPlan", "bump_versions"]
@@ -62,11 +63,13 @@ class _Bucket:
 
 class GroupStepPlan:
     """The buckets of one parameter group. ``buckets``: ``(layout, params, states, grad dtype, step, launch
-    cache)`` per bucket, together covering ``params`` (the group's parameters, in order) exactly once."""
+    cache)`` per bucket, together covering ``params`` (the group's parameters, in order; the buckets hold the
+    local shards of DTensor parameters) exactly once."""
 
     def __init__(self, params: "list[torch.Tensor]", buckets: list):
         self.params = list(params)
-        position = {id(p): i for i, p in enumerate(self.params)}
+        self.locals = [local_tensor(p) for p in self.params]  # what the launches update
+        position = {id(p): i for i, p in enumerate(self.locals)}
         self.buckets = [_Bucket(layout, [position[id(p)] for p in bps], list(bps), list(sts), gdt, step, cache)
                         for layout, bps, sts, gdt, step, cache in buckets]
         covered = sorted(i for b in self.buckets for i in b.index)
@@ -83,9 +86,9 @@ class GroupStepPlan:
         self.steps = torch.stack([s["step"] for s in states])  # (n,) fp32 CPU: one add advances every counter
         for i, s in enumerate(states):
             s["step"] = self.steps[i]
-        self.addresses = [p.data_ptr() for p in self.params]
-        self.dtypes = [p.dtype for p in self.params]
-        self.shapes = [p.shape for p in self.params]
+        self.addresses = [p.data_ptr() for p in self.locals]
+        self.dtypes = [p.dtype for p in self.locals]
+        self.shapes = [p.shape for p in self.locals]
 
     def run(self, group: dict, seed: int, launch) -> bool:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
@@ -94,14 +97,19 @@ class GroupStepPlan:
         if len(members) != len(self.params) or not all(map(operator.is_, members, self.params)):
             return False  # the group's parameter list was edited in place
         grads = []
-        if list(map(torch.Tensor.data_ptr, self.params)) != self.addresses:
+        locals_ = [local_tensor(p) for p in self.params]
+        if not all(map(operator.is_, locals_, self.locals)):
+            return False  # a DTensor parameter's local shard was replaced
+        if list(map(torch.Tensor.data_ptr, locals_)) != self.addresses:
             return False  # a parameter's storage was replaced (e.g. p.data = ..., model.to(...))
-        if list(map(_dtype_of, self.params)) != self.dtypes:
+        if list(map(_dtype_of, locals_)) != self.dtypes:
             return False  # a parameter's dtype changed in place (p.data = p.data.view(dtype))
-        for p, dtype, shape in zip(self.params, self.grad_dtypes, self.shapes):
+        for p, local, dtype, shape in zip(self.params, locals_, self.grad_dtypes, self.shapes):
             g = p.grad
+            if g is not None:
+                g = local_tensor(g)
             if (g is None or g.dtype != dtype or g.layout != torch.strided or not g.is_contiguous()
-                    or g.data_ptr() % 16 or g.shape != shape or p.shape != shape):
+                    or g.data_ptr() % 16 or g.shape != shape or local.shape != shape):
                 return False  # (a parameter reshaped in place: p.data = p.data.view(...))
             grads.append(g)
         self.steps += 1
@@ -112,5 +120,5 @@ class GroupStepPlan:
             scalars = StepScalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=b.step,
                                   maximize=maximize)
             b.cache = launch(b.params, [grads[i] for i in b.index], b.states, b.layout, scalars, seed, b.cache)
-        bump_versions(self.params)
+        bump_versions(self.locals)
         return True
