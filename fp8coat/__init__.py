@@ -9,6 +9,7 @@ FP8 activations with mixed granularity).
 from .compiling import compile_layers
 from .conversion import conversion_summary, convert, unconvert
 from .formats import E4M3, E5M2, FP8Format, get_format
+from .nn.fp8_all_gather import enable_fp8_all_gather, precompute_fp8_scales
 from .optim import AdamW, StepInBackward
 from .recipe import RECIPES, Recipe, get_recipe
 
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamW", "StepInBackward", "compile_layers", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES",
-    "get_recipe",
+    "get_recipe", "enable_fp8_all_gather", "precompute_fp8_scales",
     "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
 ]

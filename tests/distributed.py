@@ -2,7 +2,7 @@
 
 ``run_ranks(worker, world_size, *args)`` spawns ``world_size`` processes; each sets the torchrun environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joins a gloo group, calls ``worker(rank, world_size,
-*args)`` and sends its return value back (picklable; tensors go through shared memory). ``worker`` must be a
+*args)`` and sends its return value back (pickled by value). ``worker`` must be a
 module-level function of an importable module (a test module is). A failure in any rank raises here with that
 rank's traceback; a rank that hangs is killed after ``timeout`` seconds.
 """
@@ -10,6 +10,7 @@ rank's traceback; a rank that hangs is killed after ``timeout`` seconds.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -34,7 +35,8 @@ def _entry(rank: int, world_size: int, port: int, results, worker, args) -> None
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
-            results.put((rank, "ok", worker(rank, world_size, *args)))
+            # pickled here, by value: tensors shared through memory would need this process alive to be read
+            results.put((rank, "ok", pickle.dumps(worker(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -60,7 +62,7 @@ def run_ranks(worker, world_size: int, *args, timeout: float = 240.0) -> list:
                 raise TimeoutError(f"{world_size - len(out)} of {world_size} ranks did not finish in {timeout} s; "
                                    f"errors so far: {errors}") from None
             if status == "ok":
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break  # the other ranks may now wait forever in a collective

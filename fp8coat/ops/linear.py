@@ -37,9 +37,10 @@ import itertools
 import torch
 
 from .._grid import padded
-from ..formats import get_format
+from ..formats import E4M3, get_format
 from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
 from .eager import call, register_eager
+from .fp8_gather import GatheredFP8Weight, stand_in
 from .recompute import Recompute, recompute_input, recompute_quantized_t
 from .weight_cache import FP8WeightCache, weight_fp8
 
@@ -87,6 +88,7 @@ def _forward_impl(
     weights: list[torch.Tensor],
     weights_fp8: list[torch.Tensor],
     weight_scales: list[torch.Tensor],
+    weights_gathered: bool,
     biases: list[torch.Tensor],
     has_bias: list[bool],
     save_input_hp: bool,
@@ -102,6 +104,9 @@ def _forward_impl(
 
     ``weights_fp8[i]`` / ``weight_scales[i]``: ``weights[i]``'s E4M3 copy and 0-d fp32 scale
     (:func:`~fp8coat.ops.weight_cache.weight_fp8`); ``weights`` themselves are read only by the backward.
+    ``weights_gathered``: the weights are FP8 all-gathered (:class:`~fp8coat.ops.fp8_gather.GatheredFP8Weight`):
+    ``weights`` are then stand-ins (shape and dtype only) and the backward transposes the codes ``weights_fp8``
+    instead of quantizing ``weights``.
     ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
     wrapper of custom ops cannot return gradients for a list with holes). ``bwd_format`` is the gradients'
     format, used by the backward."""
@@ -126,8 +131,8 @@ _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutate
 
 
 @_linears_fwd.register_fake
-def _(x, weights, weights_fp8, weight_scales, biases, has_bias, save_input_hp, fast_accum, emulate, fwd_format,
-      bwd_format, recompute_kind, recompute_src, recompute_group):
+def _(x, weights, weights_fp8, weight_scales, weights_gathered, biases, has_bias, save_input_hp, fast_accum, emulate,
+      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
@@ -143,6 +148,7 @@ def _backward_impl(
     x_scale: torch.Tensor,
     weights: list[torch.Tensor],
     w_scales: list[torch.Tensor],
+    weights_fp8: list[torch.Tensor],
     has_bias: list[bool],
     x_shape: list[int],
     x_dtype: torch.dtype,
@@ -154,7 +160,8 @@ def _backward_impl(
     recompute_src: list[torch.Tensor],
     recompute_group: int,
 ) -> list[torch.Tensor]:
-    """Returns ``[dx, *dw_i, *db_i (for biased layers)]``."""
+    """Returns ``[dx, *dw_i, *db_i (for biased layers)]``. ``weights_fp8``: empty, or the FP8 codes of FP8
+    all-gathered weights (``weights`` are then stand-ins for their shape and dtype)."""
     fmt, gfmt = get_format(fwd_format), get_format(bwd_format)
     k = x_shape[-1]
     m = 1
@@ -171,7 +178,10 @@ def _backward_impl(
     if len(weights) == 1:
         sg, sw = tensor_scale(g2s[0], gfmt), w_scales[0]
         gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True)
-        _, wqt = quantize_transpose(weights[0].detach(), fmt, sw, rowwise=False, pad_to=1)
+        if weights_fp8:  # the codes are quantize(W, sw): their transpose is what quantizing Wᵀ gives
+            wqt = weights_fp8[0].t().contiguous()
+        else:
+            _, wqt = quantize_transpose(weights[0].detach(), fmt, sw, rowwise=False, pad_to=1)
         gqts = [gqt]
     else:
         # the layers' input gradients in ONE GEMM, as for a fused projection: the dY_i side by side (M × ΣN_i) and
@@ -185,9 +195,11 @@ def _backward_impl(
         gqt = torch.empty((ends[-1], m_pad), dtype=gfmt.dtype, device=device)
         wqt = torch.empty((k, ends[-1]), dtype=fmt.dtype, device=device)
         gqts = []
-        for g2, w, end, n in zip(g2s, weights, ends, ns):
+        for i, (g2, w, end, n) in enumerate(zip(g2s, weights, ends, ns)):
             quantize_transpose(g2, gfmt, sg, out=gq[:, end - n : end], out_t=gqt[end - n : end])
-            quantize_transpose(w.detach(), fmt, sw, rowwise=False, pad_to=1, out_t=wqt[:, end - n : end])
+            # FP8-gathered weights: their codes re-quantized under the joint scale (the weight as gathered)
+            w = weights_fp8[i].float() * w_scales[i] if weights_fp8 else w.detach()
+            quantize_transpose(w, fmt, sw, rowwise=False, pad_to=1, out_t=wqt[:, end - n : end])
             gqts.append(gqt[end - n : end])
     dx = fp8_mm(gq, sg, wqt, sw, x_dtype, emulate=emulate)
     dx = dx if len(x_shape) == 2 else dx.reshape(x_shape)
@@ -200,7 +212,7 @@ _linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_im
 
 
 @_linears_bwd.register_fake
-def _(grads, x_saved, x_scale, weights, w_scales, has_bias, x_shape, x_dtype, save_input_hp, emulate,
+def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape, x_dtype, save_input_hp, emulate,
       fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
     dws = [torch.empty_like(w) for w in weights]
@@ -209,18 +221,19 @@ def _(grads, x_saved, x_scale, weights, w_scales, has_bias, x_shape, x_dtype, sa
 
 
 def _setup(ctx, inputs, output):
-    (x, weights, _, w_scales, _, has_bias, save_input_hp, _, emulate, fwd_format, bwd_format, recompute_kind,
-     recompute_src, recompute_group) = inputs
+    (x, weights, weights_fp8, w_scales, weights_gathered, _, has_bias, save_input_hp, _, emulate, fwd_format,
+     bwd_format, recompute_kind, recompute_src, recompute_group) = inputs
     n = len(weights)
     saved, x_scale = output[n], output[n + 1]
     ctx.mark_non_differentiable(saved, x_scale)
     ctx.set_materialize_grads(False)  # outputs that do not reach the loss: None, handled in _backward
     if save_input_hp:
         saved = x
-    ctx.save_for_backward(saved, x_scale, *weights, *w_scales, *recompute_src)
+    codes = list(weights_fp8) if weights_gathered else []
+    ctx.save_for_backward(saved, x_scale, *weights, *w_scales, *codes, *recompute_src)
     ctx.meta = dict(
-        has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype, save_input_hp=save_input_hp,
-        emulate=emulate, fwd_format=fwd_format, bwd_format=bwd_format, n=n,
+        n_codes=len(codes), has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
+        save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, bwd_format=bwd_format, n=n,
         recompute=(recompute_kind, len(recompute_src), recompute_group),
     )
 
@@ -233,18 +246,21 @@ def _backward(ctx, grads, backward_fn=None):
     n = meta["n"]
     kind, n_src, group = meta["recompute"]
     saved, x_scale, *rest = ctx.saved_tensors
-    weights, w_scales, src = rest[:n], rest[n : 2 * n], rest[2 * n :]
+    n_codes = meta["n_codes"]
+    weights, w_scales, codes = rest[:n], rest[n : 2 * n], rest[2 * n : 2 * n + n_codes]
+    src = rest[2 * n + n_codes :]
     ys_grads = list(grads[:n])
     for i, g in enumerate(ys_grads):  # an output that did not reach the loss
         if g is None:
             ys_grads[i] = torch.zeros(*meta["x_shape"][:-1], weights[i].shape[0], dtype=meta["x_dtype"],
                                       device=x_scale.device)
     out = backward_fn(
-        ys_grads, saved, x_scale, weights, list(w_scales), meta["has_bias"], meta["x_shape"], meta["x_dtype"],
-        meta["save_input_hp"], meta["emulate"], meta["fwd_format"], meta["bwd_format"], kind, list(src), group,
+        ys_grads, saved, x_scale, weights, list(w_scales), list(codes), meta["has_bias"], meta["x_shape"],
+        meta["x_dtype"], meta["save_input_hp"], meta["emulate"], meta["fwd_format"], meta["bwd_format"], kind,
+        list(src), group,
     )
     dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]
-    return (dx, list(dws), [None] * n, [None] * n, list(dbs), None, None, None, None, None, None, None,
+    return (dx, list(dws), [None] * n, [None] * n, None, list(dbs), None, None, None, None, None, None, None,
             [None] * n_src, None)
 
 
@@ -285,14 +301,24 @@ def linears(
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
     caches = list(caches) if caches is not None else [None] * n
-    casts = [weight_fp8(w, c, fwd_format) for w, c in zip(weights, caches)]
+    gathered = [isinstance(w, GatheredFP8Weight) for w in weights]
+    if any(gathered) and not all(gathered):
+        raise ValueError("linears: FP8 all-gathered weights cannot share an input with other weights")
+    is_gathered = bool(gathered) and all(gathered)
+    if is_gathered:
+        if get_format(fwd_format) != E4M3:
+            raise ValueError(f"FP8 all-gathered weights are E4M3; this recipe's forward format is {fwd_format}")
+        casts = [w.fp8() for w in weights]
+        weights = [stand_in(w) for w in weights]  # the gradient reaches the gathered parameter through it
+    else:
+        casts = [weight_fp8(w, c, fwd_format) for w, c in zip(weights, caches)]
     present = [b for b in biases if b is not None]
     has_bias = [b is not None for b in biases]
     kind = recompute.kind if recompute else ""
     src = list(recompute.tensors) if recompute else []
     group = int(recompute.group_size) if recompute else 16
-    out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], present, has_bias,
-               save_input_hp, fast_accum, emulate, fwd_format, bwd_format, kind, src, group)
+    out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], is_gathered,
+               present, has_bias, save_input_hp, fast_accum, emulate, fwd_format, bwd_format, kind, src, group)
     return list(out[:n])
 
 

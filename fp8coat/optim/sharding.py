@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.fp8_gather import FP8AllGatherWeight
+
 __all__ = ["is_sharded", "local_tensor", "check_sharding", "as_dtensor_like", "local_part_of"]
 
 try:
@@ -34,8 +36,11 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a view sharing its storage: in-place writes update the DTensor), else
-    ``t`` itself."""
-    return t._local_tensor if is_sharded(t) else t
+    ``t`` itself; the plain tensor inside a weight wrapped for FP8 all-gather
+    (:class:`~fp8coat.ops.fp8_gather.FP8AllGatherWeight`)."""
+    if is_sharded(t):
+        t = t._local_tensor
+    return t._data if isinstance(t, FP8AllGatherWeight) else t
 
 
 def check_sharding(p: torch.Tensor, quantized: bool, name: str) -> None:

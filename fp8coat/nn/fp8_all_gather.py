@@ -1,0 +1,99 @@
+"""FP8 all-gather of converted linear weights under FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 all-gathers every weight before a layer's forward (and again before its backward). A converted linear
+only ever uses its weight as E4M3 with one per-tensor scale (``weight_cache.weight_fp8``), so the gather can move
+the E4M3 codes instead of BF16: half the bytes, and no quantization of the gathered weight afterwards. The
+numerics are those of "gather BF16, then quantize": every rank casts its shard with the same scale, the scale of
+the whole weight (``scale_from_amax(max over ranks of the shard amax)``), so the gathered codes are exactly the
+codes of the gathered weight.
+
+    fp8coat.convert(model, "coat")
+    enable_fp8_all_gather(model)          # before fully_shard: wraps the converted linears' weights
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    ...
+    optimizer.step()
+    precompute_fp8_scales(model)          # optional: every scale of the next gathers in ONE all-reduce
+
+Two tensor subclasses carry this through FSDP2's all-gather extension hooks:
+
+* :class:`FP8AllGatherWeight` wraps the weight's **local shard** (the parameter's data, in its own dtype: the
+  optimizer updates the plain tensor inside, ``sharding.local_tensor``). Its ``fsdp_pre_all_gather`` casts the
+  shard to E4M3 with the weight's scale: the one :func:`precompute_fp8_scales` left for these exact shard
+  contents (checked by the shard's version counters), else one computed now (local amax + an all-reduce(max)
+  over the shard group).
+* :class:`GatheredFP8Weight` is the **unsharded weight** the layer sees in forward and backward: E4M3 codes
+  ``(N, K)`` (a view of FSDP2's all-gather buffer, freed and refilled by FSDP2 like any unsharded parameter) and
+  the 0-d fp32 scale; it reports the parameter dtype. :func:`fp8coat.ops.linear.linears` uses its codes and
+  scale directly; the weight gradient comes back as a plain tensor of the parameter dtype. Any other use of it
+  (e.g. an eval-mode ``F.linear``) sees the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.fp8_gather import FP8AllGatherWeight, GatheredFP8Weight, agreed_scales
+from .linear import FP8LinearMixin
+
+__all__ = ["FP8AllGatherWeight", "GatheredFP8Weight", "enable_fp8_all_gather", "disable_fp8_all_gather",
+           "precompute_fp8_scales", "fp8_all_gather_weights"]  # (the two tensor types: fp8coat.ops.fp8_gather)
+
+def _converted_linears(model: torch.nn.Module):
+    return [m for m in model.modules() if isinstance(m, FP8LinearMixin)]
+
+
+def enable_fp8_all_gather(model: torch.nn.Module) -> int:
+    """Wrap the weight of every converted linear layer of ``model`` in :class:`FP8AllGatherWeight` (call after
+    ``fp8coat.convert`` and before ``fully_shard``; parameter names and values are unchanged). Returns how many
+    weights were wrapped."""
+    count = 0
+    for module in _converted_linears(model):
+        w = module.weight
+        if getattr(module, "_fp8coat_transposed", False):
+            continue  # (HF Conv1D stores W transposed: gathered as usual)
+        if isinstance(w, FP8AllGatherWeight) or (hasattr(w, "_local_tensor")):
+            continue  # already wrapped, or already sharded (too late to wrap)
+        module.weight = torch.nn.Parameter(FP8AllGatherWeight(w.data), requires_grad=w.requires_grad)
+        count += 1
+    return count
+
+
+def disable_fp8_all_gather(model: torch.nn.Module) -> None:
+    """Undo :func:`enable_fp8_all_gather` (before ``fully_shard``)."""
+    for module in _converted_linears(model):
+        w = module.weight
+        if isinstance(w, FP8AllGatherWeight):
+            module.weight = torch.nn.Parameter(w._data, requires_grad=w.requires_grad)
+
+
+def fp8_all_gather_weights(model: torch.nn.Module) -> "list[FP8AllGatherWeight]":
+    """The local shards (:class:`FP8AllGatherWeight`) of the FP8-gathered weights of a sharded ``model``."""
+    out = []
+    for module in _converted_linears(model):
+        local = getattr(module.weight, "_local_tensor", None)
+        if isinstance(local, FP8AllGatherWeight):
+            out.append(local)
+    return out
+
+
+@torch.no_grad()
+def precompute_fp8_scales(model: torch.nn.Module) -> None:
+    """Compute the scale of every FP8-gathered weight of ``model`` with ONE all-reduce (call after the optimizer
+    step): the next all-gathers use them instead of one all-reduce per weight."""
+    shards = fp8_all_gather_weights(model)
+    if not shards:
+        return
+    group = _shard_group(model)
+    scales = agreed_scales([s._data for s in shards], group)
+    for s, scale in zip(shards, scales):
+        s.scale, s.scale_version = scale, s.content_version()
+
+
+def _shard_group(model: torch.nn.Module):
+    for module in _converted_linears(model):
+        w = module.weight
+        if hasattr(w, "device_mesh"):
+            return w.device_mesh.get_group()
+    return None
