@@ -301,25 +301,77 @@ def test_bf16_stochastic_sharded_is_unbiased(backend):
     assert err.abs().max() <= 8, err.abs().max()
 
 
-def _refused_last_dim(rank: int, world_size: int) -> str:
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+def _refused_last_dim(mesh) -> str:
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world_size,))
     w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 256), mesh, [Shard(1)]))
     opt = fp8coat.AdamW([w], min_quantized_numel=1)
     w.grad = distribute_tensor(torch.randn(4, 256), mesh, [Shard(1)])
     with pytest.raises(ValueError) as info:
         opt.step()
-    assert not opt.state.get(w) and torch.equal(w.to_local(), w.to_local())
+    assert not opt.state.get(w)
     return str(info.value)
 
 
-def test_fp8_moments_of_a_parameter_sharded_along_its_last_dim_are_refused():
+def _loaded_elsewhere(mesh) -> dict:
+    """The DTensor state dict of a sharded optimizer (bf16-remainder: FP8, uint8, fp32 and int16 states) loaded into
+    optimizers of the full parameters: plain tensors, and DTensors placed Replicate() (both gather the states:
+    through uint8 bytes, as gloo gathers no FP8 nor int16)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    dtype = torch.bfloat16
+    params = {n: torch.nn.Parameter(distribute_tensor(_initial(n, dtype), mesh, [Shard(SPECS[n][2])])) for n in SPECS}
+    opt = fp8coat.AdamW(_param_groups(params), master_weights="bf16-remainder", **HYPER["adversarial"])
+    for step in range(2):
+        for n, p in params.items():
+            p.grad = distribute_tensor(_grad(n, step, dtype), mesh, [Shard(SPECS[n][2])])
+        opt.step()
+    sd = opt.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    expected = {n: {k: full_tensor(v) for k, v in sd["state"][index[id(p)]].items() if isinstance(v, DTensor)}
+                for n, p in params.items()}
+    out = {}
+    for kind in ("plain", "replicated"):
+        full = {n: _initial(n, dtype) for n in SPECS}
+        others = {n: torch.nn.Parameter(t if kind == "plain" else distribute_tensor(t, mesh, [Replicate()]))
+                  for n, t in full.items()}
+        other_opt = fp8coat.AdamW(_param_groups(others), master_weights="bf16-remainder")
+        other_opt.load_state_dict(sd)
+        for n, p in others.items():
+            for key, value in expected[n].items():
+                got = other_opt.state[p][key]
+                assert not isinstance(got, DTensor)
+                assert_bit_equal(got, value, f"{kind} {n}.{key}")
+        out[kind] = True
+    return out
+
+
+def _other_cases(rank: int, world_size: int) -> bytes:
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    return pack({"refused": _refused_last_dim(mesh), "loaded elsewhere": _loaded_elsewhere(mesh)})
+
+
+@pytest.fixture(scope="module")
+def other_cases() -> list:
+    return run_ranks_packed(_other_cases, WORLD)
+
+
+def test_fp8_moments_of_a_parameter_sharded_along_its_last_dim_are_refused(other_cases):
     """Groups of 128 run along the last dim: sharding it would split them (and each rank would hold its own
     absmax for half a group). The step raises a ValueError that names the parameter and the ways out."""
-    for message in run_ranks(_refused_last_dim, WORLD):
+    for result in other_cases:
+        message = result["refused"]
         assert "param_groups[0].params[0]" in message and "last dim" in message, message
         assert "shard another dim" in message and "min_quantized_numel" in message, message
+
+
+def test_sharded_state_dict_loads_into_unsharded_and_replicated_parameters(other_cases):
+    """``opt.state_dict()`` of sharded parameters loads into an optimizer of plain full parameters and of
+    Replicate() DTensors: every state tensor equals the gathered full tensor bit for bit (a gloo group gathers no
+    FP8 or int16 tensors: the states travel as bytes)."""
+    assert all(result["loaded elsewhere"] == {"plain": True, "replicated": True} for result in other_cases)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,10 +407,11 @@ def shard_llama(model: torch.nn.Module, mesh, reduce_dtype: "torch.dtype | None"
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def forward_backward(model, world_size: int, rank: int, step: int) -> torch.Tensor:
-    """This rank's micro-batches of ``step`` (all of them on 1 rank, accumulated and averaged as FSDP averages
-    over ranks); returns the step's loss, averaged over all micro-batches (the same number on every rank)."""
-    mine = [i for i in range(MICRO) if i % world_size == rank]
+def forward_backward(model, world_size: int, rank: int, step: int, micro: int = MICRO) -> torch.Tensor:
+    """This rank's share of the ``micro`` micro-batches of ``step`` (micro-batch i goes to rank i % world_size),
+    accumulated and averaged (FSDP averages over ranks); returns the step's loss averaged over all micro-batches
+    (the same number on every rank)."""
+    mine = [i for i in range(micro) if i % world_size == rank]
     total = torch.zeros((), dtype=torch.float32)
     for i in mine:
         ids = micro_batch(step, i)
@@ -367,10 +420,10 @@ def forward_backward(model, world_size: int, rank: int, step: int) -> torch.Tens
         total += loss.detach().float()
     if len(mine) > 1:
         for p in model.parameters():
-            p.grad.mul_(1.0 / len(mine))  # (a power of two: exact)
+            p.grad.mul_(1.0 / len(mine))  # (exact for a power of two)
     if world_size > 1:
         dist.all_reduce(total)
-    return total / MICRO
+    return total / micro
 
 
 def full_params(model) -> dict:
