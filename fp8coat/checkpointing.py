@@ -13,10 +13,16 @@ What :func:`load_sharded` adds to ``dcp.load``, from the checkpoint's metadata a
   parameter of the checkpoint that the model lacks raises a ValueError naming the parameters (DCP's own error,
   where it gives one, comes wrapped in every rank's traceback, and DCP skips unknown names silently).
 * Optimizer states are read with the dtype and shape they were saved with, not those of the optimizer they are
-  loaded into (DCP would cast them to the current dtype: FP8 codes read into fp32 moments lose their meaning).
-  ``AdamW.load_state_dict`` then checks them against the saved options and converts where needed, as it does for
-  a state dict in memory: e.g. a ``bf16-remainder`` state loaded for float32 parameters restores the exact fp32
-  master at the next step.
+  loaded into (DCP reads into the current state tensors: FP8 codes cast to the fp32 moments of an optimizer made
+  with other options, remainders dropped where the current parameters are float32; ``AdamW.load_state_dict``
+  refuses what results). ``AdamW.load_state_dict`` then checks them against the saved options and converts where
+  needed, as it does for a state dict in memory: e.g. a ``bf16-remainder`` state loaded for float32 parameters
+  restores the exact fp32 master at the next step.
+
+Usage (on every rank)::
+
+    fp8coat.save_sharded(model, opt, f"{out_dir}/step-{step}")
+    fp8coat.load_sharded(model, opt, f"{out_dir}/step-{step}")   # the same or another number of ranks
 
 Collectives: both functions must be called on every rank. An asynchronous save writes in a background thread
 that communicates while training goes on: give it a process group of its own (``dist.new_group(backend="gloo")``,

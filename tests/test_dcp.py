@@ -377,8 +377,9 @@ def _stepped(model, **options):
 def test_states_load_as_saved_under_other_options_and_dtypes(tmp_path):
     """A checkpoint of bf16 parameters with FP8 moments and bf16-remainder masters, loaded into float32
     parameters whose optimizer was made with fp32 moments: the states load with their saved dtypes (DCP alone
-    would cast the FP8 codes to the current fp32 moments and drop the remainders), the saved options are adopted,
-    and the float32 parameters get the exact fp32 masters: as ``load_state_dict`` of the same state in memory."""
+    casts the FP8 codes to the current fp32 moments and drops the remainders, which AdamW.load_state_dict then
+    refuses), the saved options are adopted, and the float32 parameters get the exact fp32 masters: as
+    ``load_state_dict`` of the same state in memory."""
     saved_model = _mlp(torch.bfloat16)
     saved_opt = _stepped(saved_model, min_quantized_numel=1)
     fp8coat.save_sharded(saved_model, saved_opt, tmp_path / "ckpt")
