@@ -270,7 +270,7 @@ def test_sharded_step_is_bit_exact_with_the_unsharded_step(backend):
 def test_bf16_stochastic_sharded_is_unbiased(backend):
     """bf16-stochastic draws its rounding bits from (seed, index of the tensor in its launch, element offset in the
     local shard): sharded parameters are rounded with other bits than unsharded ones (and elements at the same
-    local offset of two shards share their bits), so the runs differ in the last bits. What holds: the moments
+    local offset of two shards can draw the same bits), so the runs differ in the last bits. What holds: the moments
     (which do not depend on the parameters) are bit-exact, and the parameters follow an fp32-master run on the
     same gradients without bias. Steps of ~1/8 bf16 spacing (lr 1e-3 on values in [1.1, 1.9)), 10 of them:
     round-to-nearest would not move at all (a bias of about -1.2 spacings along the drift, checked); the sharded

@@ -19,7 +19,7 @@ cross shards, so the full tensors of parameters and states after a sharded step 
 same step on the unsharded tensors, for master weights ``fp32``, ``bf16-remainder`` and ``none``. The exception
 is ``bf16-stochastic``: its rounding bits are drawn from the step's seed, the index of the tensor in its launch and
 the element's offset **within the local shard**, so a sharded run rounds with other bits than an unsharded one
-(and, within a step, elements at the same local offset of two shards of a parameter share their bits). Its
+(and, within a step, elements at the same local offset of two shards of a parameter can draw the same bits). Its
 parameters then differ from the unsharded run's in the last bits, while the rounding stays unbiased and the
 moments (which do not depend on the parameters) stay bit-identical. Non-finite gradient elements are counted on
 the rank that holds them (:attr:`AdamW.nonfinite_grad_count` is per rank; sum it across ranks for the total).
