@@ -494,10 +494,10 @@ def test_fsdp2_training_matches_one_rank_accumulating_the_micro_batches(llama_ru
     """FSDP2 (each decoder layer, then the root) on 2 ranks, one micro-batch per rank, against one unsharded
     process that accumulates both micro-batches (the FP8 per-tensor activation scales depend on the micro-batch,
     so the reference must see the same ones): per-step losses and final parameters are bit-identical, for fp32
-    parameters (fp32 masters) and bf16 parameters (bf16-remainder). Exact because on 2 ranks FSDP divides each
-    rank's gradient by 2 before summing the two (a power of two, and a sum of two terms does not depend on the
-    order), which rounds like summing then halving; with more ranks the reduction order would differ in the
-    last bits."""
+    parameters (fp32 masters) and bf16 parameters (bf16-remainder). Exact because FSDP's reduce-scatter averages
+    (gloo: sums, then divides by the world size) and on 2 ranks that is one addition of two terms, whose rounding
+    does not depend on the order, followed by an exact halving: what the reference's accumulation and 0.5 scaling
+    do; with more ranks the order of the additions would differ in the last bits."""
     one, two = llama_runs[run]
     assert two["losses"] == one["losses"], (two["losses"], one["losses"])
     assert len(set(one["losses"])) == len(one["losses"])  # (it trained: the losses change)
