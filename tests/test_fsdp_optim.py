@@ -343,6 +343,18 @@ def _loaded_elsewhere(mesh) -> dict:
                 assert not isinstance(got, DTensor)
                 assert_bit_equal(got, value, f"{kind} {n}.{key}")
         out[kind] = True
+        if kind == "plain":  # and back: the plain (full) state dict into sharded parameters takes each rank's slice
+            back = {n: torch.nn.Parameter(distribute_tensor(_initial(n, dtype), mesh, [Shard(SPECS[n][2])]))
+                    for n in SPECS}
+            back_opt = fp8coat.AdamW(_param_groups(back), master_weights="bf16-remainder")
+            back_opt.load_state_dict(other_opt.state_dict())
+            back_sd = back_opt.state_dict()
+            back_index = {id(p): i for i, p in enumerate(p for g in back_opt.param_groups for p in g["params"])}
+            for n, p in back.items():
+                for key, value in expected[n].items():
+                    assert back_opt.state[p][key].shape[:1] == p.to_local().shape[:1], (n, key)
+                    assert_bit_equal(full_tensor(back_sd["state"][back_index[id(p)]][key]), value, f"back {n}.{key}")
+            out["plain back into sharded"] = True
     return out
 
 
@@ -370,8 +382,10 @@ def test_fp8_moments_of_a_parameter_sharded_along_its_last_dim_are_refused(other
 def test_sharded_state_dict_loads_into_unsharded_and_replicated_parameters(other_cases):
     """``opt.state_dict()`` of sharded parameters loads into an optimizer of plain full parameters and of
     Replicate() DTensors: every state tensor equals the gathered full tensor bit for bit (a gloo group gathers no
-    FP8 or int16 tensors: the states travel as bytes)."""
-    assert all(result["loaded elsewhere"] == {"plain": True, "replicated": True} for result in other_cases)
+    FP8 or int16 tensors: the states travel as bytes). The plain optimizer's state dict (full tensors) loads back
+    into sharded parameters, each rank taking its rows."""
+    expected = {"plain": True, "replicated": True, "plain back into sharded": True}
+    assert all(result["loaded elsewhere"] == expected for result in other_cases)
 
 
 # ---------------------------------------------------------------------------------------------------------------
