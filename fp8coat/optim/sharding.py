@@ -13,6 +13,16 @@ local shard's:
   and reshard. ``step`` stays a plain 0-d tensor (equal on every rank).
 
 Shards may be uneven or empty (``(0, K)``): an empty shard holds empty state tensors.
+
+Numerics: every element is updated from its own gradient, moments and master, and quantization groups never
+cross shards, so the full tensors of parameters and states after a sharded step equal, bit for bit, those of the
+same step on the unsharded tensors, for master weights ``fp32``, ``bf16-remainder`` and ``none``. The exception
+is ``bf16-stochastic``: its rounding bits are drawn from the step's seed, the index of the tensor in its launch and
+the element's offset **within the local shard**, so a sharded run rounds with other bits than an unsharded one
+(and, within a step, elements at the same local offset of two shards of a parameter can draw the same bits). Its
+parameters then differ from the unsharded run's in the last bits, while the rounding stays unbiased and the
+moments (which do not depend on the parameters) stay bit-identical. Non-finite gradient elements are counted on
+the rank that holds them (:attr:`AdamW.nonfinite_grad_count` is per rank; sum it across ranks for the total).
 """
 
 from __future__ import annotations
@@ -89,6 +99,21 @@ def as_dtensor_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                               stride=_contiguous_stride(shape))
 
 
+def _normalized(placements, dims: int) -> list:
+    return [Shard(pl.dim % dims) if isinstance(pl, Shard) else pl for pl in placements]
+
+
+def _redistributed(value: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """The local tensor of DTensor ``value`` redistributed to ``placements`` on ``mesh`` (communicates). The bytes
+    travel as uint8, with a trailing dim of the element size: gloo has no collectives for FP8 or int16 tensors."""
+    shape = (*value.shape, value.element_size())
+    as_bytes = DTensor.from_local(value.to_local().contiguous().unsqueeze(-1).view(torch.uint8), value.device_mesh,
+                                  _normalized(value.placements, value.dim()), run_check=False,
+                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+    moved = as_bytes.redistribute(mesh, _normalized(placements, value.dim())).to_local().contiguous()
+    return moved.view(value.dtype).squeeze(-1)
+
+
 def local_part_of(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The part of state tensor ``value`` that belongs with ``p``'s local shard, as a plain tensor.
 
@@ -97,10 +122,12 @@ def local_part_of(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     a DTensor's full tensor (communication) and a plain tensor as it is.
     """
     if not is_sharded(p):
-        return value.full_tensor() if is_sharded(value) else value
+        if is_sharded(value):
+            return _redistributed(value, value.device_mesh, [Replicate()] * value.device_mesh.ndim)
+        return value
     if is_sharded(value):
         if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
-            value = value.redistribute(p.device_mesh, p.placements)
+            return _redistributed(value, p.device_mesh, p.placements)
         return value.to_local()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
