@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-/tmp/fp8coat_gpu}"
 export RUN_ID="${RUN_ID:-$(date -u +%Y-%m-%d-%H%M)}"
 export RESULTS="$OUT/results"
-mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers"
+mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp"
 export PYTHONUNBUFFERED=1
 if [ -z "${FP8COAT_COMMIT:-}" ]; then
   FP8COAT_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || true)"
@@ -31,6 +31,7 @@ SECTIONS=(
   "bench_layers 330"
   "profile 120"
   "compile_time 300"
+  "bench_fsdp 240"
   "bench_layers_before 330"
   "bench_optimizer_before 300"
   "compile_time_before 300"
@@ -88,6 +89,12 @@ section_bench_layers() {
 section_compile_time() {
   # build -> first steps of Llama-7B-shaped models with every decoder layer compiled, 4 and 32 layers
   python3 -m benchmarks.compile_time --layers "${COMPILE_LAYERS:-4,32}" --out "$RESULTS/compile_time" --tag after ${BENCH_ARGS:-}
+}
+
+section_bench_fsdp() {
+  # the 4-layer model under fully_shard on one rank (NCCL), BF16 and FP8 all-gather, against unsharded;
+  # BENCH_FSDP_ARGS: extra arguments (e.g. --compile)
+  python3 -m benchmarks.fsdp --out "$RESULTS/fsdp" ${BENCH_ARGS:-} ${BENCH_FSDP_ARGS:-}
 }
 
 # Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat

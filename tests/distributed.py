@@ -2,15 +2,16 @@
 
 ``run_ranks(worker, world_size, *args)`` spawns ``world_size`` processes; each sets the torchrun environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joins a gloo group, calls ``worker(rank, world_size,
-*args)`` and sends its return value back (pickled by value). ``worker`` must be a
-module-level function of an importable module (a test module is). A failure in any rank raises here with that
-rank's traceback; a rank that hangs is killed after ``timeout`` seconds.
+*args)`` and sends its return value back (serialized with ``torch.save``). ``worker`` must be a module-level
+function of an importable module (a test module is). A failure in any rank raises here with that
+rank's traceback; a rank that hangs is killed after ``timeout`` seconds. Each rank imports ``conftest`` (the
+Triton interpreter's fixes; ``TRITON_INTERPRET`` itself comes through the environment).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import queue
 import socket
 import traceback
@@ -32,11 +33,16 @@ def _entry(rank: int, world_size: int, port: int, results, worker, args) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    import conftest  # noqa: F401  (the Triton interpreter's float-cast fix, as in the pytest process)
+
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
-            # pickled here, by value: tensors shared through memory would need this process alive to be read
-            results.put((rank, "ok", pickle.dumps(worker(rank, world_size, *args))))
+            # serialized here, by value: a tensor sent as it is travels as shared memory whose file descriptor the
+            # receiver fetches from this process, which has exited by then
+            buffer = io.BytesIO()
+            torch.save(worker(rank, world_size, *args), buffer)
+            results.put((rank, "ok", buffer.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -62,7 +68,7 @@ def run_ranks(worker, world_size: int, *args, timeout: float = 240.0) -> list:
                 raise TimeoutError(f"{world_size - len(out)} of {world_size} ranks did not finish in {timeout} s; "
                                    f"errors so far: {errors}") from None
             if status == "ok":
-                out[rank] = pickle.loads(value)
+                out[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break  # the other ranks may now wait forever in a collective

@@ -17,19 +17,17 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from helpers import assert_bit_equal
 from test_fsdp_optim import (
     HYPER,
     SPECS,
     _grad,
-    _in_rank,
     _initial,
     _param_groups,
     forward_backward,
     full_params,
     full_tensor,
-    pack,
-    run_ranks_packed,
     shard_llama,
     tiny_llama,
 )
@@ -209,35 +207,32 @@ def _specs_loaded(world_size: int, path: str) -> dict:
     return _snapshot(holder, holder.opt)
 
 
-def _one_rank_first(rank: int, world_size: int, directory: str) -> bytes:
-    _in_rank()
-    return pack({"train": _train(rank, world_size, f"{directory}/w1", asynchronous=False)})
+def _one_rank_first(rank: int, world_size: int, directory: str) -> dict:
+    return {"train": _train(rank, world_size, f"{directory}/w1", asynchronous=False)}
 
 
-def _two_ranks(rank: int, world_size: int, directory: str) -> bytes:
-    _in_rank()
+def _two_ranks(rank: int, world_size: int, directory: str) -> dict:
     out = {"train": _train(rank, world_size, f"{directory}/w2", asynchronous=True),
            "resume_same": _resume(rank, world_size, f"{directory}/w2"),
            "resume_from_1": _resume(rank, world_size, f"{directory}/w1"),
            "mismatch": _mismatch(rank, world_size, f"{directory}/w2"),
            "specs saved": _specs_saved(world_size, f"{directory}/specs")}
     out["specs loaded"] = _specs_loaded(world_size, f"{directory}/specs")
-    return pack(out)
+    return out
 
 
-def _resume_only(rank: int, world_size: int, directory: str) -> bytes:
-    _in_rank()
-    return pack({**_resume(rank, world_size, f"{directory}/w2", dcp_itself=True),
-                 "specs loaded": _specs_loaded(world_size, f"{directory}/specs")})
+def _resume_only(rank: int, world_size: int, directory: str) -> dict:
+    return {**_resume(rank, world_size, f"{directory}/w2", dcp_itself=True),
+            "specs loaded": _specs_loaded(world_size, f"{directory}/specs")}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """{"1": the 1-rank run, "2": the 2-rank runs, "2->1": the 1-rank resumption of the 2-rank checkpoint, "dir"}."""
     directory = str(tmp_path_factory.mktemp("dcp"))
-    one = run_ranks_packed(_one_rank_first, 1, directory)[0]
-    two = run_ranks_packed(_two_ranks, 2, directory)
-    back = run_ranks_packed(_resume_only, 1, directory)[0]
+    one = run_ranks(_one_rank_first, 1, directory)[0]
+    two = run_ranks(_two_ranks, 2, directory)
+    back = run_ranks(_resume_only, 1, directory)[0]
     return {"1": one, "2": two[0], "2 rank 1": two[1], "2->1": back, "dir": directory}
 
 
@@ -336,7 +331,7 @@ def test_resume_on_other_numbers_of_ranks_continues(runs):
 def test_resume_on_three_ranks(runs):
     """2 -> 3 ranks (uneven shards: 64 rows as 22 + 21 + 21): the loaded states are bit-exact and training
     continues within the tolerance above."""
-    three = run_ranks_packed(_resume_only, 3, runs["dir"])
+    three = run_ranks(_resume_only, 3, runs["dir"])
     for result in three:
         _assert_same_snapshot(result["loaded"], runs["2"]["train"]["saved"], "2 -> 3 ranks")
         _assert_same_snapshot(result["specs loaded"], runs["2"]["specs saved"], "uneven and empty shards 2 -> 3")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed import run_ranks
+from helpers import sqnr_db
 
 import fp8coat
 from fp8coat.nn.fp8_all_gather import FP8AllGatherWeight, enable_fp8_all_gather, precompute_fp8_scales
 from fp8coat.quantization.reference import scale_from_amax
-from tests.distributed import run_ranks
 
 transformers = pytest.importorskip("transformers")
 fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
@@ -221,8 +222,6 @@ def test_linears_on_gathered_weights_equal_quantizing_the_weights(n_weights):
     if n_weights == 1:
         assert torch.equal(xg.grad, x.grad)
     else:
-        from tests.helpers import sqnr_db
-
         assert sqnr_db(x.grad, xg.grad) > 25
 
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
 
@@ -48,29 +47,6 @@ SPECS = {
 GROUP_OPTIONS = ({"min_quantized_numel": 1}, {"min_quantized_numel": 10**9})
 MASTER_DTYPES = {"fp32": torch.float32, "bf16-remainder": torch.bfloat16, "none": torch.bfloat16,
                  "bf16-stochastic": torch.bfloat16}
-
-
-def _in_rank() -> None:
-    """Per-process test setup in a spawned rank: conftest's Triton interpreter fixes (spawned ranks do not run
-    pytest's conftest; TRITON_INTERPRET itself is inherited through the environment)."""
-    import conftest  # noqa: F401
-
-
-def pack(value) -> bytes:
-    """``value`` (tensors included) as bytes, to return from a rank: a tensor returned as it is travels as shared
-    memory whose file descriptor the receiving process fetches from the sender, which has exited by then."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
-
-
-def run_ranks_packed(worker, world_size: int, *args) -> list:
-    """``run_ranks`` for workers that return ``pack(value)``: the values."""
-    return [unpack(r) for r in run_ranks(worker, world_size, *args)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +157,7 @@ def _local_bytes(local_shape: tuple, fp8: bool, master: str) -> int:
     return total + (2 * n if master == "bf16-remainder" else 0)
 
 
-def _sharded_run(rank: int, world_size: int, backend: str, masters: tuple, steps: int, inputs: str) -> bytes:
-    _in_rank()
+def _sharded_run(rank: int, world_size: int, backend: str, masters: tuple, steps: int, inputs: str) -> dict:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -235,7 +210,7 @@ def _sharded_run(rank: int, world_size: int, backend: str, masters: tuple, steps
                            for n, p in params.items()},
                 "count": int(count), "nbytes": opt.state_nbytes(), "local_count": int(opt.nonfinite_grad_count)}
         out[master] = full if rank == 0 else {"nbytes": full["nbytes"], "local_count": full["local_count"]}
-    return pack(out)
+    return out
 
 
 def _check_against_reference(results: list, master: str, backend: str) -> None:
@@ -257,7 +232,7 @@ def test_sharded_step_is_bit_exact_with_the_unsharded_step(backend):
     after 4 steps equal the unsharded optimizer's bit for bit, for master weights fp32, bf16-remainder and
     none; non-finite gradient elements are counted on the rank that holds them; no step communicates."""
     masters = ("fp32", "bf16-remainder", "none")
-    results = run_ranks_packed(_sharded_run, WORLD, backend, masters, STEPS, "adversarial")
+    results = run_ranks(_sharded_run, WORLD, backend, masters, STEPS, "adversarial")
     for r in results:
         assert r["guard"] == {"all_reduce": True, "full_tensor": True}
         if backend == "triton" and not torch.cuda.is_available():
@@ -277,7 +252,7 @@ def test_bf16_stochastic_sharded_is_unbiased(backend):
     stochastic run's mean error along the drift must stay below 0.1 spacing, and every element within 8 (a random
     walk of 10 unbiased roundings)."""
     steps, spacing = 10, 2.0**-7
-    results = run_ranks_packed(_sharded_run, WORLD, backend, ("bf16-stochastic",), steps, "drift")
+    results = run_ranks(_sharded_run, WORLD, backend, ("bf16-stochastic",), steps, "drift")
     got = results[0]["bf16-stochastic"]
     unsharded = _reference("bf16-stochastic", backend, steps, "drift")
     fp32 = _reference("fp32", backend, steps, "drift", dtype=torch.float32)  # from the same bf16 values
@@ -358,16 +333,16 @@ def _loaded_elsewhere(mesh) -> dict:
     return out
 
 
-def _other_cases(rank: int, world_size: int) -> bytes:
+def _other_cases(rank: int, world_size: int) -> dict:
     from torch.distributed.tensor import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world_size,))
-    return pack({"refused": _refused_last_dim(mesh), "loaded elsewhere": _loaded_elsewhere(mesh)})
+    return {"refused": _refused_last_dim(mesh), "loaded elsewhere": _loaded_elsewhere(mesh)}
 
 
 @pytest.fixture(scope="module")
 def other_cases() -> list:
-    return run_ranks_packed(_other_cases, WORLD)
+    return run_ranks(_other_cases, WORLD)
 
 
 def test_fp8_moments_of_a_parameter_sharded_along_its_last_dim_are_refused(other_cases):
@@ -480,9 +455,8 @@ LLAMA_RUNS = {
 }
 
 
-def _llama_runs(rank: int, world_size: int) -> bytes:
-    _in_rank()
-    return pack({name: _llama_run(rank, world_size, *args) for name, args in LLAMA_RUNS.items()})
+def _llama_runs(rank: int, world_size: int) -> dict:
+    return {name: _llama_run(rank, world_size, *args) for name, args in LLAMA_RUNS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +464,7 @@ def llama_runs() -> dict:
     """{run name: (1 rank, 2 ranks)}: each run of LLAMA_RUNS on 1 rank (unsharded, the 2 micro-batches
     accumulated) and on 2 ranks (FSDP2, one micro-batch each)."""
     pytest.importorskip("transformers")
-    one, two = run_ranks_packed(_llama_runs, 1)[0], run_ranks_packed(_llama_runs, 2)[0]
+    one, two = run_ranks(_llama_runs, 1)[0], run_ranks(_llama_runs, 2)[0]
     return {name: (one[name], two[name]) for name in LLAMA_RUNS}
 
 
