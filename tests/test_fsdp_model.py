@@ -13,9 +13,10 @@ References and tolerances:
   gradients by FP8 noise (measured on this model: up to 13 % of a weight gradient's norm with E5M2 gradients,
   against 0.3 % for the bf16 recipe). With the same micro-batches every GEMM sees the same operands: losses,
   gradients and parameters after the AdamW steps are compared **bit for bit** (tolerance 0).
-* Compiled, checkpointed, gradient-sync-skipping and step-in-backward runs are compared with the plain FSDP run,
-  bit for bit as well: each computes the same operations on the same values (the compiled layers use the
-  ``aot_eager`` backend, which runs the same kernels; checkpointing recomputes the same forward).
+* Compiled, checkpointed and step-in-backward runs are compared with the plain FSDP run bit for bit as well: each
+  computes the same operations on the same values (the compiled layers use the ``aot_eager`` backend, which runs
+  the same kernels; checkpointing recomputes the same forward). Reducing the gradients once per step instead of
+  once per micro-batch sums the same bf16 gradients in fp32 in another order: compared within stated tolerances.
 
 Workers return their results as ``torch.save`` bytes (plain values): tensors sent through the result queue would be
 shared by file descriptor, which the receiving process cannot open once the sending one has exited.
