@@ -7,6 +7,11 @@ tensors are graph inputs, with nothing that differs from layer to layer. So dyna
 (one variant for the first call, which allocates the FP8 weight caches, one for the following training steps and,
 when used, one for evaluation) and every other layer reuses it: the compile time of a model does not grow with its
 depth.
+
+With FSDP2, ``compile_layers`` may come before or after ``fully_shard`` of the layers: ``layer.compile()``
+compiles the call of the module, which runs the hooks ``fully_shard`` registers whenever they were registered
+(its all-gather before the forward, its reshard after it), so either order computes what the eager sharded model
+computes, and the layers still share one compiled code (``tests/test_fsdp_model.py``).
 """
 
 from __future__ import annotations

@@ -69,3 +69,30 @@ def test_measure_counts_unique_storages_and_separates_parameters():
     # y saved once (its views too), x once (by addmm and the mul): 2 storages
     assert rep.total_bytes == 8 * 32 * 4 * 2
     assert rep.parameter_bytes == 32 * 32 * 4  # the weight, saved by addmm, reported apart
+
+
+def test_checkpointed_regions_count_their_inputs_and_measuring_does_not_recompute_them():
+    """A non-reentrant checkpoint keeps its inputs and recomputes the rest in backward: that is what is counted
+    (read as packed: measuring neither runs the recomputation nor counts its tensors)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+    x = torch.randn(8, 32, requires_grad=True)
+    calls = []
+
+    def block(h):
+        calls.append(1)
+        return lin2(torch.tanh(lin1(h)))
+
+    _, plain = measure_saved_tensors(lambda: block(x + 1).sum(), modules=[lin1, lin2])
+    assert plain.total_bytes == 8 * 32 * 4 * 2  # lin1's input and tanh's output (lin2 saves tanh's output too)
+    want = torch.autograd.grad(block(x + 1).sum(), [x, lin1.weight])
+    calls.clear()
+    out, rep = measure_saved_tensors(lambda: checkpoint(block, x + 1, use_reentrant=False).sum(), modules=[lin1, lin2])
+    assert calls == [1], "measuring ran the recomputation"
+    assert rep.by_op == {"Checkpoint (inputs)": 8 * 32 * 4}, rep.by_op  # x + 1, the block's input
+    got = torch.autograd.grad(out, [x, lin1.weight])
+    assert calls == [1, 1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -4,13 +4,20 @@
 holds for backward is collected — ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` and plain tensor
 attributes of Python/custom-op nodes — and counted once per **storage** (a view keeps its whole storage alive;
 one tensor saved by three ops costs once). Storages of the given modules' parameters and buffers are reported
-apart (``parameter_bytes``): they exist whether or not backward runs. Each storage is attributed to the first
-autograd op (node name, in forward order) that saved it and to the innermost module that was running when it was
-saved.
+apart (``parameter_bytes``): they exist whether or not backward runs — the parameters registered before ``fn``
+and those registered when it returns (FSDP2 registers its unsharded parameters in forward; the DTensor shards it
+registers at rest count by their local tensors; gathered weights that FSDP freed after the forward hold nothing
+and are left out). Each storage is attributed to the first autograd op (node name, in forward order) that saved
+it and to the innermost module that was running when it was saved.
+
+Tensors packed by other saved-tensor hooks (activation checkpointing, offloading) are read as packed, never
+unpacked: a checkpointed region counts what its holders keep (nothing: it is recomputed in backward), not its
+recomputation, and measuring does not run it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,27 +66,75 @@ def _flatten_tensors(obj: Any) -> "list[torch.Tensor]":
     return []
 
 
-def _node_tensors(node) -> "list[torch.Tensor]":
+def _packed(raw) -> "list[torch.Tensor]":
+    """The tensors held by saved variable(s) ``raw`` (``torch._C._autograd.SavedTensor``) as they were packed: the
+    saved tensor itself, or what another saved-tensor hook packed (a checkpoint's empty holder, an offloaded
+    copy), without calling any unpack hook."""
+    if isinstance(raw, (list, tuple)):
+        return [t for r in raw for t in _packed(r)]
+    if not hasattr(raw, "unpack_hook"):
+        return []
+    try:
+        return _flatten_tensors(raw.unpack() if raw.unpack_hook is None else raw.data)
+    except RuntimeError:  # already freed
+        return []
+
+
+def _hook_state(raw, seen: set) -> "list[torch.Tensor]":
+    """Saved tensors kept by the state that the unpack hook of ``raw`` closes over, each state object once (in
+    ``seen``): the inputs of a non-reentrant checkpoint (``torch.utils.checkpoint`` keeps them, as saved tensors,
+    on the frame its hooks share)."""
     found: list[torch.Tensor] = []
-    names = [a for a in dir(node) if a.startswith("_saved_")]
-    for name in names:
+    for cell in getattr(raw.unpack_hook, "__closure__", None) or ():
         try:
-            found += _flatten_tensors(getattr(node, name))
-        except RuntimeError:  # already freed
-            pass
-    if hasattr(node, "saved_tensors") and not names:
-        try:
-            found += _flatten_tensors(node.saved_tensors)
-        except RuntimeError:
-            pass
-        for value in getattr(node, "__dict__", {}).values():  # tensors kept as plain ctx attributes
-            found += _flatten_tensors(value)
+            state = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if id(state) in seen:
+            continue
+        seen.add(id(state))
+        for value in getattr(state, "__dict__", {}).values():
+            if isinstance(value, (list, tuple)):
+                found += _packed([v for v in value if isinstance(v, torch._C._autograd.SavedTensor)])
     return found
 
 
+def _node_tensors(node, hook_states: set) -> "tuple[list[torch.Tensor], list[torch.Tensor]]":
+    """(tensors ``node`` saved, tensors kept for it by the state of other saved-tensor hooks)."""
+    found: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    names = [a for a in dir(node) if a.startswith("_raw_saved_")]
+    for name in names:
+        try:
+            raws = getattr(node, name)
+        except RuntimeError:  # already freed
+            continue
+        found += _packed(raws)
+        for raw in raws if isinstance(raws, (list, tuple)) else [raws]:
+            if getattr(raw, "unpack_hook", None) is not None:
+                kept += _hook_state(raw, hook_states)
+    if "_raw_saved_tensors" in names:  # a Python / custom-op node
+        for value in getattr(node, "__dict__", {}).values():  # tensors kept as plain ctx attributes
+            found += _flatten_tensors(value)
+    return found, kept
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
+    t = getattr(t, "_local_tensor", t)  # a DTensor's storage is its local tensor's
     s = t.untyped_storage()
     return (t.device, s.data_ptr(), s.nbytes())
+
+
+def _moved(t: "torch.Tensor | None", key: tuple) -> bool:
+    """Whether tensor ``t`` (saved with storage key ``key``) is gone or no longer has that storage."""
+    return t is None or _storage_key(t) != key
+
+
+def _add_parameter_storages(keys: set, modules: "list[torch.nn.Module]") -> None:
+    for root in modules:
+        for t in list(root.parameters()) + list(root.buffers()):
+            if t.numel():
+                keys.add(_storage_key(t))
 
 
 def _op_name(node) -> str:
@@ -103,20 +158,21 @@ def measure_saved_tensors(
     names: dict[int, str] = {}
     stack: list[str] = []
     handles = []
+    _add_parameter_storages(param_keys, modules)
     for root in modules:
-        for t in list(root.parameters()) + list(root.buffers()):
-            if t.numel():
-                param_keys.add(_storage_key(t))
         for fqn, m in root.named_modules():
             names[id(m)] = fqn or type(root).__name__
             # observers: converted modules keep their fused paths (fp8coat.nn.hooks); hooks must return None
             handles.append(m.register_forward_pre_hook(observer(lambda m, a: stack.append(names[id(m)]) and None)))
             handles.append(m.register_forward_hook(observer(lambda m, a, o: stack.pop() and None)))
-    module_of: dict[tuple, str] = {}
+    module_of: dict[tuple, tuple] = {}  # storage key -> (module name, weak reference to the first tensor saved)
 
     def pack(t: torch.Tensor):
         if t.numel():
-            module_of.setdefault(_storage_key(t), stack[-1] if stack else "")
+            key = _storage_key(t)
+            first = module_of.get(key)
+            if first is None or _moved(first[1](), key):  # a storage freed since (FSDP's gathered weights) whose
+                module_of[key] = (stack[-1] if stack else "", weakref.ref(t))  # memory now holds another one
         return t
 
     try:
@@ -125,6 +181,7 @@ def measure_saved_tensors(
     finally:
         for h in handles:
             h.remove()
+    _add_parameter_storages(param_keys, modules)  # and those registered in forward (FSDP2's unsharded ones)
 
     report = SavedTensors()
     seen_nodes, seen_storages = set(), set()
@@ -138,20 +195,22 @@ def measure_saved_tensors(
         nodes.append(node)
         todo.extend(nxt for nxt, _ in node.next_functions)
     nodes.sort(key=lambda n: n._sequence_nr() if hasattr(n, "_sequence_nr") else 0)  # forward order
+    hook_states: set = set()
     for node in nodes:
         op = _op_name(node)
-        for t in _node_tensors(node):
+        found, kept = _node_tensors(node, hook_states)
+        for t, op in [(t, op) for t in found] + [(t, "Checkpoint (inputs)") for t in kept]:
             if not t.numel():
                 continue
             key = _storage_key(t)
-            if key in seen_storages:
+            if key in seen_storages or not key[2]:  # counted, or freed (FSDP frees the gathered weights)
                 continue
             seen_storages.add(key)
             nbytes = key[2]
             if key in param_keys:
                 report.parameter_bytes += nbytes
                 continue
-            module = module_of.get(key, "")
+            module = module_of.get(key, ("",))[0]
             report.total_bytes += nbytes
             report.by_op[op] = report.by_op.get(op, 0) + nbytes
             report.by_module[module] = report.by_module.get(module, 0) + nbytes

@@ -14,7 +14,7 @@ import torch
 from ..recipe import Recipe
 from .handoff import Handoff
 from .hooks import has_hooks
-from .linear import _weight_nk, fp8_linear_kwargs
+from .linear import _weight_nk, fp8_linear_kwargs, weight_cache
 
 __all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
 
@@ -89,7 +89,7 @@ class FP8GatedMLPMixin:
         kw = fp8_linear_kwargs(recipe)
         gate, up = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
-            [self.gate_proj._fp8coat_cache, self.up_proj._fp8coat_cache], recompute=recompute, **kw,
+            [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, **kw,
         )
         if self._fp8coat_kind != "silu":
             approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"
@@ -98,5 +98,5 @@ class FP8GatedMLPMixin:
             return self.down_proj(A.swiglu(gate, up, group_size=g))
         act, g_q, g_s, u_q, u_s = A.swiglu_with_saved(gate, up, group_size=g)
         down = self.down_proj
-        return linears(act, [_weight_nk(down)], [down.bias], [down._fp8coat_cache],
+        return linears(act, [_weight_nk(down)], [down.bias], [weight_cache(down)],
                        recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), **kw)[0]

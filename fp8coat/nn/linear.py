@@ -5,6 +5,14 @@ called quantizes the input once and runs all GEMMs; the others pick up their out
 for backward once (one FP8 transposed copy instead of three) — or not at all: when the input is the output of an
 FP8 norm linked to the group by a :class:`~fp8coat.nn.handoff.Handoff`, backward rebuilds it from the norm's
 saved tensors.
+
+Each converted linear keeps its weight's FP8 copy in an :class:`~fp8coat.ops.weight_cache.FP8WeightCache` between
+optimizer steps (one quantization per step, however many micro-batches) — except where FSDP manages the weight
+(``fully_shard``, or FSDP1 with ``use_orig_params``: both mark the modules they manage). There the weight exists in
+full only while FSDP has gathered it, and a cache would keep a full FP8 copy of every sharded weight on every rank:
+1 byte per parameter of the whole model, as much as the bf16 shards on 2 ranks or the fp32 shards on 4, and more
+on more ranks. Such weights are quantized afresh in each forward (one more read of the gathered weight and the FP8
+write, next to FSDP's all-gather of it), and a copy cached before the model was sharded is released.
 """
 
 from __future__ import annotations
@@ -17,12 +25,24 @@ from ..recipe import Recipe
 from .handoff import Handoff, unchanged, version
 from .hooks import runs_code_before_forward
 
-__all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs"]
+__all__ = ["FP8LinearMixin", "InputShare", "fp8_linear_kwargs", "weight_cache"]
 
 
 def fp8_linear_kwargs(recipe: Recipe) -> dict:
     return dict(fast_accum=recipe.fast_accum, emulate=recipe.emulate, fwd_format=recipe.forward_format,
                 bwd_format=recipe.backward_format)
+
+
+def weight_cache(module) -> "FP8WeightCache | None":
+    """The FP8 weight cache for ``module``'s forward: its own, or None where FSDP manages its weight (the module
+    carries FSDP's ``_is_fsdp_managed_module`` mark): the weight is then quantized in each forward and a copy cached
+    earlier is freed."""
+    cache = module._fp8coat_cache
+    if getattr(module, "_is_fsdp_managed_module", False):
+        if cache.q is not None and not torch.compiler.is_compiling():
+            cache.release()
+        return None
+    return cache
 
 
 def _weight_nk(module) -> torch.Tensor:
@@ -75,7 +95,7 @@ class InputShare:
         recipe = module._fp8coat_recipe
         outs = linears(
             x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
-            [m._fp8coat_cache for m in self.members], recompute=recompute, **fp8_linear_kwargs(recipe),
+            [weight_cache(m) for m in self.members], recompute=recompute, **fp8_linear_kwargs(recipe),
         )
         self.x, self.x_version = x, version(x)
         self.outputs = [None, *outs[1:]]
@@ -83,7 +103,7 @@ class InputShare:
 
 
 def _single(module, x: torch.Tensor) -> torch.Tensor:
-    return linears(x, [_weight_nk(module)], [module.bias], [module._fp8coat_cache],
+    return linears(x, [_weight_nk(module)], [module.bias], [weight_cache(module)],
                    **fp8_linear_kwargs(module._fp8coat_recipe))[0]
 
 

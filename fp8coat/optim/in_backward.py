@@ -25,6 +25,16 @@ gradient is complete, the last reads of the parameter are done), the gradient's 
 allocator only once the update has read it (``record_stream``), and when backward ends its stream waits for the
 side stream, so the next forward sees the updated parameters (after a backward pass that raised, call
 :meth:`StepInBackward.wait` before using the parameters; the next backward pass starts a new step either way).
+
+Under FSDP2 (``fully_shard``) the optimizer holds the sharded (DTensor) parameters, which autograd never sees:
+it computes the gradients of the unsharded ones. FSDP2 runs the post-accumulate-grad hooks of each sharded
+parameter itself, right after it assigned (or added) the reduce-scattered gradient shard, on the stream of the
+reduction — so each shard is updated as soon as its reduced gradient exists, the unsharded gradient is already
+gone, and every rank updates only its own shard. Gradient accumulation works either way: with
+``model.set_requires_gradient_sync(False)`` on the micro-batches before the last, FSDP2 reduces (and runs the
+hooks) only in the last one; with synchronised micro-batches inside :meth:`StepInBackward.accumulating`, the
+reduced shards add up until the last. FSDP2's own end-of-backward work (the root's parameters, whose gradients
+are reduced there) runs before the pass ends here, so they are part of the same optimizer step.
 """
 
 from __future__ import annotations
@@ -79,7 +89,8 @@ class StepInBackward:
             side.wait_stream(main)  # the gradient is complete and the parameter's last reads are queued before
             with torch.cuda.stream(side):
                 self.optimizer.step_params([p], new_step=first)
-            p.grad.record_stream(side)  # its memory is reused only after the update has read it
+            # its memory is reused only after the update has read it (a DTensor's: its local tensor's)
+            getattr(p.grad, "_local_tensor", p.grad).record_stream(side)
             self._joins[p.device] = main
         else:
             self.optimizer.step_params([p], new_step=first)
@@ -97,7 +108,10 @@ class StepInBackward:
 
     def _join(self) -> None:
         for dev, main in self._joins.items():  # the next forward must see the updated parameters
-            main.wait_stream(self._side[dev])
+            side = self._side[dev]
+            main.wait_stream(side)
+            # and the stream the pass ends on (the caller's): hooks may run on another one (FSDP2's reduction)
+            torch.cuda.current_stream(dev).wait_stream(side)
         self._joins.clear()
 
     @contextlib.contextmanager
