@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 
 import pytest
 import torch
@@ -89,16 +88,6 @@ def _full(model: torch.nn.Module, grads: bool = False) -> dict:
         if t is not None:
             out[name.replace("_checkpoint_wrapped_module.", "")] = t.full_tensor() if hasattr(t, "full_tensor") else t
     return out
-
-
-def _pack(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _assert_same(got: dict, want: dict, what: str) -> None:
@@ -171,12 +160,12 @@ def _mixed_precision_worker(rank, world, steps, accum):
         if rank == 0:
             out[name]["reference"] = _one_rank_reference(reduce_dtype, steps, accum)
     out["cache"] = _cache_counts(rank)
-    return _pack(out)
+    return out
 
 
 @functools.cache
 def _mixed_precision_results(steps: int = 3, accum: int = 2) -> list:
-    return [_unpack(r) for r in run_ranks(_mixed_precision_worker, WORLD, steps, accum)]
+    return run_ranks(_mixed_precision_worker, WORLD, steps, accum)
 
 
 @pytest.mark.parametrize("reduce_name", ["fp32", "bf16"])
@@ -226,14 +215,14 @@ def _compile_worker(rank, world, n_layers):
         out[order] = (torch.stack(losses), _full(model), counters["stats"]["unique_graphs"],
                       sum(counters["graph_break"].values()))
         torch._dynamo.reset()
-    return _pack(out)
+    return out
 
 
 def test_compile_layers_before_or_after_fully_shard_equals_eager():
     """Both orders work: ``Module.compile`` compiles the module's call, which runs the hooks that ``fully_shard``
     registers whenever they were registered. 2 training steps of 2 micro-batches equal eager FSDP bit for bit, and
     the 3 layers share one compiled code (at most 3 graphs: first call, training, no more per layer)."""
-    results = [_unpack(r) for r in run_ranks(_compile_worker, WORLD, 3)]
+    results = run_ranks(_compile_worker, WORLD, 3)
     for rank, res in enumerate(results):
         want_losses, want_params, graphs, _ = res["eager"]
         assert graphs == 0
@@ -304,7 +293,7 @@ def _checkpoint_worker(rank, world, modes):
                              held=held_after_forward + _in_flight(model))
     finally:
         Handoff.take = original_take
-    return _pack(out)
+    return out
 
 
 def _layer_of(module_name: str) -> "str | None":
@@ -320,7 +309,7 @@ def test_activation_checkpointing_under_fsdp_recomputes_the_same_and_saves_only_
     the FP8 GEMMs save: 0 bytes). The norm -> linear hand-offs take the norm's FP8 tensors in the recomputation too,
     and leave nothing behind."""
     modes = ["none", "checkpoint_wrapper", "hf", "hf-reentrant"]
-    results = [_unpack(r) for r in run_ranks(_checkpoint_worker, WORLD, modes)]
+    results = run_ranks(_checkpoint_worker, WORLD, modes)
     layer_input = B * S * H * 2  # bf16 hidden states
     n_layers = 2
     for rank, res in enumerate(results):
@@ -397,7 +386,7 @@ def _accumulation_worker(rank, world, modes, steps, accum):
             opt.zero_grad()
         out[mode] = dict(losses=torch.stack(losses), grads=grads, params=_full(model), freed=freed,
                          steps=opt._sr_calls, updated=updated)
-    return _pack(out)
+    return out
 
 
 ACCUMULATION_MODES = ("sync", "no-sync", "step-in-backward", "step-in-backward, no-sync", "root only",
@@ -406,7 +395,7 @@ ACCUMULATION_MODES = ("sync", "no-sync", "step-in-backward", "step-in-backward, 
 
 @functools.cache
 def _accumulation_results(steps: int = 3, accum: int = 3) -> list:
-    return [_unpack(r) for r in run_ranks(_accumulation_worker, WORLD, ACCUMULATION_MODES, steps, accum)]
+    return run_ranks(_accumulation_worker, WORLD, ACCUMULATION_MODES, steps, accum)
 
 
 def test_gradient_sync_on_the_last_micro_batch_only_equals_syncing_each():
