@@ -67,7 +67,7 @@ class TrainConfig:
         if self.master_weights not in MASTER_MODES:
             raise ValueError(f"unknown master-weight mode {self.master_weights!r}; expected one of {MASTER_MODES}")
         if self.fsdp not in FSDP_MODES:
-            raise ValueError(f"unknown --fsdp {self.fsdp!r}: expected one of {', '.join(FSDP_MODES)}")
+            raise ValueError(f"unknown --fsdp {self.fsdp!r}; expected one of {', '.join(FSDP_MODES)}")
         if self.fsdp_reduce_fp32 and self.fsdp == "off":
             raise ValueError("--fsdp-reduce-fp32 sets how FSDP averages the gradients over the ranks: it needs "
                              "--fsdp on or auto")

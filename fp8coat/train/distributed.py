@@ -166,7 +166,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _wants_fsdp(mode: str, world_size: int) -> bool:
     if mode not in FSDP_MODES:
-        raise ValueError(f"unknown --fsdp {mode!r}: expected one of {', '.join(FSDP_MODES)}")
+        raise ValueError(f"unknown --fsdp {mode!r}; expected one of {', '.join(FSDP_MODES)}")
     if mode == "off" and world_size > 1:
         raise ValueError(f"--fsdp off with {world_size} processes (WORLD_SIZE={world_size}): each would train its "
                          "own copy into the same --out-dir. Launch one process, or shard the model with --fsdp on "
@@ -204,9 +204,13 @@ def start_ranks(fsdp: str, device: str) -> tuple[Ranks, torch.device]:
     return Ranks(rank, world_size, local_rank, sharded=True, owns_group=owns), device_
 
 
-def stop_ranks(ranks: Ranks) -> None:
-    """End the process group :func:`start_ranks` started (a group started by the caller is left running)."""
+def stop_ranks(ranks: Ranks, finished: bool = True) -> None:
+    """End the process group :func:`start_ranks` started (a group started by the caller is left running). After
+    a ``finished`` run the ranks first wait for each other, so that no rank tears its connections down while
+    another still uses them; after an error they do not (the others may never arrive)."""
     if ranks.owns_group and dist.is_initialized():
+        if finished and ranks.world_size > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

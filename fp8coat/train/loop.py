@@ -279,9 +279,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass only one")
     ranks, device = start_ranks(cfg.fsdp, cfg.device)
     try:
-        return _train(cfg, ranks, device, resume, overwrite, label or cfg.recipe, quiet or not ranks.is_main)
-    finally:
-        stop_ranks(ranks)
+        summary = _train(cfg, ranks, device, resume, overwrite, label or cfg.recipe, quiet or not ranks.is_main)
+    except BaseException:
+        stop_ranks(ranks, finished=False)
+        raise
+    stop_ranks(ranks)
+    return summary
 
 
 def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device, resume: bool, overwrite: bool, label: str,

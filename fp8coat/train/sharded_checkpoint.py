@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -89,8 +90,10 @@ def load_sharded_checkpoint(path: str, model, optimizer) -> dict:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     _check_fits(path, _saved_shapes(path), model_state, model)
     try:
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,
-                 no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what it is asked to do
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,
+                     no_dist=not dist.is_initialized())
     except Exception as err:  # noqa: BLE001 -- DCP's errors (CheckpointException, ...) name no file
         raise ValueError(f"checkpoint {path} does not fit the model and optimizer: {type(err).__name__}: "
                          f"{str(err)[:500]}") from None
