@@ -320,3 +320,9 @@ def test_checkpoint_of_another_shape_names_the_parameter(two_ranks):
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \[352, 128\] in the "
                                          r"checkpoint and \[300, 128\] in the model"):
         load_sharded_checkpoint(str(ckpt), model, fp8coat.AdamW(model.parameters()))
+
+
+def test_compare_refuses_several_processes(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["compare", "--out-dir", str(tmp_path / "cmp"), *CLI]) == 2
+    assert "fp8coat compare runs in one process" in capsys.readouterr().err

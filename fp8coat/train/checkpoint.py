@@ -6,6 +6,9 @@
   ``tokenizer.json``,
 * ``manifest.json``, written last: the size and sha256 of every other file.
 
+A sharded run (``--fsdp``) writes ``torch.distributed.checkpoint`` files in place of ``optimizer.pt``, next to the
+same HF export (:mod:`fp8coat.train.sharded_checkpoint`).
+
 Data order depends only on (seed, step), so model + optimizer + step are the whole training state. A checkpoint
 is written to ``step_N.partial`` and renamed when complete: a crash never leaves a half checkpoint under a final
 name. Loading checks every file against the manifest first (:func:`verify_checkpoint`); a checkpoint without a

@@ -74,8 +74,8 @@ _HELP = {
 _RESUME_HELP = ("continue the run in --out-dir from its newest intact checkpoint (damaged newer ones are reported "
                 "and skipped), with the run's saved configuration and the checkpoint's tokenizer: of the flags given "
                 "again, only --steps (a larger value extends the run; the cosine decay is then recomputed to end at "
-                "the new last step), --eval-every, --save-every, --log-every, --keep-last, --device and --compile "
-                "may differ from the run; any other flag that differs is an error, and so is training data that "
+                "the new last step), --eval-every, --save-every, --log-every, --keep-last, --device, --compile and "
+                "--fsdp may differ from the run; any other flag that differs is an error, and so is training data that "
                 "is not the data the run started with")
 _OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.json, metrics.jsonl, summary.json "
                    "and checkpoints/ are deleted first (without this, a new run refuses such a folder)")
