@@ -8,7 +8,9 @@ uses the LM head's weight without calling the head, so the loss itself must run 
 Parameters are stored sharded along dim 0 in their own dtype (bf16, or fp32 for ``--master-weights fp32`` and
 ``--optimizer torch``) and gathered as bf16 for the forward and backward (``MixedPrecisionPolicy(param_dtype=
 bfloat16)``). Gradients are averaged over the ranks (reduce-scatter) in bf16, or with ``--fsdp-reduce-fp32`` in
-fp32 (then rounded once to the parameter's dtype).
+fp32 and then rounded once to the parameter's dtype: fp32 parameters keep fp32 gradients, and a sum over more than
+two ranks is rounded once instead of at every partial sum (for bf16 parameters on two ranks both give the same
+bits: the sum of two bf16 values is rounded once either way).
 """
 
 from __future__ import annotations
