@@ -5,10 +5,12 @@ parts that must see every rank (gradient norm, divergence checks) and clear erro
 Tolerances. Two ranks do not reproduce one process bit for bit: each rank runs its half of the rows as one
 micro-batch, so the FP8 per-tensor scales of activations and gradients (amax over the micro-batch) differ from
 those of the whole batch, and the gradients are summed in another order. A rounding difference then grows step
-by step (measured, tiny model, coat, lr 3e-3: |loss difference| 1.6e-3 at step 1, <= 2.1e-3 over 4 steps,
-8e-3 by step 8; bf16 recipe: 0 at step 1, <= 1.1e-3 over 8 steps). Where the micro-batches are the same the
-results are: step 1's loss equals the mean of one process's losses on the two halves, and a two-rank checkpoint
-resumed on two ranks continues bit for bit.
+by step (measured, tiny model, lr 3e-3, coat: |loss difference| <= 1.9e-3 over the 4 steps of RUN (2 micro-batches
+of 4 rows a step); with 1 micro-batch a step 1.6e-3 at step 1 and 8e-3 by step 8; bf16 recipe 0 at step 1 and
+<= 1.1e-3 over 8 steps). The trainer's gradient accumulation cannot stand in for the ranks (its micro-batch i is
+a fresh draw of batch-size rows, not half of a global batch). Where the micro-batches are the same the results
+are: step 1's loss equals the mean of one process's losses on the row halves, and a two-rank checkpoint resumed
+on two ranks continues bit for bit.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ pytest.importorskip("transformers")
 if not torch.distributed.is_available():
     pytest.skip("torch without torch.distributed", allow_module_level=True)
 
-RUN = {"model": "tiny", "tokenizer": "bytes", "batch_size": 4, "seq_len": 32, "log_every": 1, "eval_batches": 2,
-       "warmup_steps": 2, "steps": 4, "eval_every": 2, "save_every": 2}
+RUN = {"model": "tiny", "tokenizer": "bytes", "batch_size": 4, "grad_accum": 2, "seq_len": 32, "log_every": 1,
+       "eval_batches": 2, "warmup_steps": 2, "steps": 4, "eval_every": 2, "save_every": 2}
 CLI = [arg for name, value in RUN.items() for arg in ("--" + name.replace("_", "-"), str(value))]
-LOSS_TOL = 1e-2  # two ranks against one process over 4 steps (measured <= 2.1e-3; see the module docstring)
+LOSS_TOL = 1e-2  # two ranks against one process over 4 steps (measured <= 1.9e-3; see the module docstring)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fp8coat.__file__)))
 
 
@@ -90,12 +92,14 @@ def test_torchrun_two_ranks_give_the_losses_of_one_process(two_ranks, tmp_path):
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(sharded, single)]
     assert max(diffs) < LOSS_TOL, diffs
     assert abs(sharded[-1]["val_loss"] - single[-1]["val_loss"]) < LOSS_TOL
-    assert sharded[0]["tokens"] == single[0]["tokens"] == 4 * 32
+    assert sharded[0]["tokens"] == single[0]["tokens"] == 2 * 4 * 32
+    print("two ranks - one process, per step:", [x["loss"] - y["loss"] for x, y in zip(sharded, single)])
     assert abs(sharded[0]["loss"] - _halves_loss()) < 1e-6
 
 
 def _halves_loss() -> float:
-    """Mean loss of the freshly built run model on the two row halves of the first batch, one at a time."""
+    """Mean loss of the freshly built run model on the two row halves of the first step's micro-batches, one
+    half at a time."""
     from fp8coat.train import loop
     from fp8coat.train.data import batch_iterator, prepare_dataset
     from fp8coat.train.presets import build_model
@@ -105,9 +109,10 @@ def _halves_loss() -> float:
                            val_fraction=cfg.val_fraction, seed=cfg.seed)
     model, _ = build_model(cfg.model, data.vocab_size, cfg.seq_len, torch.bfloat16, torch.device("cpu"), cfg.seed)
     model = fp8coat.convert(model, cfg.recipe).train()
-    batch = next(batch_iterator(data.train_dataset(), cfg.batch_size, cfg.seq_len, cfg.seed))
+    batches = batch_iterator(data.train_dataset(), cfg.batch_size, cfg.seq_len, cfg.seed)
     with torch.no_grad():
-        losses = [loop._loss(model.model, half, False, model.lm_head) for half in batch.chunk(2)]
+        losses = [loop._loss(model.model, half, False, model.lm_head)
+                  for _ in range(cfg.grad_accum) for half in next(batches).chunk(2)]
     return float(torch.stack(losses).mean())
 
 
@@ -154,7 +159,7 @@ def test_two_rank_checkpoint_resumes_on_two_ranks_exactly(two_ranks, tmp_path):
 def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, tmp_path, fsdp):
     """(c) The DCP checkpoint of 2 ranks resumes on one process, unsharded (--fsdp off; auto is off there) or as
     a group of one rank (--fsdp on): the history up to step 2 is kept, steps 3 and 4 agree with the two-rank run
-    within LOSS_TOL (one process runs the whole batch as one micro-batch: other FP8 scales)."""
+    within LOSS_TOL (one process runs the whole batch as one micro-batch: other FP8 scales; measured <= 3.6e-4)."""
     full, part = _resumable(two_ranks, tmp_path)
     torch.set_num_threads(2)
     assert main(["train", "--out-dir", str(part), "--resume", "--fsdp", fsdp]) == 0
@@ -166,10 +171,10 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, tmp_path, fsdp):
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < LOSS_TOL
 
 
-@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
     """A run of one process (HF weights + optimizer.pt) resumes sharded over 2 ranks, each keeping its shards of
-    the whole files; its next checkpoints are DCP ones."""
+    the whole files; its next checkpoints are DCP ones. Steps 3 and 4 agree within LOSS_TOL (measured
+    <= 4.0e-4)."""
     single = _one_process(tmp_path / "one")
     shutil.rmtree(tmp_path / "one" / "checkpoints" / "step_000004")
     run_ranks(_train_ranks, 2, {**RUN, "out_dir": str(tmp_path / "one")}, True)
@@ -183,7 +188,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
 def test_exported_checkpoint_loads_with_from_pretrained(two_ranks):
     """(d) The HF export of a two-rank checkpoint is a plain checkpoint: from_pretrained loads it, and its
     validation loss on one process is the sharded model's at that step (the unquantized eval forward in bf16;
-    measured difference 0 to 1e-6)."""
+    measured: equal; the tolerance allows a GEMM whose rounding depends on the number of rows)."""
     from transformers import AutoModelForCausalLM
 
     from fp8coat.train import loop
