@@ -48,6 +48,7 @@ class Ranks:
         """This rank's contiguous share of the rows of a global batch (all of it on one rank)."""
         if self.world_size == 1:
             return batch
+        self.check_batch(batch.shape[0])
         per_rank = batch.shape[0] // self.world_size
         return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
 
