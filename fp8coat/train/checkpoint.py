@@ -6,6 +6,9 @@
   ``tokenizer.json``,
 * ``manifest.json``, written last: the size and sha256 of every other file.
 
+A sharded run (``--fsdp``) writes ``torch.distributed.checkpoint`` files in place of ``optimizer.pt``, next to the
+same HF export (:mod:`fp8coat.train.sharded_checkpoint`).
+
 Data order depends only on (seed, step), so model + optimizer + step are the whole training state. A checkpoint
 is written to ``step_N.partial`` and renamed when complete: a crash never leaves a half checkpoint under a final
 name. Loading checks every file against the manifest first (:func:`verify_checkpoint`); a checkpoint without a
@@ -28,13 +31,17 @@ from .data._atomic import sha256_of_files
 __all__ = [
     "MANIFEST",
     "DamagedCheckpoint",
+    "begin_checkpoint",
     "checkpoint_steps",
+    "complete_checkpoint",
     "latest_checkpoint",
     "latest_intact_checkpoint",
     "load_checkpoint",
     "model_files",
     "prune_checkpoints",
+    "read_optimizer_state",
     "read_state",
+    "read_weights",
     "remove_leftovers",
     "save_checkpoint",
     "verify_checkpoint",
@@ -44,6 +51,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"  # the model's weights, or with an index the shards it names
 INDEX = "model.safetensors.index.json"
+OPTIMIZER = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(partial|deleting)$")
 _HANG = "FP8COAT_TEST_SAVE_HANG"
@@ -55,19 +63,37 @@ class DamagedCheckpoint(ValueError):
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: str | None) -> str:
     """Write checkpoint ``step`` (replacing one of that step) and return its folder."""
-    root = os.path.join(out_dir, "checkpoints")
-    final = os.path.join(root, f"step_{step:06d}")
-    tmp = final + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = begin_checkpoint(out_dir, step)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # keep the run's own progress line readable
         model.save_pretrained(tmp, safe_serialization=True)
         _test_hang(step, "model.safetensors")
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER))
         _test_hang(step, "optimizer.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return complete_checkpoint(out_dir, step, state, tokenizer_path)
+
+
+def begin_checkpoint(out_dir: str, step: int) -> str:
+    """The empty ``step_N.partial`` folder that checkpoint ``step`` is written into (a leftover one is replaced)."""
+    tmp = _step_dir(out_dir, step) + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def complete_checkpoint(out_dir: str, step: int, state: dict, tokenizer_path: str | None) -> str:
+    """Finish checkpoint ``step`` whose model and optimizer files are in its ``.partial`` folder: write
+    ``state.json`` (``state`` with the step), the tokenizer and the manifest, then rename the folder to its final
+    name (replacing a checkpoint of that step). Returns the final folder; on failure the partial one is
+    removed."""
+    final = _step_dir(out_dir, step)
+    tmp = final + ".partial"
+    try:
         _write_json(os.path.join(tmp, "state.json"), {**state, "step": step})
         _test_hang(step, "state.json")
         if tokenizer_path:
@@ -82,6 +108,10 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, toke
         raise
     _test_hang(step, "complete")
     return final
+
+
+def _step_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
 
 
 def _test_hang(step: int, stage: str) -> None:
@@ -170,14 +200,8 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     """Load the weights (the files :func:`model_files` names) and the optimizer state in place; returns the saved
     ``state.json`` (with ``step``). Raises ValueError (:class:`DamagedCheckpoint` for unreadable files) naming the
     file."""
-    from safetensors.torch import load_file
-
     state = read_state(path)
-    files = model_files(path)
-    weights = {}
-    device = str(next(model.parameters()).device)
-    for f in files:
-        weights.update(_read(os.path.join(path, f), lambda file: load_file(file, device=device)))
+    weights = read_weights(path, str(next(model.parameters()).device))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shapes that do not fit
@@ -186,13 +210,28 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
-    file = os.path.join(path, "optimizer.pt")
-    saved = _read(file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    saved = read_optimizer_state(path)
     try:
         optimizer.load_state_dict(saved)
     except (KeyError, IndexError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{file} does not fit the optimizer: {type(err).__name__}: {err}") from None
+        raise ValueError(f"{os.path.join(path, OPTIMIZER)} does not fit the optimizer: {type(err).__name__}: "
+                         f"{err}") from None
     return state
+
+
+def read_weights(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint ``path`` (the files :func:`model_files` names) on ``device``."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in model_files(path):
+        weights.update(_read(os.path.join(path, f), lambda file: load_file(file, device=device)))
+    return weights
+
+
+def read_optimizer_state(path: str) -> dict:
+    """The optimizer's state dict saved in checkpoint ``path`` (on the CPU)."""
+    return _read(os.path.join(path, OPTIMIZER), lambda f: torch.load(f, map_location="cpu", weights_only=True))
 
 
 def model_files(path: str) -> list[str]:

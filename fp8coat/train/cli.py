@@ -3,6 +3,7 @@
     fp8coat train --model 60m --recipe coat --data mix --steps 500 --batch-size 64 --seq-len 512
     fp8coat train --out-dir runs/train --resume            # continue the run from its newest intact checkpoint
     fp8coat compare --variants bf16-torchopt,coat --steps 300   # same data order and seed; table + loss.png
+    torchrun --nproc_per_node=8 -m fp8coat train --model 1b --batch-size 64   # sharded over 8 GPUs (FSDP2)
 
 Every option of :class:`fp8coat.train.TrainConfig` is a flag (``--seq-len``, ``--grad-accum``, ...).
 """
@@ -15,6 +16,7 @@ import sys
 
 from .compare import DEFAULT_VARIANTS, compare
 from .config import TrainConfig
+from .distributed import launch_world
 from .finite import NonFiniteError
 from .loop import train
 from .progress import format_summary
@@ -36,6 +38,11 @@ _HELP = {
     "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
     "chunked_loss": "LM head and cross-entropy over chunks of tokens, never keeping the logits for backward",
     "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
+    "fsdp": "shard the model over the processes of torchrun with FSDP2: auto (on when WORLD_SIZE > 1) | on | off. "
+            "--batch-size is the global batch: each rank takes an equal share of its rows (it must divide evenly), "
+            "so a step sees the data of one process; rank 0 logs and writes the files; checkpoints resume on any "
+            "number of ranks. Parameters are gathered as bf16 for the forward and backward",
+    "fsdp_reduce_fp32": "with FSDP, average the gradients over the ranks in fp32 (default: in bf16)",
     "data": "shakespeare | mix | text file(s) / folder(s), comma-separated",
     "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",
     "vocab_size": "vocabulary size of the BPE tokenizer trained for --tokenizer bpe",
@@ -67,8 +74,8 @@ _HELP = {
 _RESUME_HELP = ("continue the run in --out-dir from its newest intact checkpoint (damaged newer ones are reported "
                 "and skipped), with the run's saved configuration and the checkpoint's tokenizer: of the flags given "
                 "again, only --steps (a larger value extends the run; the cosine decay is then recomputed to end at "
-                "the new last step), --eval-every, --save-every, --log-every, --keep-last, --device and --compile "
-                "may differ from the run; any other flag that differs is an error, and so is training data that "
+                "the new last step), --eval-every, --save-every, --log-every, --keep-last, --device, --compile and "
+                "--fsdp may differ from the run; any other flag that differs is an error, and so is training data that "
                 "is not the data the run started with")
 _OVERWRITE_HELP = ("start a new run in an --out-dir that holds one: its config.json, metrics.jsonl, summary.json "
                    "and checkpoints/ are deleted first (without this, a new run refuses such a folder)")
@@ -116,7 +123,8 @@ def _train_config(args):
 def _train(args) -> int:
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(format_summary(summary, cfg.out_dir))
+    if launch_world()[0] == 0:  # under torchrun, rank 0 prints
+        print(format_summary(summary, cfg.out_dir))
     return 0
 
 
@@ -166,14 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank, world_size, _ = launch_world()
+    who = f"fp8coat {args.command}" + (f" (rank {rank})" if world_size > 1 else "")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"fp8coat {args.command}: error: {err}", file=sys.stderr)
+        print(f"{who}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # the run diverged: not a usage error
-        print(f"fp8coat {args.command}: error: {err}", file=sys.stderr)
+        print(f"{who}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fp8coat {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

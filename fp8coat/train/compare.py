@@ -27,6 +27,7 @@ from dataclasses import replace
 from ..recipe import RECIPES
 from .config import TrainConfig
 from .data._atomic import atomic_file, atomic_write_text
+from .distributed import launch_world
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 
@@ -111,6 +112,9 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
     each finished run (those of an earlier compare are removed before the first run starts). All variants are
     validated before the first run starts. Returns ``{variant: [summary per
     seed]}``; each summary is :func:`fp8coat.train.train`'s plus ``seed`` and ``history`` (the metrics log)."""
+    if launch_world()[1] > 1:
+        raise ValueError("fp8coat compare runs in one process: start it without torchrun (for a sharded run, "
+                         "launch fp8coat train with torchrun)")
     if not variants:
         raise ValueError("--variants: name at least one variant")
     if not seeds:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..optim.master_weights import MASTER_MODES
 from ..recipe import RECIPES
+from .distributed import FSDP_MODES
 
 __all__ = ["OPTIMIZERS", "TrainConfig"]
 
@@ -30,6 +31,9 @@ class TrainConfig:
     compile: bool = False
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
     step_in_backward: bool = False  # update each parameter as soon as its gradient exists; no gradients kept
+    # several processes (torchrun)
+    fsdp: str = "auto"  # shard the model with FSDP2: "on", "off", or "auto" (on when launched with WORLD_SIZE > 1)
+    fsdp_reduce_fp32: bool = False  # FSDP: average the gradients over the ranks in fp32 (else in bf16)
     # data
     data: str = "shakespeare"  # "shakespeare", "mix", or path(s) to text files / folders (comma-separated)
     tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path
@@ -62,6 +66,11 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
         if self.master_weights not in MASTER_MODES:
             raise ValueError(f"unknown master-weight mode {self.master_weights!r}; expected one of {MASTER_MODES}")
+        if self.fsdp not in FSDP_MODES:
+            raise ValueError(f"unknown --fsdp {self.fsdp!r}; expected one of {', '.join(FSDP_MODES)}")
+        if self.fsdp_reduce_fp32 and self.fsdp == "off":
+            raise ValueError("--fsdp-reduce-fp32 sets how FSDP averages the gradients over the ranks: it needs "
+                             "--fsdp on or auto")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.optimizer == "torchao-fp8" and importlib.util.find_spec("torchao") is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..optim.sharding import is_sharded, local_tensor
+
 __all__ = ["NonFiniteError", "count_non_finite", "device_int", "first_non_finite", "track_loss"]
 
 
@@ -43,18 +45,29 @@ def first_non_finite(model: torch.nn.Module, optimizer) -> str | None:
         return None
     device = named[0][1].device
     finite = torch.stack([_all_finite(t).to(device) for _, t in named])
+    group = _shard_group(model)
+    if group is not None:  # sharded parameters (FSDP): every rank checks its shards, and all agree on the result
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=group)
+        finite = finite.bool()
     bad = (~finite).nonzero()
     return named[int(bad[0, 0])][0] if len(bad) else None
 
 
 def _float_tensors(model: torch.nn.Module, optimizer) -> list[tuple[str, torch.Tensor]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
-    for p, state in optimizer.state.items():
-        owner = names.get(id(p), f"parameter {tuple(p.shape)}")
-        named += [(f"optimizer state {key!r} of {owner}", v) for key, v in state.items()
+    """``(name, local tensor)`` of the parameters and the floating optimizer states, in the parameters' order
+    (the same names in the same order on every rank of a sharded model)."""
+    named = [(n, local_tensor(p.detach())) for n, p in model.named_parameters()]
+    for n, p in model.named_parameters():
+        named += [(f"optimizer state {key!r} of {n}", local_tensor(v)) for key, v in optimizer.state.get(p, {}).items()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return named
+
+
+def _shard_group(model: torch.nn.Module):
+    """The process group over which ``model``'s parameters are sharded (DTensors), None if they are not."""
+    p = next(model.parameters(), None)
+    return p.device_mesh.get_group() if p is not None and is_sharded(p) else None
 
 
 _CHUNK = 1 << 24  # elements checked at a time: bounds the temporaries (a checkpoint may be saved near full memory)

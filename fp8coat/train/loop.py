@@ -6,6 +6,12 @@ the seed and ``i``), loss = token-mean cross-entropy in fp32, gradients clipped 
 :func:`clip_gradients` says what a NaN or inf norm does), AdamW with linear warm-up and cosine decay. Parameters
 are bf16 (``fp8coat.AdamW`` keeps the exact fp32 master as bf16 + 16-bit remainders) unless
 ``master_weights="fp32"`` or ``optimizer="torch"`` (fp32 params, bf16 autocast).
+
+Under ``torchrun`` with ``--fsdp`` (:mod:`fp8coat.train.distributed`, :mod:`fp8coat.train.fsdp`) the model is
+sharded over the ranks and each rank takes its contiguous share of the rows of every micro-batch: the batches of
+a step are those of one process, the loss reported is their mean over all ranks, the gradient norm is the norm
+of the whole gradients. Rank 0 alone prints, logs and writes the run's files; checkpoints go through
+``torch.distributed.checkpoint`` (:mod:`fp8coat.train.sharded_checkpoint`) and resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,7 @@ from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
+from ..optim.sharding import is_sharded, local_tensor
 from .checkpoint import (
     MANIFEST,
     latest_checkpoint,
@@ -39,6 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import PreparedData, TokenDataset, batch_iterator, eval_batches, prepare_dataset
+from .distributed import Ranks, resolve_device, sharded_norm, start_ranks, stop_ranks
 from .finite import (
     NonFiniteError,
     count_non_finite,
@@ -46,6 +55,7 @@ from .finite import (
     first_non_finite,
     track_loss,
 )
+from .fsdp import Objective, reshard, shard_model
 from .presets import PRESETS, build_model, is_checkpoint_dir
 from .progress import MetricsLog, Progress, human_count, nonfinite_note
 from .runs import (
@@ -60,29 +70,16 @@ from .runs import (
     write_run,
 )
 from .schedule import lr_at
+from .sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_into_shards,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 
 __all__ = ["FINAL_WINDOW", "clip_gradients", "resolve_device", "train"]
 
 FINAL_WINDOW = 20  # steps averaged into the final training loss
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (the GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ValueError for another
-    name or a GPU that is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown --device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (use --device cpu, or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -146,12 +143,20 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     ``torch.nn.utils.clip_grad_norm_`` computes it. With ``max_norm`` > 0 the gradients are scaled to a norm of at
     most ``max_norm``, and when the norm is NaN or inf every gradient becomes NaN: ``fp8coat.AdamW`` then skips
     the whole step (torch's AdamW writes NaN into the weights). With ``max_norm`` 0 they stay as they are
-    (``fp8coat.AdamW`` then skips only the elements that are NaN or inf)."""
+    (``fp8coat.AdamW`` then skips only the elements that are NaN or inf). Sharded (DTensor) gradients, as FSDP2
+    makes them, give the norm of the whole gradients on every rank, and each rank scales its shards."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+    if any(is_sharded(g) for g in grads):  # FSDP: each rank holds a shard; the norm is of the whole gradients
+        if not all(is_sharded(g) for g in grads):
+            raise ValueError("some gradients are sharded (DTensors) and some are not: their global norm is "
+                             "undefined")
+        norm = sharded_norm(grads)
+        grads = [local_tensor(g) for g in grads]
+    else:
+        norms = torch._foreach_norm(grads)
+        norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         scale = torch.where(torch.isfinite(norm), scale, torch.full_like(scale, float("nan")))
@@ -178,6 +183,14 @@ class _Run:
     head: torch.nn.Linear | None  # with the chunked loss, the LM head
     autocast: bool  # bf16 autocast: fp32 params with the bf16 recipe
     start: int  # the step the run starts at: 0, or on resume the checkpoint's
+    ranks: Ranks  # the processes of the run (one unless sharded)
+    objective: Objective | None  # sharded runs: the FSDP root whose forward is the loss (steps and evaluation)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The training loss of this rank's micro-batch ``ids``."""
+        if self.objective is not None:
+            return self.objective(ids)
+        return _loss(self.step_model, ids, self.autocast, self.head)
 
     @property
     def tokens_per_step(self) -> int:
@@ -213,24 +226,32 @@ class _Tracking:
         if grad_norm is not None:
             count_non_finite(self.bad_grad_steps, grad_norm)
 
-    def counts(self, optimizer) -> dict:
+    def counts(self, optimizer, ranks: Ranks) -> dict:
         """``nonfinite_grad_steps``: the steps of the run so far whose gradient norm was NaN or inf; for an
         optimizer that counts them (``nonfinite_grad_count``: ``fp8coat.AdamW``), ``nonfinite_grad_elements``: the
-        gradient elements it skipped in the run so far. Host syncs, read at log and save steps."""
+        gradient elements it skipped in the run so far (summed over the ranks' shards). Host syncs, read at log
+        and save steps (by every rank)."""
         counts = {"nonfinite_grad_steps": int(self.bad_grad_steps)}
         skipped = getattr(optimizer, "nonfinite_grad_count", None)
         if isinstance(skipped, torch.Tensor):
-            counts["nonfinite_grad_elements"] = self.elements_before + int(skipped)
+            counts["nonfinite_grad_elements"] = self.elements_before + ranks.sum_int(int(skipped))
         return counts
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device, autocast: bool) -> float:
-    """Mean validation loss over fixed batches, in eval mode (unquantized forward)."""
-    was_training = model.training
-    model.eval()
-    total = sum(_loss(model, b.to(device), autocast).item() for b in batches) / len(batches)
-    model.train(was_training)
+def evaluate(run: _Run) -> float:
+    """Mean validation loss over the fixed batches, in eval mode (unquantized forward). Sharded: each rank takes
+    its rows of every batch, and the loss of a batch is the mean over the ranks."""
+    module = run.objective if run.objective is not None else run.model
+    was_training = module.training
+    module.eval()
+    if run.objective is None:
+        total = sum(_loss(run.model, b.to(run.device), run.autocast).item() for b in run.val) / len(run.val)
+    else:
+        losses = torch.stack([run.objective(run.ranks.rows(b).to(run.device), chunked=False) for b in run.val])
+        reshard(run.objective)
+        total = sum(loss.item() for loss in run.ranks.mean(losses)) / len(run.val)
+    module.train(was_training)
     return total
 
 
@@ -249,23 +270,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     :class:`~fp8coat.train.finite.NonFiniteError` naming the first bad step, without writing a checkpoint of them.
     Steps whose gradient norm was NaN or inf (see :func:`clip_gradients`) are counted in the metrics log, on the
     progress line and in the summary.
+
+    Launched by ``torchrun`` with ``cfg.fsdp`` on (or ``auto`` with more than one process), every process calls
+    this: the model is sharded over them (see the module's docstring) and each returns the run's summary.
     """
     cfg.validate()
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass only one")
-    device = resolve_device(cfg.device)
-    label = label or cfg.recipe
+    ranks, device = start_ranks(cfg.fsdp, cfg.device)
+    try:
+        summary = _train(cfg, ranks, device, resume, overwrite, label or cfg.recipe, quiet or not ranks.is_main)
+    except BaseException:
+        stop_ranks(ranks, finished=False)
+        raise
+    stop_ranks(ranks)
+    return summary
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device, resume: bool, overwrite: bool, label: str,
+           quiet: bool) -> dict:
+    if ranks.sharded:
+        _check_sharded(cfg, ranks)
     if resume:
-        run_id, ckpt, state = _resume_point(cfg)
+        run_id, ckpt, state = ranks.on_main(lambda: _resume_point(cfg))
         if state["step"] >= cfg.steps:
-            kept = _finished_summary(cfg, state["step"], label)
+            kept = ranks.on_main(lambda: _finished_summary(cfg, state["step"], label))
             if kept is not None:
                 return kept
     else:
-        check_new_run(cfg.out_dir, overwrite)
-        run_id, ckpt, state = new_run_id(), None, {}
-    run = _setup(cfg, run_id, device, ckpt, state)
-    log = _open_run(run, ckpt, overwrite)
+        ranks.on_main(lambda: check_new_run(cfg.out_dir, overwrite))
+        run_id, ckpt, state = ranks.on_main(new_run_id), None, {}
+    run = _setup(cfg, ranks, run_id, device, ckpt, state)
+    log = ranks.on_main(lambda: _open_run(run, ckpt, overwrite), share=False)  # rank 0 writes the run's files
     if not quiet:
         print(f"[{label}] {_describe(run)}" + (_resume_note(ckpt, state, cfg) if ckpt else ""), flush=True)
     progress = Progress(cfg.steps, label, start=run.start) if not quiet else None
@@ -274,8 +310,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, la
     finally:  # also when the run stops (divergence, an interrupt): the metrics written so far are kept
         if progress:
             progress.close()
-        log.close()
+        if log is not None:
+            log.close()
     return _finish(run, tracking, val_loss)
+
+
+def _check_sharded(cfg: TrainConfig, ranks: Ranks) -> None:
+    """ValueError for what a sharded run does not support."""
+    ranks.check_batch(cfg.batch_size)
+    for given, flag in ((cfg.step_in_backward, "--step-in-backward"), (cfg.compile, "--compile"),
+                        (cfg.optimizer == "torchao-fp8", "--optimizer torchao-fp8")):
+        if given:
+            raise ValueError(f"{flag} is not supported with --fsdp (a model sharded over {ranks.world_size} "
+                             f"rank{'s' if ranks.world_size != 1 else ''}): train without it")
 
 
 def _param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -283,17 +330,20 @@ def _param_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32 if cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32" else torch.bfloat16
 
 
-def _setup(cfg: TrainConfig, run_id: str, device: torch.device, ckpt: str | None, state: dict) -> _Run:
+def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ckpt: str | None, state: dict
+           ) -> _Run:
     """The run's data, model and optimizer (loaded from checkpoint ``ckpt`` with its ``state`` on resume);
-    ValueError where the data or the checkpoint does not fit the run."""
+    ValueError where the data or the checkpoint does not fit the run. Sharded, the model is sharded before the
+    optimizer is made."""
     model_source = _model_source(cfg, ckpt)
     if model_source != ckpt and os.path.isdir(model_source):
-        verify_checkpoint(model_source)  # fine-tuning from a checkpoint: its files as written
-    data = prepare_dataset(cfg.data, tokenizer=_tokenizer(cfg, ckpt), vocab_size=cfg.vocab_size,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed)
-    identity = data_identity(data)
+        ranks.on_main(lambda: verify_checkpoint(model_source))  # fine-tuning from a checkpoint: its files as written
+    with ranks.main_first():  # rank 0 prepares (and caches) the data, the others then read it
+        data = prepare_dataset(cfg.data, tokenizer=_tokenizer(cfg, ckpt), vocab_size=cfg.vocab_size,
+                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+    identity = ranks.on_main(lambda: data_identity(data))
     if ckpt is not None:
-        _check_data(cfg, ckpt, state, identity)
+        ranks.on_main(lambda: _check_data(cfg, ckpt, state, identity))
     train_data = data.train_dataset()
     val = eval_batches(data.val_dataset(), cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # checks seq_len
 
@@ -301,15 +351,20 @@ def _setup(cfg: TrainConfig, run_id: str, device: torch.device, ckpt: str | None
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     model = convert(model, cfg.recipe)
     model.train()
+    autocast = dtype == torch.float32 and cfg.recipe == "bf16"
+    chunked = cfg.chunked_loss and _can_chunk_loss(model)
+    objective = None
+    if ranks.sharded:
+        objective = shard_model(model, Objective(model, _loss, autocast, chunked), cfg.fsdp_reduce_fp32)
     optimizer = _make_optimizer(cfg, model)
     in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
     start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
-    head = model.lm_head if cfg.chunked_loss and _can_chunk_loss(model) else None
+    head = model.lm_head if chunked else None
     step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
     if cfg.compile:
         step_model = _compile(model, step_model)
     return _Run(cfg, run_id, device, data, identity, train_data, val, model, source, optimizer, in_backward,
-                step_model, head, autocast=dtype == torch.float32 and cfg.recipe == "bf16", start=start)
+                step_model, head, autocast=autocast, start=start, ranks=ranks, objective=objective)
 
 
 def _open_run(run: _Run, ckpt: str | None, overwrite: bool) -> MetricsLog:
@@ -330,18 +385,22 @@ def _open_run(run: _Run, ckpt: str | None, overwrite: bool) -> MetricsLog:
 
 
 def _describe(run: _Run) -> str:
-    cfg, data = run.cfg, run.data
+    cfg, data, ranks = run.cfg, run.data, run.ranks
+    where = f"device {run.device}"
+    if ranks.sharded:
+        where = (f"FSDP over {ranks.world_size} rank{'s' if ranks.world_size != 1 else ''} ({run.device.type}, "
+                 f"{cfg.batch_size // ranks.world_size} rows of each batch per rank)")
     return (f"{run.source}: {human_count(run.n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
-            f"{'bf16' if _param_dtype(cfg) == torch.bfloat16 else 'fp32'} params, device {run.device}, data "
+            f"{'bf16' if _param_dtype(cfg) == torch.bfloat16 else 'fp32'} params, {where}, data "
             f"{data.source} ({human_count(data.n_train_tokens)} train tokens), {cfg.steps} steps of "
             f"{human_count(run.tokens_per_step)} tokens")
 
 
-def _train_steps(run: _Run, state: dict, log: MetricsLog, progress: Progress | None
+def _train_steps(run: _Run, state: dict, log: MetricsLog | None, progress: Progress | None
                  ) -> tuple[_Tracking, float | None]:
     """Steps ``run.start`` to ``cfg.steps``: a metrics record at log steps, the validation loss at evaluation
-    steps, a checkpoint at save steps and at the last step. Returns what was tracked and the last validation
-    loss."""
+    steps, a checkpoint at save steps and at the last step (``log`` and ``progress`` are None on ranks other
+    than 0). Returns what was tracked and the last validation loss."""
     cfg = run.cfg
     batches = batch_iterator(run.train_data, cfg.batch_size, cfg.seq_len, cfg.seed,
                              start_step=run.start * cfg.grad_accum)
@@ -361,8 +420,9 @@ def _train_steps(run: _Run, state: dict, log: MetricsLog, progress: Progress | N
         if done % cfg.log_every == 0 or is_eval or done == run.start + 1:
             last = _metrics(run, tracking, done, loss_sum, lr, grad_norm, steps_since, t_log)
             if is_eval:
-                last["val_loss"] = val_loss = evaluate(run.model, run.val, run.device, run.autocast)
-            log.write(last)
+                last["val_loss"] = val_loss = evaluate(run)
+            if log is not None:
+                log.write(last)
             if progress:
                 progress.update(done, loss=last["loss"], val_loss=last.get("val_loss"), lr=lr,
                                 tok_per_s=last["tok_per_s"], mem_gib=last.get("mem_gib"),
@@ -386,11 +446,12 @@ def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | N
             group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
-        loss = _loss(run.step_model, next(batches).to(run.device), run.autocast, run.head)
+        loss = run.loss(run.ranks.rows(next(batches)).to(run.device))
         last_micro = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if run.in_backward is None or last_micro else run.in_backward.accumulating():
             (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
         loss_sum += loss.detach()
+    loss_sum = run.ranks.mean(loss_sum)  # sharded: the mean over the ranks, the loss of the whole batches
     if run.in_backward is not None:
         return loss_sum, None
     grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
@@ -409,7 +470,7 @@ def _metrics(run: _Run, tracking: _Tracking, step: int, loss_sum: torch.Tensor, 
     elapsed = time.time() - t_log
     record = {"step": step, "loss": train_loss, "lr": lr,
               "grad_norm": None if grad_norm is None else float(grad_norm),
-              **tracking.counts(run.optimizer),
+              **tracking.counts(run.optimizer, run.ranks),
               "tokens": step * run.tokens_per_step, "tok_per_s": steps_since * run.tokens_per_step / elapsed}
     if run.device.type == "cuda":
         record["mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
@@ -423,9 +484,14 @@ def _checkpoint(run: _Run, tracking: _Tracking, last: dict, step: int) -> None:
     cfg = run.cfg
     _check_before_save(tracking.diverged, run.model, run.optimizer, cfg.out_dir, step)
     saved = {"run_id": run.run_id, "config": cfg.to_dict(), "data_identity": run.identity, "last": last,
-             "recent_losses": torch.stack(list(tracking.recent)).tolist(), **tracking.counts(run.optimizer)}
-    save_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path)
-    prune_checkpoints(cfg.out_dir, cfg.keep_last, step)
+             "recent_losses": torch.stack(list(tracking.recent)).tolist(),
+             **tracking.counts(run.optimizer, run.ranks)}
+    if run.ranks.sharded:
+        save_sharded_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path,
+                                run.ranks)
+    else:
+        save_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path)
+    run.ranks.on_main(lambda: prune_checkpoints(cfg.out_dir, cfg.keep_last, step))
 
 
 def _resume_point(cfg: TrainConfig) -> tuple[str, str, dict]:
@@ -494,9 +560,15 @@ def _check_data(cfg: TrainConfig, ckpt: str, state: dict, identity: dict) -> Non
 
 
 def _load_resume_point(path: str, model, optimizer) -> int:
-    """Load checkpoint ``path`` into ``model`` and ``optimizer``; returns its step. ValueError if it holds
-    non-finite values."""
-    step = load_checkpoint(path, model, optimizer)["step"]
+    """Load checkpoint ``path`` into ``model`` and ``optimizer``, sharded over any number of ranks or not,
+    whether a sharded run or a run of one process wrote it; returns its step. ValueError if it holds non-finite
+    values."""
+    if is_sharded_checkpoint(path):
+        step = load_sharded_checkpoint(path, model, optimizer)["step"]
+    elif any(is_sharded(p) for p in model.parameters()):  # a checkpoint of one process, resumed sharded
+        step = load_into_shards(path, model, optimizer)["step"]
+    else:
+        step = load_checkpoint(path, model, optimizer)["step"]
     bad = first_non_finite(model, optimizer)
     if bad is not None:
         raise ValueError(f"checkpoint {path} holds non-finite values ({bad}): it was written after its run "
@@ -547,23 +619,30 @@ def _newest(out_dir: str) -> str:
     return f" (the newest checkpoint is {path})" if path else ""
 
 
+def _local_state_bytes(optimizer) -> int:
+    """:func:`~fp8coat.memory.optimizer_state_bytes` of the states this rank holds (the local shards of DTensor
+    states, as torch's AdamW keeps them for sharded parameters)."""
+    local = types.SimpleNamespace(state={p: {k: local_tensor(v) if isinstance(v, torch.Tensor) else v
+                                             for k, v in state.items()} for p, state in optimizer.state.items()})
+    return optimizer_state_bytes(local)
+
+
 def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
-    """The run's summary, also written to ``<out_dir>/summary.json``."""
-    cfg, model, device = run.cfg, run.model, run.device
-    history = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    speeds = [r["tok_per_s"] for r in history[1:] if "tok_per_s" in r]
+    """The run's summary, also written to ``<out_dir>/summary.json`` (by rank 0; every rank returns it). Sharded,
+    the optimizer's state is counted over all ranks and the peak memory is rank 0's."""
+    cfg, model, device, ranks = run.cfg, run.model, run.device, run.ranks
     recent = tracking.recent
     summary = {
         "recipe": cfg.recipe, "optimizer": cfg.optimizer, "params": run.n_params, "steps": cfg.steps,
         "final_train_loss": float(torch.stack(list(recent)).mean()) if recent else None,  # the last FINAL_WINDOW
         "final_val_loss": val_loss,
-        "tok_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
-        "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+        "tok_per_s": None,
+        "optimizer_state_bytes": ranks.sum_int(_local_state_bytes(run.optimizer)),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
+    elif not ranks.sharded:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
         model.train()
         body = getattr(model, "model", model)  # HF causal LMs: the decoder without the LM head and the loss
         ids = run.val[0][:, :-1].to(device)
@@ -571,7 +650,14 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
                                          modules=model)
         summary["saved_activation_bytes"] = saved.total_bytes
     summary["final_train_window"] = len(recent)
-    summary.update(tracking.counts(run.optimizer))
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    summary.update(tracking.counts(run.optimizer, ranks))
+
+    def write() -> dict:
+        history = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        speeds = [r["tok_per_s"] for r in history[1:] if "tok_per_s" in r]
+        summary["tok_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else None
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    return ranks.on_main(write)
