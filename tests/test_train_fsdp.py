@@ -236,6 +236,37 @@ def test_fsdp_reduce_fp32_averages_the_gradients_in_fp32(tmp_path):
     assert abs(bf16[0]["grad_norm"] - fp32[0]["grad_norm"]) < 1e-2 * fp32[0]["grad_norm"]
 
 
+def _gathers(rank: int, world_size: int, out_dir: str) -> list[list[dict]]:
+    """Step 1 of the same run with the converted linears' weights gathered as bf16 and as E4M3 codes."""
+    logs = []
+    for fp8 in (False, True):
+        out = os.path.join(out_dir, f"fp8_all_gather_{fp8}")
+        train(TrainConfig(**{**RUN, "steps": 1, "eval_every": 0, "save_every": 0, "out_dir": out,
+                             "fp8_all_gather": fp8}), quiet=True)
+        logs.append(_log(out) if rank == 0 else [])
+    return logs
+
+
+def test_fp8_all_gather_gives_the_same_forward_and_close_gradients(tmp_path):
+    """--fp8-all-gather changes the computation: the forward is the same bits (the gathered codes are the codes of
+    the gathered weight), the gradients differ a little (sibling projections' input gradients use the codes
+    re-quantized under their joint scale)."""
+    (bf16, fp8), _ = run_ranks(_gathers, 2, str(tmp_path))
+    assert bf16[0]["loss"] == fp8[0]["loss"]
+    assert bf16[0]["grad_norm"] != fp8[0]["grad_norm"]
+    assert abs(bf16[0]["grad_norm"] - fp8[0]["grad_norm"]) < 5e-2 * bf16[0]["grad_norm"]
+
+
+def test_fp8_all_gather_needs_a_sharded_fp8_run(tmp_path):
+    with pytest.raises(ValueError, match="--fp8-all-gather"):
+        TrainConfig(**{**RUN, "fsdp": "off", "fp8_all_gather": True, "out_dir": str(tmp_path / "a")}).validate()
+    with pytest.raises(ValueError, match="--fp8-all-gather"):
+        TrainConfig(**{**RUN, "recipe": "bf16", "fp8_all_gather": True, "out_dir": str(tmp_path / "b")}).validate()
+    with pytest.raises(ValueError, match="not sharded"):  # --fsdp auto in one process: nothing to gather
+        train(TrainConfig(**{**RUN, "fsdp": "auto", "fp8_all_gather": True, "out_dir": str(tmp_path / "c")}),
+              quiet=True)
+
+
 def _sharded_checks(rank: int, world_size: int) -> dict:
     """clip_gradients and first_non_finite on a model sharded over the ranks (uneven and empty shards: the
     (1, 5) weight and the (1,) bias have one row on rank 0 and none on rank 1), each rank with its own input."""

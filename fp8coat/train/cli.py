@@ -43,6 +43,8 @@ _HELP = {
             "so a step sees the data of one process; rank 0 logs and writes the files; checkpoints resume on any "
             "number of ranks. Parameters are gathered as bf16 for the forward and backward",
     "fsdp_reduce_fp32": "with FSDP, average the gradients over the ranks in fp32 (default: in bf16)",
+    "fp8_all_gather": "with FSDP, gather the weights of the FP8 linear layers as E4M3 codes under each weight's "
+                      "scale (half the bytes of bf16, no quantization after the gather; default: as bf16)",
     "data": "shakespeare | mix | text file(s) / folder(s), comma-separated",
     "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",
     "vocab_size": "vocabulary size of the BPE tokenizer trained for --tokenizer bpe",

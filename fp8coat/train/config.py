@@ -34,6 +34,7 @@ class TrainConfig:
     # several processes (torchrun)
     fsdp: str = "auto"  # shard the model with FSDP2: "on", "off", or "auto" (on when launched with WORLD_SIZE > 1)
     fsdp_reduce_fp32: bool = False  # FSDP: average the gradients over the ranks in fp32 (else in bf16)
+    fp8_all_gather: bool = False  # FSDP: gather the converted linears' weights as E4M3 codes (else as bf16)
     # data
     data: str = "shakespeare"  # "shakespeare", "mix", or path(s) to text files / folders (comma-separated)
     tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path
@@ -68,6 +69,9 @@ class TrainConfig:
             raise ValueError(f"unknown master-weight mode {self.master_weights!r}; expected one of {MASTER_MODES}")
         if self.fsdp not in FSDP_MODES:
             raise ValueError(f"unknown --fsdp {self.fsdp!r}; expected one of {', '.join(FSDP_MODES)}")
+        if self.fp8_all_gather and (self.fsdp == "off" or self.recipe == "bf16"):
+            raise ValueError("--fp8-all-gather gathers the weights of FP8 linear layers over the ranks: it needs "
+                             "--fsdp on or auto and an FP8 recipe (fp8-linear or coat)")
         if self.fsdp_reduce_fp32 and self.fsdp == "off":
             raise ValueError("--fsdp-reduce-fp32 sets how FSDP averages the gradients over the ranks: it needs "
                              "--fsdp on or auto")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..compiling import decoder_layers
+from ..nn.fp8_all_gather import enable_fp8_all_gather
 
 __all__ = ["Objective", "reshard", "shard_model"]
 
@@ -39,11 +40,15 @@ class Objective(torch.nn.Module):
         return self._loss(self.model, ids, self._autocast)
 
 
-def shard_model(model: torch.nn.Module, objective: Objective, reduce_fp32: bool) -> Objective:
-    """Shard ``model`` (whose ``objective`` it is) in place: each decoder layer, then the root ``objective``.
-    Returns ``objective``, now the FSDP root that a step calls."""
+def shard_model(model: torch.nn.Module, objective: Objective, reduce_fp32: bool, fp8_all_gather: bool) -> Objective:
+    """Shard ``model`` (whose ``objective`` it is) in place: each decoder layer, then the root ``objective``; with
+    ``fp8_all_gather`` the converted linears' weights are gathered as E4M3 (``fp8coat.enable_fp8_all_gather``;
+    the step then calls ``fp8coat.precompute_fp8_scales``). Returns ``objective``, now the FSDP root that a step
+    calls."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if fp8_all_gather:
+        enable_fp8_all_gather(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32 if reduce_fp32 else None)
     for layer in decoder_layers(model) or []:
         fully_shard(layer, mp_policy=policy)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..compiling import compile_layers, decoder_layers
 from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
+from ..nn.fp8_all_gather import precompute_fp8_scales
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
 from ..optim.sharding import is_sharded, local_tensor
@@ -354,8 +355,12 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     autocast = dtype == torch.float32 and cfg.recipe == "bf16"
     chunked = cfg.chunked_loss and _can_chunk_loss(model)
     objective = None
+    if cfg.fp8_all_gather and not ranks.sharded:
+        raise ValueError("--fp8-all-gather gathers weights over the ranks of a sharded run: this run is not sharded "
+                         "(--fsdp auto shards only under torchrun with WORLD_SIZE > 1; --fsdp on shards one process)")
     if ranks.sharded:
-        objective = shard_model(model, Objective(model, _loss, autocast, chunked), cfg.fsdp_reduce_fp32)
+        objective = shard_model(model, Objective(model, _loss, autocast, chunked), cfg.fsdp_reduce_fp32,
+                                cfg.fp8_all_gather)
     optimizer = _make_optimizer(cfg, model)
     in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
     start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
@@ -457,6 +462,8 @@ def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | N
     grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if cfg.fp8_all_gather:
+        precompute_fp8_scales(run.model)  # the next gathers' scales, in one all-reduce
     return loss_sum, grad_norm
 
 
