@@ -96,3 +96,27 @@ def test_checkpointed_regions_count_their_inputs_and_measuring_does_not_recomput
     assert calls == [1, 1]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _sharded_state_bytes(rank: int, world_size: int) -> tuple[int, int]:
+    from torch.distributed.fsdp import fully_shard
+
+    from fp8coat.memory import optimizer_state_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 1))  # 5 rows: 3 + 2; 1 row: 1 + 0
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    local = sum(2 * p.to_local().numel() * 4 for p in model.parameters())  # exp_avg + exp_avg_sq, fp32
+    return optimizer_state_bytes(opt), local
+
+
+def test_optimizer_state_bytes_counts_this_ranks_shards_of_dtensor_states():
+    from distributed import run_ranks
+
+    results = run_ranks(_sharded_state_bytes, 2)
+    for counted, local in results:
+        assert counted == local
+    assert sum(c for c, _ in results) == 2 * 4 * (8 * 5 + 5 + 5 + 1)

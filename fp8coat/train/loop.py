@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 
 import torch
@@ -626,14 +625,6 @@ def _newest(out_dir: str) -> str:
     return f" (the newest checkpoint is {path})" if path else ""
 
 
-def _local_state_bytes(optimizer) -> int:
-    """:func:`~fp8coat.memory.optimizer_state_bytes` of the states this rank holds (the local shards of DTensor
-    states, as torch's AdamW keeps them for sharded parameters)."""
-    local = types.SimpleNamespace(state={p: {k: local_tensor(v) if isinstance(v, torch.Tensor) else v
-                                             for k, v in state.items()} for p, state in optimizer.state.items()})
-    return optimizer_state_bytes(local)
-
-
 def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
     """The run's summary, also written to ``<out_dir>/summary.json`` (by rank 0; every rank returns it). Sharded,
     the optimizer's state is counted over all ranks and the peak memory is rank 0's."""
@@ -644,7 +635,7 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
         "final_train_loss": float(torch.stack(list(recent)).mean()) if recent else None,  # the last FINAL_WINDOW
         "final_val_loss": val_loss,
         "tok_per_s": None,
-        "optimizer_state_bytes": ranks.sum_int(_local_state_bytes(run.optimizer)),
+        "optimizer_state_bytes": ranks.sum_int(optimizer_state_bytes(run.optimizer)),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if device.type == "cuda":
