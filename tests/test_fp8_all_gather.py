@@ -197,7 +197,7 @@ def _recorded_amax_worker(rank: int, world: int, backend: str):
     from torch.distributed.tensor import distribute_tensor
 
     from fp8coat.nn.fp8_all_gather import fp8_all_gather_parameters
-    from fp8coat.quantization import reference
+    from fp8coat.quantization import reference, tensor_amax
 
     out = {}
     for master, dtype in (("fp32", torch.float32), ("bf16-remainder", torch.bfloat16),
@@ -222,7 +222,7 @@ def _recorded_amax_worker(rank: int, world: int, backend: str):
             opt.step()
             for p, shard in zip(params, shards):
                 amax, version = opt.recorded_amax(p)
-                records.append((amax.clone(), reference.tensor_amax(shard._data), tensor_amax_of(shard._data),
+                records.append((amax.clone(), reference.tensor_amax(shard._data), tensor_amax(shard._data),
                                 version == shard.content_version(), tuple(shard.shape)))
         plans = bool(opt._plans)
         with _NoRead(raise_=True):  # every shard's amax comes from the step
@@ -241,12 +241,6 @@ def _recorded_amax_worker(rank: int, world: int, backend: str):
         out[master] = dict(records=records, plans=plans, from_step=from_step, expected=expected, read=read,
                            stale_reads=stale_reads, stale=stale, stale_read=[s.scale for s in shards])
     return out
-
-
-def tensor_amax_of(x: torch.Tensor) -> torch.Tensor:
-    from fp8coat.quantization import tensor_amax
-
-    return tensor_amax(x)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
