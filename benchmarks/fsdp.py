@@ -4,8 +4,9 @@ Variants, each a fresh model in the same process (one rank; NCCL on a GPU, gloo 
 
 * ``unsharded``: ``fp8coat.convert(model, recipe)`` + ``fp8coat.AdamW`` (the anchor),
 * ``fsdp``: the same, each decoder layer and then the root wrapped with ``fully_shard`` (BF16 all-gather),
-* ``fsdp_fp8_gather``: ``fp8coat.enable_fp8_all_gather`` before sharding, ``fp8coat.precompute_fp8_scales`` after
-  each optimizer step (E4M3 all-gather).
+* ``fsdp_fp8_gather``: ``fp8coat.enable_fp8_all_gather`` before sharding, the optimizer recording the gathered
+  weights' amax (``record_amax_of``) and ``fp8coat.precompute_fp8_scales(model, opt)`` after each optimizer step
+  (E4M3 all-gather; the scales from the amaxes the step recorded).
 
 A step is forward, backward, optimizer step (and the scale precomputation), timed with CUDA events after warm-up;
 reported: median ms, tokens/s, peak memory, and the ratio to ``unsharded`` measured in the same run. With one rank
@@ -48,8 +49,10 @@ def _model(args, device):
 
 
 def measure(variant: str, args) -> dict:
-    import fp8coat
     from torch.distributed.fsdp import fully_shard
+
+    import fp8coat
+    from fp8coat.nn.fp8_all_gather import fp8_all_gather_parameters
 
     device = torch.device(args.device)
     model, vocab = _model(args, device)
@@ -61,7 +64,8 @@ def measure(variant: str, args) -> dict:
         fully_shard(model)
     if args.compile:
         fp8coat.compile_layers(model.model.layers)
-    opt = fp8coat.AdamW(model.parameters(), lr=1e-5)
+    gathered = fp8_all_gather_parameters(model) if variant == "fsdp_fp8_gather" else []
+    opt = fp8coat.AdamW(model.parameters(), lr=1e-5, record_amax_of=gathered)
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
     def step():
@@ -70,7 +74,7 @@ def measure(variant: str, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if variant == "fsdp_fp8_gather":
-            fp8coat.precompute_fp8_scales(model)
+            fp8coat.precompute_fp8_scales(model, opt)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -79,7 +83,6 @@ def measure(variant: str, args) -> dict:
            "tok_s": round(args.batch * args.seq / t["ms"] * 1e3)}
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del model, opt
     return row
 
 

@@ -418,15 +418,20 @@ def main() -> int:
         )
 
     table = torch.empty(9, 64, dtype=torch.int64)
-    meta = torch.empty(4, 64, dtype=torch.int64)
+    meta = torch.empty(5, 64, dtype=torch.int64)
     BG, warps = int(os.environ.get("BG", "8")), int(os.environ.get("WARPS", "4"))
-    for name, master, p_dt, g_dt, expand, flat, ieee in [
-        ("adamw fp32 dre", 0, tl.float32, tl.float32, True, True, True),
-        ("adamw fp32 dre approx-math", 0, tl.float32, tl.float32, True, True, False),
-        ("adamw fp32 dre ragged", 0, tl.float32, tl.float32, True, False, True),
-        ("adamw fp32 plain", 0, tl.float32, tl.float32, False, True, True),
-        ("adamw bf16-remainder dre", 1, tl.int16, tl.bfloat16, True, True, True),
-        ("adamw bf16-stochastic dre", 2, tl.int16, tl.bfloat16, True, True, True),
+    for name, master, p_dt, g_dt, expand, flat, ieee, amax in [
+        ("adamw fp32 dre", 0, tl.float32, tl.float32, True, True, True, False),
+        ("adamw fp32 dre approx-math", 0, tl.float32, tl.float32, True, True, False, False),
+        ("adamw fp32 dre ragged", 0, tl.float32, tl.float32, True, False, True, False),
+        ("adamw fp32 plain", 0, tl.float32, tl.float32, False, True, True, False),
+        ("adamw bf16-remainder dre", 1, tl.int16, tl.bfloat16, True, True, True, False),
+        ("adamw bf16-stochastic dre", 2, tl.int16, tl.bfloat16, True, True, True, False),
+        # recording the new weights' amax (fp8coat.AdamW(record_amax_of=...))
+        ("adamw bf16-remainder dre amax", 1, tl.int16, tl.bfloat16, True, True, True, True),
+        ("adamw bf16-stochastic dre amax", 2, tl.int16, tl.bfloat16, True, True, True, True),
+        ("adamw bf16 none dre ragged amax", 0, tl.bfloat16, tl.bfloat16, True, False, True, True),
+        ("adamw fp32 dre amax", 0, tl.float32, tl.float32, True, True, True, True),
     ]:
         rows.append(
             report(
@@ -442,6 +447,7 @@ def main() -> int:
                         "lr_value": 1e-3,
                         "seed": 7,
                         "count_ptr": torch.empty((), dtype=torch.int64),
+                        "amax_ptr": torch.empty(64, dtype=torch.int32) if amax else meta,
                         "one_minus_beta1": 0.1,
                         "beta1": 0.9,
                         "beta2": 0.95,
@@ -473,6 +479,7 @@ def main() -> int:
                         "IEEE": ieee,
                         "FAST": True,
                         "COUNT": True,  # non-finite gradient elements counted (fp8coat.AdamW with a count tensor)
+                        "AMAX": amax,
                     },
                     num_warps=warps,
                     enable_fp_fusion=False,

@@ -151,6 +151,126 @@ def test_precomputed_scales_take_one_all_reduce_and_equal_the_whole_weights_scal
     assert version != data_version  # the optimizer step moved the shard past the precomputed scale
 
 
+# ---- the amax of each shard from the optimizer step ---------------------------------------------------------------
+
+_ROWS = (5, 1, 32, 3)  # on 2 ranks: uneven (3 + 2), one empty shard (1 + 0), even, uneven (2 + 1)
+
+
+class _Linears(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, n, bias=False) for n in _ROWS)
+        self.to(dtype)
+
+
+class _NoRead:
+    """Replaces ``tensor_amax`` wherever the FP8 all-gather could call it; counts the calls (the outermost: one
+    implementation calls another) or raises."""
+
+    MODULES = ("fp8coat.ops.fp8_gather", "fp8coat.quantization", "fp8coat.quantization.reference")
+
+    def __init__(self, raise_: bool):
+        import importlib
+
+        self.raise_, self.calls, self._depth = raise_, 0, 0
+        self._modules = [importlib.import_module(m) for m in self.MODULES]
+        self._originals = [m.tensor_amax for m in self._modules]
+
+    def __enter__(self):
+        for module, original in zip(self._modules, self._originals):
+            def patched(x, *args, _original=original, **kwargs):
+                if self.raise_:
+                    raise AssertionError("a weight shard was read")
+                self.calls += self._depth == 0
+                self._depth += 1
+                try:
+                    return _original(x, *args, **kwargs)
+                finally:
+                    self._depth -= 1
+
+            module.tensor_amax = patched
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in zip(self._modules, self._originals):
+            module.tensor_amax = original
+
+
+def _recorded_amax_worker(rank: int, world: int, backend: str):
+    from torch.distributed.tensor import distribute_tensor
+
+    from fp8coat.nn.fp8_all_gather import fp8_all_gather_parameters
+    from fp8coat.quantization import reference, tensor_amax
+
+    out = {}
+    for master, dtype in (("fp32", torch.float32), ("bf16-remainder", torch.bfloat16),
+                          ("bf16-stochastic", torch.bfloat16), ("none", torch.bfloat16)):
+        model = fp8coat.convert(_Linears(dtype), "fp8-linear")
+        assert enable_fp8_all_gather(model) == len(_ROWS)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        params = fp8_all_gather_parameters(model)
+        shards = [p._local_tensor for p in params]
+        opt = fp8coat.AdamW(model.parameters(), lr=0.2, master_weights=master, backend=backend,
+                            min_quantized_numel=0, record_amax_of=params)
+        records = []
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:  # (the same full gradient on every rank: each takes its shard)
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=gen).to(dtype), p.device_mesh, p.placements)
+            if step == 2 and rank == 0:
+                with torch.no_grad():
+                    shards[0]._data[1, 3] = float("nan")  # a NaN weight: its amax is +inf
+            opt.step()
+            for p, shard in zip(params, shards):
+                amax, version = opt.recorded_amax(p)
+                records.append((amax.clone(), reference.tensor_amax(shard._data), tensor_amax(shard._data),
+                                version == shard.content_version(), tuple(shard.shape)))
+        plans = bool(opt._plans)
+        with _NoRead(raise_=True):  # every shard's amax comes from the step
+            precompute_fp8_scales(model, opt)
+        from_step = [s.scale for s in shards]
+        expected = [scale_from_amax(reference.tensor_amax(p.full_tensor()), fp8coat.E4M3) for p in params]
+        precompute_fp8_scales(model)
+        read = [s.scale for s in shards]
+        with torch.no_grad():
+            shards[2].mul_(0.5)  # written after the step: its record is stale
+        with _NoRead(raise_=False) as counter:
+            precompute_fp8_scales(model, opt)
+        stale_reads = counter.calls
+        stale = [s.scale for s in shards]
+        precompute_fp8_scales(model)
+        out[master] = dict(records=records, plans=plans, from_step=from_step, expected=expected, read=read,
+                           stale_reads=stale_reads, stale=stale, stale_read=[s.scale for s in shards])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_precompute_takes_the_amax_the_optimizer_step_recorded(backend):
+    """fp8coat.AdamW(record_amax_of=the gathered weights) records the amax of each new local shard, bit-equal to
+    tensor_amax of the stored shard (every master mode; uneven, empty and NaN shards); precompute_fp8_scales(model,
+    optimizer) then reads no shard and gives the scales of reading them; a shard written after the step is read."""
+    for rank, out in enumerate(run_ranks(_recorded_amax_worker, 2, backend)):
+        for master, res in out.items():
+            what = f"{backend} {master} rank {rank}"
+            assert res["plans"] == (backend == "triton"), what  # the Triton steps after the first: the fast path
+            shapes = {shape for *_, shape in res["records"]}
+            assert (0, 64) in shapes if rank == 1 else (1, 64) in shapes, what  # an empty shard on rank 1
+            for i, (recorded, ref, dispatched, current, _) in enumerate(res["records"]):
+                assert current, (what, i)
+                assert torch.equal(recorded.view(torch.int32), ref.view(torch.int32)), (what, i, recorded, ref)
+                assert torch.equal(recorded.view(torch.int32), dispatched.view(torch.int32)), (what, i)
+            if rank == 0:
+                assert res["records"][-len(_ROWS)][0] == float("inf"), what  # the NaN weight, last step
+            for key in ("from_step", "read"):
+                assert all(torch.equal(a, b) for a, b in zip(res[key], res["expected"], strict=True)), (what, key)
+            assert res["stale_reads"] == 1, what  # only the shard written after the step
+            assert all(torch.equal(a, b) for a, b in zip(res["stale"], res["stale_read"], strict=True)), what
+            assert not torch.equal(res["stale"][2], res["read"][2]), what  # (the write changed that scale)
+
+
 def _checkpoint_worker(rank: int, world: int, path: str, phase: str):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

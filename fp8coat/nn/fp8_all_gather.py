@@ -12,17 +12,25 @@ codes of the gathered weight.
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    optimizer = fp8coat.AdamW(model.parameters(), record_amax_of=fp8_all_gather_parameters(model))
     ...
-    optimizer.step()
-    precompute_fp8_scales(model)          # optional: every scale of the next gathers in ONE all-reduce
+    optimizer.step()                      # also records the amax of each gathered weight's new shard
+    precompute_fp8_scales(model, optimizer)   # optional: every scale of the next gathers in ONE all-reduce
+
+:func:`precompute_fp8_scales` needs each shard's amax. Given the optimizer that stepped the weights (an
+``fp8coat.AdamW`` constructed with ``record_amax_of`` naming them), it takes the amax that the step recorded while
+it wrote the shard (:meth:`fp8coat.AdamW.recorded_amax`: no pass over the weights; used only where its version is
+the shard's current :meth:`~FP8AllGatherWeight.content_version`, i.e. nothing wrote the shard since); for any
+other shard (no optimizer given, a weight it does not record, or written after the step) it reads the shard
+(``tensor_amax``). Either way the scales are the same, bit for bit, and take one all-reduce(max).
 
 Two tensor subclasses carry this through FSDP2's all-gather extension hooks:
 
 * :class:`FP8AllGatherWeight` wraps the weight's **local shard** (the parameter's data, in its own dtype: the
   optimizer updates the plain tensor inside, ``sharding.local_tensor``). Its ``fsdp_pre_all_gather`` casts the
   shard to E4M3 with the weight's scale: the one :func:`precompute_fp8_scales` left for these exact shard
-  contents (checked by the shard's version counters), else one computed now (local amax + an all-reduce(max)
-  over the shard group).
+  contents (checked by the shard's version counters), else one computed now (the shard's amax, read from it, + an
+  all-reduce(max) over the shard group).
 * :class:`GatheredFP8Weight` is the **unsharded weight** the layer sees in forward and backward: E4M3 codes
   ``(N, K)`` (a view of FSDP2's all-gather buffer, freed and refilled by FSDP2 like any unsharded parameter) and
   the 0-d fp32 scale; it reports the parameter dtype. :func:`fp8coat.ops.linear.linears` uses its codes and
@@ -37,8 +45,10 @@ import torch
 from ..ops.fp8_gather import FP8AllGatherWeight, GatheredFP8Weight, agreed_scales
 from .linear import FP8LinearMixin
 
-__all__ = ["FP8AllGatherWeight", "GatheredFP8Weight", "enable_fp8_all_gather", "disable_fp8_all_gather",
-           "precompute_fp8_scales", "fp8_all_gather_weights"]  # (the two tensor types: fp8coat.ops.fp8_gather)
+__all__ = ["FP8AllGatherWeight", "GatheredFP8Weight",  # (the two tensor types: fp8coat.ops.fp8_gather)
+           "enable_fp8_all_gather", "disable_fp8_all_gather", "precompute_fp8_scales", "fp8_all_gather_weights",
+           "fp8_all_gather_parameters"]
+
 
 def _converted_linears(model: torch.nn.Module):
     return [m for m in model.modules() if isinstance(m, FP8LinearMixin)]
@@ -68,27 +78,56 @@ def disable_fp8_all_gather(model: torch.nn.Module) -> None:
             module.weight = torch.nn.Parameter(w._data, requires_grad=w.requires_grad)
 
 
-def fp8_all_gather_weights(model: torch.nn.Module) -> "list[FP8AllGatherWeight]":
-    """The local shards (:class:`FP8AllGatherWeight`) of the FP8-gathered weights of a sharded ``model``."""
+def _gathered(model: torch.nn.Module) -> "list[tuple[torch.Tensor, FP8AllGatherWeight]]":
+    """(parameter, its local shard) of every FP8-gathered weight of a sharded ``model``."""
     out = []
     for module in _converted_linears(model):
         local = getattr(module.weight, "_local_tensor", None)
         if isinstance(local, FP8AllGatherWeight):
-            out.append(local)
+            out.append((module.weight, local))
     return out
 
 
+def fp8_all_gather_weights(model: torch.nn.Module) -> "list[FP8AllGatherWeight]":
+    """The local shards (:class:`FP8AllGatherWeight`) of the FP8-gathered weights of a sharded ``model``."""
+    return [local for _, local in _gathered(model)]
+
+
+def fp8_all_gather_parameters(model: torch.nn.Module) -> "list[torch.Tensor]":
+    """The parameters (DTensors) of the FP8-gathered weights of a sharded ``model`` (call after ``fully_shard``):
+    what ``fp8coat.AdamW(..., record_amax_of=...)`` takes for :func:`precompute_fp8_scales`."""
+    return [p for p, _ in _gathered(model)]
+
+
 @torch.no_grad()
-def precompute_fp8_scales(model: torch.nn.Module) -> None:
+def precompute_fp8_scales(model: torch.nn.Module, optimizer: "torch.optim.Optimizer | None" = None) -> None:
     """Compute the scale of every FP8-gathered weight of ``model`` with ONE all-reduce (call after the optimizer
-    step): the next all-gathers use them instead of one all-reduce per weight."""
-    shards = fp8_all_gather_weights(model)
-    if not shards:
+    step): the next all-gathers use them instead of one all-reduce per weight.
+
+    ``optimizer``: the ``fp8coat.AdamW`` that stepped the weights. The amax of each shard that it recorded
+    (``record_amax_of``) for the shard's current content is taken from it, without reading the shard; the others
+    are read from their shards. Without it, every shard is read."""
+    weights = _gathered(model)
+    if not weights:
         return
-    group = _shard_group(model)
-    scales = agreed_scales([s._data for s in shards], group)
-    for s, scale in zip(shards, scales):
-        s.scale, s.scale_version = scale, s.content_version()
+    amaxes = None
+    if optimizer is not None:
+        recorded_amax = getattr(optimizer, "recorded_amax", None)
+        if recorded_amax is None:
+            raise TypeError(f"precompute_fp8_scales: {type(optimizer).__name__} records no amax; pass an "
+                            "fp8coat.AdamW (record_amax_of=fp8_all_gather_parameters(model)) or no optimizer")
+        amaxes = [_current_amax(recorded_amax(p), local) for p, local in weights]
+    scales = agreed_scales([local._data for _, local in weights], _shard_group(model), amaxes)
+    for (_, local), scale in zip(weights, scales):
+        local.scale, local.scale_version = scale, local.content_version()
+
+
+def _current_amax(record, local: FP8AllGatherWeight) -> "torch.Tensor | None":
+    """The recorded amax where it belongs to ``local``'s current content, else None."""
+    if record is None:
+        return None
+    amax, version = record
+    return amax if version == local.content_version() else None
 
 
 def _shard_group(model: torch.nn.Module):

@@ -34,7 +34,8 @@ class FP8AllGatherWeight(torch.Tensor):
     ``data``: the plain tensor (any float dtype; the optimizer reads and writes it); every op on the wrapper runs
     on it, and those that FSDP2 uses to shard and copy keep the result wrapped. ``scale`` (filled by
     :func:`fp8coat.nn.fp8_all_gather.precompute_fp8_scales`): the 0-d fp32 scale of the whole weight, and
-    ``scale_version``: the :meth:`content_version` it was computed for.
+    ``scale_version``: the :meth:`content_version` it was computed for (an amax that ``fp8coat.AdamW`` recorded
+    for this shard carries the same kind of version).
     """
 
     @staticmethod
@@ -103,12 +104,18 @@ class FP8AllGatherWeight(torch.Tensor):
         return GatheredFP8Weight(codes, scale.clone(), param_dtype), (codes,)
 
 
-def agreed_scales(shards: "list[torch.Tensor]", group) -> "list[torch.Tensor]":
+def agreed_scales(shards: "list[torch.Tensor]", group,
+                  amaxes: "list[torch.Tensor | None] | None" = None) -> "list[torch.Tensor]":
     """The E4M3 scale of each whole weight from the local ``shards``: local amaxes, one all-reduce(max) over
-    ``group``, scale_from_amax. Returns 0-d fp32 tensors."""
+    ``group``, scale_from_amax. Returns 0-d fp32 tensors.
+
+    ``amaxes``: per shard, its amax where the caller already has it (a 0-d fp32 tensor equal to ``tensor_amax``
+    of the shard, e.g. recorded by the optimizer step that wrote it), or None: read from the shard here."""
     device = shards[0].device
-    amax = torch.stack([tensor_amax(s).float().reshape(()) if s.numel() else torch.zeros((), device=device)
-                        for s in shards])
+    known = amaxes if amaxes is not None else [None] * len(shards)
+    amax = torch.stack([a.reshape(()) if a is not None
+                        else tensor_amax(s).float().reshape(()) if s.numel() else torch.zeros((), device=device)
+                        for s, a in zip(shards, known, strict=True)])
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     scales = scale_from_amax(amax, E4M3)
     return list(scales.unbind(0))

@@ -28,6 +28,11 @@ Robustness, the same on both backends (``step_reference.py`` has the arithmetic)
   what to do where that would lose the exact master weights. Invalid option values raise ValueError then, and
   ``lr``, ``betas``, ``eps`` and ``weight_decay`` are checked at every step (a tensor ``lr`` only for its shape:
   reading it would synchronize).
+
+Per-tensor amax of the new weights (``record_amax_of``): the step reads and writes every parameter anyway, so for
+the parameters named there it also records the absmax of the local shard it wrote (:meth:`AdamW.recorded_amax`),
+on device, without another pass over the weights. ``fp8coat.precompute_fp8_scales(model, optimizer)`` takes the
+per-tensor scales of FP8-gathered weights from it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 
 from ..formats import get_format
+from ..ops.fp8_gather import FP8AllGatherWeight
 from ..quantization import check_group_size, check_triton_device, triton_available
 from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes, state_shape
 from .master_weights import MASTER_MODES, concrete_master_mode, resolve_master_mode
@@ -130,6 +136,8 @@ class AdamW(torch.optim.Optimizer):
         seed: seed of the stochastic-rounding stream.
         kernel_options: options of the fused step (``block_groups``, ``num_warps``, ``exact_math``; see
             ``fp8coat.optim.step_triton.fused_adamw_step``); defaults are tuned on H200.
+        record_amax_of: parameters (of ``params``) whose new local-shard absmax every step records, e.g. the
+            weights gathered in FP8 under FSDP2 (:meth:`recorded_amax`; ``fp8coat.precompute_fp8_scales`` reads it).
 
     Gradient elements that are NaN or ±inf are skipped: the element keeps its parameter (and master remainder),
     m and v for that step, with no weight decay; everything else updates normally. :attr:`nonfinite_grad_count`
@@ -162,6 +170,7 @@ class AdamW(torch.optim.Optimizer):
         backend: "str | None" = None,
         seed: int = 0,
         kernel_options: "dict | None" = None,
+        record_amax_of: Iterable[torch.Tensor] = (),
     ):
         if amsgrad:
             raise NotImplementedError("fp8coat.AdamW does not implement amsgrad; use torch.optim.AdamW for it")
@@ -184,7 +193,16 @@ class AdamW(torch.optim.Optimizer):
         self._sr_calls = 0
         self._group_of: "dict[int, tuple] | None" = None  # id(param) -> (group, index), built on first use
         self._plans: dict[int, GroupStepPlan] = {}  # group index -> its prepared fused update (fast path)
+        # recording param -> (amax, content version) of its last step (None before it); param -> reference-path slot
+        self._amax_records: dict[torch.Tensor, "tuple[torch.Tensor, Any] | None"] = {}
+        self._amax_slots: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(params, defaults)
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        for p in record_amax_of:
+            if id(p) not in held:
+                raise ValueError(f"record_amax_of: a tensor of shape {tuple(p.shape)} that is not one of this "
+                                 "optimizer's parameters")
+            self._amax_records[p] = None
 
     # ---------------------------------------------------------------------------------------------------------
     # configuration
@@ -326,6 +344,39 @@ class AdamW(torch.optim.Optimizer):
         return sum(c.to(counts[0].device) for c in counts)
 
     # ---------------------------------------------------------------------------------------------------------
+    # amax of the new weights
+
+    def recorded_amax(self, p: torch.Tensor) -> "tuple[torch.Tensor, Any] | None":
+        """``(amax, version)`` of parameter ``p`` (one of ``record_amax_of``) as its last update left it, or None
+        (``p`` does not record, or has not been updated yet).
+
+        ``amax``: the absmax of ``p``'s local shard (the whole tensor where ``p`` is not a DTensor) **as stored**,
+        a 0-d fp32 tensor on its device: equal, bit for bit, to ``fp8coat.quantization.tensor_amax`` of that
+        shard (the values of the parameter dtype, e.g. the bf16 weights of ``bf16-remainder`` and
+        ``bf16-stochastic`` masters; NaN counts as +inf; 0 for an empty shard), so ``scale_from_amax(amax)`` is
+        the stored weight's scale. The step computes it from the values it writes, on device, with no host sync
+        (the fused step: inside its kernel; the torch path: from the written tensor). It is the optimizer's
+        buffer, overwritten by later steps: copy it to keep it.
+
+        ``version``: the content version ``amax`` belongs to, as the step left it:
+        :meth:`FP8AllGatherWeight.content_version() <fp8coat.ops.fp8_gather.FP8AllGatherWeight.content_version>`
+        of the local shard for a weight wrapped for FP8 all-gather, else the local tensor's ``_version``. A
+        write into the weight after the step changes that version: compare it with the weight's current one
+        before using ``amax``.
+        """
+        return self._amax_records.get(p)
+
+    def _record_amax(self, p: torch.Tensor, amax: torch.Tensor) -> None:
+        self._amax_records[p] = (amax, _content_version(p))
+
+    def _amax_slot(self, p: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The 0-d fp32 tensor that receives ``p``'s amax on the torch path."""
+        slot = self._amax_slots.get(p)
+        if slot is None or slot.device != device:
+            slot = self._amax_slots[p] = torch.zeros((), dtype=torch.float32, device=device)
+        return slot
+
+    # ---------------------------------------------------------------------------------------------------------
     # step
 
     def _use_triton(self, p: torch.Tensor) -> bool:
@@ -351,6 +402,8 @@ class AdamW(torch.optim.Optimizer):
             plan = self._plans.pop(gi, None)
             if plan is not None and plan.run(group, self._seed(gi), self._launch_fused):
                 self._plans[gi] = plan
+                for p, bucket, t in plan.recording:
+                    self._record_amax(p, bucket.cache.amax_slots[t])
                 continue
             self._step_group(gi, group, group["params"])
         return loss
@@ -391,11 +444,12 @@ class AdamW(torch.optim.Optimizer):
         """The stochastic-rounding seed of group ``gi`` in this optimizer step (tensor i of a launch uses seed + i)."""
         return hash((self.seed, self._sr_calls, gi) + (() if salt is None else (salt,))) & 0x7FFFFFFF
 
-    def _launch_fused(self, params, grads, states, layout, scalars, seed, cache):
+    def _launch_fused(self, params, grads, states, layout, scalars, seed, cache, records=()):
         from .step_triton import fused_adamw_step
 
         return fused_adamw_step(params, grads, states, layout, scalars, seed=seed, cache=cache,
-                                nonfinite_count=self._nonfinite_counter(params[0].device), **self.kernel_options)
+                                nonfinite_count=self._nonfinite_counter(params[0].device), record_amax=records,
+                                **self.kernel_options)
 
     def _step_group(self, gi: int, group: dict, params: "list[torch.Tensor]", salt: "int | None" = None) -> None:
         """The general path: checks every gradient, sorts the parameters into buckets (one fused launch each on
@@ -408,15 +462,15 @@ class AdamW(torch.optim.Optimizer):
                 continue
             grad = _checked_gradient(p)
             layout = self._bind(p, group, options)
-            items.append((local_tensor(p), local_tensor(grad), self.state[p], layout))  # local shards of DTensors
+            items.append((local_tensor(p), local_tensor(grad), self.state[p], layout, p))  # local shards of DTensors
         if not items:
             return
-        torch._foreach_add_([s["step"] for _, _, s, _ in items], 1.0)
+        torch._foreach_add_([s["step"] for _, _, s, _, _ in items], 1.0)
         buckets: dict[tuple, list] = {}
         layouts: dict[int, StateLayout] = {}
         use_triton = self._use_triton
         plannable = salt is None and len(items) == len(params)
-        for p, grad, state, layout in items:
+        for p, grad, state, layout, param in items:
             fused = (use_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0 and p.dtype in _FUSED_DTYPES
                      and grad.dtype in _FUSED_DTYPES)
             plannable = plannable and fused
@@ -428,7 +482,7 @@ class AdamW(torch.optim.Optimizer):
             flat = p.dim() > 0 and (p.shape[-1] if layout.m_format else p.numel()) % layout.group_size == 0
             layouts[id(layout)] = layout  # interned by layout_of: equal layouts are one object
             key = (id(layout), p.device, p.dtype, grad.dtype, int(state["step"].item()), fused, flat)
-            buckets.setdefault(key, []).append((p, grad, state))
+            buckets.setdefault(key, []).append((p, grad, state, param))
         seed = self._seed(gi, salt)
         planned = []
         for (layout_id, device, _, grad_dtype, step, fused, _), bucket in buckets.items():
@@ -437,16 +491,24 @@ class AdamW(torch.optim.Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
             )
+            records = tuple(b[3] in self._amax_records for b in bucket) if self._amax_records else ()
             if fused:
-                ckey = (gi, layout, device) + tuple(id(p) for p, _, _ in bucket)
+                ckey = (gi, layout, device) + tuple(id(p) for p, _, _, _ in bucket)
                 bps, bgs, bss = [b[0] for b in bucket], [b[1] for b in bucket], [b[2] for b in bucket]
-                self._caches[ckey] = self._launch_fused(bps, bgs, bss, layout, scalars, seed, self._caches.get(ckey))
+                cache = self._caches[ckey] = self._launch_fused(bps, bgs, bss, layout, scalars, seed,
+                                                                self._caches.get(ckey), records)
                 bump_versions(bps)  # the kernel writes through raw pointers: tell autograd and FP8 caches
-                planned.append((layout, bps, bss, grad_dtype, step, self._caches[ckey]))
+                for t, b in enumerate(bucket):
+                    if records and records[t]:
+                        self._record_amax(b[3], cache.amax_slots[t])
+                planned.append((layout, bps, bss, grad_dtype, step, cache, records))
             else:  # the i-th tensor of a bucket gets the rounding key seed + i, as in the fused step
-                for i, (p, grad, state) in enumerate(bucket):
+                for i, (p, grad, state, param) in enumerate(bucket):
+                    slot = self._amax_slot(param, p.device) if records and records[i] else None
                     adamw_step_reference(p, grad, state, layout, scalars, sr_key=seed + i,
-                                         nonfinite_count=self._nonfinite_counter(p.device))
+                                         nonfinite_count=self._nonfinite_counter(p.device), amax_out=slot)
+                    if slot is not None:
+                        self._record_amax(param, slot)
         if plannable:
             self._plans[gi] = GroupStepPlan(params, planned)
 
@@ -562,6 +624,14 @@ class AdamW(torch.optim.Optimizer):
         if unexpected:
             raise ValueError(f"state of {self._param_name(p)} has unexpected keys {sorted(unexpected)}")
         self._specs[p] = StateSpec(layout, dtype, p.device, group_options(group))
+
+
+def _content_version(p: torch.Tensor):
+    """The version of ``p``'s local content that :meth:`AdamW.recorded_amax` reports (see there)."""
+    local = p._local_tensor if is_sharded(p) else p
+    if isinstance(local, FP8AllGatherWeight):
+        return local.content_version()
+    return local._version
 
 
 def _dtype_named(name: str) -> torch.dtype:

@@ -10,7 +10,9 @@ contiguous, 16-byte aligned and of the recorded dtype and shape; if not, it does
 the optimizer takes its general path (which reports errors, converts states and builds a new plan). Changes of
 the group's options are noticed by the optimizer, which drops the plan. The step counters of the planned
 parameters become views of one fp32 tensor, so one addition advances them all (``state["step"]`` stays a 0-d
-fp32 CPU tensor per parameter).
+fp32 CPU tensor per parameter). Each bucket keeps which of its tensors record their amax (``record_amax`` of the
+fused step) and passes that to every launch; :attr:`GroupStepPlan.recording` tells the optimizer where each
+recording parameter's amax lands.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ def bump_versions(tensors: "list[torch.Tensor]") -> None:
 
 
 class _Bucket:
-    __slots__ = ("layout", "index", "params", "states", "grad_dtype", "step", "cache")
+    __slots__ = ("layout", "index", "params", "states", "grad_dtype", "step", "cache", "records")
 
-    def __init__(self, layout: StateLayout, index: "list[int]", params, states, grad_dtype, step: int, cache):
+    def __init__(self, layout: StateLayout, index: "list[int]", params, states, grad_dtype, step: int, cache,
+                 records: "tuple[bool, ...]"):
+        self.records = records
         self.layout = layout
         self.index = index
         self.params = params
@@ -63,18 +67,25 @@ class _Bucket:
 
 class GroupStepPlan:
     """The buckets of one parameter group. ``buckets``: ``(layout, params, states, grad dtype, step, launch
-    cache)`` per bucket, together covering ``params`` (the group's parameters, in order; the buckets hold the
-    local shards of DTensor parameters) exactly once."""
+    cache, records)`` per bucket, together covering ``params`` (the group's parameters, in order; the buckets hold
+    the local shards of DTensor parameters) exactly once; ``records``: per tensor of the bucket, whether its
+    launches record the amax of its new parameter.
+
+    :attr:`recording`: ``(parameter, bucket, t)`` for each recording parameter: after a step, its amax is
+    ``bucket.cache.amax_slots[t]`` (the launch cache of the bucket, which a step may replace)."""
 
     def __init__(self, params: "list[torch.Tensor]", buckets: list):
         self.params = list(params)
         self.locals = [local_tensor(p) for p in self.params]  # what the launches update
         position = {id(p): i for i, p in enumerate(self.locals)}
-        self.buckets = [_Bucket(layout, [position[id(p)] for p in bps], list(bps), list(sts), gdt, step, cache)
-                        for layout, bps, sts, gdt, step, cache in buckets]
+        self.buckets = [_Bucket(layout, [position[id(p)] for p in bps], list(bps), list(sts), gdt, step, cache,
+                                tuple(records))
+                        for layout, bps, sts, gdt, step, cache, records in buckets]
         covered = sorted(i for b in self.buckets for i in b.index)
         if covered != list(range(len(self.params))):
             raise ValueError("GroupStepPlan: the buckets must cover the group's parameters exactly once")
+        self.recording = [(self.params[i], b, t) for b in self.buckets for t, i in enumerate(b.index)
+                          if b.records and b.records[t]]
         self.grad_dtypes = [None] * len(self.params)
         for b in self.buckets:
             for i in b.index:
@@ -92,7 +103,8 @@ class GroupStepPlan:
 
     def run(self, group: dict, seed: int, launch) -> bool:
         """One step of the group, or False (nothing done) when a gradient no longer fits the plan.
-        ``launch(params, grads, states, layout, scalars, seed, cache) -> cache`` runs one fused update."""
+        ``launch(params, grads, states, layout, scalars, seed, cache, records) -> cache`` runs one fused
+        update."""
         members = group["params"]
         if len(members) != len(self.params) or not all(map(operator.is_, members, self.params)):
             return False  # the group's parameter list was edited in place
@@ -119,6 +131,7 @@ class GroupStepPlan:
             b.step += 1
             scalars = StepScalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=b.step,
                                   maximize=maximize)
-            b.cache = launch(b.params, [grads[i] for i in b.index], b.states, b.layout, scalars, seed, b.cache)
+            b.cache = launch(b.params, [grads[i] for i in b.index], b.states, b.layout, scalars, seed, b.cache,
+                             b.records)
         bump_versions(self.locals)
         return True

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .._numerics import f32, ieee_div, ieee_sqrt
+from ..quantization.reference import tensor_amax
 from .layout import MOMENTS, StateLayout, read_moment, write_moment
 from .master_weights import join_bf16_remainder, random16, split_bf16_remainder, stochastic_round_bf16
 
@@ -85,13 +86,15 @@ def adamw_step_reference(
     scalars: StepScalars,
     sr_key: int = 0,
     nonfinite_count: torch.Tensor | None = None,
+    amax_out: torch.Tensor | None = None,
 ) -> None:
     """Update ``param`` and ``state`` in place (``state['step']`` must already hold ``scalars.step``).
 
     ``sr_key``: with ``bf16-stochastic`` masters, the 32-bit key of the rounding bits
     (``master_weights.random16(sr_key, element offsets)``, the same bits as the fused Triton step for this
     tensor). ``nonfinite_count``: an int64 0-d tensor on ``param``'s device to which the number of NaN/±inf
-    gradient elements (left un-updated) is added; None: not counted."""
+    gradient elements (left un-updated) is added; None: not counted. ``amax_out``: a 0-d fp32 tensor on ``param``'s
+    device that receives ``tensor_amax`` of the parameter as stored (the values the fused step records)."""
     shape = state["exp_avg"].shape
     c = step_constants(scalars)
     dev = param.device
@@ -135,6 +138,8 @@ def adamw_step_reference(
         pv.copy_(stochastic_round_bf16(p32, rnd))
     else:  # fp32 in place, or round-to-nearest into the param dtype
         pv.copy_(p32)
+    if amax_out is not None:
+        amax_out.copy_(tensor_amax(pv))
 
     for key, value in zip(MOMENTS, (m, v)):
         write_moment(state, key, value, layout)

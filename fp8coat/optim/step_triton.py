@@ -8,16 +8,21 @@ program owns ``BLOCK_GROUPS`` consecutive 1×G groups of one tensor and does, in
 
 so each byte of state, gradient and parameter is read once and written once. Elements with a NaN or ±inf
 gradient keep their parameter and moments (selects, no extra memory traffic); a program that saw any adds their
-number to a device counter with one atomic. m and v are clamped to the bounds of ``step_reference.py``. Tensors
-are found through two small device tables (addresses and shapes); a program locates its tensor by binary search
-over the tables' program offsets. Hyper-parameters are fp32 arguments (a device ``lr`` tensor is read
-in-kernel), so steps never recompile and never sync with the host. Without expansion the arithmetic mirrors
-``step_reference.py`` operation by operation (FMA contraction disabled): bit-identical. With expansion (the
-default) the kernel uses the hardware's approximate log2/exp2, sqrt and division and FMA contraction: within a
-few ulp of the reference (``exact_math=True`` keeps the exact arithmetic except log2/exp2).
+number to a device counter with one atomic. Tensors that record their amax (``record_amax``: e.g. weights
+gathered in FP8, whose per-tensor scale it gives) reduce the absolute values of the parameter they write over the
+tile and fold the result into a per-tensor slot with one atomic max. m and v are clamped to the bounds of
+``step_reference.py``. Tensors are found through two small device tables (addresses and shapes) and a
+per-program index of the tensor each program works on. Hyper-parameters are fp32 arguments (a
+device ``lr`` tensor is read in-kernel), so steps never recompile and never sync with the host. Without expansion
+the arithmetic mirrors ``step_reference.py`` operation by operation (FMA contraction disabled): bit-identical.
+With expansion (the default) the kernel uses the hardware's approximate log2/exp2, sqrt and division and FMA
+contraction: within a few ulp of the reference (``exact_math=True`` keeps the exact arithmetic except
+log2/exp2).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -159,21 +164,33 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
         tl.store(q_ptr + offs, x, mask=mask)
 
 
+@triton.jit
+def _record_amax(x, mask, amax_ptr, meta, NT, t):
+    """If tensor ``t`` records its amax: the max of ``|x|`` over the tile's elements (NaN counts as +inf, as in
+    ``quantization.tensor_amax``) into its slot. Non-negative floats order like their int32 bit patterns, so an
+    integer atomic max on the zeroed slot leaves the bits of the tensor's amax."""
+    if tl.load(meta + 4 * NT + t) != 0:
+        a = tl.where(mask, abs_nan_to_inf(x), 0.0)
+        tile_max = tl.max(tl.max(a, axis=1), axis=0)
+        tl.atomic_max(amax_ptr + t, tile_max.to(tl.int32, bitcast=True))
+
+
 @fast_kernel
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not select another compiled variant
 def _adamw_step_kernel(
-    table, meta, prog_tensor, NT, lr_ptr, lr_value, seed, count_ptr,
+    table, meta, prog_tensor, NT, lr_ptr, lr_value, seed, count_ptr, amax_ptr,
     one_minus_beta1, beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1, inv_bc2_sqrt,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
     M_FP8: tl.constexpr, V_FP8: tl.constexpr, EXPAND: tl.constexpr,
     M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_C: tl.constexpr, V_C: tl.constexpr,
     MASTER: tl.constexpr, LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
     G: tl.constexpr, BLOCK_GROUPS: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-    COUNT: tl.constexpr,
+    COUNT: tl.constexpr, AMAX: tl.constexpr,
 ):
-    # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (4, NT) = K, groups, groups/row, first program;
-    # prog_tensor: int32 (programs,) the tensor each program works on; count_ptr: int64 (), the number of
-    # non-finite gradient elements (COUNT)
+    # table: int64 (9, NT) addresses by POINTER_KINDS; meta: int64 (5, NT) = K, groups, groups/row, first program,
+    # records amax (0/1); prog_tensor: int32 (programs,) the tensor each program works on; count_ptr: int64 (), the
+    # number of non-finite gradient elements (COUNT); amax_ptr: int32 (NT,) the bit patterns of the new parameters'
+    # per-tensor amax (AMAX: some tensor of the launch records it)
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(prog_tensor + pid).to(tl.int64)
     K = tl.load(meta + t)
@@ -256,12 +273,18 @@ def _adamw_step_kernel(
         hi16 = ((bits >> 16) + (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
         tl.store(p_ptr + offs, hi16.to(tl.int16), mask=mask)
         tl.store(r_ptr + offs, lo16.to(tl.int16), mask=mask)
+        stored = (hi16 << 16).to(tl.float32, bitcast=True)  # the bf16 parameter as written (AMAX only)
     elif MASTER == 2:
         rnd = _random16(seed + t, offs)
         bits = (p.to(tl.uint32, bitcast=True) + rnd) >> 16
         tl.store(p_ptr + offs, bits.to(tl.int16), mask=mask)
+        stored = (bits << 16).to(tl.float32, bitcast=True)  # (the low 16 bits of bits, as stored)
     else:
-        tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+        new_p = p.to(P_DT)
+        tl.store(p_ptr + offs, new_p, mask=mask)
+        stored = new_p.to(tl.float32)
+    if AMAX:
+        _record_amax(stored, mask, amax_ptr, meta, NT, t)
 
     _encode_store(m, m_ptr, offs, mask, m_amax_ptr, m_expo_ptr, gidx, gmask, M_FP8, EXPAND, M_FMAX, M_C, FAST)
     _encode_store(v, v_ptr, offs, mask, v_amax_ptr, v_expo_ptr, gidx, gmask, V_FP8, EXPAND, V_FMAX, V_C, FAST)
@@ -269,6 +292,15 @@ def _adamw_step_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # launcher
+
+
+def _records_of(records, nt: int) -> "tuple[bool, ...]":
+    """``records`` as a tuple of ``nt`` bools (empty: none records)."""
+    if not records:
+        return (False,) * nt
+    if len(records) != nt:
+        raise ValueError(f"record_amax has {len(records)} entries for {nt} tensors")
+    return tuple(bool(r) for r in records)
 
 
 def _fmt_args(fmt):
@@ -292,15 +324,20 @@ class _LaunchPlan:
     ``table`` (int64, 9 × NT addresses) is uploaded once; each step only the gradient row changes, written into a
     small ring of pinned host buffers and copied asynchronously (a slot is reused only once its previous copy has
     completed, which an event tells without stalling the stream).
+
+    ``records``: per tensor, whether the launch records the amax of its new parameter. Where any does, ``amax``
+    holds one int32 slot per tensor (zeroed before each launch, on device) and ``amax_slots[t]`` is slot ``t`` as
+    a 0-d fp32 tensor (a view: the next launch overwrites it); else both are None.
     """
 
     RING = 4
 
-    def __init__(self, params, states, layout: StateLayout, block_groups: int):
+    def __init__(self, params, states, layout: StateLayout, block_groups: int, records: "tuple[bool, ...]" = ()):
         device = params[0].device
         nt = len(params)
         g_size = layout.group_size
-        meta = [[0] * nt for _ in range(4)]
+        records = _records_of(records, nt)
+        meta = [[0] * nt for _ in range(4)] + [[int(r) for r in records]]
         static = [[0] * nt for _ in POINTER_KINDS]
         programs_per_tensor = []
         self.flat = True
@@ -320,7 +357,12 @@ class _LaunchPlan:
                     static[_KIND[name]][t] = s[name].data_ptr()
         if any(a % 16 for row in static for a in row):
             raise ValueError("fused AdamW step needs 16-byte aligned parameters and states")
-        self.key = self.make_key(params, states, block_groups)
+        self.key = self.make_key(params, states, block_groups, records)
+        self.records = records
+        self.amax = self.amax_slots = None
+        if any(records):
+            self.amax = torch.zeros(nt, dtype=torch.int32, device=device)
+            self.amax_slots = list(self.amax.view(torch.float32).unbind(0))
         self.programs = start
         self.nt = nt
         self.device = device
@@ -336,8 +378,9 @@ class _LaunchPlan:
                           for _ in range(self.RING)]
 
     @staticmethod
-    def make_key(params, states, block_groups: int) -> tuple:
-        return (block_groups,) + tuple((p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
+    def make_key(params, states, block_groups: int, records: "tuple[bool, ...]" = ()) -> tuple:
+        return (block_groups, _records_of(records, len(params))) + tuple(
+            (p.data_ptr(), s["exp_avg"].data_ptr()) for p, s in zip(params, states))
 
     def set_grads(self, grads: list[torch.Tensor]) -> None:
         addresses = [g.data_ptr() for g in grads]
@@ -368,11 +411,18 @@ def fused_adamw_step(
     num_warps: int = 4,
     exact_math: bool | None = None,
     nonfinite_count: torch.Tensor | None = None,
+    record_amax: "Sequence[bool]" = (),
 ) -> _LaunchPlan:
     """Update all ``params`` (same device/dtype/layout/step) in one launch. Returns the launch plan to reuse.
 
     ``nonfinite_count``: an int64 0-d tensor on the parameters' device to which the number of NaN/±inf gradient
     elements (left un-updated) is added; None: not counted.
+
+    ``record_amax``: per tensor (empty: none), whether to record the amax of its new parameter as stored
+    (``quantization.tensor_amax`` of the written tensor: bf16 values for bf16 parameters, NaN as +inf, 0 for an
+    empty tensor), which the launch computes from the values it writes, in registers. It lands in the returned
+    plan's ``amax_slots[t]`` (0-d fp32, on device; no host sync). Only those tensors pay for it (one reduction
+    and one atomic per program); launches recording none compile without it.
 
     ``exact_math``: True = correctly rounded sqrt and division and no FMA contraction, operation by operation
     what the torch reference computes (bit-identical without expansion); False = the hardware's approximate
@@ -383,8 +433,10 @@ def fused_adamw_step(
     if exact_math is None:  # fp32 moments are never expanded: exact, as without expansion
         exact_math = not (layout.expand and (layout.m_format is not None or layout.v_format is not None))
     plan = cache
-    if plan is None or plan.key != _LaunchPlan.make_key(params, states, block_groups):
-        plan = _LaunchPlan(params, states, layout, block_groups)
+    if plan is None or plan.key != _LaunchPlan.make_key(params, states, block_groups, record_amax):
+        plan = _LaunchPlan(params, states, layout, block_groups, tuple(record_amax))
+    if plan.amax is not None:
+        plan.amax.zero_()  # (stream-ordered: no host sync) empty tensors keep 0
     if plan.programs == 0:
         return plan
     plan.set_grads(grads)
@@ -399,6 +451,7 @@ def fused_adamw_step(
     _adamw_step_kernel[(plan.programs,)](
         plan.table, plan.meta, plan.prog_tensor, plan.nt, lr_tensor, lr_value, seed & 0x7FFFFFFF,
         plan.meta if nonfinite_count is None else nonfinite_count,
+        plan.meta if plan.amax is None else plan.amax,
         c["one_minus_beta1"], c["beta1"], c["beta2"], c["one_minus_beta2"], c["eps"], c["weight_decay"],
         c["bias_correction1"], c["inv_bias_correction2_sqrt"],
         P_DT=p_dtype, G_DT=_TL_DTYPE[grads[0].dtype],
@@ -409,7 +462,7 @@ def fused_adamw_step(
         LERP_SMALL=c["one_minus_beta1"] < 0.5,
         G=layout.group_size, BLOCK_GROUPS=block_groups, FLAT=plan.flat, IEEE=exact_math,
         FAST=on_gpu(device),
-        COUNT=nonfinite_count is not None,
+        COUNT=nonfinite_count is not None, AMAX=plan.amax is not None,
         num_warps=num_warps, enable_fp_fusion=not exact_math,
     )
     return plan
