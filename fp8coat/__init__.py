@@ -11,7 +11,7 @@ from .checkpointing import load_sharded, save_sharded
 from .compiling import compile_layers
 from .conversion import conversion_summary, convert, unconvert
 from .formats import E4M3, E5M2, FP8Format, get_format
-from .nn.fp8_all_gather import enable_fp8_all_gather, precompute_fp8_scales
+from .nn.fp8_all_gather import enable_fp8_all_gather, fp8_all_gather_parameters, precompute_fp8_scales
 from .optim import AdamW, StepInBackward
 from .recipe import RECIPES, Recipe, get_recipe
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamW", "StepInBackward", "compile_layers", "convert", "unconvert", "conversion_summary", "Recipe", "RECIPES",
-    "get_recipe", "enable_fp8_all_gather", "precompute_fp8_scales", "save_sharded", "load_sharded",
+    "get_recipe", "enable_fp8_all_gather", "fp8_all_gather_parameters", "precompute_fp8_scales", "save_sharded",
+    "load_sharded",
     "E4M3", "E5M2", "FP8Format", "get_format", "__version__",
 ]

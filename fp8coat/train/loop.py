@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..compiling import compile_layers, decoder_layers
 from ..conversion import convert
 from ..memory import measure_saved_tensors, optimizer_state_bytes
-from ..nn.fp8_all_gather import precompute_fp8_scales
+from ..nn.fp8_all_gather import fp8_all_gather_parameters, precompute_fp8_scales
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
 from ..optim.sharding import is_sharded, local_tensor
@@ -103,7 +103,7 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
                                "library used for comparisons, not a dependency of fp8coat") from ex
         return AdamWFp8(groups, lr=cfg.lr, betas=betas)
     return AdamW(groups, lr=cfg.lr, betas=betas, expansion=cfg.expansion, master_weights=cfg.master_weights,
-                 seed=cfg.seed)
+                 seed=cfg.seed, record_amax_of=fp8_all_gather_parameters(model))  # ([] without FP8 all-gather)
 
 
 def _loss(model, ids: torch.Tensor, autocast: bool, head: torch.nn.Linear | None = None) -> torch.Tensor:
@@ -461,8 +461,8 @@ def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | N
     grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if cfg.fp8_all_gather:
-        precompute_fp8_scales(run.model)  # the next gathers' scales, in one all-reduce
+    if cfg.fp8_all_gather:  # the next gathers' scales: the amaxes the step recorded, one all-reduce
+        precompute_fp8_scales(run.model, optimizer if isinstance(optimizer, AdamW) else None)
     return loss_sum, grad_norm
 
 
