@@ -318,11 +318,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device, resume: bool, o
 def _check_sharded(cfg: TrainConfig, ranks: Ranks) -> None:
     """ValueError for what a sharded run does not support."""
     ranks.check_batch(cfg.batch_size)
-    for given, flag in ((cfg.step_in_backward, "--step-in-backward"), (cfg.compile, "--compile"),
-                        (cfg.optimizer == "torchao-fp8", "--optimizer torchao-fp8")):
-        if given:
-            raise ValueError(f"{flag} is not supported with --fsdp (a model sharded over {ranks.world_size} "
-                             f"rank{'s' if ranks.world_size != 1 else ''}): train without it")
+    if cfg.optimizer == "torchao-fp8":
+        raise ValueError(f"--optimizer torchao-fp8 is not supported with --fsdp (a model sharded over "
+                         f"{ranks.world_size} rank{'s' if ranks.world_size != 1 else ''}): train without it")
 
 
 def _param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -366,6 +364,9 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     head = model.lm_head if chunked else None
     step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
     if cfg.compile:
+        if objective is not None and decoder_layers(model) is None:
+            raise ValueError("--compile with --fsdp compiles each decoder layer, and this model has none "
+                             "(model.model.layers): train without --compile")
         step_model = _compile(model, step_model)
     return _Run(cfg, run_id, device, data, identity, train_data, val, model, source, optimizer, in_backward,
                 step_model, head, autocast=autocast, start=start, ranks=ranks, objective=objective)
@@ -456,11 +457,11 @@ def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | N
             (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
         loss_sum += loss.detach()
     loss_sum = run.ranks.mean(loss_sum)  # sharded: the mean over the ranks, the loss of the whole batches
-    if run.in_backward is not None:
-        return loss_sum, None
-    grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = None  # with step-in-backward the update happened inside backward
+    if run.in_backward is None:
+        grad_norm = clip_gradients(run.model, cfg.grad_clip)  # --grad-clip 0: the norm is only measured
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if cfg.fp8_all_gather:  # the next gathers' scales: the amaxes the step recorded, one all-reduce
         precompute_fp8_scales(run.model, optimizer if isinstance(optimizer, AdamW) else None)
     return loss_sum, grad_norm
