@@ -144,8 +144,8 @@ def test_fast_launch_picks_the_kernel_the_jit_picks_and_computes_the_same():
         outs = []
         for _ in range(3):  # first launch: the JIT; then the direct path
             q = torch.empty(x2.shape, dtype=fmt.dtype, device="cuda")
-            args = (x2, scale, q, r, k, x2.stride(0), x2.stride(1))
-            kw = dict(FMAX=fmt.max, BLOCK_R=block_r, BLOCK_K=block_k)
+            args = (x2, scale, q, scale, r, k, x2.stride(0), x2.stride(1))  # (the flag: unread, CONDITIONAL off)
+            kw = dict(FMAX=fmt.max, CONDITIONAL=False, BLOCK_R=block_r, BLOCK_K=block_k)
             kernel[grid](*args, **kw)
             outs.append(q)
         jit_kernel = kernel.fn[grid](*args, **kw)

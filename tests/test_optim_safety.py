@@ -585,3 +585,25 @@ def test_a_parameter_that_changes_shape_is_refused(new_shape):
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="cannot change shape"):
         opt.step()
+
+
+def test_a_nan_master_stays_nan_in_bf16_whatever_its_payload():
+    """CUDA's arithmetic NaN is 0x7FFFFFFF: rounding its low half up would carry into the sign bit and store -0.0
+    (a NaN weight silently turned into zero). Every NaN payload, of either sign, rounds to a bf16 NaN of the same
+    sign, with the remainder 0 and under stochastic rounding too."""
+    from fp8coat.optim.master_weights import join_bf16_remainder, split_bf16_remainder, stochastic_round_bf16
+
+    patterns = torch.tensor([0x7FFFFFFF, 0x7FC00000, 0x7F800001, 0x7FBFFFFF, -1, -0x00400000, -0x007FFFFF],
+                            dtype=torch.int64)
+    p32 = torch.where(patterns >= 2**31, patterns - 2**32, patterns).to(torch.int32).view(torch.float32)
+    assert torch.isnan(p32).all()
+    hi, lo = split_bf16_remainder(p32)
+    assert torch.isnan(hi).all() and (lo == 0).all()
+    assert torch.equal(torch.signbit(hi), torch.signbit(p32))
+    assert torch.isnan(join_bf16_remainder(hi, lo)).all()
+    for rnd in (torch.zeros(7, dtype=torch.int64), torch.full((7,), 0xFFFF, dtype=torch.int64)):
+        out = stochastic_round_bf16(p32, rnd)
+        assert torch.isnan(out).all() and torch.equal(torch.signbit(out), torch.signbit(p32))
+    finite = torch.tensor([1.0, -3.5e38, 3.3e38, 0.0, -0.0, 1e-40])  # unchanged behaviour elsewhere
+    hi_f, lo_f = split_bf16_remainder(finite)
+    assert torch.equal(join_bf16_remainder(hi_f, lo_f).view(torch.int32), finite.view(torch.int32))

@@ -86,10 +86,12 @@ def _from_bits32(b: torch.Tensor) -> torch.Tensor:
 
 
 def split_bf16_remainder(p32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 -> (bf16 rounded to nearest (ties away), int16 low bits)."""
+    """fp32 -> (bf16 rounded to nearest (ties away), int16 low bits). A NaN becomes a bf16 NaN of the same sign
+    with remainder 0 (rounding a NaN's payload up would carry into the sign bit: 0x7FFFFFFF -> -0.0)."""
     b = _bits32(p32)
-    lo = b & 0xFFFF
-    hi = ((b >> 16) + (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    nan = torch.isnan(p32)
+    lo = torch.where(nan, 0, b & 0xFFFF)
+    hi = torch.where(nan, (b >> 16) | 0x40, ((b >> 16) + (lo >= 0x8000).to(torch.int64)) & 0xFFFF)
     to16 = lambda t: torch.where(t >= 2**15, t - 2**16, t).to(torch.int16)  # noqa: E731
     return to16(hi).view(torch.bfloat16), to16(lo)
 
@@ -110,8 +112,9 @@ def stochastic_round_bf16(p32: torch.Tensor, random16: torch.Tensor) -> torch.Te
     ``random16`` holds integers in [0, 2^16) (any int dtype) of ``p32``'s shape. Unbiased:
     ``E[result] = p32`` for finite values that do not overflow.
     """
-    b = (_bits32(p32) + (random16.to(torch.int64) & 0xFFFF)) >> 16
-    b = b & 0xFFFF
+    bits = _bits32(p32)
+    b = (bits + (random16.to(torch.int64) & 0xFFFF)) >> 16
+    b = torch.where(torch.isnan(p32), (bits >> 16) | 0x40, b) & 0xFFFF  # a NaN stays a NaN
     return torch.where(b >= 2**15, b - 2**16, b).to(torch.int16).view(torch.bfloat16)
 
 

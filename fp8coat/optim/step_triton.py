@@ -271,12 +271,17 @@ def _adamw_step_kernel(
         bits = p.to(tl.uint32, bitcast=True)
         lo16 = bits & 0xFFFF
         hi16 = ((bits >> 16) + (lo16 >= 0x8000).to(tl.uint32)) & 0xFFFF
+        # a NaN stays a NaN (rounding its payload up would carry into the sign: 0x7FFFFFFF -> -0.0)
+        is_nan = p != p
+        hi16 = tl.where(is_nan, (bits >> 16) | 0x40, hi16)
+        lo16 = tl.where(is_nan, 0, lo16)
         tl.store(p_ptr + offs, hi16.to(tl.int16), mask=mask)
         tl.store(r_ptr + offs, lo16.to(tl.int16), mask=mask)
         stored = (hi16 << 16).to(tl.float32, bitcast=True)  # the bf16 parameter as written (AMAX only)
     elif MASTER == 2:
         rnd = _random16(seed + t, offs)
-        bits = (p.to(tl.uint32, bitcast=True) + rnd) >> 16
+        pbits = p.to(tl.uint32, bitcast=True)
+        bits = tl.where(p != p, (pbits >> 16) | 0x40, (pbits + rnd) >> 16)  # a NaN stays a NaN
         tl.store(p_ptr + offs, bits.to(tl.int16), mask=mask)
         stored = (bits << 16).to(tl.float32, bitcast=True)  # (the low 16 bits of bits, as stored)
     else:
