@@ -49,6 +49,7 @@ class FP8AllGatherWeight(torch.Tensor):
         self._data = data
         self.scale: "torch.Tensor | None" = None
         self.scale_version: "tuple[int, int] | None" = None
+        self._codes = None  # ((content version, scale), codes): the last cast of this shard, reused while valid
 
     def content_version(self) -> tuple[int, int]:
         """Changes whenever the weight is written in place: through this wrapper (its version counter) or directly
@@ -85,14 +86,22 @@ class FP8AllGatherWeight(torch.Tensor):
         """``((codes,), (scale,))``: this shard (padded to FSDP2's even shard size) cast to E4M3 with the whole
         weight's scale, as uint8 (all-gathered as bytes)."""
         shard = self._data
+        version = self.content_version()
         scale = self.scale
-        if scale is None or self.scale_version != self.content_version():
+        if scale is None or self.scale_version != version:  # (every rank: their shards change together)
             scale = agreed_scales([shard], mesh.get_group())[0]
+            self.scale, self.scale_version = scale, version  # the backward's gather takes it again
+        key = (version, scale)
+        if self._codes is not None and self._codes[0][0] == version and self._codes[0][1] is scale:
+            return (self._codes[1],), (scale,)  # the backward's gather of an unchanged shard: cast once per step
         rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the same number of rows
-        codes = torch.zeros((rows, *shard.shape[1:]), dtype=E4M3.dtype, device=shard.device)
+        codes = torch.empty((rows, *shard.shape[1:]), dtype=E4M3.dtype, device=shard.device)
+        codes[shard.shape[0]:].zero_()
         if shard.numel():
             codes[: shard.shape[0]] = quantize_per_tensor(shard, E4M3, scale)[0]
-        return (codes.view(torch.uint8),), (scale,)
+        codes = codes.view(torch.uint8)
+        self._codes = (key, codes)
+        return (codes,), (scale,)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         (codes,) = all_gather_outputs

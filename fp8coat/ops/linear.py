@@ -197,9 +197,11 @@ def _backward_impl(
         gqts = []
         for i, (g2, w, end, n) in enumerate(zip(g2s, weights, ends, ns)):
             quantize_transpose(g2, gfmt, sg, out=gq[:, end - n : end], out_t=gqt[end - n : end])
-            # FP8-gathered weights: their codes re-quantized under the joint scale (the weight as gathered)
-            w = weights_fp8[i].float() * w_scales[i] if weights_fp8 else w.detach()
-            quantize_transpose(w, fmt, sw, rowwise=False, pad_to=1, out_t=wqt[:, end - n : end])
+            if weights_fp8:  # FP8-gathered: codes·sw_i re-quantized under the joint sw, i.e. codes / (sw / sw_i)
+                w, s = weights_fp8[i], sw / w_scales[i]
+            else:
+                w, s = w.detach(), sw
+            quantize_transpose(w, fmt, s, rowwise=False, pad_to=1, out_t=wqt[:, end - n : end])
             gqts.append(gqt[end - n : end])
     dx = fp8_mm(gq, sg, wqt, sw, x_dtype, emulate=emulate)
     dx = dx if len(x_shape) == 2 else dx.reshape(x_shape)
