@@ -214,13 +214,14 @@ def test_batch_not_divisible_by_the_ranks_is_refused(tmp_path):
     assert not out.exists()
 
 
-def _reduce_dtypes(rank: int, world_size: int, out_dir: str) -> list[list[dict]]:
-    """Step 1 of the same run with fp32 parameters (torch's AdamW) with and without --fsdp-reduce-fp32."""
+def _short_runs(rank: int, world_size: int, out_dir: str, steps: int, variants: list[dict]) -> list[list[dict]]:
+    """The metrics logs (rank 0; [] on the others) of short runs of RUN without evaluation or checkpoints, one
+    per dict of ``variants`` (fields that differ from RUN)."""
     logs = []
-    for reduce_fp32 in (False, True):
-        out = os.path.join(out_dir, f"reduce_fp32_{reduce_fp32}")
-        train(TrainConfig(**{**RUN, "steps": 1, "eval_every": 0, "save_every": 0, "out_dir": out,
-                             "optimizer": "torch", "fsdp_reduce_fp32": reduce_fp32}), quiet=True)
+    for i, variant in enumerate(variants):
+        out = os.path.join(out_dir, f"run{i}")
+        train(TrainConfig(**{**RUN, "steps": steps, "eval_every": 0, "save_every": 0, "out_dir": out, **variant}),
+              quiet=True)
         logs.append(_log(out) if rank == 0 else [])
     return logs
 
@@ -230,28 +231,18 @@ def test_fsdp_reduce_fp32_averages_the_gradients_in_fp32(tmp_path):
     bf16, in fp32 it does not, so the same forward (equal losses) gives another gradient norm. (With bf16
     parameters on 2 ranks both give the same bits: the sum of two bf16 values is rounded once either way; it
     differs from 3 ranks on.)"""
-    (bf16, fp32), _ = run_ranks(_reduce_dtypes, 2, str(tmp_path))
+    variants = [{"optimizer": "torch", "fsdp_reduce_fp32": reduce_fp32} for reduce_fp32 in (False, True)]
+    (bf16, fp32), _ = run_ranks(_short_runs, 2, str(tmp_path), 1, variants)
     assert bf16[0]["loss"] == fp32[0]["loss"]
     assert bf16[0]["grad_norm"] != fp32[0]["grad_norm"]
     assert abs(bf16[0]["grad_norm"] - fp32[0]["grad_norm"]) < 1e-2 * fp32[0]["grad_norm"]
-
-
-def _gathers(rank: int, world_size: int, out_dir: str) -> list[list[dict]]:
-    """Step 1 of the same run with the converted linears' weights gathered as bf16 and as E4M3 codes."""
-    logs = []
-    for fp8 in (False, True):
-        out = os.path.join(out_dir, f"fp8_all_gather_{fp8}")
-        train(TrainConfig(**{**RUN, "steps": 1, "eval_every": 0, "save_every": 0, "out_dir": out,
-                             "fp8_all_gather": fp8}), quiet=True)
-        logs.append(_log(out) if rank == 0 else [])
-    return logs
 
 
 def test_fp8_all_gather_gives_the_same_forward_and_close_gradients(tmp_path):
     """--fp8-all-gather changes the computation: the forward is the same bits (the gathered codes are the codes of
     the gathered weight), the gradients differ a little (sibling projections' input gradients use the codes
     re-quantized under their joint scale)."""
-    (bf16, fp8), _ = run_ranks(_gathers, 2, str(tmp_path))
+    (bf16, fp8), _ = run_ranks(_short_runs, 2, str(tmp_path), 1, [{"fp8_all_gather": False}, {"fp8_all_gather": True}])
     assert bf16[0]["loss"] == fp8[0]["loss"]
     assert bf16[0]["grad_norm"] != fp8[0]["grad_norm"]
     assert abs(bf16[0]["grad_norm"] - fp8[0]["grad_norm"]) < 5e-2 * bf16[0]["grad_norm"]
@@ -267,42 +258,22 @@ def test_fp8_all_gather_needs_a_sharded_fp8_run(tmp_path):
               quiet=True)
 
 
-def _in_backward(rank: int, world_size: int, out_dir: str) -> list[list[dict]]:
-    """The same 2-step run updating after backward and inside it (--step-in-backward), both without clipping, and
-    with FP8 all-gather (whose scales then come from the updates made inside backward)."""
-    logs = []
-    for extra in ({}, {"step_in_backward": True}, {"step_in_backward": True, "fp8_all_gather": True},
-                  {"fp8_all_gather": True}):
-        out = os.path.join(out_dir, "_".join(extra) or "plain")
-        train(TrainConfig(**{**RUN, "steps": 2, "eval_every": 0, "save_every": 0, "grad_clip": 0.0, "out_dir": out,
-                             **extra}), quiet=True)
-        logs.append(_log(out) if rank == 0 else [])
-    return logs
-
-
 def test_step_in_backward_under_fsdp_updates_as_the_step_does(tmp_path):
     """StepInBackward updates each shard once FSDP2 has reduced its gradient: the same losses as opt.step() (the
     bf16-remainder update is bit-identical), with FP8 all-gather too."""
-    (plain, inside, inside_fp8, fp8), _ = run_ranks(_in_backward, 2, str(tmp_path))
+    variants = [{}, {"step_in_backward": True}, {"step_in_backward": True, "fp8_all_gather": True},
+                {"fp8_all_gather": True}]  # without clipping (step-in-backward cannot clip)
+    (plain, inside, inside_fp8, fp8), _ = run_ranks(_short_runs, 2, str(tmp_path), 2,
+                                                    [{"grad_clip": 0.0, **v} for v in variants])
     assert [r["loss"] for r in inside] == [r["loss"] for r in plain]
     assert [r["loss"] for r in inside_fp8] == [r["loss"] for r in fp8]
-
-
-def _compiled(rank: int, world_size: int, out_dir: str) -> list[list[dict]]:
-    logs = []
-    for compile_ in (False, True):
-        out = os.path.join(out_dir, f"compile_{compile_}")
-        train(TrainConfig(**{**RUN, "steps": 2, "eval_every": 0, "save_every": 0, "out_dir": out,
-                             "compile": compile_}), quiet=True)
-        logs.append(_log(out) if rank == 0 else [])
-    return logs
 
 
 @pytest.mark.slow
 def test_compile_under_fsdp_tracks_eager(tmp_path):
     """--compile with --fsdp compiles each decoder layer (inductor fuses the ops between the FP8 custom ops, so the
     losses agree to rounding, not bit for bit)."""
-    (eager, compiled), _ = run_ranks(_compiled, 2, str(tmp_path))
+    (eager, compiled), _ = run_ranks(_short_runs, 2, str(tmp_path), 2, [{"compile": False}, {"compile": True}])
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) < 1e-2 * abs(a["loss"])
 
