@@ -356,3 +356,17 @@ def test_other_uses_of_a_gathered_weight_see_its_dequantized_value():
     expected = torch.nn.functional.linear(x, g.dequantized())
     assert torch.equal(torch.nn.functional.linear(x, g), expected)
     assert (g.dequantized().float() - w.float()).abs().max() <= w.float().abs().max() / 8  # E4M3: 3 mantissa bits
+
+
+def _enable_after_sharding(rank: int, world: int) -> str:
+    model = fp8coat.convert(_tiny_llama(), "coat").train()
+    fully_shard(model)
+    try:
+        enable_fp8_all_gather(model)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_enabling_after_sharding_is_an_error():
+    assert "before fully_shard" in run_ranks(_enable_after_sharding, 1)[0]

@@ -46,8 +46,7 @@ from ..ops.fp8_gather import FP8AllGatherWeight, GatheredFP8Weight, agreed_scale
 from .linear import FP8LinearMixin
 
 __all__ = ["FP8AllGatherWeight", "GatheredFP8Weight",  # (the two tensor types: fp8coat.ops.fp8_gather)
-           "enable_fp8_all_gather", "disable_fp8_all_gather", "precompute_fp8_scales", "fp8_all_gather_weights",
-           "fp8_all_gather_parameters"]
+           "enable_fp8_all_gather", "precompute_fp8_scales", "fp8_all_gather_parameters"]
 
 
 def _converted_linears(model: torch.nn.Module):
@@ -63,19 +62,14 @@ def enable_fp8_all_gather(model: torch.nn.Module) -> int:
         w = module.weight
         if getattr(module, "_fp8coat_transposed", False):
             continue  # (HF Conv1D stores W transposed: gathered as usual)
-        if isinstance(w, FP8AllGatherWeight) or (hasattr(w, "_local_tensor")):
-            continue  # already wrapped, or already sharded (too late to wrap)
+        if isinstance(w, FP8AllGatherWeight):
+            continue  # already wrapped
+        if hasattr(w, "_local_tensor"):
+            raise ValueError("enable_fp8_all_gather: the model is already sharded (its weights are DTensors); call "
+                             "it after fp8coat.convert and before fully_shard")
         module.weight = torch.nn.Parameter(FP8AllGatherWeight(w.data), requires_grad=w.requires_grad)
         count += 1
     return count
-
-
-def disable_fp8_all_gather(model: torch.nn.Module) -> None:
-    """Undo :func:`enable_fp8_all_gather` (before ``fully_shard``)."""
-    for module in _converted_linears(model):
-        w = module.weight
-        if isinstance(w, FP8AllGatherWeight):
-            module.weight = torch.nn.Parameter(w._data, requires_grad=w.requires_grad)
 
 
 def _gathered(model: torch.nn.Module) -> "list[tuple[torch.Tensor, FP8AllGatherWeight]]":
@@ -86,11 +80,6 @@ def _gathered(model: torch.nn.Module) -> "list[tuple[torch.Tensor, FP8AllGatherW
         if isinstance(local, FP8AllGatherWeight):
             out.append((module.weight, local))
     return out
-
-
-def fp8_all_gather_weights(model: torch.nn.Module) -> "list[FP8AllGatherWeight]":
-    """The local shards (:class:`FP8AllGatherWeight`) of the FP8-gathered weights of a sharded ``model``."""
-    return [local for _, local in _gathered(model)]
 
 
 def fp8_all_gather_parameters(model: torch.nn.Module) -> "list[torch.Tensor]":
