@@ -47,7 +47,8 @@ def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys)
 
     header, rows = _table((out / "compare.md").read_text())
     assert header == ["run", "variant", "train loss (last 3 steps)", "val loss", "val gap vs baseline",
-                      "train gap vs baseline", "tok/s", "weights", "optimizer state", "saved for backward"]
+                      "train gap vs baseline", "tok/s", "weights", "optimizer state", "saved for backward",
+                      "FP8 weight copies"]
     assert rows["`bf16-torchopt`"][0] == "bf16 + torch AdamW (baseline)"
     assert rows["`coat`"][0] == "coat + fp8coat AdamW"
     col = {name: i for i, name in enumerate(header)}
@@ -64,6 +65,9 @@ def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys)
     # FP8 moments + 16-bit remainders against fp32 moments; FP8-saved activations against BF16 autocast
     assert coat["optimizer_state_bytes"] / base["optimizer_state_bytes"] < 0.6
     assert coat["saved_activation_bytes"] / base["saved_activation_bytes"] < 0.5
+    # the converted linears' cached E4M3 weights: none for BF16, one byte per weight (and 20 B per layer) for coat
+    assert base["fp8_weight_copy_bytes"] == 0 < coat["fp8_weight_copy_bytes"]
+    assert rows["`coat`"][col["FP8 weight copies"]] == f"{coat['fp8_weight_copy_bytes'] / 2**10:.2f} KiB"
     printed = capsys.readouterr().out
     assert "| coat + fp8coat AdamW | `coat` |" in printed and "Baseline: bf16 + torch AdamW" in printed
     assert (out / "loss.png").stat().st_size > 1000

@@ -35,11 +35,12 @@ def _run(recipe: fp8coat.Recipe):
                                          modules=list(model.model.layers))
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return loss.detach(), grads, report.total_bytes
+    return loss.detach(), grads, report.total_bytes, report.weight_copy_bytes
 
 
 def _differs(a, b) -> bool:
-    return not torch.equal(a[0], b[0]) or any(not torch.equal(a[1][n], b[1][n]) for n in a[1]) or a[2] != b[2]
+    return (not torch.equal(a[0], b[0]) or any(not torch.equal(a[1][n], b[1][n]) for n in a[1]) or a[2] != b[2]
+            or a[3] != b[3])
 
 
 COAT = fp8coat.get_recipe("coat")
@@ -49,6 +50,7 @@ CHANGES = {
     "forward_format": dict(forward_format="e5m2", backward_format="e4m3"),
     "backward_format": dict(backward_format="e4m3"),
     "activation_group_size": dict(activation_group_size=32),
+    "cache_fp8_weights": dict(cache_fp8_weights=False),
 }
 
 
@@ -64,6 +66,19 @@ def test_each_field_changes_the_computation(field):
     changed = _run(COAT.with_options(**CHANGES[field]))
     assert _differs(base, changed), field
     assert _run(COAT)[0].item() == base[0].item()  # deterministic: the difference is the field's
+
+
+def test_fp8_weight_cache_changes_memory_only():
+    """Without the cache every weight is quantized in each forward: the same loss, gradients and saved bytes, bit
+    for bit, and no FP8 copy held (with it: one byte per weight of the converted linears, plus scale and record)."""
+    cached, fresh = _run(COAT), _run(COAT.with_options(cache_fp8_weights=False))
+    assert torch.equal(cached[0], fresh[0]) and all(torch.equal(cached[1][n], fresh[1][n]) for n in cached[1])
+    assert cached[2] == fresh[2]
+    model = _tiny_llama()
+    linear_weights = [m.weight for layer in model.model.layers for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear)]
+    assert cached[3] == sum(w.numel() + 4 + 16 for w in linear_weights)
+    assert fresh[3] == 0
 
 
 def test_backward_format_changes_gradients_only():
@@ -99,6 +114,8 @@ def test_two_e5m2_operands_are_rejected():
 def test_recipe_printed_as_it_runs():
     r = COAT.with_options(backward_format="e4m3")
     assert "E4M3/E4M3" in str(r)
+    assert "quantized in every forward" in str(COAT.with_options(cache_fp8_weights=False))
+    assert "quantized in every forward" not in str(COAT)
     model = fp8coat.convert(_tiny_llama(), r)
     assert "fp8=e4m3/e4m3" in repr(model.model.layers[0].self_attn.q_proj)
     assert copy.deepcopy(r) == r

@@ -13,6 +13,10 @@ it and to the innermost module that was running when it was saved.
 Tensors packed by other saved-tensor hooks (activation checkpointing, offloading) are read as packed, never
 unpacked: a checkpointed region counts what its holders keep (nothing: it is recomputed in backward), not its
 recomputation, and measuring does not run it.
+
+Not saved tensors but also held from forward to backward: the FP8 copies of the weights that the given modules'
+converted linear layers cache (``Recipe.cache_fp8_weights``), 1 byte per weight — reported apart as
+``weight_copy_bytes``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..conversion import weight_caches
 from ..nn.hooks import observer
 
 __all__ = ["SavedTensors", "measure_saved_tensors"]
@@ -36,6 +41,7 @@ class SavedTensors:
 
     total_bytes: int = 0
     parameter_bytes: int = 0
+    weight_copy_bytes: int = 0  # FP8 weight copies cached by converted linears (held, not saved; apart)
     by_op: dict = field(default_factory=dict)
     by_module: dict = field(default_factory=dict)
     entries: list = field(default_factory=list)  # (op, module, dtype, shape, storage bytes)
@@ -52,6 +58,9 @@ class SavedTensors:
             lines.append(f"| {op} | {nbytes:,} |{u} {'; '.join(per_op[op][:4])}{' …' if len(per_op[op]) > 4 else ''} |")
         u = f" {self.total_bytes / unit_bytes:.2f} |" if unit_bytes else ""
         lines.append(f"| **total (excluding parameters)** | **{self.total_bytes:,}** |{u} |")
+        if self.weight_copy_bytes:
+            u = f" {self.weight_copy_bytes / unit_bytes:.2f} |" if unit_bytes else ""
+            lines.append(f"| FP8 weight copies (held, not saved) | {self.weight_copy_bytes:,} |{u} |")
         return "\n".join(lines)
 
 
@@ -148,8 +157,9 @@ def measure_saved_tensors(
 ) -> "tuple[Any, SavedTensors]":
     """Run ``fn(*args, **kwargs)`` and count what its autograd graph keeps for backward.
 
-    ``modules``: module(s) whose parameters/buffers are reported apart and whose submodules name the
-    ``by_module`` breakdown. Returns ``(output, SavedTensors)``; the graph stays usable for backward.
+    ``modules``: module(s) whose parameters/buffers are reported apart, whose submodules name the ``by_module``
+    breakdown and whose converted linears' FP8 weight copies make ``weight_copy_bytes``. Returns
+    ``(output, SavedTensors)``; the graph stays usable for backward.
     """
     if isinstance(modules, torch.nn.Module):
         modules = [modules]
@@ -184,6 +194,8 @@ def measure_saved_tensors(
     _add_parameter_storages(param_keys, modules)  # and those registered in forward (FSDP2's unsharded ones)
 
     report = SavedTensors()
+    caches = {id(c): c for root in modules for c in weight_caches(root)}
+    report.weight_copy_bytes = sum(c.nbytes for c in caches.values())
     seen_nodes, seen_storages = set(), set()
     todo = [t.grad_fn for t in _flatten_tensors(out) if t.grad_fn is not None]
     nodes = []

@@ -7,7 +7,9 @@ FP8 norm linked to the group by a :class:`~fp8coat.nn.handoff.Handoff`, backward
 saved tensors.
 
 Each converted linear keeps its weight's FP8 copy in an :class:`~fp8coat.ops.weight_cache.FP8WeightCache` between
-optimizer steps (one quantization per step, however many micro-batches) — except where FSDP manages the weight
+optimizer steps (one quantization per step, however many micro-batches) — unless its recipe says not to
+(``Recipe.cache_fp8_weights=False``: quantized in each forward, nothing held from forward to backward), and except
+where FSDP manages the weight
 (``fully_shard``, or FSDP1 with ``use_orig_params``: both mark the modules they manage). There the weight exists in
 full only while FSDP has gathered it, and a cache would keep a full FP8 copy of every sharded weight on every rank:
 1 byte per parameter of the whole model, as much as the bf16 shards on 2 ranks or the fp32 shards on 4, and more
@@ -34,11 +36,11 @@ def fp8_linear_kwargs(recipe: Recipe) -> dict:
 
 
 def weight_cache(module) -> "FP8WeightCache | None":
-    """The FP8 weight cache for ``module``'s forward: its own, or None where FSDP manages its weight (the module
-    carries FSDP's ``_is_fsdp_managed_module`` mark): the weight is then quantized in each forward and a copy cached
-    earlier is freed."""
+    """The FP8 weight cache for ``module``'s forward: its own, or None where its recipe does not cache
+    (``Recipe.cache_fp8_weights``) or FSDP manages its weight (the module carries FSDP's ``_is_fsdp_managed_module``
+    mark): the weight is then quantized in each forward and a copy cached earlier is freed."""
     cache = module._fp8coat_cache
-    if getattr(module, "_is_fsdp_managed_module", False):
+    if not module._fp8coat_recipe.cache_fp8_weights or getattr(module, "_is_fsdp_managed_module", False):
         if cache.q is not None and not torch.compiler.is_compiling():
             cache.release()
         return None

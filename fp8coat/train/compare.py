@@ -182,6 +182,7 @@ _MEMORY_COLUMNS = (
     ("param_bytes", "weights", float, statistics.fmean),
     ("optimizer_state_bytes", "optimizer state", float, statistics.fmean),
     ("saved_activation_bytes", "saved for backward", float, statistics.fmean),
+    ("fp8_weight_copy_bytes", "FP8 weight copies", float, statistics.fmean),
 )
 
 
@@ -273,6 +274,9 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
         "saved_activation_bytes": f"**saved for backward**: bytes the decoder layers keep for backward for one "
                                   f"micro-batch of {tokens} (measured on the CPU; the LM head and the loss "
                                   f"apart).",
+        "fp8_weight_copy_bytes": "**FP8 weight copies**: bytes of the E4M3 weight copies the converted linear layers "
+                                 "keep between optimizer steps (held from forward to backward; none with the "
+                                 "recipe option `cache_fp8_weights=False` or under FSDP).",
     }
     notes += [memory_notes[c[0]] for c in memory]
     if len(seeds) > 1:

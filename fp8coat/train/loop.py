@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compiling import compile_layers, decoder_layers
-from ..conversion import convert
+from ..conversion import convert, weight_caches
 from ..memory import measure_saved_tensors, optimizer_state_bytes
 from ..nn.fp8_all_gather import fp8_all_gather_parameters, precompute_fp8_scales
 from ..ops.cross_entropy import linear_cross_entropy
@@ -638,6 +638,7 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
         "tok_per_s": None,
         "optimizer_state_bytes": ranks.sum_int(optimizer_state_bytes(run.optimizer)),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "fp8_weight_copy_bytes": sum(c.nbytes for c in weight_caches(model)),
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -50,6 +50,8 @@ def format_summary(summary: dict, out_dir: str) -> str:
         rows.append(("peak GPU memory", f"{summary['peak_mem_gib']:.2f} GiB"))
     if "saved_activation_bytes" in summary:
         rows.append(("saved for backward (1 micro-batch)", human_bytes(summary["saved_activation_bytes"])))
+    if summary.get("fp8_weight_copy_bytes"):
+        rows.append(("FP8 weight copies (held)", human_bytes(summary["fp8_weight_copy_bytes"])))
     width = max(len(name) for name, _ in rows)
     head = (f"{summary['recipe']} + {summary['optimizer']} optimizer, {human_count(summary['params'])} params, "
             f"{summary['steps']} steps ({os.path.join(out_dir, 'summary.json')}):")
