@@ -39,6 +39,22 @@ def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
     assert summary["saved_activation_bytes"] > 0 and summary["optimizer_state_bytes"] > 0
 
 
+def test_uncached_fp8_weights_give_the_same_run_and_hold_nothing(tmp_path):
+    """--no-cache-fp8-weights (with gradient accumulation: each micro-batch quantizes the weights again) gives the
+    cached run's losses exactly, and the summary counts no FP8 weight copies (the cached run: one byte per weight
+    of the decoder layers' linears)."""
+    runs, summaries = {}, {}
+    for flag in ("--cache-fp8-weights", "--no-cache-fp8-weights"):
+        out = tmp_path / flag
+        assert _run(["train", "--out-dir", str(out), "--steps", "3", "--grad-accum", "2", "--eval-every", "0", flag,
+                     *COMMON]) == 0
+        runs[flag] = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")]
+        summaries[flag] = json.loads((out / "summary.json").read_text())
+    assert runs["--cache-fp8-weights"] == runs["--no-cache-fp8-weights"]
+    assert summaries["--no-cache-fp8-weights"]["fp8_weight_copy_bytes"] == 0
+    assert summaries["--cache-fp8-weights"]["fp8_weight_copy_bytes"] >= 4 * 12 * 128 * 128  # tiny: 4 layers, >=12*H^2
+
+
 @pytest.mark.parametrize("recipe,master,extra", [
     ("coat", "auto", []), ("bf16", "bf16-stochastic", []),
     ("coat", "bf16-stochastic", ["--step-in-backward", "--grad-clip", "0"]),
@@ -78,6 +94,7 @@ def test_resume_continues_with_identical_losses(tmp_path, recipe, master, extra)
     (["--grad-clip", "inf"], "grad-clip must be a finite number >= 0 (0: no clipping), got inf"),
     (["--min-lr-ratio", "nan"], "min-lr-ratio must be in [0, 1], got nan"),
     (["--keep-last", "-1"], "keep-last must be >= 0, got -1"),
+    (["--recipe", "bf16", "--no-cache-fp8-weights"], "--no-cache-fp8-weights sets how FP8 linear layers"),
 ])
 def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "bad"

@@ -38,6 +38,9 @@ _HELP = {
     "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
     "chunked_loss": "LM head and cross-entropy over chunks of tokens, never keeping the logits for backward",
     "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
+    "cache_fp8_weights": "FP8 linear layers keep their weights' E4M3 copies between optimizer steps (1 byte per "
+                         "weight, quantized once per step); --no-cache-fp8-weights quantizes them in every forward "
+                         "and holds nothing from forward to backward (same results)",
     "fsdp": "shard the model over the processes of torchrun with FSDP2: auto (on when WORLD_SIZE > 1) | on | off. "
             "--batch-size is the global batch: each rank takes an equal share of its rows (it must divide evenly), "
             "so a step sees the data of one process; rank 0 logs and writes the files; checkpoints resume on any "

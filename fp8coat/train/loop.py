@@ -34,6 +34,7 @@ from ..nn.fp8_all_gather import fp8_all_gather_parameters, precompute_fp8_scales
 from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
 from ..optim.sharding import is_sharded, local_tensor
+from ..recipe import get_recipe
 from .checkpoint import (
     MANIFEST,
     latest_checkpoint,
@@ -347,7 +348,7 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
 
     dtype = _param_dtype(cfg)
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
-    model = convert(model, cfg.recipe)
+    model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))
     model.train()
     autocast = dtype == torch.float32 and cfg.recipe == "bf16"
     chunked = cfg.chunked_loss and _can_chunk_loss(model)
