@@ -84,6 +84,9 @@ class ModelShape:
         model_type = _get(config, "model_type")
         if model_type is None:
             raise ValueError("the model config names no model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported by the memory planner; expected one of "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoder-only models)")
         hidden = _get(config, "hidden_size")
         heads = _get(config, "num_attention_heads")
         if hidden is None or heads is None:
