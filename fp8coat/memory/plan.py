@@ -291,7 +291,7 @@ def plan_memory(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
                                          chunk_tokens=s.loss_chunk_tokens)
     grad_elem = 2 if n > 1 else pb  # FSDP computes the unsharded gradients in bf16
     workspace = layer_backward_workspace(shape, s.recipe, b, seq, precision=prec, device=s.device,
-                                         grad_bytes=grad_elem)
+                                         grad_bytes=grad_elem, compiled=compiled)
 
     fsdp_fwd = fsdp_bwd = 0
     if n > 1:

@@ -90,16 +90,19 @@ def _norm_bwd(tl: _Timeline, rows: int, width: int, fp8: bool, cpu: bool, r: int
 
 
 def layer_backward_workspace(shape: ModelShape, recipe: str, batch: int, seq: int, *, precision: str = "bf16",
-                             device: str = "cuda", grad_bytes: "int | None" = None) -> int:
+                             device: str = "cuda", grad_bytes: "int | None" = None, compiled: bool = False) -> int:
     """Peak bytes above "the layer's saved tensors held" while one decoder layer runs its backward, incoming
     gradient and the layer's parameter gradients (``grad_bytes`` per element; default: the parameters' dtype)
-    included."""
+    included. A compiled ``bf16``-recipe layer (one backward graph that frees each saved tensor after its last
+    use) is approximated by the incoming gradient and the layer's gradients alone."""
     t = batch * seq
     tp = padded(t, 16)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_out, shape.kv_out
     r = 2 if precision == "bf16" else 4
     a = 4 if precision == "fp32" else 2
     p = grad_bytes if grad_bytes is not None else (2 if precision == "bf16" else 4)
+    if compiled and recipe == "bf16" and precision == "bf16":
+        return t * h * r + sum(w.numel for w in shape.layer_parameters()) * p
     cpu = device == "cpu"
     fp8, coat = recipe != "bf16", recipe == "coat"
     rebuild_extra = t * h * 4 if cpu else 0
