@@ -1,8 +1,9 @@
-"""Command line: ``fp8coat train`` and ``fp8coat compare`` (also ``python -m fp8coat ...``).
+"""Command line: ``fp8coat train``, ``fp8coat compare`` and ``fp8coat plan`` (also ``python -m fp8coat ...``).
 
     fp8coat train --model 60m --recipe coat --data mix --steps 500 --batch-size 64 --seq-len 512
     fp8coat train --out-dir runs/train --resume            # continue the run from its newest intact checkpoint
     fp8coat compare --variants bf16-torchopt,coat --steps 300   # same data order and seed; table + loss.png
+    fp8coat plan --model llama2-7b --recipe coat --batch-size 16 --seq-len 2048   # predicted memory per GPU
     torchrun --nproc_per_node=8 -m fp8coat train --model 1b --batch-size 64   # sharded over 8 GPUs (FSDP2)
 
 Every option of :class:`fp8coat.train.TrainConfig` is a flag (``--seq-len``, ``--grad-accum``, ...).
@@ -19,6 +20,7 @@ from .config import TrainConfig
 from .distributed import launch_world
 from .finite import NonFiniteError
 from .loop import train
+from .plan_cmd import add_plan_parser
 from .progress import format_summary
 from .runs import resumed_config, saved_config
 
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--seeds", "--seed", dest="seeds", default="0",
                        help="comma-separated seeds; each variant runs once per seed (default: 0)")
     p_cmp.set_defaults(func=_compare)
+    add_plan_parser(sub)
     return parser
 
 
