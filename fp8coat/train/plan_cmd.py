@@ -81,7 +81,7 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", dest="activation_checkpointing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="each decoder layer keeps only its input and recomputes the rest in backward")
-    p.add_argument("--fp8-weight-cache", dest="cache_fp8_weights", action=argparse.BooleanOptionalAction,
+    p.add_argument("--cache-fp8-weights", dest="cache_fp8_weights", action=argparse.BooleanOptionalAction,
                    default=True, help="converted linears keep their FP8 weight copies between steps (default: on)")
     p.add_argument("--compile", dest="compiled", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile each decoder layer")
