@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-/tmp/fp8coat_gpu}"
 export RUN_ID="${RUN_ID:-$(date -u +%Y-%m-%d-%H%M)}"
 export RESULTS="$OUT/results"
-mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp"
+mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp" "$RESULTS/llama7b" "$RESULTS/compile_time"
 export PYTHONUNBUFFERED=1
 if [ -z "${FP8COAT_COMMIT:-}" ]; then
   FP8COAT_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || true)"
@@ -32,6 +32,8 @@ SECTIONS=(
   "profile 120"
   "compile_time 300"
   "bench_fsdp 240"
+  "bench_llama7b 560"
+  "compile_time_torchao 300"
   "bench_layers_before 330"
   "bench_optimizer_before 300"
   "compile_time_before 300"
@@ -95,6 +97,19 @@ section_bench_fsdp() {
   # the 4-layer model under fully_shard on one rank (NCCL), BF16 and FP8 all-gather, against unsharded;
   # BENCH_FSDP_ARGS: extra arguments (e.g. --compile)
   python3 -m benchmarks.fsdp --out "$RESULTS/fsdp" ${BENCH_ARGS:-} ${BENCH_FSDP_ARGS:-}
+}
+
+section_bench_llama7b() {
+  # the full Llama-2-7B shape on one GPU: fp8coat rows, torchao float8 and BF16 AMP in the same run, ascending
+  # batches until out of memory (its own --budget-s 540 keeps it inside the limit); BENCH_LLAMA7B_ARGS: extra
+  # arguments (e.g. --profile fp8coat_best@16 --saved-bytes, --batches fp8coat_best_nocache:16, --seq 4096)
+  python3 -m benchmarks.llama7b --out "$RESULTS/llama7b" ${BENCH_LLAMA7B_ARGS:-}
+}
+
+section_compile_time_torchao() {
+  # the compile_time section's models with torchao float8 + AdamWFp8 (as the 7B anchors), 4 and 32 layers
+  python3 -m benchmarks.compile_time --library torchao --layers "${COMPILE_LAYERS:-4,32}" \
+    --out "$RESULTS/compile_time" --tag after ${BENCH_ARGS:-}
 }
 
 # Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat
