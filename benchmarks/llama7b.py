@@ -97,6 +97,7 @@ BF16_ROW = "bf16amp_compiled"
 # budget estimates for one run on an H200 (seconds; tokens per second by library)
 BUILD_COST_S = 15.0
 COMPILE_COST_S = 40.0
+PROFILE_COST_S = 30.0  # the profiled step and the trace's post-processing
 EST_TOK_S = {"fp8coat": 20_000, "torchao": 17_000, "bf16amp": 11_000}
 
 
@@ -555,7 +556,8 @@ class Bench(harness.Bench):
             return 0.0
         steps = self.args.warmup + self.args.steps
         return (BUILD_COST_S + (COMPILE_COST_S if compiled else 0.0)
-                + steps * batch * self.args.seq / EST_TOK_S[row.library])
+                + steps * batch * self.args.seq / EST_TOK_S[row.library]
+                + (PROFILE_COST_S if self.args.profile == (row.name, batch) else 0.0))
 
     def run_row(self, row: Row, batches: list[int]) -> None:
         """``row`` at ``batches`` in order, until one does not succeed (out of memory, error, budget)."""
@@ -608,10 +610,13 @@ class Bench(harness.Bench):
             return "ok"
         if len(self.res["skipped"]) > n_skipped:
             return "skipped"
-        entry.update(ok=False, oom=False, wall_s=round(time.perf_counter() - t0, 1))
+        # an allocation failing inside compilation (autotuning) arrives wrapped in a compiler error; its message
+        # stays under errors
+        oom = "out of memory" in self.res["errors"].get(name, "").lower()
+        entry.update(ok=False, oom=oom, wall_s=round(time.perf_counter() - t0, 1))
         self.res["rows"].append(entry)
         self.save()
-        return "error"
+        return "oom" if oom else "error"
 
     # -- bytes saved for backward -----------------------------------------------------------------------------
 
