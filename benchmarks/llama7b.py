@@ -359,24 +359,24 @@ def summarize_items(items: list[dict], wall_ms: float, fp8coat_kernels: dict[str
     ops), ms per category and per fp8coat module, and idle = ``wall_ms`` − busy time (the union of kernel
     intervals where known, else the sum)."""
     by_name: dict[str, dict] = {}
-    for it in items:
-        d = by_name.setdefault(it["name"], {"count": 0, "us": 0.0, "parents": set()})
+    categories = dict.fromkeys(CATEGORIES, 0.0)
+    details: dict[str, dict[str, float]] = {"fp8coat_triton": {}, "elementwise_other": {}}
+    for it in items:  # each launch categorized with its own launching op
+        cat, detail = categorize(it["name"], it["parents"], fp8coat_kernels)
+        categories[cat] += it["us"] / 1e3
+        if cat in details:
+            details[cat][detail] = details[cat].get(detail, 0.0) + it["us"] / 1e3
+        d = by_name.setdefault(it["name"], {"count": 0, "us": 0.0, "parents": set(), "categories": {}})
         d["count"] += 1
         d["us"] += it["us"]
         d["parents"].update(it["parents"])
+        d["categories"][cat] = d["categories"].get(cat, 0.0) + it["us"]
     total_us = sum(d["us"] for d in by_name.values())
-    categories = dict.fromkeys(CATEGORIES, 0.0)
-    details: dict[str, dict[str, float]] = {"fp8coat_triton": {}, "elementwise_other": {}}
     top_rows = []
-    for name, d in sorted(by_name.items(), key=lambda kv: -kv[1]["us"]):
-        cat, detail = categorize(name, sorted(d["parents"]), fp8coat_kernels)
-        categories[cat] += d["us"] / 1e3
-        if cat in details:
-            details[cat][detail] = details[cat].get(detail, 0.0) + d["us"] / 1e3
-        if len(top_rows) < top:
-            top_rows.append({"name": name[:300], "count": d["count"], "total_ms": d["us"] / 1e3,
-                             "pct": 100.0 * d["us"] / total_us if total_us else 0.0, "category": cat,
-                             "ops": sorted(d["parents"])[:3]})
+    for name, d in sorted(by_name.items(), key=lambda kv: -kv[1]["us"])[:top]:
+        top_rows.append({"name": name[:300], "count": d["count"], "total_ms": d["us"] / 1e3,
+                         "pct": 100.0 * d["us"] / total_us if total_us else 0.0,
+                         "category": max(d["categories"], key=d["categories"].get), "ops": sorted(d["parents"])[:3]})
     spans = [(it["start"], it["end"]) for it in items if it.get("start") is not None]
     busy_ms = (busy_us(spans) if spans else total_us) / 1e3
     return {"device": device, "time": "self CUDA time of kernels" if device == "cuda" else "self CPU time of ops",
@@ -395,13 +395,23 @@ def profile_items(prof, cuda: bool) -> list[dict]:
     if not cuda:
         return [{"name": e.name, "parents": (), "us": e.self_cpu_time_total} for e in events
                 if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0]
-    parents: dict[str, set] = {}
-    for e in events:  # the CPU op that launched each kernel (kineto's correlation)
-        for k in getattr(e, "kernels", ()):
-            parents.setdefault(k.name, set()).add(e.name)
-    return [{"name": e.name, "parents": tuple(parents.get(e.name, ())), "us": e.time_range.elapsed_us(),
-             "start": e.time_range.start, "end": e.time_range.end}
-            for e in events if e.device_type == DeviceType.CUDA]
+    # the CPU op that launched each kernel: kineto links a kernel to it by correlation id; where the event does not
+    # carry that link, every op that launched a kernel of that name
+    op_of_id, parents_of_name = {}, {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and getattr(e, "kernels", None):
+            op_of_id[e.id] = e.name
+            for k in e.kernels:
+                parents_of_name.setdefault(k.name, set()).add(e.name)
+    items = []
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        op = op_of_id.get(getattr(e, "linked_correlation_id", None))
+        parents = (op,) if op is not None else tuple(sorted(parents_of_name.get(e.name, ())))
+        items.append({"name": e.name, "parents": parents, "us": e.time_range.elapsed_us(),
+                      "start": e.time_range.start, "end": e.time_range.end})
+    return items
 
 
 def profile_table(summary: dict) -> str:

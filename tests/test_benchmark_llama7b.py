@@ -150,6 +150,29 @@ def test_profile_categories_and_busy_time():
     assert set(llama7b.fp8coat_kernel_names().values()) >= {"quantize", "norm", "activation", "adamw"}
 
 
+def test_profile_items_link_each_kernel_to_its_op():
+    """Two launches of one kernel name from different ops land in different categories (fake profiler events)."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def op(id_, name, kernels):
+        return NS(device_type=DeviceType.CPU, id=id_, name=name, kernels=[NS(name=k) for k in kernels])
+
+    def kernel(name, link, start, end):
+        return NS(device_type=DeviceType.CUDA, id=0, name=name, kernels=[], linked_correlation_id=link,
+                  time_range=NS(start=start, end=end, elapsed_us=lambda: end - start))
+
+    prof = NS(events=lambda: [op(7, "aten::_scaled_mm", ["nvjet_a"]), op(8, "aten::mm", ["nvjet_a"]),
+                              kernel("nvjet_a", 7, 0.0, 30.0), kernel("nvjet_a", 8, 40.0, 50.0)])
+    items = llama7b.profile_items(prof, cuda=True)
+    assert [it["parents"] for it in items] == [("aten::_scaled_mm",), ("aten::mm",)]
+    s = llama7b.summarize_items(items, wall_ms=0.1, fp8coat_kernels={}, device="cuda")
+    assert s["categories_ms"]["fp8_gemm"] == pytest.approx(0.03)
+    assert s["categories_ms"]["bf16_gemm"] == pytest.approx(0.01)
+    assert s["top"][0]["category"] == "fp8_gemm" and s["top"][0]["ops"] == ["aten::_scaled_mm", "aten::mm"]
+
+
 def test_build_in_dtype_without_fp32_copy():
     model = llama7b.build_llama(llama7b.DRY_SHAPE, 32, torch.bfloat16, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
