@@ -103,7 +103,7 @@ def run(n_layers: int, args) -> dict:
         if step == 0:
             step1_s = time.perf_counter() - s
         times.append(time.perf_counter() - (t0 if step == 0 else s))
-    recipe = {"fp8coat": args.recipe, "torchao": "torchao-float8", "bf16": "bf16-amp"}[args.library]
+    recipe = {"fp8coat": args.recipe, "torchao": "torchao-float8", "bf16": "bf16"}[args.library]
     row = {"layers": n_layers, "recipe": recipe, "batch": args.batch, "seq": args.seq,
            "first_step_s": round(times[0], 2), "two_steps_s": round(times[0] + times[1], 2),
            "later_step_ms": round(statistics.median(times[2:]) * 1e3, 1),

@@ -37,8 +37,11 @@ step time over the timed steps (``step_ms``, CUDA events, synchronized after eac
 ``tok_s`` = batch · seq / step time, ``peak_gib`` = ``torch.cuda.max_memory_allocated`` / 2³⁰ from after the
 build (parameters and optimizer count; None on the CPU), the final step's loss, ``wall_s`` (build + all steps),
 ``build_s`` (model on the GPU, conversion, compile wrappers, optimizer) and ``first_step_s`` (host clock,
-compilation included). ``meta`` records date, commit (``FP8COAT_COMMIT``), command, GPU and versions. The table
-printed last gives tok/s relative to the best torchao and bf16amp_compiled batch measured in the same run.
+compilation included). ``recipe`` / ``optimizer`` / ``master_weights`` use the names of
+``fp8coat.memory.PlanSettings`` where it has them (``coat`` / ``bf16``, ``fp8coat`` / ``torch`` / ``torchao-fp8``,
+``fp32`` for the anchors' fp32 parameters); torchao's recipe is ``torchao-float8``. ``meta`` records date, commit
+(``FP8COAT_COMMIT``), command, GPU and versions. The table printed last gives tok/s relative to the best torchao
+and bf16amp_compiled batch measured in the same run.
 
 Flags:
 
@@ -52,7 +55,8 @@ Flags:
   under ``profile``. The run is added to the plan if absent.
 * ``--saved-bytes``: ``fp8coat.memory.measure_saved_tensors`` of one bf16 decoder layer's forward at
   (``--saved-batch``, seq, 4096) for the ``bf16`` and ``coat`` recipes (and ``coat`` with
-  ``cache_fp8_weights=False`` where that field exists): bytes saved for backward per op, under ``saved_bytes``.
+  ``cache_fp8_weights=False`` where that field exists): bytes saved for backward per op (and the FP8 weight
+  copies held apart, ``weight_copy_bytes``), under ``saved_bytes``.
 * ``--dry-run``: tiny shapes on the CPU (hidden 64, 2 layers, 4 heads, MLP 176, vocab 96, seq 32, batches 2 and
   4), no compilation, FP8 emulated by fp8coat's CPU path; torchao rows skipped.
 
@@ -107,8 +111,8 @@ class Row:
 
     ``library``: ``fp8coat`` (bf16 parameters, ``coat`` recipe, ``fp8coat.AdamW``), ``torchao`` (fp32 parameters,
     float8 linears, ``AdamWFp8``, bf16 autocast) or ``bf16amp`` (fp32 parameters, bf16 autocast, fused torch
-    AdamW). ``master_weights``: ``fp8coat.AdamW``'s mode (None for the anchors). ``cache_fp8_weights``: passed to
-    the recipe only when not None (None: the recipe's default)."""
+    AdamW). ``master_weights``: ``fp8coat.AdamW``'s mode (``fp32`` for the anchors: their parameters are fp32).
+    ``cache_fp8_weights``: passed to the recipe only when not None (None: the recipe's default)."""
 
     name: str
     library: str
@@ -120,12 +124,14 @@ class Row:
 
     @property
     def optimizer(self) -> str:
-        return {"fp8coat": "fp8coat.AdamW", "torchao": "torchao.optim.AdamWFp8",
-                "bf16amp": "torch.optim.AdamW(fused)"}[self.library]
+        """``fp8coat`` (fp8coat.AdamW), ``torchao-fp8`` (torchao.optim.AdamWFp8) or ``torch`` (fused AdamW): the
+        names of ``fp8coat.memory.PlanSettings``."""
+        return {"fp8coat": "fp8coat", "torchao": "torchao-fp8", "bf16amp": "torch"}[self.library]
 
     @property
     def recipe(self) -> str:
-        return {"fp8coat": "coat", "torchao": "torchao-float8", "bf16amp": "bf16-amp"}[self.library]
+        """``coat``, ``torchao-float8`` or ``bf16`` (with autocast: see :attr:`optimizer`)."""
+        return {"fp8coat": "coat", "torchao": "torchao-float8", "bf16amp": "bf16"}[self.library]
 
 
 def fp8coat_row(name: str, *, master: str = "bf16-stochastic", compiled: bool = True, in_backward: bool = True,
@@ -141,9 +147,9 @@ ROWS = {r.name: r for r in (
     fp8coat_row("fp8coat_best_nocache", cache_fp8_weights=False),
     fp8coat_row("fp8coat_exact_nocache", master="bf16-remainder", in_backward=False, cache_fp8_weights=False),
     fp8coat_row("fp8coat_best_eager", compiled=False),
-    Row(TORCHAO_ROW, "torchao"),
-    Row(BF16_ROW, "bf16amp"),
-    Row("bf16amp_eager", "bf16amp", compiled=False),
+    Row(TORCHAO_ROW, "torchao", master_weights="fp32"),
+    Row(BF16_ROW, "bf16amp", master_weights="fp32"),
+    Row("bf16amp_eager", "bf16amp", compiled=False, master_weights="fp32"),
 )}
 
 DEFAULT_ROWS = ("fp8coat_best", TORCHAO_ROW, BF16_ROW, "fp8coat_exact")
@@ -669,6 +675,7 @@ class Bench(harness.Bench):
             out, rep = measure_saved_tensors(forward, modules=layer)
             del out
             out_res["recipes"][key] = {"total_bytes": rep.total_bytes, "parameter_bytes": rep.parameter_bytes,
+                                       "weight_copy_bytes": getattr(rep, "weight_copy_bytes", None),
                                        "total_U": rep.total_bytes / unit, "by_op": dict(rep.by_op),
                                        "by_module": dict(rep.by_module), "table": rep.table(unit)}
             log(f"  saved for backward, {key} (U = {unit:,} bytes):\n{rep.table(unit)}")

@@ -40,8 +40,7 @@ def test_dry_run_rows_and_json(tmp_path):
     assert [r["batch"] for r in best] == [2, 4] and [r["batch"] for r in exact] == [2]
     for r in best + exact:
         _check_ok(r)
-        assert (r["recipe"], r["optimizer"], r["chunked_loss"], r["compiled"]) == ("coat", "fp8coat.AdamW", True,
-                                                                                    False)
+        assert (r["recipe"], r["optimizer"], r["chunked_loss"], r["compiled"]) == ("coat", "fp8coat", True, False)
     assert (best[0]["master_weights"], best[0]["step_in_backward"]) == ("bf16-stochastic", True)
     assert (exact[0]["master_weights"], exact[0]["step_in_backward"]) == ("bf16-remainder", False)
     for name in ("fp8coat_best_nocache", "fp8coat_exact_nocache"):
@@ -56,6 +55,21 @@ def test_dry_run_rows_and_json(tmp_path):
     assert res["config"]["plan"][0] == ["fp8coat_best", [2, 4]]
     assert [m["run"] for m in res["memory"]] == ["fp8coat_best@2", "fp8coat_best@4", "fp8coat_exact@2"] + (
         ["fp8coat_best_nocache@2", "fp8coat_exact_nocache@2"] if HAS_CACHE_FIELD else [])
+
+
+def test_nocache_rows_fail_cleanly_without_the_field(tmp_path, monkeypatch):
+    """An fp8coat whose Recipe has no cache_fp8_weights: the nocache rows fail with a message before any model is
+    built, and the next row runs."""
+    old_recipe = dataclasses.make_dataclass("OldRecipe", [("name", str)], frozen=True)("coat")
+    monkeypatch.setattr(fp8coat, "get_recipe", lambda r: old_recipe)
+    monkeypatch.setattr(llama7b, "build", lambda *a, **k: pytest.fail("no model is built for a failing row"))
+    res = _run(tmp_path, "--rows", "fp8coat_best_nocache,fp8coat_exact_nocache",
+               "--batches", "fp8coat_best_nocache:2,4")
+    assert [(r["row"], r["batch"], r["ok"], r["oom"]) for r in res["rows"]] == [
+        ("fp8coat_best_nocache", 2, False, False), ("fp8coat_exact_nocache", 2, False, False)]
+    assert all("does not have" in res["errors"][n] and "cache_fp8_weights" in res["errors"][n]
+               for n in ("fp8coat_best_nocache", "fp8coat_exact_nocache"))
+    assert res["memory"] == []
 
 
 def test_cache_field_reaches_the_recipe(tmp_path, monkeypatch):
@@ -192,5 +206,5 @@ def test_compile_time_eager_rows(tmp_path, capsys):
     for lib, r in rows.items():
         assert keys <= set(r) and (r["library"], r["compiled"], r["graphs"]) == (lib, False, 0)
         assert r["first_step_s"] >= r["step1_s"] and r["later_step_ms"] > 0
-    assert (rows["fp8coat"]["recipe"], rows["bf16"]["recipe"]) == ("coat", "bf16-amp")
+    assert (rows["fp8coat"]["recipe"], rows["bf16"]["recipe"]) == ("coat", "bf16")
     assert "eager first step" in capsys.readouterr().out
