@@ -120,3 +120,26 @@ def test_optimizer_state_bytes_counts_this_ranks_shards_of_dtensor_states():
     for counted, local in results:
         assert counted == local
     assert sum(c for c, _ in results) == 2 * 4 * (8 * 5 + 5 + 5 + 1)
+
+
+def test_saved_variables_are_read_on_torch_releases_without_unpack():
+    """Where ``SavedTensor`` offers neither ``unpack`` nor ``data`` (older torch releases), a node's saved tensors are
+    read through its unpacking attributes (``_saved_<x>``; ``saved_tensors`` of Python nodes) instead."""
+    from fp8coat.memory.saved import _node_tensors
+
+    class OldSavedTensor:  # what such a release exposes: the hook slot, nothing to read the value with
+        unpack_hook = None
+
+    a, b, c = torch.randn(3), torch.randn(4), torch.randn(5)
+
+    class BuiltinNode:
+        _raw_saved_self = OldSavedTensor()
+        _saved_self = a
+
+    class PythonNode:
+        _raw_saved_tensors = (OldSavedTensor(), OldSavedTensor())
+        saved_tensors = (b, c)
+
+    assert [t is a for t in _node_tensors(BuiltinNode(), set())[0]] == [True]
+    found = _node_tensors(PythonNode(), set())[0]
+    assert len(found) == 2 and found[0] is b and found[1] is c

@@ -75,16 +75,33 @@ def _flatten_tensors(obj: Any) -> "list[torch.Tensor]":
     return []
 
 
-def _packed(raw) -> "list[torch.Tensor]":
+def _packed(raw) -> "list[torch.Tensor] | None":
     """The tensors held by saved variable(s) ``raw`` (``torch._C._autograd.SavedTensor``) as they were packed: the
     saved tensor itself, or what another saved-tensor hook packed (a checkpoint's empty holder, an offloaded
-    copy), without calling any unpack hook."""
+    copy), without calling any unpack hook. None where this torch offers no way to read a saved variable so
+    (releases whose ``SavedTensor`` has neither ``unpack`` nor ``data``)."""
     if isinstance(raw, (list, tuple)):
-        return [t for r in raw for t in _packed(r)]
+        parts = [_packed(r) for r in raw]
+        return None if any(p is None for p in parts) else [t for p in parts for t in p]
     if not hasattr(raw, "unpack_hook"):
         return []
     try:
-        return _flatten_tensors(raw.unpack() if raw.unpack_hook is None else raw.data)
+        if raw.unpack_hook is None and hasattr(raw, "unpack"):
+            return _flatten_tensors(raw.unpack())
+        if hasattr(raw, "data"):  # the packed object (the tensor itself where no hook packed it)
+            return _flatten_tensors(raw.data)
+    except RuntimeError:  # already freed
+        return []
+    return None
+
+
+def _unpacked(node, raw_name: str) -> "list[torch.Tensor]":
+    """The tensors of ``node``'s saved variable(s) ``raw_name`` (``_raw_saved_<x>``) through the unpacking
+    attribute (``_saved_<x>``, ``saved_tensors`` of Python nodes): this calls unpack hooks (a checkpointed region
+    is recomputed); used only where :func:`_packed` cannot read them."""
+    name = "saved_tensors" if raw_name == "_raw_saved_tensors" else "_saved_" + raw_name[len("_raw_saved_"):]
+    try:
+        return _flatten_tensors(getattr(node, name))
     except RuntimeError:  # already freed
         return []
 
@@ -104,7 +121,7 @@ def _hook_state(raw, seen: set) -> "list[torch.Tensor]":
         seen.add(id(state))
         for value in getattr(state, "__dict__", {}).values():
             if isinstance(value, (list, tuple)):
-                found += _packed([v for v in value if isinstance(v, torch._C._autograd.SavedTensor)])
+                found += _packed([v for v in value if isinstance(v, torch._C._autograd.SavedTensor)]) or []
     return found
 
 
@@ -118,7 +135,8 @@ def _node_tensors(node, hook_states: set) -> "tuple[list[torch.Tensor], list[tor
             raws = getattr(node, name)
         except RuntimeError:  # already freed
             continue
-        found += _packed(raws)
+        packed = _packed(raws)
+        found += packed if packed is not None else _unpacked(node, name)
         for raw in raws if isinstance(raws, (list, tuple)) else [raws]:
             if getattr(raw, "unpack_hook", None) is not None:
                 kept += _hook_state(raw, hook_states)
