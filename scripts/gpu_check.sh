@@ -37,6 +37,7 @@ SECTIONS=(
   "bench_layers_before 330"
   "bench_optimizer_before 300"
   "compile_time_before 300"
+  "launch_before 60"
 )
 export BEFORE="${BEFORE:-.carry/before}"
 # GPU_SECTIONS="pytest_gpu bench_layers" runs a subset (one device command may run at most 600 s);
@@ -122,6 +123,10 @@ section_bench_layers_before() {
 section_bench_optimizer_before() {
   (cd "$BEFORE" && PYTHONPATH="$PWD" python3 benchmarks/bench_optimizer.py \
     --out "$OUT/before/optimizer" --budget-s 200 ${BENCH_ARGS:-} ${BENCH_OPTIMIZER_ARGS:-})
+}
+
+section_launch_before() {
+  (cd "$BEFORE" && PYTHONPATH="$PWD" python3 scripts/host_overhead_gpu.py)
 }
 
 section_compile_time_before() {
