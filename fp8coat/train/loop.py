@@ -57,6 +57,7 @@ from .finite import (
     track_loss,
 )
 from .fsdp import Objective, reshard, shard_model
+from .memory_plan import report_plan
 from .presets import PRESETS, build_model, is_checkpoint_dir
 from .progress import MetricsLog, Progress, human_count, nonfinite_note
 from .runs import (
@@ -301,7 +302,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device, resume: bool, o
     else:
         ranks.on_main(lambda: check_new_run(cfg.out_dir, overwrite))
         run_id, ckpt, state = ranks.on_main(new_run_id), None, {}
-    run = _setup(cfg, ranks, run_id, device, ckpt, state)
+    run = _setup(cfg, ranks, run_id, device, ckpt, state, quiet)
     log = ranks.on_main(lambda: _open_run(run, ckpt, overwrite), share=False)  # rank 0 writes the run's files
     if not quiet:
         print(f"[{label}] {_describe(run)}" + (_resume_note(ckpt, state, cfg) if ckpt else ""), flush=True)
@@ -329,11 +330,11 @@ def _param_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32 if cfg.optimizer != "fp8coat" or cfg.master_weights == "fp32" else torch.bfloat16
 
 
-def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ckpt: str | None, state: dict
-           ) -> _Run:
+def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ckpt: str | None, state: dict,
+           quiet: bool = False) -> _Run:
     """The run's data, model and optimizer (loaded from checkpoint ``ckpt`` with its ``state`` on resume);
     ValueError where the data or the checkpoint does not fit the run. Sharded, the model is sharded before the
-    optimizer is made."""
+    optimizer is made. On a GPU the memory plan is printed first (``fp8coat.train.memory_plan``)."""
     model_source = _model_source(cfg, ckpt)
     if model_source != ckpt and os.path.isdir(model_source):
         ranks.on_main(lambda: verify_checkpoint(model_source))  # fine-tuning from a checkpoint: its files as written
@@ -346,6 +347,10 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     train_data = data.train_dataset()
     val = eval_batches(data.val_dataset(), cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # checks seq_len
 
+    if device.type == "cuda":  # before anything is allocated: a warning rather than an out-of-memory error later
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        world = ranks.world_size if ranks.sharded else 1
+        ranks.on_main(lambda: report_plan(cfg, model_source, data.vocab_size, world, gpu_gib, quiet), share=False)
     dtype = _param_dtype(cfg)
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))

@@ -13,35 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from ..memory.model_shape import ModelShape
 from ..memory.plan import PlanSettings, max_batch, plan_memory
 from ..memory.state_bytes import MASTER_MODES, OPTIMIZERS
-from .presets import PRESETS
+from .presets import PRESET_VOCAB, PRESETS, model_config
 
-__all__ = ["add_plan_parser", "model_config", "run_plan"]
-
-PRESET_VOCAB = 32000  # the Llama-2 tokenizer's vocabulary, for presets without --vocab-size
-
-
-def model_config(model: str) -> dict:
-    """The HF config dict of ``model``: a preset of ``fp8coat train`` (a Llama config), a config JSON file, or a
-    folder holding ``config.json``; ValueError otherwise."""
-    if model in PRESETS:
-        return {"model_type": "llama", "vocab_size": PRESET_VOCAB, "tie_word_embeddings": False, **PRESETS[model]}
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if not os.path.isfile(path):
-        raise ValueError(f"unknown model {model!r}: expected a preset ({', '.join(PRESETS)}), an HF config JSON or "
-                         "a checkpoint directory holding config.json")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"--model {path} is not an HF config JSON: {err}") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ValueError(f"--model {path} is not an HF config JSON (it names no model_type)")
-    return raw
+__all__ = ["add_plan_parser", "run_plan"]
 
 
 def _int(text: str) -> int:

@@ -24,9 +24,10 @@ import os
 
 import torch
 
-__all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "build_model", "is_checkpoint_dir"]
+__all__ = ["PRESETS", "PRESET_MAX_POSITIONS", "PRESET_VOCAB", "build_model", "is_checkpoint_dir", "model_config"]
 
 PRESET_MAX_POSITIONS = 4096  # context length of every preset (RoPE)
+PRESET_VOCAB = 32000  # the Llama-2 tokenizer's vocabulary: a preset's when no tokenizer gives one
 
 PRESETS = {
     "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 352},
@@ -98,3 +99,22 @@ def _check_vocab(cfg, vocab_size: int, where: str) -> None:
     if vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the model at {where} embeds only "
                          f"{cfg.vocab_size}")
+
+
+def model_config(model: str) -> dict:
+    """The HF config dict of ``model`` without building it: a preset (a Llama config, vocabulary
+    :data:`PRESET_VOCAB`), a config JSON file, or a folder holding ``config.json``; ValueError otherwise."""
+    if model in PRESETS:
+        return {"model_type": "llama", "vocab_size": PRESET_VOCAB, "tie_word_embeddings": False, **PRESETS[model]}
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown model {model!r}: expected a preset ({', '.join(PRESETS)}), an HF config JSON or "
+                         "a checkpoint directory holding config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"--model {path} is not an HF config JSON: {err}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"--model {path} is not an HF config JSON (it names no model_type)")
+    return raw
