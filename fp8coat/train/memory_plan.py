@@ -20,10 +20,11 @@ __all__ = ["run_plan", "plan_lines", "report_plan"]
 
 def run_plan(cfg: TrainConfig, model: str, vocab_size: int, world_size: int = 1
              ) -> "tuple[ModelShape, PlanSettings, MemoryPlan]":
-    """The plan of ``cfg`` for ``model`` (``--model``, or the checkpoint a run resumes from; read as :func:`~fp8coat.train.presets.model_config` reads it, no
-    weights loaded) with the tokenizer's ``vocab_size`` (a preset's vocabulary; a config's is widened to it, as
-    the trainer builds the model), sharded over ``world_size`` ranks when > 1. ValueError for models the planner
-    does not know (it plans Llama-family decoders)."""
+    """The plan of ``cfg`` for ``model`` (``--model``, or the checkpoint a run resumes from; read as
+    :func:`~fp8coat.train.presets.model_config` reads it, no weights loaded) with the tokenizer's ``vocab_size``
+    (a preset's vocabulary; a config's is widened to it, as the trainer builds the model), sharded over
+    ``world_size`` ranks when > 1. ValueError for models the planner does not know (it plans Llama-family
+    decoders)."""
     config = dict(model_config(model))
     vocab = vocab_size if model in PRESETS else max(vocab_size, int(config.get("vocab_size") or 0))
     shape = ModelShape.from_config(config, vocab_size=vocab)
