@@ -94,6 +94,8 @@ def _rows_of(path: str):
         return
     rows = data.get("rows", data) if isinstance(data, dict) else data
     for i, row in enumerate(rows if isinstance(rows, list) else []):
+        if str(row.get("recipe", "")).startswith("torchao"):  # torchao float8: not modeled
+            continue
         shape = ModelShape("llama", hidden=row.get("hidden", 4096), layers=row.get("layers", 32),
                            heads=row.get("heads", 32), kv_heads=row.get("kv_heads", row.get("heads", 32)),
                            head_dim=row.get("hidden", 4096) // row.get("heads", 32),
@@ -102,8 +104,9 @@ def _rows_of(path: str):
                                 optimizer=row.get("optimizer", "fp8coat"),
                                 master_weights=row.get("master_weights", "auto"),
                                 step_in_backward=bool(row.get("step_in_backward")),
-                                chunked_loss=bool(row.get("chunked_loss", True)), compiled=bool(row.get("compiled")))
-        label = f"{name} #{i} {row['recipe']}/{settings.optimizer} b{row['batch']}"
+                                chunked_loss=bool(row.get("chunked_loss", True)), compiled=bool(row.get("compiled")),
+                                cache_fp8_weights=row.get("cache_fp8_weights") is not False)
+        label = f"{name} #{i} {row.get('row', row['recipe'])}/{settings.optimizer} b{row['batch']}"
         yield label, shape, settings, None if row.get("oom") else row.get("peak_gib"), "oom" if row.get("oom") else ""
 
 

@@ -374,3 +374,27 @@ def test_cli_errors(tmp_path, capsys):
     ]:
         assert main(["plan", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_plan_check_reads_the_7b_benchmark_rows(tmp_path):
+    """``benchmarks.plan_check`` on rows shaped like ``benchmarks.llama7b``'s: torchao float8 rows are left out (not
+    modeled), a row without the FP8 weight cache is planned without it, an out-of-memory row is listed unmeasured."""
+    from benchmarks import plan_check
+
+    base = {"recipe": "coat", "optimizer": "fp8coat", "master_weights": "bf16-remainder", "step_in_backward": False,
+            "chunked_loss": True, "compiled": True, "batch": 16, "seq": 2048, "layers": 32, "oom": False}
+    rows = [dict(base, row="fp8coat_exact", cache_fp8_weights=True, peak_gib=120.0),
+            dict(base, row="fp8coat_exact_nocache", cache_fp8_weights=False, peak_gib=114.0),
+            dict(base, row="fp8coat_exact", batch=24, cache_fp8_weights=True, oom=True, peak_gib=None),
+            dict(base, row="torchao_fp8_compiled_adamwfp8", recipe="torchao-float8", optimizer="torchao-fp8",
+                 master_weights="fp32", peak_gib=94.2)]
+    path = tmp_path / "llama7b.json"
+    path.write_text(json.dumps({"meta": {}, "rows": rows}))
+    table, off = plan_check.check([str(path)])
+    lines = [line for line in table.splitlines() if "llama7b.json" in line]
+    assert len(lines) == 3 and not any("torchao" in line for line in lines)
+    planned = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in lines}
+    cached = planned["llama7b.json #0 fp8coat_exact/fp8coat b16"]
+    uncached = planned["llama7b.json #1 fp8coat_exact_nocache/fp8coat b16"]
+    assert cached - uncached > 5.5  # Llama-2-7B's decoder-layer weights: 6.0 GiB of E4M3 copies
+    assert "| oom |" in lines[2]
