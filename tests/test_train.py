@@ -55,6 +55,25 @@ def test_uncached_fp8_weights_give_the_same_run_and_hold_nothing(tmp_path):
     assert summaries["--cache-fp8-weights"]["fp8_weight_copy_bytes"] >= 4 * 12 * 128 * 128  # tiny: 4 layers, >=12*H^2
 
 
+@pytest.mark.parametrize("extra", [[], ["--step-in-backward", "--grad-clip", "0"]])
+def test_activation_checkpointing_gives_the_same_run_and_saves_only_layer_inputs(tmp_path, extra):
+    """--activation-checkpointing recomputes each decoder layer in backward: the same losses, bit for bit (also
+    with the update inside backward), and the decoder keeps only each layer's input (4 layers x 4 x 32 x 128 bf16,
+    plus what the model saves outside its layers)."""
+    runs, summaries = {}, {}
+    for flag in ("--activation-checkpointing", "--no-activation-checkpointing"):
+        out = tmp_path / flag
+        assert _run(["train", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", flag, *extra,
+                     *COMMON]) == 0
+        runs[flag] = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")]
+        summaries[flag] = json.loads((out / "summary.json").read_text())
+    assert runs["--activation-checkpointing"] == runs["--no-activation-checkpointing"]
+    saved_ckpt = summaries["--activation-checkpointing"]["saved_activation_bytes"]
+    saved_full = summaries["--no-activation-checkpointing"]["saved_activation_bytes"]
+    layer_inputs = 4 * 4 * 32 * 128 * 2
+    assert layer_inputs <= saved_ckpt < saved_full / 3, (saved_ckpt, saved_full)
+
+
 @pytest.mark.parametrize("recipe,master,extra", [
     ("coat", "auto", []), ("bf16", "bf16-stochastic", []),
     ("coat", "bf16-stochastic", ["--step-in-backward", "--grad-clip", "0"]),

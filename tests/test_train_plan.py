@@ -25,6 +25,7 @@ def test_plan_follows_the_run_configuration():
     assert run_plan(_cfg(cache_fp8_weights=False), "llama2-7b", 32000)[2].peak < peak
     assert run_plan(_cfg(step_in_backward=True, grad_clip=0.0), "llama2-7b", 32000)[2].peak < peak
     assert run_plan(_cfg(recipe="bf16", optimizer="torch"), "llama2-7b", 32000)[2].peak > peak
+    assert run_plan(_cfg(activation_checkpointing=True), "llama2-7b", 32000)[2].peak < peak
     assert run_plan(_cfg(batch_size=16), "llama2-7b", 32000, world_size=4)[2].peak < peak
     # a preset takes the tokenizer's vocabulary; a config file keeps a larger one of its own
     assert run_plan(_cfg(), "llama2-7b", 16384)[0].vocab == 16384

@@ -40,6 +40,9 @@ _HELP = {
     "compile": "torch.compile each decoder layer in place (the whole body for models without decoder layers)",
     "chunked_loss": "LM head and cross-entropy over chunks of tokens, never keeping the logits for backward",
     "step_in_backward": "update each parameter inside backward and free its gradient (needs --grad-clip 0)",
+    "activation_checkpointing": "each decoder layer keeps only its input for backward and runs its forward again "
+                                "there (HF gradient checkpointing, non-reentrant): less memory, about one more "
+                                "forward of the layers per step",
     "cache_fp8_weights": "FP8 linear layers keep their weights' E4M3 copies between optimizer steps (1 byte per "
                          "weight, quantized once per step); --no-cache-fp8-weights quantizes them in every forward "
                          "and holds nothing from forward to backward (same results)",

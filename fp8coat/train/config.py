@@ -32,6 +32,7 @@ class TrainConfig:
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
     step_in_backward: bool = False  # update each parameter as soon as its gradient exists; no gradients kept
     cache_fp8_weights: bool = True  # FP8 linears keep their weights' E4M3 copies between steps (Recipe option)
+    activation_checkpointing: bool = False  # each decoder layer keeps only its input; recomputed in backward
     # several processes (torchrun)
     fsdp: str = "auto"  # shard the model with FSDP2: "on", "off", or "auto" (on when launched with WORLD_SIZE > 1)
     fsdp_reduce_fp32: bool = False  # FSDP: average the gradients over the ranks in fp32 (else in bf16)

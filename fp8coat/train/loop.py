@@ -132,6 +132,19 @@ def _compile(model: torch.nn.Module, step_model: torch.nn.Module) -> torch.nn.Mo
     return torch.compile(step_model)
 
 
+def _checkpoint_layers(model: torch.nn.Module) -> None:
+    """``--activation-checkpointing``: HF's non-reentrant gradient checkpointing of each decoder layer (module
+    names and state_dict keys unchanged); ValueError for models without it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--activation-checkpointing uses HF gradient checkpointing, which "
+                         f"{type(model).__name__} does not support: train without it")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # its name in newer transformers
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _can_chunk_loss(model) -> bool:
     head = getattr(model, "lm_head", None)
     return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
@@ -355,6 +368,8 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))
     model.train()
+    if cfg.activation_checkpointing:
+        _checkpoint_layers(model)
     autocast = dtype == torch.float32 and cfg.recipe == "bf16"
     chunked = cfg.chunked_loss and _can_chunk_loss(model)
     objective = None
