@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .nn._swap import is_swapped, restore_class, swap_class
-from .nn.activations import FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
+from .nn.activations import GATED_KINDS, FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
 from .nn.handoff import Handoff
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
@@ -139,7 +139,7 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
     return (all(isinstance(p, FP8LinearMixin) for p in parts) and act is not None
-            and activation_kind(act) is not None)
+            and activation_kind(act) in GATED_KINDS)
 
 
 def unconvert(model: torch.nn.Module) -> torch.nn.Module:
