@@ -383,7 +383,7 @@ def test_default_backend_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["swiglu", "gelu"])
+@pytest.mark.parametrize("name", ["swiglu", "gelu", "quick_gelu"])
 def test_gpu_llama_shape(name):
     """8192 × 11008 bf16 (Llama-7B MLP): Triton vs the torch reference on the GPU, same checks as on CPU."""
     torch.manual_seed(0)
