@@ -58,6 +58,7 @@ K2 = tl.constexpr(_am.K2)
 C = tl.constexpr(_am.C)
 C3 = tl.constexpr(_am.C3)
 TANH_CLAMP = tl.constexpr(_am.TANH_CLAMP)
+KQ = tl.constexpr(_am.KQ)
 EXP = tl.constexpr(0)  # _libm's functions
 ERF = tl.constexpr(1)
 
@@ -184,6 +185,8 @@ def act_tl(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
         y = x * recip_rn(1.0 + _libm(-x, EXP, LIBDEVICE))
     elif ACT == 1:
         y = x * (0.5 * (1.0 + _libm(x * SQRT1_2, ERF, LIBDEVICE)))
+    elif ACT == 3:
+        y = x * recip_rn(1.0 + _libm(-(x * KQ), EXP, LIBDEVICE))
     else:
         z2 = (x + C * (x * x * x)) * K2
         y = x * recip_rn(1.0 + _libm(-z2, EXP, LIBDEVICE))
@@ -199,6 +202,10 @@ def act_grad_tl(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
     elif ACT == 1:
         cdf = 0.5 * (1.0 + _libm(x * SQRT1_2, ERF, LIBDEVICE))
         d = cdf + x * (_libm(x * x * -0.5, EXP, LIBDEVICE) * INV_SQRT_2PI)
+    elif ACT == 3:
+        z = x * KQ
+        s = recip_rn(1.0 + _libm(-z, EXP, LIBDEVICE))
+        d = s * (1.0 + z * (1.0 - s))
     else:
         x = tl.where(x > TANH_CLAMP, TANH_CLAMP, x)  # tl.where keeps NaN
         x = tl.where(x < -TANH_CLAMP, -TANH_CLAMP, x)

@@ -12,6 +12,21 @@ What changes (training mode only; ``model.eval()`` runs every original forward, 
 "Inside a repeated block" means: below an ``nn.ModuleList`` (HF decoder/encoder layers, GPT-2 ``h``, ViT
 ``layer``). Modules keep their class hierarchy (a subclass is swapped in), parameters and names, so
 ``state_dict`` keys, ``save_pretrained``/``from_pretrained``, optimizers and FSDP wrapping are unaffected.
+
+Vision-language models (LLaVA with a CLIP / SigLIP tower, Qwen2-VL, Qwen2.5-VL) follow the same rule in both
+encoders — the vision blocks and the LM's decoder layers convert, the patch / position embeddings, the LM's
+embedding, final norm and head stay — with two name-based adjustments of the default selection:
+
+* converted although outside the blocks: a norm in front of a vision encoder's blocks (:data:`ENCODER_INPUT_NORMS`,
+  CLIP's ``pre_layrnorm``), which normalizes every vision token like the blocks' own norms;
+* kept in high precision even inside a ``ModuleList``: the modality projector and the patch mergers
+  (:data:`HIGH_PRECISION_NAMES`). They map vision features (the un-normalized residual stream of a ViT block, with
+  its outlier channels, for LLaVA) onto the LM's embedding scale, are the only trained part in LLaVA's alignment
+  stage, and keep < 0.5% of a 7B VLM's activation bytes, so FP8 would save little there.
+
+Never converted, whatever the selection: ``nn.Linear`` subclasses with their own ``forward`` (it computes something
+else, e.g. an MoE router) and the ``out_proj`` of ``nn.MultiheadAttention`` (SigLIP's pooling head), whose weight
+the attention reads directly instead of calling the module.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from .nn._swap import is_swapped, restore_class, swap_class
-from .nn.activations import FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
+from .nn.activations import GATED_KINDS, FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
 from .nn.handoff import Handoff
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
@@ -32,6 +47,17 @@ from .recipe import Recipe, get_recipe
 __all__ = ["convert", "unconvert", "conversion_summary", "weight_caches"]
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# FP8 RMSNorm -> the module(s) reading its output, in a pre-norm block: (norm, consumer, sibling group or None)
+NORM_CONSUMERS = (("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),  # decoder layers
+                  ("post_attention_layernorm", "mlp", None),
+                  ("norm1", "attn", ("qkv",)),  # Qwen2.5-VL vision blocks: fused q/k/v, then the gated MLP
+                  ("norm2", "mlp", None))
+# module names of a VLM that stay in high precision (with all their submodules), even inside a ModuleList: the
+# projector between the vision encoder and the LM (LLaVA) and the vision encoder's patch mergers (Qwen2-VL,
+# Qwen2.5-VL; Qwen3-VL's deepstack_merger_list holds one per tapped block)
+HIGH_PRECISION_NAMES = ("multi_modal_projector", "merger", "deepstack_merger_list")
+# norms in front of a vision encoder's blocks (outside their ModuleList) that convert with the blocks
+ENCODER_INPUT_NORMS = ("pre_layrnorm",)
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:
@@ -44,6 +70,24 @@ def _in_repeated_block(fqn: str, parents: "dict[str, torch.nn.Module]") -> bool:
         if isinstance(parents.get(".".join(parts[:i])), torch.nn.ModuleList):
             return True
     return False
+
+
+def _selected_by_default(fqn: str, modules: "dict[str, torch.nn.Module]") -> bool:
+    """Inside a repeated block, or a vision encoder's input norm; never in a projector or patch merger."""
+    parts = fqn.split(".")
+    if any(part in HIGH_PRECISION_NAMES for part in parts):
+        return False
+    return _in_repeated_block(fqn, modules) or parts[-1] in ENCODER_INPUT_NORMS
+
+
+def _convertible_linear(fqn: str, module: torch.nn.Module, modules: "dict[str, torch.nn.Module]") -> bool:
+    """An ``nn.Linear`` computing ``x @ Wᵀ + b`` in its forward, called by its parent (or an HF ``Conv1D``)."""
+    if _is_conv1d(module):
+        return True
+    if not isinstance(module, torch.nn.Linear) or type(module).forward is not torch.nn.Linear.forward:
+        return False
+    parent = modules.get(fqn.rpartition(".")[0])
+    return not isinstance(parent, torch.nn.MultiheadAttention)  # it reads out_proj.weight, never calls out_proj
 
 
 def _check_devices(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -67,7 +111,8 @@ def convert(
 ) -> torch.nn.Module:
     """Convert ``model`` in place for FP8 training with ``recipe`` (``"bf16"``, ``"fp8-linear"``, ``"coat"`` or a
     :class:`fp8coat.Recipe`) and return it. ``module_filter_fn(module, fqn)`` decides per module (default:
-    modules inside repeated blocks)."""
+    modules inside repeated blocks and vision encoders' input norms, not projectors or patch mergers; see the
+    module docstring)."""
     recipe = get_recipe(recipe)
     if any(is_swapped(m) for m in model.modules()):
         raise ValueError("model is already converted; call fp8coat.unconvert(model) first")
@@ -78,11 +123,11 @@ def convert(
     modules = dict(model.named_modules())
     selected = {}
     for fqn, module in modules.items():
-        keep = module_filter_fn(module, fqn) if module_filter_fn is not None else _in_repeated_block(fqn, modules)
+        keep = module_filter_fn(module, fqn) if module_filter_fn is not None else _selected_by_default(fqn, modules)
         if keep:
             selected[fqn] = module
-    for module in selected.values():
-        if isinstance(module, torch.nn.Linear) or _is_conv1d(module):
+    for fqn, module in selected.items():
+        if _convertible_linear(fqn, module, modules):
             swap_class(module, FP8LinearMixin, _fp8coat_recipe=recipe,
                        _fp8coat_cache=FP8WeightCache(recipe.forward_format),
                        _fp8coat_transposed=_is_conv1d(module), _fp8coat_share=None)
@@ -113,16 +158,25 @@ def convert(
 
 
 def _link_norms_to_consumers(block: torch.nn.Module) -> None:
-    """In a pre-norm decoder block, link each FP8 RMSNorm to the linears reading its output by a :class:`Handoff`
-    (``input_layernorm`` -> the q/k/v group, ``post_attention_layernorm`` -> the gated MLP)."""
-    attn = getattr(block, "self_attn", None)
-    q = getattr(attn, "q_proj", None)
-    share = getattr(q, "_fp8coat_share", None)
-    links = [("input_layernorm", share, "self_attn.q_proj/k_proj/v_proj"), ("post_attention_layernorm",
-             getattr(block, "mlp", None), "mlp")]
-    for norm_name, consumer, consumer_name in links:
-        norm = getattr(block, norm_name, None)
-        if isinstance(norm, FP8RMSNormMixin) and isinstance(consumer, (InputShare, FP8GatedMLPMixin)):
+    """In a pre-norm block, link each FP8 RMSNorm to the linears reading its output by a :class:`Handoff`
+    (:data:`NORM_CONSUMERS`: ``input_layernorm`` -> the q/k/v group, ``post_attention_layernorm`` -> the gated MLP;
+    in Qwen2.5-VL vision blocks ``norm1`` -> the fused ``attn.qkv``, ``norm2`` -> the gated MLP). A lone linear
+    consumer gets an :class:`InputShare` of one member to hold the link."""
+    for norm_name, parent_name, group_names in NORM_CONSUMERS:
+        norm, parent = getattr(block, norm_name, None), getattr(block, parent_name, None)
+        if not isinstance(norm, FP8RMSNormMixin) or parent is None:
+            continue
+        if group_names is None:
+            consumer, consumer_name = parent, parent_name
+        else:
+            first = getattr(parent, group_names[0], None)
+            if not isinstance(first, FP8LinearMixin):
+                continue
+            if first._fp8coat_share is None and len(group_names) == 1:
+                first._fp8coat_share, first._fp8coat_slot = InputShare([first]), 0
+            consumer = first._fp8coat_share
+            consumer_name = f"{parent_name}." + "/".join(group_names)
+        if isinstance(consumer, (InputShare, FP8GatedMLPMixin)):
             handoff = Handoff(norm_name, consumer_name)
             norm._fp8coat_handoff = handoff
             if isinstance(consumer, InputShare):
@@ -139,7 +193,7 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
     return (all(isinstance(p, FP8LinearMixin) for p in parts) and act is not None
-            and activation_kind(act) is not None)
+            and activation_kind(act) in GATED_KINDS)
 
 
 def unconvert(model: torch.nn.Module) -> torch.nn.Module:

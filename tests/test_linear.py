@@ -73,6 +73,37 @@ def test_save_input_hp_keeps_the_input_itself():
     assert torch.equal(y, y2)
 
 
+@pytest.mark.parametrize("ns", [[64], [64, 32, 32]])
+def test_frozen_weights_save_nothing_of_the_input(ns):
+    """Weights that do not require grad (a frozen layer the gradient still passes through): no wgrad, so nothing of
+    the input is kept — only the 0-d fp32 scales of x and of each weight (4 bytes each) — and backward gives the
+    same input gradient, bit for bit, and the bias gradients; the weights' grads stay None."""
+    g = torch.Generator().manual_seed(len(ns))
+    x = torch.randn(3, 50, 64, generator=g).to(device=device(), dtype=torch.bfloat16)
+    ws = [torch.randn(n, 64, generator=g).to(device()) * 0.1 for n in ns]
+    bs = [torch.randn(n, generator=g).to(device()) for n in ns]
+    dys = [torch.randn(3, 50, n, generator=g).to(device=device(), dtype=torch.bfloat16) for n in ns]
+    results = []
+    for frozen in (False, True):
+        xi = x.clone().requires_grad_()
+        wi = [w.clone().requires_grad_(not frozen) for w in ws]
+        bi = [b.clone().requires_grad_() for b in bs]
+        ys, rep = measure_saved_tensors(linears, xi, wi, bi)
+        torch.autograd.backward(ys, dys)
+        fp8 = [e for e in rep.entries if e[2] == torch.float8_e4m3fn]
+        if frozen:
+            assert fp8 == [] and rep.total_bytes == sum(w.numel() * 4 for w in ws) + 4 + 4 * len(ns)
+            assert all(w.grad is None for w in wi)
+        else:
+            assert len(fp8) == 1 and all(w.grad is not None for w in wi)
+        results.append((ys, xi.grad, [b.grad for b in bi]))
+    (ys0, dx0, db0), (ys1, dx1, db1) = results
+    assert all(torch.equal(a, b) for a, b in zip(ys0, ys1))
+    assert torch.equal(dx0, dx1) and all(torch.equal(a, b) for a, b in zip(db0, db1))
+    with torch.no_grad():  # grad mode off: nothing for backward is computed either
+        assert all(torch.equal(a, b) for a, b in zip(linears(x, ws, bs), ys0))
+
+
 @pytest.mark.parametrize("ns", [[64, 32, 32], [48, 16]])
 def test_shared_input_backward_is_one_fused_projection(ns):
     """Several layers on one input: dX is ONE FP8 GEMM over [dY_1 … dY_n] (joint E5M2 scale) and [W_1ᵀ … W_nᵀ]

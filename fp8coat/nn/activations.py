@@ -1,7 +1,7 @@
 """FP8-saving activation modules and the gated MLP of Llama-family models.
 
-* Activation modules (``nn.GELU``, ``nn.SiLU`` and HF's GELU/SiLU classes) save their input as E4M3 1×G
-  per-group and recompute the function in backward.
+* Activation modules (``nn.GELU``, ``nn.SiLU`` and HF's GELU/SiLU/quick-GELU classes) save their input as E4M3
+  1×G per-group and recompute the function in backward.
 * The gated MLP (``down(act(gate(x)) * up(x))``) runs gate and up as one FP8 GEMM pair on a shared quantized
   input, then one fused SwiGLU/GeGLU op that saves gate and up in FP8 and recomputes ``act(gate)`` in backward
   (neither the activation output nor the product is kept), then the FP8 down projection.
@@ -16,7 +16,7 @@ from .handoff import Handoff
 from .hooks import has_hooks
 from .linear import _weight_nk, fp8_linear_kwargs, weight_cache
 
-__all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "activation_kind"]
+__all__ = ["FP8ActivationMixin", "FP8GatedMLPMixin", "GATED_KINDS", "activation_kind"]
 
 # HF activation class name -> our kind
 _HF_KINDS = {
@@ -25,11 +25,14 @@ _HF_KINDS = {
     "GELUTanh": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh",
     "SiLUActivation": "silu",
+    "QuickGELUActivation": "quick_gelu",  # x · σ(1.702 · x)
 }
+
+GATED_KINDS = ("silu", "gelu", "gelu_tanh")  # the activations of the fused SwiGLU / GeGLU op
 
 
 def activation_kind(module: torch.nn.Module) -> "str | None":
-    """``gelu`` | ``gelu_tanh`` | ``silu`` for supported activation modules, else None."""
+    """``gelu`` | ``gelu_tanh`` | ``silu`` | ``quick_gelu`` for supported activation modules, else None."""
     if isinstance(module, torch.nn.SiLU):
         return "silu"
     if isinstance(module, torch.nn.GELU):
@@ -48,6 +51,8 @@ def _apply(kind: str, x: torch.Tensor, group_size: int) -> torch.Tensor:
 
     if kind == "silu":
         return A.silu(x, group_size=group_size)
+    if kind == "quick_gelu":
+        return A.quick_gelu(x, group_size=group_size)
     return A.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none", group_size=group_size)
 
 
@@ -62,7 +67,8 @@ class FP8ActivationMixin:
 
 
 class FP8GatedMLPMixin:
-    """For modules with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (SiLU -> SwiGLU, GELU -> GeGLU).
+    """For modules with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (SiLU -> SwiGLU, GELU -> GeGLU;
+    other activations are not fused: such an MLP keeps its forward and its parts convert one by one).
 
     Saved for backward: gate and up in FP8 (by the SwiGLU op) — and nothing else: the gate/up GEMMs rebuild their
     input from the preceding FP8 norm's saved tensors (when it offered them), and the down GEMM rebuilds its input

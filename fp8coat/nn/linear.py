@@ -55,7 +55,8 @@ def _weight_nk(module) -> torch.Tensor:
 
 
 class InputShare:
-    """Runs a group of sibling FP8 linears (same input) as one quantization + several GEMMs.
+    """Runs a group of sibling FP8 linears (same input) as one quantization + several GEMMs (or one linear: a
+    group of one holds the hand-off from the norm producing its input, e.g. Qwen2.5-VL's fused ``attn.qkv``).
 
     ``members``: the modules in order; each knows its position as ``_fp8coat_slot``. The first member's call
     computes every member's output and leaves the others' in ``outputs`` (by slot) together with the input; each
@@ -99,8 +100,9 @@ class InputShare:
             x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
             [weight_cache(m) for m in self.members], recompute=recompute, **fp8_linear_kwargs(recipe),
         )
-        self.x, self.x_version = x, version(x)
-        self.outputs = [None, *outs[1:]]
+        if len(self.members) > 1:  # the others' outputs wait for their calls, with the input they belong to
+            self.x, self.x_version = x, version(x)
+            self.outputs = [None, *outs[1:]]
         return outs[0]
 
 

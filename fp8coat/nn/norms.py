@@ -1,4 +1,5 @@
-"""FP8-saving norms: RMSNorm (HF Llama/Mistral/Qwen2/Qwen3, ``torch.nn.RMSNorm``) and ``nn.LayerNorm``.
+"""FP8-saving norms: RMSNorm (HF Llama/Mistral/Qwen2/Qwen3, the Qwen2-VL / Qwen2.5-VL LM and vision blocks,
+``torch.nn.RMSNorm``) and ``nn.LayerNorm``.
 
 Training mode saves the norm's input as E4M3 1×G per-group plus fp32 statistics (``fp8coat.ops.norms``); eval
 mode runs the module's original forward.
@@ -14,7 +15,8 @@ from .handoff import Handoff
 __all__ = ["FP8RMSNormMixin", "FP8LayerNormMixin", "RMSNORM_CLASS_NAMES"]
 
 # RMSNorms computing weight · x / rms(x) (Gemma's (1 + weight) variant is deliberately absent)
-RMSNORM_CLASS_NAMES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm")
+RMSNORM_CLASS_NAMES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2VLRMSNorm",
+                       "Qwen2_5_VLRMSNorm", "RMSNorm")
 
 
 def _eps(module) -> float:

@@ -6,6 +6,7 @@ Ops (all shapes ``(..., N)``, at least one dim; N any size; bf16 / fp16 / fp32; 
     geglu(gate, up, approximate)         = gelu(gate) · up
     silu(x)                              = x · σ(x)
     gelu(x, approximate)                 = x · Φ(x)                  ("none": erf;  "tanh": tanh approximation)
+    quick_gelu(x)                        = x · σ(1.702 · x)          (HF ``quick_gelu``: CLIP, Qwen2-VL vision MLPs)
 
 Memory. Forward saves each input ``t`` as ``(t_q, t_s) = quantize_per_group(t, E4M3, G)``: ``t_q`` float8_e4m3fn
 with ``t``'s shape, ``t_s`` fp32 of shape ``(..., ceil(N / G))`` (exactly the rule of
@@ -26,10 +27,13 @@ with, in this evaluation order (every line is what both backends compute):
     gelu        Φ = 0.5 · (1 + erf(x · 2^-½))    f = x · Φ          f' = Φ + x · (exp(x · x · -0.5) · (2π)^-½)
     gelu tanh   z2 = (x + C · (x · x · x)) · K2  s = 1 / (1 + exp(-z2))          f = x · s
                 f' = s + x · (s · (e · s)) · (K2 · (1 + C3 · (x · x)))   with e = exp(-z2), x clamped to [-9, 9]
+    quick_gelu  z = x · KQ                       s = 1 / (1 + exp(-z))           f = x · s
+                f' = s · (1 + z · (1 - s))
 
-where K2 = 2·√(2/π), C = 0.044715, C3 = 3·C. The tanh form is rewritten exactly with 0.5·(1 + tanh(z)) =
-σ(2z) and 1 - σ(2z) = e·σ(2z), which avoids the cancellation in 1 + tanh(z) and 1 - tanh²(z). The derivative
-clamps x to [-9, 9] so that exp stays finite; beyond that range the exact derivative is 1 or 0 to within 1e-26.
+where K2 = 2·√(2/π), C = 0.044715, C3 = 3·C, KQ = fp32(1.702). The tanh form is rewritten exactly with
+0.5·(1 + tanh(z)) = σ(2z) and 1 - σ(2z) = e·σ(2z), which avoids the cancellation in 1 + tanh(z) and 1 - tanh²(z).
+The derivative clamps x to [-9, 9] so that exp stays finite; beyond that range the exact derivative is 1 or 0 to
+within 1e-26.
 
 Backends. ``backend=None`` runs the Triton kernels for CUDA tensors and the torch reference otherwise;
 ``"torch"`` / ``"triton"`` force one. Both use the same operation order in fp32, IEEE division, and no FMA
@@ -43,8 +47,8 @@ Non-finite inputs. A NaN or ±inf in a 1×G group gives that group scale = inf, 
 NaN in backward: the gradient of that group (and only that group, of that row) becomes NaN.
 
 Autograd and ``torch.compile``: two ``torch.library.custom_op``, ``fp8coat::gated_activation`` (swiglu, geglu)
-and ``fp8coat::activation`` (silu, gelu), take the activation's code (``activation_math.ACTIVATIONS``) and return
-``(out, *saved)``; each has a fake implementation, a backward custom op (``..._backward``) and
+and ``fp8coat::activation`` (silu, gelu, quick_gelu), take the activation's code (``activation_math.ACTIVATIONS``)
+and return ``(out, *saved)``; each has a fake implementation, a backward custom op (``..._backward``) and
 ``register_autograd`` saving only the FP8 tensors and scales, and is registered with ``eager.register_eager``.
 The public functions return ``out``.
 """
@@ -62,7 +66,7 @@ from ..quantization.reference import check_group_size, dequantize_per_group, qua
 from .activation_math import ACTIVATIONS, act_grad_torch, act_torch
 from .eager import call, register_eager
 
-__all__ = ["ACTIVATIONS", "geglu", "gelu", "silu", "swiglu", "swiglu_with_saved"]
+__all__ = ["ACTIVATIONS", "geglu", "gelu", "quick_gelu", "silu", "swiglu", "swiglu_with_saved"]
 
 _SILU = ACTIVATIONS["silu"]
 
@@ -254,3 +258,9 @@ def gelu(x: torch.Tensor, approximate: str = "none", group_size: int = 16, *, ba
     """``x · Φ(x)`` (``approximate="tanh"``: the tanh approximation); saves x as FP8 E4M3 with 1×G fp32 scales."""
     _check(x, None, group_size)
     return call(_plain_op, x, _gelu_code(approximate), group_size, resolve_backend(x, backend))[0]
+
+
+def quick_gelu(x: torch.Tensor, group_size: int = 16, *, backend: str | None = None) -> torch.Tensor:
+    """``x · σ(1.702 · x)`` (HF's ``QuickGELUActivation``); saves x as FP8 E4M3 with 1×G fp32 scales."""
+    _check(x, None, group_size)
+    return call(_plain_op, x, ACTIVATIONS["quick_gelu"], group_size, resolve_backend(x, backend))[0]

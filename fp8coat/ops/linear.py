@@ -9,13 +9,13 @@ For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, 
                                                            emulation elsewhere; output in X's dtype
               saved:  X8ᵀ (K×M_pad, FP8, the K-major copy wgrad needs), sX and the sW_i — or, with
                       ``save_input_hp``, the high-precision X itself when another op keeps it anyway (attention
-                      output)
+                      output); nothing of X where no weight requires grad (frozen layers: no wgrad)
     backward  G8, sG  = ``bwd_format`` (E5M2 by default, or E4M3) per-tensor of [dY_1 … dY_n] side by side
                         (M × ΣN_i, one joint scale), row-major and transposed
               Wᵀ8, sW' = E4M3 of [W_1ᵀ … W_nᵀ] side by side (K × ΣN_i), sW' = max_i sW_i (sW_1 for one layer)
               dX      = (G8·sG)(Wᵀ8·sW')ᵀ                 ONE GEMM over ΣN_i, as for a fused projection; precise
                                                            accumulation, in x's dtype
-              dW_i    = (G8_iᵀ·sG)(X8·sX)                 in the weight's dtype
+              dW_i    = (G8_iᵀ·sG)(X8·sX)                 in the weight's dtype, where a weight requires grad
               db_i    = Σ_rows dY_i
 
 Hopper's FP8 GEMMs take both operands K-major ("TN"): the forward uses X8 (row-major) and W8 (row-major = W8ᵀ
@@ -92,6 +92,7 @@ def _forward_impl(
     biases: list[torch.Tensor],
     has_bias: list[bool],
     save_input_hp: bool,
+    want_dw: bool,
     fast_accum: bool,
     emulate: bool,
     fwd_format: str,
@@ -109,11 +110,12 @@ def _forward_impl(
     instead of quantizing ``weights``.
     ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
     wrapper of custom ops cannot return gradients for a list with holes). ``bwd_format`` is the gradients'
-    format, used by the backward."""
+    format, used by the backward. ``want_dw``: the weight gradients will be computed; without them the input
+    is not needed in backward and nothing of it is returned for saving (``x_saved`` is empty)."""
     fmt = get_format(fwd_format)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     sx = tensor_scale(x2, fmt)
-    saves_own_copy = not save_input_hp and not recompute_kind
+    saves_own_copy = want_dw and not save_input_hp and not recompute_kind
     xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True, transposed=saves_own_copy)
     ys = []
     bias_iter = iter(biases)
@@ -131,13 +133,13 @@ _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutate
 
 
 @_linears_fwd.register_fake
-def _(x, weights, weights_fp8, weight_scales, weights_gathered, biases, has_bias, save_input_hp, fast_accum, emulate,
-      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
+def _(x, weights, weights_fp8, weight_scales, weights_gathered, biases, has_bias, save_input_hp, want_dw, fast_accum,
+      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
     fp8 = get_format(fwd_format).dtype
-    own = not save_input_hp and not recompute_kind
+    own = want_dw and not save_input_hp and not recompute_kind
     saved = x.new_empty((k, padded(m)), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
     return ys + [saved, x.new_empty((), dtype=torch.float32)]
 
@@ -153,6 +155,7 @@ def _backward_impl(
     x_shape: list[int],
     x_dtype: torch.dtype,
     save_input_hp: bool,
+    want_dw: bool,
     emulate: bool,
     fwd_format: str,
     bwd_format: str,
@@ -160,14 +163,17 @@ def _backward_impl(
     recompute_src: list[torch.Tensor],
     recompute_group: int,
 ) -> list[torch.Tensor]:
-    """Returns ``[dx, *dw_i, *db_i (for biased layers)]``. ``weights_fp8``: empty, or the FP8 codes of FP8
-    all-gathered weights (``weights`` are then stand-ins for their shape and dtype)."""
+    """Returns ``[dx, *dw_i, *db_i (for biased layers)]`` (without the ``dw_i`` unless ``want_dw``).
+    ``weights_fp8``: empty, or the FP8 codes of FP8 all-gathered weights (``weights`` are then stand-ins for their
+    shape and dtype)."""
     fmt, gfmt = get_format(fwd_format), get_format(bwd_format)
     k = x_shape[-1]
     m = 1
     for s in x_shape[:-1]:
         m *= s
-    if recompute_kind:
+    if not want_dw:
+        xqt = None
+    elif recompute_kind:
         xqt = recompute_quantized_t(recompute_kind, recompute_src, recompute_group, x_dtype, x_scale, fmt)
     elif save_input_hp:
         _, xqt = quantize_transpose(x_saved.reshape(-1, k), fmt, x_scale, rowwise=False)
@@ -177,7 +183,7 @@ def _backward_impl(
     g2s = [g if g.dim() == 2 else g.reshape(-1, n) for g, n in zip(grads, ns)]
     if len(weights) == 1:
         sg, sw = tensor_scale(g2s[0], gfmt), w_scales[0]
-        gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True)
+        gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True, transposed=want_dw)
         if weights_fp8:  # the codes are quantize(W, sw): their transpose is what quantizing Wᵀ gives
             wqt = weights_fp8[0].t().contiguous()
         else:
@@ -192,20 +198,22 @@ def _backward_impl(
         ends = list(itertools.accumulate(ns))
         device, m_pad = x_scale.device, padded(m)
         gq = torch.empty((m, ends[-1]), dtype=gfmt.dtype, device=device)
-        gqt = torch.empty((ends[-1], m_pad), dtype=gfmt.dtype, device=device)
+        gqt = torch.empty((ends[-1], m_pad), dtype=gfmt.dtype, device=device) if want_dw else None
         wqt = torch.empty((k, ends[-1]), dtype=fmt.dtype, device=device)
         gqts = []
         for i, (g2, w, end, n) in enumerate(zip(g2s, weights, ends, ns)):
-            quantize_transpose(g2, gfmt, sg, out=gq[:, end - n : end], out_t=gqt[end - n : end])
+            quantize_transpose(g2, gfmt, sg, transposed=want_dw, out=gq[:, end - n : end],
+                               out_t=gqt[end - n : end] if want_dw else None)
             if weights_fp8:  # FP8-gathered: codes·sw_i re-quantized under the joint sw, i.e. codes / (sw / sw_i)
                 w, s = weights_fp8[i], sw / w_scales[i]
             else:
                 w, s = w.detach(), sw
             quantize_transpose(w, fmt, s, rowwise=False, pad_to=1, out_t=wqt[:, end - n : end])
-            gqts.append(gqt[end - n : end])
+            gqts.append(gqt[end - n : end] if want_dw else None)
     dx = fp8_mm(gq, sg, wqt, sw, x_dtype, emulate=emulate)
     dx = dx if len(x_shape) == 2 else dx.reshape(x_shape)
-    dws = [fp8_mm(gt, sg, xqt, x_scale, w.dtype, emulate=emulate) for gt, w in zip(gqts, weights)]
+    dws = [fp8_mm(gt, sg, xqt, x_scale, w.dtype, emulate=emulate) for gt, w in zip(gqts, weights)
+           ] if want_dw else []
     dbs = [g2.float().sum(0).to(w.dtype) for g2, w, hb in zip(g2s, weights, has_bias) if hb]
     return [dx] + dws + dbs
 
@@ -214,17 +222,17 @@ _linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_im
 
 
 @_linears_bwd.register_fake
-def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape, x_dtype, save_input_hp, emulate,
-      fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
+def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape, x_dtype, save_input_hp, want_dw,
+      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
-    dws = [torch.empty_like(w) for w in weights]
+    dws = [torch.empty_like(w) for w in weights] if want_dw else []
     dbs = [w.new_empty((w.shape[0],)) for w, hb in zip(weights, has_bias) if hb]
     return [dx] + dws + dbs
 
 
 def _setup(ctx, inputs, output):
-    (x, weights, weights_fp8, w_scales, weights_gathered, _, has_bias, save_input_hp, _, emulate, fwd_format,
-     bwd_format, recompute_kind, recompute_src, recompute_group) = inputs
+    (x, weights, weights_fp8, w_scales, weights_gathered, _, has_bias, save_input_hp, want_dw, _, emulate,
+     fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group) = inputs
     n = len(weights)
     saved, x_scale = output[n], output[n + 1]
     ctx.mark_non_differentiable(saved, x_scale)
@@ -235,8 +243,8 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(saved, x_scale, *weights, *w_scales, *codes, *recompute_src)
     ctx.meta = dict(
         n_codes=len(codes), has_bias=list(has_bias), x_shape=list(x.shape), x_dtype=x.dtype,
-        save_input_hp=save_input_hp, emulate=emulate, fwd_format=fwd_format, bwd_format=bwd_format, n=n,
-        recompute=(recompute_kind, len(recompute_src), recompute_group),
+        save_input_hp=save_input_hp, want_dw=want_dw, emulate=emulate, fwd_format=fwd_format, bwd_format=bwd_format,
+        n=n, recompute=(recompute_kind, len(recompute_src), recompute_group),
     )
 
 
@@ -258,11 +266,14 @@ def _backward(ctx, grads, backward_fn=None):
                                       device=x_scale.device)
     out = backward_fn(
         ys_grads, saved, x_scale, weights, list(w_scales), list(codes), meta["has_bias"], meta["x_shape"],
-        meta["x_dtype"], meta["save_input_hp"], meta["emulate"], meta["fwd_format"], meta["bwd_format"], kind,
-        list(src), group,
+        meta["x_dtype"], meta["save_input_hp"], meta["want_dw"], meta["emulate"], meta["fwd_format"],
+        meta["bwd_format"], kind, list(src), group,
     )
-    dx, dws, dbs = out[0], out[1 : 1 + n], out[1 + n :]
-    return (dx, list(dws), [None] * n, [None] * n, None, list(dbs), None, None, None, None, None, None, None,
+    if meta["want_dw"]:
+        dx, dws, dbs = out[0], list(out[1 : 1 + n]), out[1 + n :]
+    else:
+        dx, dws, dbs = out[0], [None] * n, out[1:]
+    return (dx, dws, [None] * n, [None] * n, None, list(dbs), None, None, None, None, None, None, None, None,
             [None] * n_src, None)
 
 
@@ -298,7 +309,8 @@ def linears(
     ``bwd_format``: of the output gradients (``e5m2`` or ``e4m3``; not both operands ``e5m2``). ``save_input_hp``
     keeps ``x`` itself for backward instead of its FP8 transposed copy (use it when ``x`` is saved by another op
     anyway); ``recompute`` saves nothing of ``x`` and rebuilds it in backward from its producer's saved FP8
-    tensors.
+    tensors. Where grad mode is off or no weight requires grad (frozen layers), nothing of ``x`` is saved (only
+    the weight gradients need it) and backward computes the input and bias gradients only.
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
@@ -314,13 +326,17 @@ def linears(
         weights = [stand_in(w) for w in weights]  # the gradient reaches the gathered parameter through it
     else:
         casts = [weight_fp8(w, c, fwd_format) for w, c in zip(weights, caches)]
+    want_dw = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    if not want_dw:
+        save_input_hp, recompute = False, None
     present = [b for b in biases if b is not None]
     has_bias = [b is not None for b in biases]
     kind = recompute.kind if recompute else ""
     src = list(recompute.tensors) if recompute else []
     group = int(recompute.group_size) if recompute else 16
     out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], is_gathered,
-               present, has_bias, save_input_hp, fast_accum, emulate, fwd_format, bwd_format, kind, src, group)
+               present, has_bias, save_input_hp, want_dw, fast_accum, emulate, fwd_format, bwd_format, kind, src,
+               group)
     return list(out[:n])
 
 
