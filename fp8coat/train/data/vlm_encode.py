@@ -85,7 +85,10 @@ def encode_record(record: ImageTextRecord, processor, chat_format: ChatFormat) -
         image = load_rgb(record.image)
     except OSError as err:
         raise ValueError(f"{record.where}: image {record.image} cannot be loaded ({err})") from None
-    out = processor(images=[image], text=[text], return_tensors="pt")
+    try:
+        out = processor(images=[image], text=[text], return_tensors="pt")
+    except (ValueError, TypeError, RuntimeError) as err:  # e.g. an image of an aspect ratio the processor refuses
+        raise ValueError(f"{record.where}: {type(processor).__name__} failed on this record: {err}") from err
     try:
         plain = tokenizer(text, return_offsets_mapping=True)
     except NotImplementedError as err:  # Python ("slow") tokenizers have no character offsets
