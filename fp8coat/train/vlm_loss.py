@@ -1,0 +1,39 @@
+"""The training loss of a vision-language model on an image-text batch (:mod:`fp8coat.train.data.vlm_batches`).
+
+``labels`` are aligned with ``input_ids`` (``-100`` where nothing is learned): position ``t``'s hidden state
+predicts ``labels[:, t + 1]``. The loss is the mean cross-entropy over the learned positions of the batch, in fp32,
+the value of ``model(**batch).loss`` for HF's LLaVA and Qwen2-VL models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.cross_entropy import linear_cross_entropy
+
+__all__ = ["can_chunk_vlm_loss", "vlm_loss"]
+
+IGNORE = -100
+
+
+def can_chunk_vlm_loss(model) -> bool:
+    """Whether ``model`` is body (``model.model``, returning ``last_hidden_state``) + bias-free linear ``lm_head``."""
+    head = getattr(model, "lm_head", None)
+    return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+
+
+def vlm_loss(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor:
+    """0-d fp32 mean cross-entropy of ``batch``'s learned tokens (see the module docstring).
+
+    ``chunked`` (when :func:`can_chunk_vlm_loss`): the body runs alone and the LM head and cross-entropy go through
+    :func:`fp8coat.ops.cross_entropy.linear_cross_entropy` over chunks of tokens, so the logits are never kept for
+    backward; else the logits of the whole batch are computed.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts labels[:, t + 1]
+    if chunked and can_chunk_vlm_loss(model):
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        return linear_cross_entropy(hidden, model.lm_head.weight, targets)
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
