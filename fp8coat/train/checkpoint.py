@@ -61,8 +61,11 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint file is missing, truncated, altered or unreadable; the message names the file."""
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: str | None) -> str:
-    """Write checkpoint ``step`` (replacing one of that step) and return its folder."""
+def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, tokenizer_path: str | None,
+                    processor=None) -> str:
+    """Write checkpoint ``step`` (replacing one of that step) and return its folder; ``processor`` (a
+    vision-language model's HF processor) is saved with it (``save_pretrained``: tokenizer, image processor, chat
+    template)."""
     tmp = begin_checkpoint(out_dir, step)
     try:
         from transformers.utils import logging as hf_logging
@@ -72,6 +75,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, toke
         _test_hang(step, "model.safetensors")
         torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER))
         _test_hang(step, "optimizer.pt")
+        if processor is not None:
+            processor.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,8 @@ __all__ = ["build_parser", "main"]
 
 _HELP = {
     "out_dir": "run directory: config.json, metrics.jsonl, checkpoints/, summary.json",
-    "model": "preset (tiny, 25m, 60m, 125m, 350m, 1b, llama2-7b), an HF config JSON, or a pretrained checkpoint dir",
+"model": "preset (tiny, 25m, 60m, 125m, 350m, 1b, llama2-7b; vision-language: tiny-llava, tiny-qwen2vl, "
+             "llava-100m, qwen2vl-100m), an HF config JSON, or a pretrained checkpoint dir (LLM or LLaVA / Qwen2-VL)",
     "recipe": "bf16 (model unchanged) | fp8-linear (FP8 linear layers) | coat (FP8 linear layers and FP8-saved "
               "activations)",
     "master_weights": "where fp8coat's AdamW keeps the exact weights: auto (fp32 params stay fp32, bf16 ones get "
@@ -53,14 +54,17 @@ _HELP = {
     "fsdp_reduce_fp32": "with FSDP, average the gradients over the ranks in fp32 (default: in bf16)",
     "fp8_all_gather": "with FSDP, gather the weights of the FP8 linear layers as E4M3 codes under each weight's "
                       "scale (half the bytes of bf16, no quantization after the gather; default: as bf16)",
-    "data": "shakespeare | mix | text file(s) / folder(s), comma-separated",
-    "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json",
+    "data": "shakespeare | mix | text file(s) / folder(s), comma-separated; for a vision-language model: synthetic | "
+            "synthetic:N | digits | a JSONL file or folder of image-text records (docs/vlm_data.md)",
+    "tokenizer": "bpe (trained once, cached) | bytes | path to a tokenizer.json (vision-language models: bpe or "
+                 "bytes, the family's tokenizer with its image and chat tokens)",
     "vocab_size": "vocabulary size of the BPE tokenizer trained for --tokenizer bpe",
     "val_fraction": "share of the documents held out for validation, in (0, 0.5)",
     "steps": "optimizer steps of the run (with --resume it may change: a larger value extends the run)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
-    "seq_len": "tokens per training sequence",
+    "seq_len": "tokens per training sequence (vision-language models: every record padded or cut to it, image "
+               "tokens included)",
     "lr": "peak learning rate, reached after the warm-up; cosine decay to --min-lr-ratio times it at the last step",
     "min_lr_ratio": "learning rate at the last step, as a fraction of --lr, in [0, 1]",
     "warmup_steps": "steps of linear learning-rate warm-up",
@@ -74,6 +78,9 @@ _HELP = {
                  "counted in metrics.jsonl, on the progress line and in the summary",
     "eval_every": "validation loss every N steps and at the last step (0: only at the last step)",
     "eval_batches": "validation batches per evaluation",
+    "caption_eval": "vision-language models: at the end of the run, greedy captions (at most 16 new tokens, eval "
+                    "mode) of the first N held-out records, scored by exact match (caption_exact_match in the "
+                    "summary); 0 skips it",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "keep_last": "keep only the N newest checkpoints, deleting older ones once a new one is complete (0: keep all)",
     "log_every": "metrics line and progress update every N steps",

@@ -182,6 +182,8 @@ _MEMORY_COLUMNS = (
     ("param_bytes", "weights", float, statistics.fmean),
     ("optimizer_state_bytes", "optimizer state", float, statistics.fmean),
     ("saved_activation_bytes", "saved for backward", float, statistics.fmean),
+    ("saved_vision_bytes", "saved: vision", float, statistics.fmean),
+    ("saved_lm_bytes", "saved: LM", float, statistics.fmean),
     ("fp8_weight_copy_bytes", "FP8 weight copies", float, statistics.fmean),
 )
 
@@ -195,6 +197,7 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
     any_run = [r for runs in rows.values() for r in runs]
     window = min(FINAL_WINDOW, max((r["steps"] for r in any_run), default=FINAL_WINDOW))
     memory = [c for c in _MEMORY_COLUMNS if any(c[0] in r for r in any_run)]
+    captions = any(r.get("caption_exact_match") is not None for r in any_run)  # vision-language models
     ref = rows.get(baseline, [])
 
     def mean(runs, key):
@@ -225,13 +228,16 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
         return f"{m:+.2f}%" + (f" ± {s:.2f}%" if len(gaps) > 1 else "")
 
     header = ["run", "variant", f"train loss (last {window} steps)", "val loss", "val gap vs baseline",
-              "train gap vs baseline", "tok/s"] + [c[1] for c in memory]
+              "train gap vs baseline", "tok/s"] + (["caption exact match"] if captions else []) + [c[1] for c in memory]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, runs in rows.items():
         speed = mean(runs, "tok_per_s")
         cells = [labels[variant] + (" (baseline)" if variant == baseline else ""), f"`{variant}`",
                  loss(runs, "final_train_loss"), loss(runs, "final_val_loss"),
                  gap(runs, "final_val_loss"), gap(runs, "final_train_loss"), f"{speed:,.0f}" if speed else "–"]
+        if captions:
+            match = mean(runs, "caption_exact_match")
+            cells.append("–" if match is None else f"{match:.1%}")
         for column in memory:
             value = mem_value(runs, column)
             ref_value = mem_value(ref, column) if ref else None
@@ -264,6 +270,10 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
          "the mean over seeds (± their standard deviation); negative: lower than the baseline."),
         "**tok/s**: median training throughput over the logged intervals (the first one excluded).",
     ]
+    if captions:
+        notes.append(f"**caption exact match**: share of the first {base.caption_eval} held-out records whose caption "
+                     "(or first answer) the final model generates exactly (greedy, at most 16 new tokens, eval mode; "
+                     "stripped), the mean over seeds.")
     memory_notes = {
         "peak_mem_gib": "**peak GPU memory**: the most GPU memory allocated at once during the run "
                         "(`torch.cuda.max_memory_allocated`: weights, gradients, optimizer state, activations).",
@@ -274,6 +284,10 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
         "saved_activation_bytes": f"**saved for backward**: bytes the decoder layers keep for backward for one "
                                   f"micro-batch of {tokens} (measured on the CPU; the LM head and the loss "
                                   f"apart).",
+        "saved_vision_bytes": "**saved: vision**: of the bytes saved for backward, those of the vision tower and the "
+                              "projector (LLaVA) or patch merger (Qwen2-VL).",
+        "saved_lm_bytes": "**saved: LM**: of the bytes saved for backward, those of the language model (embedding "
+                          "and decoder layers; the LM head and the loss apart).",
         "fp8_weight_copy_bytes": "**FP8 weight copies**: bytes of the E4M3 weight copies the converted linear layers "
                                  "keep between optimizer steps (held from forward to backward; none with the "
                                  "recipe option `cache_fp8_weights=False` or under FSDP).",

@@ -57,6 +57,7 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 8
+    caption_eval: int = 16  # vision-language models: held-out records captioned by greedy generation at the end
     save_every: int = 0  # 0: only at the end
     keep_last: int = 0  # keep only the newest N checkpoints (0: all)
     log_every: int = 10
@@ -88,7 +89,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
+        for name in ("warmup_steps", "caption_eval", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         _check_floats(self)

@@ -35,6 +35,7 @@ from ..ops.cross_entropy import linear_cross_entropy
 from ..optim import AdamW, StepInBackward
 from ..optim.sharding import is_sharded, local_tensor
 from ..recipe import get_recipe
+from . import vlm_run
 from .checkpoint import (
     MANIFEST,
     latest_checkpoint,
@@ -78,6 +79,7 @@ from .sharded_checkpoint import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from .vlm_presets import VLM_PRESETS
 
 __all__ = ["FINAL_WINDOW", "clip_gradients", "resolve_device", "train"]
 
@@ -186,10 +188,10 @@ class _Run:
     cfg: TrainConfig
     run_id: str
     device: torch.device
-    data: PreparedData
+    data: PreparedData | vlm_run.VlmData  # text, or image-text for a vision-language model
     identity: dict  # data_identity(data): recorded in config.json and in every checkpoint
-    train_data: TokenDataset
-    val: list  # the fixed validation batches
+    train_data: TokenDataset | None  # text runs
+    val: list  # the fixed validation batches (tensors of token ids, or a VLM's dicts of tensors)
     model: torch.nn.Module
     source: str  # what the model was built from
     optimizer: torch.optim.Optimizer
@@ -201,8 +203,24 @@ class _Run:
     ranks: Ranks  # the processes of the run (one unless sharded)
     objective: Objective | None  # sharded runs: the FSDP root whose forward is the loss (steps and evaluation)
 
-    def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """The training loss of this rank's micro-batch ``ids``."""
+    @property
+    def vlm(self) -> bool:
+        return isinstance(self.data, vlm_run.VlmData)
+
+    def train_batches(self):
+        """The run's micro-batches from its start step on (as the data gives them)."""
+        start = self.start * self.cfg.grad_accum
+        if self.vlm:
+            return vlm_run.train_batches(self.data, self.cfg.batch_size, start)
+        return batch_iterator(self.train_data, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed,
+                              start_step=start)
+
+    def loss(self, batch) -> torch.Tensor:
+        """The training loss of micro-batch ``batch`` (this rank's rows of it)."""
+        if self.vlm:
+            return vlm_run.vlm_step_loss(self.step_model, vlm_run.to_model(batch, self.model), self.autocast,
+                                         self.cfg.chunked_loss)
+        ids = self.ranks.rows(batch).to(self.device)
         if self.objective is not None:
             return self.objective(ids)
         return _loss(self.step_model, ids, self.autocast, self.head)
@@ -257,6 +275,8 @@ class _Tracking:
 def evaluate(run: _Run) -> float:
     """Mean validation loss over the fixed batches, in eval mode (unquantized forward). Sharded: each rank takes
     its rows of every batch, and the loss of a batch is the mean over the ranks."""
+    if run.vlm:
+        return vlm_run.vlm_val_loss(run.model, run.val, run.autocast)
     module = run.objective if run.objective is not None else run.model
     was_training = module.training
     module.eval()
@@ -351,6 +371,56 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     model_source = _model_source(cfg, ckpt)
     if model_source != ckpt and os.path.isdir(model_source):
         ranks.on_main(lambda: verify_checkpoint(model_source))  # fine-tuning from a checkpoint: its files as written
+    dtype = _param_dtype(cfg)
+    if vlm_run.is_vlm(model_source):
+        vlm_run.check_vlm_options(cfg, cfg.model, ranks.sharded)
+        model, data, source = vlm_run.setup_vlm(cfg, model_source, ckpt, dtype, device)
+        identity, train_data = data.identity(), None
+        if ckpt is not None:
+            _check_data(cfg, ckpt, state, identity)
+        val = data.images.val_batches(cfg.batch_size, cfg.eval_batches)
+        if device.type == "cuda":  # says that there is none
+            report_plan(cfg, model_source, len(data.processor.tokenizer), 1, 0.0, quiet)
+    else:
+        model, data, identity, train_data, val, source = _setup_text(cfg, ranks, model_source, ckpt, state, device,
+                                                                      dtype, quiet)
+    model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))
+    model.train()
+    if cfg.activation_checkpointing:
+        _checkpoint_layers(model)
+    autocast = dtype == torch.float32 and cfg.recipe == "bf16"
+    chunked = cfg.chunked_loss and _can_chunk_loss(model) and not vlm_run.is_vlm(model_source)  # VLMs: vlm_loss
+    objective = None
+    if cfg.fp8_all_gather and not ranks.sharded:
+        raise ValueError("--fp8-all-gather gathers weights over the ranks of a sharded run: this run is not sharded "
+                         "(--fsdp auto shards only under torchrun with WORLD_SIZE > 1; --fsdp on shards one process)")
+    if ranks.sharded:
+        objective = shard_model(model, Objective(model, _loss, autocast, chunked), cfg.fsdp_reduce_fp32,
+                                cfg.fp8_all_gather)
+    optimizer = _make_optimizer(cfg, model)
+    in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
+    start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
+    head = model.lm_head if chunked else None
+    step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
+    if cfg.compile and isinstance(data, vlm_run.VlmData):
+        vlm_run.compile_vlm(model)
+    elif cfg.compile:
+        if objective is not None and decoder_layers(model) is None:
+            raise ValueError("--compile with --fsdp compiles each decoder layer, and this model has none "
+                             "(model.model.layers): train without --compile")
+        step_model = _compile(model, step_model)
+    return _Run(cfg, run_id, device, data, identity, train_data, val, model, source, optimizer, in_backward,
+                step_model, head, autocast=autocast, start=start, ranks=ranks, objective=objective)
+
+
+def _setup_text(cfg: TrainConfig, ranks: Ranks, model_source: str, ckpt: str | None, state: dict,
+                device: torch.device, dtype: torch.dtype, quiet: bool):
+    """A text run's ``(model, data, identity, train_data, val, source)``: the tokenized data, then the model
+    (unconverted); on a GPU the memory plan is printed before the model is built."""
+    if vlm_run.is_image_text_source(cfg.data):
+        raise ValueError(f"--data {cfg.data} is image-text data: it trains a vision-language model (--model "
+                         f"{', '.join(VLM_PRESETS)}, or an HF LLaVA / Qwen2-VL checkpoint folder), not the "
+                         f"text-only model {cfg.model}")
     with ranks.main_first():  # rank 0 prepares (and caches) the data, the others then read it
         data = prepare_dataset(cfg.data, tokenizer=_tokenizer(cfg, ckpt), vocab_size=cfg.vocab_size,
                                val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -364,33 +434,8 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
         gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
         world = ranks.world_size if ranks.sharded else 1
         ranks.on_main(lambda: report_plan(cfg, model_source, data.vocab_size, world, gpu_gib, quiet), share=False)
-    dtype = _param_dtype(cfg)
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
-    model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))
-    model.train()
-    if cfg.activation_checkpointing:
-        _checkpoint_layers(model)
-    autocast = dtype == torch.float32 and cfg.recipe == "bf16"
-    chunked = cfg.chunked_loss and _can_chunk_loss(model)
-    objective = None
-    if cfg.fp8_all_gather and not ranks.sharded:
-        raise ValueError("--fp8-all-gather gathers weights over the ranks of a sharded run: this run is not sharded "
-                         "(--fsdp auto shards only under torchrun with WORLD_SIZE > 1; --fsdp on shards one process)")
-    if ranks.sharded:
-        objective = shard_model(model, Objective(model, _loss, autocast, chunked), cfg.fsdp_reduce_fp32,
-                                cfg.fp8_all_gather)
-    optimizer = _make_optimizer(cfg, model)
-    in_backward = StepInBackward(optimizer) if cfg.step_in_backward else None
-    start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
-    head = model.lm_head if chunked else None
-    step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
-    if cfg.compile:
-        if objective is not None and decoder_layers(model) is None:
-            raise ValueError("--compile with --fsdp compiles each decoder layer, and this model has none "
-                             "(model.model.layers): train without --compile")
-        step_model = _compile(model, step_model)
-    return _Run(cfg, run_id, device, data, identity, train_data, val, model, source, optimizer, in_backward,
-                step_model, head, autocast=autocast, start=start, ranks=ranks, objective=objective)
+    return model, data, identity, train_data, val, source
 
 
 def _open_run(run: _Run, ckpt: str | None, overwrite: bool) -> MetricsLog:
@@ -416,10 +461,11 @@ def _describe(run: _Run) -> str:
     if ranks.sharded:
         where = (f"FSDP over {ranks.world_size} rank{'s' if ranks.world_size != 1 else ''} ({run.device.type}, "
                  f"{cfg.batch_size // ranks.world_size} rows of each batch per rank)")
+    size = (f"{len(data.images.train)} train records" if run.vlm else
+            f"{human_count(data.n_train_tokens)} train tokens")
     return (f"{run.source}: {human_count(run.n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
             f"{'bf16' if _param_dtype(cfg) == torch.bfloat16 else 'fp32'} params, {where}, data "
-            f"{data.source} ({human_count(data.n_train_tokens)} train tokens), {cfg.steps} steps of "
-            f"{human_count(run.tokens_per_step)} tokens")
+            f"{data.source} ({size}), {cfg.steps} steps of {human_count(run.tokens_per_step)} tokens")
 
 
 def _train_steps(run: _Run, state: dict, log: MetricsLog | None, progress: Progress | None
@@ -428,8 +474,7 @@ def _train_steps(run: _Run, state: dict, log: MetricsLog | None, progress: Progr
     steps, a checkpoint at save steps and at the last step (``log`` and ``progress`` are None on ranks other
     than 0). Returns what was tracked and the last validation loss."""
     cfg = run.cfg
-    batches = batch_iterator(run.train_data, cfg.batch_size, cfg.seq_len, cfg.seed,
-                             start_step=run.start * cfg.grad_accum)
+    batches = run.train_batches()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     last = state.get("last", {})
@@ -472,7 +517,7 @@ def _step(run: _Run, batches, lr: float) -> tuple[torch.Tensor, torch.Tensor | N
             group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
-        loss = run.loss(run.ranks.rows(next(batches)).to(run.device))
+        loss = run.loss(next(batches))
         last_micro = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if run.in_backward is None or last_micro else run.in_backward.accumulating():
             (loss / cfg.grad_accum).backward()  # with step-in-backward, the last one also updates
@@ -517,6 +562,8 @@ def _checkpoint(run: _Run, tracking: _Tracking, last: dict, step: int) -> None:
     if run.ranks.sharded:
         save_sharded_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path,
                                 run.ranks)
+    elif run.vlm:  # the processor (tokenizer, image processor, chat template) goes with the model
+        save_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, None, processor=run.data.processor)
     else:
         save_checkpoint(cfg.out_dir, step, run.model, run.optimizer, saved, run.data.tokenizer_path)
     run.ranks.on_main(lambda: prune_checkpoints(cfg.out_dir, cfg.keep_last, step))
@@ -557,8 +604,8 @@ def _resume_point(cfg: TrainConfig) -> tuple[str, str, dict]:
 def _model_source(cfg: TrainConfig, ckpt: str | None) -> str:
     """What the model is built from: ``--model``, except on resume of a run whose ``--model`` is a checkpoint
     folder (fine-tuning) or no longer exists: then the checkpoint to resume, which holds the architecture."""
-    if ckpt is not None and cfg.model not in PRESETS and (is_checkpoint_dir(cfg.model) or
-                                                          not os.path.exists(cfg.model)):
+    preset = cfg.model in PRESETS or cfg.model in VLM_PRESETS
+    if ckpt is not None and not preset and (is_checkpoint_dir(cfg.model) or not os.path.exists(cfg.model)):
         return ckpt
     return cfg.model
 
@@ -663,6 +710,8 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
     }
     if device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif run.vlm:  # counted exactly on the CPU, for one micro-batch: vision side and LM apart
+        summary.update(vlm_run.saved_bytes(model, run.val[0], run.autocast))
     elif not ranks.sharded:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
         model.train()
         body = getattr(model, "model", model)  # HF causal LMs: the decoder without the LM head and the loss
@@ -670,6 +719,8 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
         _, saved = measure_saved_tensors(lambda: body(input_ids=ids, use_cache=False).last_hidden_state,
                                          modules=model)
         summary["saved_activation_bytes"] = saved.total_bytes
+    if run.vlm and cfg.caption_eval:
+        summary["caption_exact_match"] = vlm_run.caption_exact_match(model, run.data, cfg.caption_eval)
     summary["final_train_window"] = len(recent)
     summary.update(tracking.counts(run.optimizer, ranks))
 

@@ -14,6 +14,7 @@ from ..memory.model_shape import ModelShape
 from ..memory.plan import GIB, MemoryPlan, PlanSettings, max_batch, plan_memory
 from .config import TrainConfig
 from .presets import PRESETS, model_config
+from .vlm_run import is_vlm
 
 __all__ = ["run_plan", "plan_lines", "report_plan"]
 
@@ -25,6 +26,8 @@ def run_plan(cfg: TrainConfig, model: str, vocab_size: int, world_size: int = 1
     (a preset's vocabulary; a config's is widened to it, as the trainer builds the model), sharded over
     ``world_size`` ranks when > 1. ValueError for models the planner does not know (it plans Llama-family
     decoders)."""
+    if is_vlm(model):
+        raise ValueError(f"{model} is a vision-language model; the planner plans text-only decoders")
     config = dict(model_config(model))
     vocab = vocab_size if model in PRESETS else max(vocab_size, int(config.get("vocab_size") or 0))
     shape = ModelShape.from_config(config, vocab_size=vocab)

@@ -48,8 +48,14 @@ def format_summary(summary: dict, out_dir: str) -> str:
         rows.append(("non-finite gradients", note))
     if "peak_mem_gib" in summary:
         rows.append(("peak GPU memory", f"{summary['peak_mem_gib']:.2f} GiB"))
-    if "saved_activation_bytes" in summary:
+    if "saved_vision_bytes" in summary:
+        parts = (f"{human_bytes(summary['saved_activation_bytes'])} = vision "
+                 f"{human_bytes(summary['saved_vision_bytes'])} + LM {human_bytes(summary['saved_lm_bytes'])}")
+        rows.append(("saved for backward (1 micro-batch)", parts))
+    elif "saved_activation_bytes" in summary:
         rows.append(("saved for backward (1 micro-batch)", human_bytes(summary["saved_activation_bytes"])))
+    if summary.get("caption_exact_match") is not None:
+        rows.append(("captions, exact match", f"{summary['caption_exact_match']:.1%} of held-out records"))
     if summary.get("fp8_weight_copy_bytes"):
         rows.append(("FP8 weight copies (held)", human_bytes(summary["fp8_weight_copy_bytes"])))
     width = max(len(name) for name, _ in rows)

@@ -43,7 +43,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 # where and how the run continues, not what it trains (--steps extends it; the cosine decay spans the new total)
 MAY_CHANGE_ON_RESUME = ("out_dir", "steps", "eval_every", "save_every", "log_every", "keep_last", "device", "compile",
                         "fsdp", "fp8_all_gather", "cache_fp8_weights",
-                        "activation_checkpointing")
+                        "activation_checkpointing", "caption_eval")
 
 
 def new_run_id() -> str:
@@ -156,7 +156,9 @@ def check_same_run(run_id: str | None, state: dict, path: str, out_dir: str) -> 
 
 # (key, how a message names it) of the identity of the prepared training data
 _DATA_FIELDS = (("source", "data"), ("tokenizer", "tokenizer.json sha256"), ("train_tokens", "training tokens"),
-                ("val_tokens", "validation tokens"), ("tokens_sha256", "token files' sha256"))
+                ("val_tokens", "validation tokens"), ("tokens_sha256", "token files' sha256"),
+                ("records_sha256", "image-text records' sha256"), ("train_records", "training records"),
+                ("val_records", "validation records"))
 
 
 def data_identity(data) -> dict:
