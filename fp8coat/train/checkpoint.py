@@ -65,13 +65,15 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, toke
                     processor=None) -> str:
     """Write checkpoint ``step`` (replacing one of that step) and return its folder; ``processor`` (a
     vision-language model's HF processor) is saved with it (``save_pretrained``: tokenizer, image processor, chat
-    template)."""
+    template) and the weights are written under the model's own state_dict keys."""
     tmp = begin_checkpoint(out_dir, step)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # keep the run's own progress line readable
-        model.save_pretrained(tmp, safe_serialization=True)
+        # a VLM's weights under the model's own state_dict keys (HF would write its older key layout, e.g. LLaVA's
+        # "language_model.model.*"), which load_checkpoint reads back as they are and from_pretrained also loads
+        model.save_pretrained(tmp, safe_serialization=True, save_original_format=processor is None)
         _test_hang(step, "model.safetensors")
         torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER))
         _test_hang(step, "optimizer.pt")
