@@ -269,10 +269,11 @@ def compile_vlm(model) -> int:
     inner = model.model
     layers = list(inner.language_model.layers)
     visual = getattr(inner, "visual", None)
-    if visual is not None:
+    if visual is not None:  # Qwen2-VL / Qwen2.5-VL
         layers += list(visual.blocks)
-    else:
-        layers += list(inner.vision_tower.vision_model.encoder.layers)
+    else:  # LLaVA: a CLIP or SigLIP vision model (its encoder under .vision_model, or directly)
+        tower = inner.vision_tower
+        layers += list(getattr(tower, "vision_model", tower).encoder.layers)
     return compile_layers(layers)
 
 
