@@ -42,6 +42,13 @@ def _vision_tower_kwargs() -> dict:
                 image_size=IMAGE_SIZE, patch_size=PATCH)
 
 
+def _qwen_vl_config(config_cls, vision: dict):
+    """A Qwen2-VL-family config (``config_cls``) with vision settings ``vision`` and the tiny Qwen2 LM (M-RoPE)."""
+    text = _text_kwargs(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    return config_cls(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                      vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
 def build(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny fp32 model of ``family`` (see :data:`FAMILIES`), initialized from ``seed``, SDPA attention."""
     if family.startswith("llava"):
@@ -60,21 +67,13 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
     elif family == "qwen2-vl":
         vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=PATCH,
                       temporal_patch_size=2, spatial_merge_size=2)  # hidden_act quick_gelu, LayerNorm
-        cfg = transformers.Qwen2VLConfig(
-            vision_config=vision, text_config=_text_kwargs(rope_parameters=dict(
-                rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-            image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-            vision_end_token_id=VISION_END)
+        cfg = _qwen_vl_config(transformers.Qwen2VLConfig, vision)
         cls = transformers.Qwen2VLForConditionalGeneration
     elif family == "qwen2.5-vl":
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, out_hidden_size=64, num_heads=4,
                       patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
                       fullatt_block_indexes=[1])  # hidden_act silu (gated MLP), RMSNorm
-        cfg = transformers.Qwen2_5_VLConfig(
-            vision_config=vision, text_config=_text_kwargs(rope_parameters=dict(
-                rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-            image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-            vision_end_token_id=VISION_END)
+        cfg = _qwen_vl_config(transformers.Qwen2_5_VLConfig, vision)
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
