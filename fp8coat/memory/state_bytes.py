@@ -20,11 +20,13 @@ holds dim-0 shards of ceil(dim0 / ranks) rows of each parameter and its state (:
 from __future__ import annotations
 
 from .._grid import cdiv
+from ..optim.layout import has_fp8_moments
+from ..optim.master_weights import MASTER_MODES
+from ..optim.state_codec import side_shape
 
 __all__ = ["OPTIMIZERS", "MASTER_MODES", "dtype_bytes", "master_bytes", "optimizer_state_bytes_of", "shard_shape"]
 
 OPTIMIZERS = ("fp8coat", "torch", "torchao-fp8")
-MASTER_MODES = ("auto", "fp32", "bf16-remainder", "bf16-stochastic", "none")
 TORCHAO_BLOCK = 256
 TORCHAO_MIN_NUMEL = 4096
 
@@ -67,11 +69,9 @@ def optimizer_state_bytes_of(shape: tuple, optimizer: str, param_dtype: str, *, 
     if optimizer != "fp8coat":
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     whole = tuple(global_shape) if global_shape is not None else tuple(shape)
-    quantized = len(whole) >= 2 and _numel(whole) >= min_quantized_numel and _numel(whole) > 0
-    if not quantized:
+    if not has_fp8_moments(whole, min_quantized_numel):
         return 2 * 4 * (n if shape else 1)
-    k = shape[-1]
-    side = (n // k if k else 0) * cdiv(k, group_size)
+    side = _numel(side_shape(shape, group_size))
     return 2 * (n + side * (4 + (1 if expansion else 0)))
 
 

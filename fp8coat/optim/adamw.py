@@ -47,7 +47,15 @@ import torch
 from ..formats import get_format
 from ..ops.fp8_gather import FP8AllGatherWeight
 from ..quantization import check_group_size, check_triton_device, triton_available
-from .layout import OPTION_KEYS, StateLayout, group_options, init_state, state_nbytes, state_shape
+from .layout import (
+    OPTION_KEYS,
+    StateLayout,
+    group_options,
+    has_fp8_moments,
+    init_state,
+    state_nbytes,
+    state_shape,
+)
 from .master_weights import MASTER_MODES, concrete_master_mode, resolve_master_mode
 from .sharding import as_dtensor_like, check_sharding, is_sharded, local_part_of, local_tensor
 from .state_conversion import StateSpec, convert_state, master_conversion_error
@@ -266,7 +274,7 @@ class AdamW(torch.optim.Optimizer):
         master = concrete_master_mode(group["master_weights"], dtype)
         if master is None:  # raises with the reason
             resolve_master_mode(group["master_weights"], torch.empty(0, dtype=dtype), self._param_name(p))
-        quantized = p.dim() >= 2 and p.numel() >= group["min_quantized_numel"] and p.numel() > 0
+        quantized = has_fp8_moments(p.shape, group["min_quantized_numel"])
         check_sharding(p, quantized, self._param_name(p))  # (shape and numel are the global parameter's)
         layout = StateLayout(
             m_format=get_format(group["m_format"]) if quantized else None,

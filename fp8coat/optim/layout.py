@@ -29,8 +29,8 @@ from ..formats import FP8Format
 from . import state_codec
 from .state_codec import side_shape
 
-__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "state_shape", "init_state", "init_moment",
-           "read_moment", "write_moment", "state_nbytes"]
+__all__ = ["StateLayout", "MOMENTS", "OPTION_KEYS", "group_options", "has_fp8_moments", "state_shape", "init_state",
+           "init_moment", "read_moment", "write_moment", "state_nbytes"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MOMENT_SUFFIXES = ("", "_absmax", "_expo")  # a moment's codes and its per-group side tensors
@@ -63,6 +63,15 @@ class StateLayout:
     def moment_storage(self) -> tuple:
         """What decides how m and v are stored (everything but the master mode)."""
         return (self.m_format, self.v_format, self.group_size, self.expand)
+
+
+def has_fp8_moments(shape: "tuple[int, ...] | torch.Size", min_quantized_numel: int) -> bool:
+    """Whether a parameter of (global) ``shape`` keeps m and v in FP8: at least 2 dims and ``min_quantized_numel``
+    elements (and not empty); others keep fp32 moments."""
+    n = 1
+    for d in shape:
+        n *= d
+    return len(shape) >= 2 and n >= min_quantized_numel and n > 0
 
 
 def state_shape(p: torch.Tensor) -> tuple[int, ...]:

@@ -7,13 +7,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..memory.state_bytes import OPTIMIZERS
 from ..optim.master_weights import MASTER_MODES
 from ..recipe import RECIPES
 from .distributed import FSDP_MODES
 
 __all__ = ["OPTIMIZERS", "TrainConfig"]
 
-OPTIMIZERS = ("fp8coat", "torch", "torchao-fp8")
 
 
 @dataclass

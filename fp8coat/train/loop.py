@@ -58,7 +58,7 @@ from .finite import (
     track_loss,
 )
 from .fsdp import Objective, reshard, shard_model
-from .memory_plan import report_plan
+from .memory_plan import gpu_memory_gib, report_plan
 from .presets import PRESETS, build_model, is_checkpoint_dir
 from .progress import MetricsLog, Progress, human_count, nonfinite_note
 from .runs import (
@@ -380,7 +380,7 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
             _check_data(cfg, ckpt, state, identity)
         val = data.images.val_batches(cfg.batch_size, cfg.eval_batches)
         if device.type == "cuda":  # says that there is none
-            report_plan(cfg, model_source, len(data.processor.tokenizer), 1, 0.0, quiet)
+            report_plan(cfg, model_source, len(data.processor.tokenizer), 1, gpu_memory_gib(device), quiet)
     else:
         model, data, identity, train_data, val, source = _setup_text(cfg, ranks, model_source, ckpt, state, device,
                                                                       dtype, quiet)
@@ -431,9 +431,9 @@ def _setup_text(cfg: TrainConfig, ranks: Ranks, model_source: str, ckpt: str | N
     val = eval_batches(data.val_dataset(), cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # checks seq_len
 
     if device.type == "cuda":  # before anything is allocated: a warning rather than an out-of-memory error later
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
         world = ranks.world_size if ranks.sharded else 1
-        ranks.on_main(lambda: report_plan(cfg, model_source, data.vocab_size, world, gpu_gib, quiet), share=False)
+        ranks.on_main(lambda: report_plan(cfg, model_source, data.vocab_size, world, gpu_memory_gib(device), quiet),
+                      share=False)
     model, source = build_model(model_source, data.vocab_size, cfg.seq_len, dtype, device, cfg.seed)
     return model, data, identity, train_data, val, source
 

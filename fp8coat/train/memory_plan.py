@@ -16,7 +16,17 @@ from .config import TrainConfig
 from .presets import PRESETS, model_config
 from .vlm_run import is_vlm
 
-__all__ = ["run_plan", "plan_lines", "report_plan"]
+__all__ = ["gpu_memory_gib", "run_plan", "plan_lines", "report_plan"]
+
+
+def gpu_memory_gib(device=None) -> "float | None":
+    """Total memory of CUDA ``device`` (default: the current one) in GiB; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()
+                                            ).total_memory / GIB
 
 
 def run_plan(cfg: TrainConfig, model: str, vocab_size: int, world_size: int = 1

@@ -17,6 +17,7 @@ import json
 from ..memory.model_shape import ModelShape
 from ..memory.plan import PlanSettings, max_batch, plan_memory
 from ..memory.state_bytes import MASTER_MODES, OPTIMIZERS
+from .memory_plan import gpu_memory_gib
 from .presets import PRESET_VOCAB, PRESETS, model_config
 
 __all__ = ["add_plan_parser", "run_plan"]
@@ -75,14 +76,6 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _gpu_memory_gib() -> "float | None":
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-
-
 def run_plan(args) -> int:
     shape = ModelShape.from_config(model_config(args.model), vocab_size=args.vocab_size)
     settings = PlanSettings(
@@ -93,7 +86,7 @@ def run_plan(args) -> int:
         grad_accum=args.grad_accum, compiled=args.compiled, expansion=args.expansion, device=args.device,
     )
     if args.max_batch:
-        gib = args.memory_gib if args.memory_gib is not None else _gpu_memory_gib()
+        gib = args.memory_gib if args.memory_gib is not None else gpu_memory_gib()
         if gib is None:
             raise ValueError("--max-batch needs --memory-gib (no CUDA GPU here to read its memory from)")
         best = max_batch(shape, settings, gib)
