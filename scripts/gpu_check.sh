@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-/tmp/fp8coat_gpu}"
 export RUN_ID="${RUN_ID:-$(date -u +%Y-%m-%d-%H%M)}"
 export RESULTS="$OUT/results"
-mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp" "$RESULTS/llama7b" "$RESULTS/compile_time"
+mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp" "$RESULTS/llama7b" "$RESULTS/compile_time" \
+  "$RESULTS/vlm"
 export PYTHONUNBUFFERED=1
 if [ -z "${FP8COAT_COMMIT:-}" ]; then
   FP8COAT_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || true)"
@@ -34,6 +35,7 @@ SECTIONS=(
   "bench_fsdp 240"
   "bench_llama7b 560"
   "compile_time_torchao 300"
+  "vlm_compare 580"
   "bench_layers_before 330"
   "bench_optimizer_before 300"
   "compile_time_before 300"
@@ -111,6 +113,13 @@ section_compile_time_torchao() {
   # the compile_time section's models with torchao float8 + AdamWFp8 (as the 7B anchors), 4 and 32 layers
   python3 -m benchmarks.compile_time --library torchao --layers "${COMPILE_LAYERS:-4,32}" \
     --out "$RESULTS/compile_time" --tag after ${BENCH_ARGS:-}
+}
+
+section_vlm_compare() {
+  # BF16 vs coat on llava-100m and qwen2vl-100m (synthetic scenes): speed runs alone, then 3 seeds per model in
+  # parallel; reports in $RESULTS/vlm, run folders (checkpoints) outside $OUT; VLM_COMPARE_ARGS: extra arguments
+  python3 -m benchmarks.vlm_compare --out "$RESULTS/vlm" --work-dir /tmp/fp8coat_vlm_runs --budget-s 550 \
+    ${BENCH_ARGS:-} ${VLM_COMPARE_ARGS:-}
 }
 
 # Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat

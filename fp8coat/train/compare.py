@@ -31,7 +31,7 @@ from .distributed import launch_world
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 
-__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "variant_config"]
+__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "variant_config", "write_reports"]
 
 DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 REPORT_FILES = ("compare.md", "compare.json", "loss.png")
@@ -140,16 +140,27 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
         summary["seed"] = seed
         summary["history"] = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
         results[variant].append(summary)
-        document = report(results, labels, baseline, base, seeds, runs_total=len(configs))
         record = {"config": base.to_dict(), "variants": variants, "seeds": seeds, "baseline": baseline,
                   "labels": labels, "runs_finished": done, "runs_total": len(configs), "results": results}
-        atomic_write_text(os.path.join(out_dir, "compare.md"), document)
-        atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps(record, indent=1))
-        _plot(results, labels, _title(results, base, seeds), os.path.join(out_dir, "loss.png"))
+        document = write_reports(out_dir, record)
     print(document.split("\n**Columns**")[0].rstrip())
     print(f"(column meanings: {os.path.join(out_dir, 'compare.md')}; loss curves: "
           f"{os.path.join(out_dir, 'loss.png')})")
     return results
+
+
+def write_reports(out_dir: str, record: dict, names: tuple[str, str, str] = REPORT_FILES) -> str:
+    """Write a compare's report files into ``out_dir`` from its ``record`` (the content of ``compare.json``:
+    ``config``, ``variants``, ``seeds``, ``baseline``, ``labels``, ``runs_finished``, ``runs_total``, ``results``);
+    ``names`` are the file names of the table, the record and the loss plot. Returns the table's markdown."""
+    base = TrainConfig.from_dict(record["config"])
+    results, labels, seeds = record["results"], record["labels"], record["seeds"]
+    document = report(results, labels, record["baseline"], base, seeds, runs_total=record["runs_total"])
+    table, raw, plot = names
+    atomic_write_text(os.path.join(out_dir, table), document)
+    atomic_write_text(os.path.join(out_dir, raw), json.dumps(record, indent=1))
+    _plot(results, labels, _title(results, base, seeds), os.path.join(out_dir, plot))
+    return document
 
 
 def _remove_reports(out_dir: str) -> None:

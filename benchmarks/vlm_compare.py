@@ -1,0 +1,266 @@
+"""BF16 against coat on vision-language models: accuracy over several seeds, speed and memory.
+
+For each model in ``--models`` (default: ``llava-100m`` and ``qwen2vl-100m`` on the bundled synthetic scenes):
+
+1. **speed**: one ``fp8coat compare`` of ``--variants`` for the first seed, ``--speed-steps`` steps, alone on the
+   GPU: tok/s (median of the logged intervals after the first), peak memory, and the bytes saved for backward by
+   the vision tower and by the LM, per variant. This run also fills the data and tokenizer caches.
+2. **accuracy**: one ``fp8coat compare`` per seed of ``--seeds`` with ``--steps`` steps, up to ``--jobs`` of them at
+   once on the same GPU (their tok/s is not reported: they share it). Their results are merged into one
+   ``fp8coat compare`` report per model (``<model>.md``, ``<model>.json``, ``<model>.png``: mean ± std over
+   seeds).
+
+Reported per model and variant (``vlm_compare.json`` and ``vlm_compare.md`` in ``--out``): final validation loss
+(mean, std), its gap to the baseline (BF16 with torch's AdamW) in % per seed, the target ``max(0.5 %, one std of
+the baseline's validation loss in %)``, held-out caption exact match (mean), saved-bytes ratios vision / LM to the
+baseline, tok/s and peak GiB from the speed run. Run folders (checkpoints included) go under ``--work-dir``.
+
+Usage::
+
+    python -m benchmarks.vlm_compare --out $OUT                         # on a CUDA GPU
+    python -m benchmarks.vlm_compare --dry-run --out /tmp/vlm           # tiny-llava, a few steps on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.provenance import run_meta  # noqa: E402
+from fp8coat.train.compare import write_reports  # noqa: E402
+
+# per model: sequence length (image tokens + the longest prompt and caption) — llava-100m takes 256 image tokens,
+# qwen2vl-100m 64, tiny-llava 16
+SEQ_LEN = {"llava-100m": 320, "qwen2vl-100m": 128, "tiny-llava": 48, "tiny-qwen2vl": 48}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="llava-100m,qwen2vl-100m", help="comma-separated VLM presets")
+    ap.add_argument("--data", default="synthetic", help="fp8coat compare --data")
+    ap.add_argument("--variants", default="bf16-torchopt,coat", help="fp8coat compare --variants (baseline first)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the accuracy runs")
+    ap.add_argument("--steps", type=int, default=300, help="steps of each accuracy run")
+    ap.add_argument("--speed-steps", type=int, default=60, help="steps of the speed run (0: none)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--caption-eval", type=int, default=64, help="held-out records captioned per accuracy run")
+    ap.add_argument("--jobs", type=int, default=6, help="accuracy runs at once")
+    ap.add_argument("--extra", default="", help="more fp8coat compare arguments for every run, space-separated")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="after this many seconds, running compares are interrupted (finished runs are kept)")
+    ap.add_argument("--out", default="/tmp/fp8coat_vlm", help="where the reports go")
+    ap.add_argument("--work-dir", default=None, help="run folders (default: <out>/runs)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny-llava, 4 steps, 2 seeds, on the CPU: checks the wiring")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.models, args.steps, args.speed_steps, args.seeds = "tiny-llava", 4, 3, "0,1"
+        args.batch_size, args.caption_eval, args.jobs = 4, 2, 2
+        args.extra = (args.extra + " --device cpu --eval-batches 1").strip()
+    args.models = [m for m in args.models.split(",") if m]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.work_dir = args.work_dir or os.path.join(args.out, "runs")
+    return args
+
+
+def compare_command(args, model: str, seeds: list[int], steps: int, out_dir: str, *, speed: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "fp8coat", "compare", "--model", model, "--data", args.data,
+           "--variants", args.variants, "--seeds", ",".join(map(str, seeds)), "--steps", str(steps),
+           "--batch-size", str(args.batch_size), "--seq-len", str(SEQ_LEN.get(model, 320)), "--lr", str(args.lr),
+           "--warmup-steps", str(max(1, min(20, steps // 10))), "--out-dir", out_dir]
+    if speed:
+        cmd += ["--caption-eval", "0", "--eval-every", "0", "--log-every", "5"]
+    else:
+        cmd += ["--caption-eval", str(args.caption_eval), "--eval-every", str(max(1, steps // 8))]
+    return cmd + args.extra.split()
+
+
+def run_all(commands: list[tuple[str, list[str]]], jobs: int, deadline: float) -> dict[str, int]:
+    """Run ``(log path, command)`` pairs, at most ``jobs`` at once; returns each log path's exit status. At
+    ``deadline`` (``time.time()``) the running ones get SIGINT (a compare keeps the runs it finished) and the
+    pending ones are dropped."""
+    pending, running, status = list(commands), {}, {}
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
+    while pending or running:
+        while pending and len(running) < jobs:
+            log_path, cmd = pending.pop(0)
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log_file = open(log_path, "w")
+            print("start:", " ".join(cmd[1:]), f"(log {log_path})", flush=True)
+            running[log_path] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                                 log_file)
+        time.sleep(0.5)
+        if time.time() > deadline and (pending or running):
+            print(f"time budget spent: interrupting {len(running)} runs, dropping {len(pending)}", flush=True)
+            status.update({log_path: -1 for log_path, _ in pending})
+            pending = []
+            for proc, _ in running.values():
+                proc.send_signal(signal.SIGINT)
+            deadline = float("inf")
+        for log_path, (proc, log_file) in list(running.items()):
+            if proc.poll() is not None:
+                log_file.close()
+                status[log_path] = proc.returncode
+                print(f"done ({proc.returncode}): {log_path}", flush=True)
+                del running[log_path]
+    return status
+
+
+def load_compare(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, "compare.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_seeds(records: list[dict]) -> dict:
+    """One compare record from several single-seed ones (same config but the seed)."""
+    first = records[0]
+    results = {v: [] for v in first["variants"]}
+    for rec in records:
+        for variant, runs in rec["results"].items():
+            results[variant].extend(runs)
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+    return {**first, "seeds": seeds, "results": results,
+            "runs_finished": sum(len(r) for r in results.values()),
+            "runs_total": sum(rec["runs_total"] for rec in records)}
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _ratio(run: dict, baseline: dict, key: str) -> float | None:
+    a, b = run.get(key), baseline.get(key)
+    return a / b if a is not None and b else None
+
+
+def model_rows(merged: dict, speed: dict | None) -> list[dict]:
+    """Per variant: accuracy over seeds from ``merged``, speed and memory from ``speed``'s runs."""
+    baseline = merged["baseline"]
+    base_runs = {r["seed"]: r for r in merged["results"].get(baseline, [])}
+    base_val = [r.get("final_val_loss") for r in base_runs.values()]
+    base_mean, base_std = _mean_std(base_val)
+    target = max(0.5, 100 * base_std / base_mean) if base_mean else None
+    speed_runs = {v: (runs[0] if runs else {}) for v, runs in (speed or {}).get("results", {}).items()}
+    base_speed = speed_runs.get(baseline, {})
+    rows = []
+    for variant, runs in merged["results"].items():
+        val_mean, val_std = _mean_std([r.get("final_val_loss") for r in runs])
+        gaps = [100 * (r["final_val_loss"] / base_runs[r["seed"]]["final_val_loss"] - 1) for r in runs
+                if r.get("final_val_loss") is not None and base_runs.get(r["seed"], {}).get("final_val_loss")]
+        gap_mean, gap_std = _mean_std(gaps)
+        fast = speed_runs.get(variant, {})
+
+        rows.append({
+            "variant": variant, "label": merged["labels"].get(variant, variant), "seeds": [r["seed"] for r in runs],
+            "val_loss_mean": val_mean, "val_loss_std": val_std, "val_gap_pct": gaps, "val_gap_pct_mean": gap_mean,
+            "val_gap_pct_std": gap_std, "target_pct": target,
+            "within_target": (abs(gap_mean) <= target) if variant != baseline and gaps and target else None,
+            "caption_exact_match": _mean_std([r.get("caption_exact_match") for r in runs])[0],
+            "tok_per_s": fast.get("tok_per_s"), "tok_per_s_ratio": _ratio(fast, base_speed, "tok_per_s"),
+            "peak_mem_gib": fast.get("peak_mem_gib"), "peak_mem_ratio": _ratio(fast, base_speed, "peak_mem_gib"),
+            "saved_vision_bytes": fast.get("saved_vision_bytes"),
+            "saved_vision_ratio": _ratio(fast, base_speed, "saved_vision_bytes"),
+            "saved_lm_bytes": fast.get("saved_lm_bytes"), "saved_lm_ratio": _ratio(fast, base_speed, "saved_lm_bytes"),
+        })
+    return rows
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [f"# fp8coat VLM compare ({meta.get('device', '?')}, {meta['date']}, commit {meta['commit']})", "",
+             f"`{meta['command']}`", "",
+             "| model | variant | seeds | val loss (mean ± std) | val gap % (per seed) | target % | caption EM | "
+             "tok/s | × | peak GiB | × | saved vision × | saved LM × |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, entry in results.items():
+        for r in entry["rows"]:
+            gaps = ", ".join(f"{g:+.2f}" for g in r["val_gap_pct"])
+            lines.append(
+                f"| {model} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['val_loss_mean'])} ± "
+                f"{_fmt(r['val_loss_std'])} | {_fmt(r['val_gap_pct_mean'], '+.2f')} ({gaps}) | "
+                f"{_fmt(r['target_pct'], '.2f')} | {_fmt(r['caption_exact_match'], '.3f')} | "
+                f"{_fmt(r['tok_per_s'], ',.0f')} | {_fmt(r['tok_per_s_ratio'], '.2f')} | "
+                f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['peak_mem_ratio'], '.2f')} | "
+                f"{_fmt(r['saved_vision_ratio'], '.3f')} | {_fmt(r['saved_lm_ratio'], '.3f')} |")
+        for problem in entry["problems"]:
+            lines.append(f"\n{model}: {problem}")
+    lines += ["", "val gap: 100 × (val loss / the baseline's with the same seed − 1); target: max(0.5 %, one std of "
+              "the baseline's val loss in %). tok/s, peak and saved bytes from a run alone on the GPU; ×: over the "
+              "baseline (first variant). Per-model reports: `<model>.md`, loss curves `<model>.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def device_name() -> str:
+    try:
+        import torch
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - only a label
+        return "?"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    meta = {**run_meta("benchmarks.vlm_compare", argv), "device": device_name()}
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    deadline = start + args.budget_s
+    status = {}
+    if args.speed_steps:  # alone on the GPU; also fills the data and tokenizer caches before runs go in parallel
+        for model in args.models:
+            status.update(run_all([(os.path.join(args.work_dir, model, "speed.log"),
+                                    compare_command(args, model, args.seeds[:1], args.speed_steps,
+                                                    os.path.join(args.work_dir, model, "speed"), speed=True))],
+                                  1, deadline))
+    print(f"speed runs done in {time.time() - start:.0f}s", flush=True)
+    accuracy = [(os.path.join(args.work_dir, model, f"seed{seed}.log"),
+                 compare_command(args, model, [seed], args.steps, os.path.join(args.work_dir, model, f"seed{seed}"),
+                                 speed=False))
+                for model in args.models for seed in args.seeds]
+    status.update(run_all(accuracy, args.jobs, deadline))
+    print(f"accuracy runs done in {time.time() - start:.0f}s", flush=True)
+
+    results = {}
+    for model in args.models:
+        problems = [f"{os.path.relpath(log, args.work_dir)} exited {rc}" for log, rc in status.items()
+                    if rc != 0 and os.path.dirname(log) == os.path.join(args.work_dir, model)]
+        records = [rec for seed in args.seeds
+                   if (rec := load_compare(os.path.join(args.work_dir, model, f"seed{seed}"))) is not None]
+        if not records:
+            results[model] = {"rows": [], "problems": problems + ["no accuracy run finished"]}
+            continue
+        merged = merge_seeds(records)
+        write_reports(args.out, merged, names=(f"{model}.md", f"{model}.json", f"{model}.png"))
+        speed = load_compare(os.path.join(args.work_dir, model, "speed")) if args.speed_steps else None
+        results[model] = {"rows": model_rows(merged, speed), "problems": problems,
+                          "config": merged["config"]}
+    with open(os.path.join(args.out, "vlm_compare.json"), "w") as f:
+        json.dump({"meta": meta, "results": results, "seconds": time.time() - start}, f, indent=1)
+    text = markdown(results, meta)
+    with open(os.path.join(args.out, "vlm_compare.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0 if all(rc == 0 for rc in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
