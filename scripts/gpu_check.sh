@@ -35,6 +35,8 @@ SECTIONS=(
   "bench_fsdp 240"
   "bench_llama7b 560"
   "compile_time_torchao 300"
+  "compile_time_eager 150"
+  "bench_llama7b_seq4096 300"
   "vlm_compare 580"
   "bench_layers_before 330"
   "bench_optimizer_before 300"
@@ -120,6 +122,20 @@ section_vlm_compare() {
   # parallel; reports in $RESULTS/vlm, run folders (checkpoints) outside $OUT; VLM_COMPARE_ARGS: extra arguments
   python3 -m benchmarks.vlm_compare --out "$RESULTS/vlm" --work-dir /tmp/fp8coat_vlm_runs --budget-s 550 \
     ${BENCH_ARGS:-} ${VLM_COMPARE_ARGS:-}
+}
+
+section_compile_time_eager() {
+  # the eager first step of the compile_time section's fp8coat models (target for 32 layers: <= 10 s)
+  python3 -m benchmarks.compile_time --eager --layers "${COMPILE_LAYERS:-4,32}" --out "$RESULTS/compile_time" \
+    --tag after ${BENCH_ARGS:-}
+}
+
+section_bench_llama7b_seq4096() {
+  # the 7B at seq 4096: fp8coat's best configuration from batch 8 up, torchao float8 and BF16 compiled at the
+  # batches of seq 2048 halved; BENCH_LLAMA7B_SEQ4096_ARGS: extra arguments
+  python3 -m benchmarks.llama7b --seq 4096 --rows fp8coat_best,torchao_fp8_compiled_adamwfp8,bf16amp_compiled \
+    --batches "fp8coat_best:8,10,12" --budget-s 280 --out "$RESULTS/llama7b/seq4096" ${BENCH_ARGS:-} \
+    ${BENCH_LLAMA7B_SEQ4096_ARGS:-}
 }
 
 # Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat
