@@ -4,16 +4,17 @@ For each model in ``--models`` (default: ``llava-100m`` and ``qwen2vl-100m`` on 
 
 1. **speed**: one ``fp8coat compare`` of ``--variants`` for the first seed, ``--speed-steps`` steps, alone on the
    GPU: tok/s (median of the logged intervals after the first), peak memory, and the bytes saved for backward by
-   the vision tower and by the LM, per variant. This run also fills the data and tokenizer caches.
-2. **accuracy**: one ``fp8coat compare`` per seed of ``--seeds`` with ``--steps`` steps, up to ``--jobs`` of them at
-   once on the same GPU (their tok/s is not reported: they share it). Their results are merged into one
-   ``fp8coat compare`` report per model (``<model>.md``, ``<model>.json``, ``<model>.png``: mean ± std over
-   seeds).
+   the vision tower and by the LM, per variant (``--speed-steps 0`` skips it).
+2. **accuracy**: one ``fp8coat compare`` per seed of ``--seeds`` and variant, ``--steps`` steps each, up to
+   ``--jobs`` of them at once on the same GPU (their tok/s is not reported: they share it; peak memory and saved
+   bytes are per process). Their results are merged into one ``fp8coat compare`` report per model
+   (``<model>.md``, ``<model>.json``, ``<model>.png``: mean ± std over seeds).
 
 Reported per model and variant (``vlm_compare.json`` and ``vlm_compare.md`` in ``--out``): final validation loss
 (mean, std), its gap to the baseline (BF16 with torch's AdamW) in % per seed, the target ``max(0.5 %, one std of
 the baseline's validation loss in %)``, held-out caption exact match (mean), saved-bytes ratios vision / LM to the
-baseline, tok/s and peak GiB from the speed run. Run folders (checkpoints included) go under ``--work-dir``.
+baseline, tok/s from the speed run, peak GiB and saved bytes from it or else from the first seed's accuracy runs.
+Run folders (checkpoints included) go under ``--work-dir``.
 
 Usage::
 
@@ -69,14 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_size, args.caption_eval, args.jobs = 4, 2, 2
         args.extra = (args.extra + " --device cpu --eval-batches 1").strip()
     args.models = [m for m in args.models.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.work_dir = args.work_dir or os.path.join(args.out, "runs")
     return args
 
 
-def compare_command(args, model: str, seeds: list[int], steps: int, out_dir: str, *, speed: bool) -> list[str]:
+def compare_command(args, model: str, variants: list[str], seeds: list[int], steps: int, out_dir: str, *,
+                    speed: bool) -> list[str]:
     cmd = [sys.executable, "-m", "fp8coat", "compare", "--model", model, "--data", args.data,
-           "--variants", args.variants, "--seeds", ",".join(map(str, seeds)), "--steps", str(steps),
+           "--variants", ",".join(variants), "--seeds", ",".join(map(str, seeds)), "--steps", str(steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(SEQ_LEN.get(model, 320)), "--lr", str(args.lr),
            "--warmup-steps", str(max(1, min(20, steps // 10))), "--out-dir", out_dir]
     if speed:
@@ -125,16 +128,21 @@ def load_compare(out_dir: str) -> dict | None:
         return json.load(f)
 
 
-def merge_seeds(records: list[dict]) -> dict:
-    """One compare record from several single-seed ones (same config but the seed)."""
+def merge_runs(records: list[dict], variants: list[str]) -> dict:
+    """One compare record from several of one seed and one variant each (same config but those): results and
+    labels in the order of ``variants``, the first being the baseline."""
     first = records[0]
-    results = {v: [] for v in first["variants"]}
+    results = {v: [] for v in variants}
+    labels = {}
     for rec in records:
+        labels.update(rec["labels"])
         for variant, runs in rec["results"].items():
             results[variant].extend(runs)
+    for runs in results.values():
+        runs.sort(key=lambda r: r["seed"])
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
-    return {**first, "seeds": seeds, "results": results,
-            "runs_finished": sum(len(r) for r in results.values()),
+    return {**first, "variants": variants, "seeds": seeds, "baseline": variants[0], "labels": labels,
+            "results": results, "runs_finished": sum(len(r) for r in results.values()),
             "runs_total": sum(rec["runs_total"] for rec in records)}
 
 
@@ -151,7 +159,9 @@ def _ratio(run: dict, baseline: dict, key: str) -> float | None:
 
 
 def model_rows(merged: dict, speed: dict | None) -> list[dict]:
-    """Per variant: accuracy over seeds from ``merged``, speed and memory from ``speed``'s runs."""
+    """Per variant: accuracy over seeds from ``merged``; tok/s from ``speed``'s runs (alone on the GPU); peak
+    memory and saved bytes from ``speed``'s runs too, else from the variant's first accuracy run (both are counted
+    per process, so runs sharing the GPU give them right)."""
     baseline = merged["baseline"]
     base_runs = {r["seed"]: r for r in merged["results"].get(baseline, [])}
     base_val = [r.get("final_val_loss") for r in base_runs.values()]
@@ -159,6 +169,8 @@ def model_rows(merged: dict, speed: dict | None) -> list[dict]:
     target = max(0.5, 100 * base_std / base_mean) if base_mean else None
     speed_runs = {v: (runs[0] if runs else {}) for v, runs in (speed or {}).get("results", {}).items()}
     base_speed = speed_runs.get(baseline, {})
+    base_first = merged["results"].get(baseline) or [{}]
+    base_memory = base_speed or base_first[0]
     rows = []
     for variant, runs in merged["results"].items():
         val_mean, val_std = _mean_std([r.get("final_val_loss") for r in runs])
@@ -166,7 +178,7 @@ def model_rows(merged: dict, speed: dict | None) -> list[dict]:
                 if r.get("final_val_loss") is not None and base_runs.get(r["seed"], {}).get("final_val_loss")]
         gap_mean, gap_std = _mean_std(gaps)
         fast = speed_runs.get(variant, {})
-
+        memory = fast or (runs[0] if runs else {})
         rows.append({
             "variant": variant, "label": merged["labels"].get(variant, variant), "seeds": [r["seed"] for r in runs],
             "val_loss_mean": val_mean, "val_loss_std": val_std, "val_gap_pct": gaps, "val_gap_pct_mean": gap_mean,
@@ -174,10 +186,12 @@ def model_rows(merged: dict, speed: dict | None) -> list[dict]:
             "within_target": (abs(gap_mean) <= target) if variant != baseline and gaps and target else None,
             "caption_exact_match": _mean_std([r.get("caption_exact_match") for r in runs])[0],
             "tok_per_s": fast.get("tok_per_s"), "tok_per_s_ratio": _ratio(fast, base_speed, "tok_per_s"),
-            "peak_mem_gib": fast.get("peak_mem_gib"), "peak_mem_ratio": _ratio(fast, base_speed, "peak_mem_gib"),
-            "saved_vision_bytes": fast.get("saved_vision_bytes"),
-            "saved_vision_ratio": _ratio(fast, base_speed, "saved_vision_bytes"),
-            "saved_lm_bytes": fast.get("saved_lm_bytes"), "saved_lm_ratio": _ratio(fast, base_speed, "saved_lm_bytes"),
+            "memory_from": "speed run" if fast else ("accuracy run" if runs else None),
+            "peak_mem_gib": memory.get("peak_mem_gib"), "peak_mem_ratio": _ratio(memory, base_memory, "peak_mem_gib"),
+            "saved_vision_bytes": memory.get("saved_vision_bytes"),
+            "saved_vision_ratio": _ratio(memory, base_memory, "saved_vision_bytes"),
+            "saved_lm_bytes": memory.get("saved_lm_bytes"),
+            "saved_lm_ratio": _ratio(memory, base_memory, "saved_lm_bytes"),
         })
     return rows
 
@@ -205,8 +219,9 @@ def markdown(results: dict, meta: dict) -> str:
         for problem in entry["problems"]:
             lines.append(f"\n{model}: {problem}")
     lines += ["", "val gap: 100 × (val loss / the baseline's with the same seed − 1); target: max(0.5 %, one std of "
-              "the baseline's val loss in %). tok/s, peak and saved bytes from a run alone on the GPU; ×: over the "
-              "baseline (first variant). Per-model reports: `<model>.md`, loss curves `<model>.png`."]
+              "the baseline's val loss in %). tok/s from a run alone on the GPU (speed run), peak and saved bytes "
+              "from it too or else from the first seed's accuracy run; ×: over the baseline (first variant). "
+              "Per-model reports: `<model>.md`, loss curves `<model>.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -228,14 +243,14 @@ def main(argv=None) -> int:
     if args.speed_steps:  # alone on the GPU; also fills the data and tokenizer caches before runs go in parallel
         for model in args.models:
             status.update(run_all([(os.path.join(args.work_dir, model, "speed.log"),
-                                    compare_command(args, model, args.seeds[:1], args.speed_steps,
+                                    compare_command(args, model, args.variants, args.seeds[:1], args.speed_steps,
                                                     os.path.join(args.work_dir, model, "speed"), speed=True))],
                                   1, deadline))
     print(f"speed runs done in {time.time() - start:.0f}s", flush=True)
-    accuracy = [(os.path.join(args.work_dir, model, f"seed{seed}.log"),
-                 compare_command(args, model, [seed], args.steps, os.path.join(args.work_dir, model, f"seed{seed}"),
-                                 speed=False))
-                for model in args.models for seed in args.seeds]
+    accuracy = [(os.path.join(args.work_dir, model, f"{variant}_seed{seed}.log"),
+                 compare_command(args, model, [variant], [seed], args.steps,
+                                 os.path.join(args.work_dir, model, f"{variant}_seed{seed}"), speed=False))
+                for model in args.models for seed in args.seeds for variant in args.variants]
     status.update(run_all(accuracy, args.jobs, deadline))
     print(f"accuracy runs done in {time.time() - start:.0f}s", flush=True)
 
@@ -243,16 +258,18 @@ def main(argv=None) -> int:
     for model in args.models:
         problems = [f"{os.path.relpath(log, args.work_dir)} exited {rc}" for log, rc in status.items()
                     if rc != 0 and os.path.dirname(log) == os.path.join(args.work_dir, model)]
-        records = [rec for seed in args.seeds
-                   if (rec := load_compare(os.path.join(args.work_dir, model, f"seed{seed}"))) is not None]
-        if not records:
-            results[model] = {"rows": [], "problems": problems + ["no accuracy run finished"]}
-            continue
-        merged = merge_seeds(records)
-        write_reports(args.out, merged, names=(f"{model}.md", f"{model}.json", f"{model}.png"))
+        records = [rec for seed in args.seeds for variant in args.variants
+                   if (rec := load_compare(os.path.join(args.work_dir, model, f"{variant}_seed{seed}"))) is not None]
         speed = load_compare(os.path.join(args.work_dir, model, "speed")) if args.speed_steps else None
-        results[model] = {"rows": model_rows(merged, speed), "problems": problems,
-                          "config": merged["config"]}
+        if not records:
+            problems.append("no accuracy run finished")
+            empty = {"variants": args.variants, "baseline": args.variants[0], "labels": {},
+                     "results": {v: [] for v in args.variants}}
+            results[model] = {"rows": model_rows(empty, speed), "problems": problems}
+            continue
+        merged = merge_runs(records, args.variants)
+        write_reports(args.out, merged, names=(f"{model}.md", f"{model}.json", f"{model}.png"))
+        results[model] = {"rows": model_rows(merged, speed), "problems": problems, "config": merged["config"]}
     with open(os.path.join(args.out, "vlm_compare.json"), "w") as f:
         json.dump({"meta": meta, "results": results, "seconds": time.time() - start}, f, indent=1)
     text = markdown(results, meta)

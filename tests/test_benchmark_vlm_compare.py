@@ -12,17 +12,23 @@ def _run_summary(seed: int, val: float, **extra) -> dict:
     return {"seed": seed, "final_val_loss": val, "caption_exact_match": extra.pop("em", None), **extra}
 
 
-def _record(results: dict, seeds: list[int]) -> dict:
-    return {"variants": list(results), "seeds": seeds, "baseline": "bf16-torchopt",
-            "labels": {v: v for v in results}, "results": results, "runs_total": sum(map(len, results.values()))}
+VARIANTS = ["bf16-torchopt", "coat"]
+
+
+def _record(variant: str, run: dict) -> dict:
+    """What one ``fp8coat compare`` of one variant and one seed writes to compare.json (the keys merged)."""
+    return {"variants": [variant], "seeds": [run["seed"]], "baseline": variant, "labels": {variant: variant.upper()},
+            "results": {variant: [run]}, "runs_total": 1}
 
 
 def test_merge_and_rows_arithmetic():
-    seed_records = [_record({"bf16-torchopt": [_run_summary(s, v, em=0.5)],
-                             "coat": [_run_summary(s, c, em=0.25)]}, [s])
-                    for s, v, c in ((0, 2.00, 2.02), (1, 2.10, 2.10), (2, 1.90, 1.881))]
-    merged = vlm_compare.merge_seeds(seed_records)
-    assert merged["seeds"] == [0, 1, 2] and merged["runs_total"] == 6
+    records = [rec for s, v, c in ((2, 1.90, 1.881), (0, 2.00, 2.02), (1, 2.10, 2.10))  # finished in any order
+               for rec in (_record("coat", _run_summary(s, c, em=0.25)),
+                           _record("bf16-torchopt", _run_summary(s, v, em=0.5, peak_mem_gib=8.0)))]
+    merged = vlm_compare.merge_runs(records, VARIANTS)
+    assert merged["seeds"] == [0, 1, 2] and merged["runs_total"] == 6 and merged["baseline"] == "bf16-torchopt"
+    assert list(merged["results"]) == VARIANTS and merged["labels"] == {"bf16-torchopt": "BF16-TORCHOPT",
+                                                                        "coat": "COAT"}
     assert [r["seed"] for r in merged["results"]["coat"]] == [0, 1, 2]
     speed = {"results": {"bf16-torchopt": [{"tok_per_s": 1000.0, "peak_mem_gib": 10.0, "saved_vision_bytes": 400,
                                             "saved_lm_bytes": 1000}],
@@ -42,13 +48,26 @@ def test_merge_and_rows_arithmetic():
 
 
 def test_target_floor_and_a_miss():
-    merged = vlm_compare.merge_seeds([_record({"bf16-torchopt": [_run_summary(s, 2.0)],
-                                               "coat": [_run_summary(s, 2.02)]}, [s]) for s in (0, 1)])
+    merged = vlm_compare.merge_runs(
+        [_record("bf16-torchopt", _run_summary(s, 2.0, peak_mem_gib=8.0, saved_lm_bytes=100)) for s in (0, 1)]
+        + [_record("coat", _run_summary(s, 2.02, peak_mem_gib=4.0 + s, saved_lm_bytes=40)) for s in (0, 1)],
+        VARIANTS)
     coat = {r["variant"]: r for r in vlm_compare.model_rows(merged, None)}["coat"]
     assert coat["target_pct"] == 0.5  # identical baseline losses: std 0, the floor applies
     assert coat["val_gap_pct_mean"] == pytest.approx(1.0)
     assert coat["within_target"] is False
-    assert coat["tok_per_s"] is None and coat["saved_lm_ratio"] is None  # no speed run
+    # no speed run: no tok/s; memory from the first seed's accuracy runs
+    assert coat["tok_per_s"] is None and coat["memory_from"] == "accuracy run"
+    assert (coat["peak_mem_ratio"], coat["saved_lm_ratio"]) == pytest.approx((0.5, 0.4))
+
+
+def test_rows_without_accuracy_runs():
+    empty = {"variants": VARIANTS, "baseline": VARIANTS[0], "labels": {}, "results": {v: [] for v in VARIANTS}}
+    speed = {"results": {"bf16-torchopt": [{"tok_per_s": 100.0, "peak_mem_gib": 2.0}],
+                         "coat": [{"tok_per_s": 80.0, "peak_mem_gib": 1.0}]}}
+    coat = {r["variant"]: r for r in vlm_compare.model_rows(empty, speed)}["coat"]
+    assert coat["seeds"] == [] and coat["val_loss_mean"] is None and coat["within_target"] is None
+    assert (coat["tok_per_s_ratio"], coat["peak_mem_ratio"]) == pytest.approx((0.8, 0.5))
 
 
 def test_dry_run_end_to_end(tmp_path):

@@ -293,8 +293,8 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
                                  "fp8coat AdamW also their scales and, with exact masters, the 16-bit "
                                  "remainders).",
         "saved_activation_bytes": f"**saved for backward**: bytes the decoder layers keep for backward for one "
-                                  f"micro-batch of {tokens} (measured on the CPU; the LM head and the loss "
-                                  f"apart).",
+                                  f"micro-batch of {tokens} (counted after training; the LM head and the "
+                                  f"loss apart).",
         "saved_vision_bytes": "**saved: vision**: of the bytes saved for backward, those of the vision tower and the "
                               "projector (LLaVA) or patch merger (Qwen2-VL).",
         "saved_lm_bytes": "**saved: LM**: of the bytes saved for backward, those of the language model (embedding "

@@ -709,10 +709,10 @@ def _finish(run: _Run, tracking: _Tracking, val_loss: float | None) -> dict:
         "fp8_weight_copy_bytes": sum(c.nbytes for c in weight_caches(model)),
     }
     if device.type == "cuda":
-        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    elif run.vlm:  # counted exactly on the CPU, for one micro-batch: vision side and LM apart
+        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # read before the count below
+    if run.vlm:  # counted exactly, for one micro-batch: vision side and LM apart
         summary.update(vlm_run.saved_bytes(model, run.val[0], run.autocast))
-    elif not ranks.sharded:  # counted exactly on the CPU: bytes the decoder keeps for backward for one micro-batch
+    elif not ranks.sharded:  # counted exactly: bytes the decoder keeps for backward for one micro-batch
         model.train()
         body = getattr(model, "model", model)  # HF causal LMs: the decoder without the LM head and the loss
         ids = run.val[0][:, :-1].to(device)

@@ -215,9 +215,10 @@ def _is_vision(name: str) -> bool:
 
 
 def saved_bytes(model, batch: dict[str, torch.Tensor], autocast: bool) -> dict:
-    """Bytes the model's body (``model.model``: no LM head, no loss) keeps for backward for ``batch``, measured on
-    the CPU: ``saved_vision_bytes`` (the vision tower and the projector / merger), ``saved_lm_bytes`` (the rest:
-    the LM's embedding and decoder layers, and what no module claims) and ``saved_activation_bytes``, their sum."""
+    """Bytes the model's body (``model.model``: no LM head, no loss) keeps for backward for ``batch``, counted on
+    the model's device: ``saved_vision_bytes`` (the vision tower and the projector / merger), ``saved_lm_bytes``
+    (the rest: the LM's embedding and decoder layers, and what no module claims) and ``saved_activation_bytes``,
+    their sum."""
     from ..memory import measure_saved_tensors
 
     inputs = {k: v for k, v in to_model(batch, model).items() if k != "labels"}
