@@ -201,7 +201,9 @@ def measure_saved_tensors(
             first = module_of.get(key)
             if first is None or _moved(first[1](), key):  # a storage freed since (FSDP's gathered weights) whose
                 module_of[key] = (stack[-1] if stack else "", weakref.ref(t))  # memory now holds another one
-        return t
+        # a new tensor object on the same storage: holding ``t`` itself would make a saved output hold its own
+        # grad_fn, a reference cycle that keeps the whole graph (and its memory) alive after the output is gone
+        return t.detach()
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
