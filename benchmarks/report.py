@@ -11,6 +11,11 @@ Folders and what is read from them:
 * ``layers/``: ``bench_layers`` JSON: the FP8 linear, decoder layer and 4-layer model tables.
 * ``accuracy/``: ``fp8coat compare`` JSON named ``<stage>-<tag>.json`` (stage ``pretrain`` or ``finetune``).
 * ``cpu_compare/``: ``fp8coat compare`` JSON of the CPU comparison (``make compare``).
+* ``llama7b/``: ``benchmarks.llama7b`` JSON: the full 7B model's largest batch and its tok/s per row and sequence
+  length.
+
+A missing or empty folder gives its table as "no result yet". A ``--dry-run`` result (flagged in its ``config`` or
+run by a command with ``--dry-run``) is refused: tiny shapes, not a measurement.
 
 Usage, from the repository root::
 
@@ -86,9 +91,27 @@ def _read_json(path: Path):
         raise ReportError(f"{path}: not a readable JSON file ({ex})") from ex
 
 
-def load_runs(folder: Path) -> list[Run]:
+def _command(text: str) -> str:
+    """A command recorded as ``sys.argv`` (``.../benchmarks/<name>.py args``) in today's form,
+    ``python -m benchmarks.<name> args``; any other command unchanged."""
+    first, _, rest = text.partition(" ")
+    path = Path(first)
+    if path.suffix == ".py" and path.parent.name == "benchmarks":
+        return " ".join([f"python -m benchmarks.{path.stem}", *([rest] if rest else [])])
+    return text
+
+
+def _is_dry_run(data: dict, meta: dict) -> bool:
+    """A ``--dry-run`` result: flagged in its config, or run by a command with ``--dry-run``."""
+    commands = [meta.get("command"), data.get("command")]
+    return bool((data.get("config") or {}).get("dry_run")) or any(
+        isinstance(c, str) and "--dry-run" in c.split() for c in commands)
+
+
+def load_runs(folder: Path, dry_runs: bool = False) -> list[Run]:
     """The result files of ``folder`` (``*.json`` except ``runs.json``), oldest first (by recorded date, then name).
-    A missing folder has no runs."""
+    A missing folder has no runs. A ``--dry-run`` result is a ReportError unless ``dry_runs`` (tiny shapes, often
+    on the CPU: it checks a table's wiring, it is no measurement)."""
     if not folder.is_dir():
         return []
     sidecar: dict = {}
@@ -105,13 +128,21 @@ def load_runs(folder: Path) -> list[Run]:
         data = _read_json(path)
         if not isinstance(data, dict):
             raise ReportError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        if (data.get("config") or {}).get("dry_run"):
-            raise ReportError(f"{path}: a --dry-run result (tiny shapes on the CPU), not a measurement; remove it")
         meta = dict(sidecar.get(path.name) or {})
+        if not isinstance(data.get("meta") or {}, dict):
+            raise ReportError(f"{path}: \"meta\" is {data['meta']!r}, expected an object")
         meta.update({k: v for k, v in (data.get("meta") or {}).items() if v is not None})
+        if not dry_runs and _is_dry_run(data, meta):
+            raise ReportError(f"{path}: a --dry-run result (tiny shapes on the CPU), not a measurement; remove it")
+        if not meta.get("command") and isinstance(data.get("command"), str):  # compile_time: its sys.argv only
+            meta["command"] = _command(data["command"])
+        # the GPU: the file's env, else its device (config.device of the harness, meta.device of vlm_compare)
         gpu = (data.get("env") or {}).get("gpu")
-        if not gpu and (data.get("config") or {}).get("device") == "cpu":
+        device = (data.get("config") or {}).get("device") or meta.get("device")
+        if not gpu and device == "cpu":
             gpu = "none (CPU)"
+        elif not gpu and isinstance(device, str) and not device.startswith("cuda") and device != UNKNOWN:
+            gpu = device
         if gpu and not meta.get("gpu"):
             meta["gpu"] = gpu
         runs.append(Run(path, data, meta))
@@ -126,6 +157,24 @@ def _rows(run: Run, *keys: str) -> dict:
             raise run.fail(f"no object at {'.'.join(keys[: i + 1])}")
         node = node[key]
     return node
+
+
+def _entries(run: Run, key: str) -> list[dict]:
+    """``run.data[key]``, which must be a list of objects."""
+    node = run.data.get(key)
+    if not isinstance(node, list):
+        raise run.fail(f"no list at {key}")
+    for i, entry in enumerate(node):
+        if not isinstance(entry, dict):
+            raise run.fail(f"{key}[{i}]: expected an object, found {entry!r}")
+    return node
+
+
+def _int(run: Run, row: dict, key: str, where: str) -> int:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise run.fail(f"{where}: {key!r} is {value!r}, expected an integer")
+    return value
 
 
 def _num(run: Run, row: dict, key: str, where: str, required: bool = True) -> float | None:
@@ -158,13 +207,13 @@ def _f(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _x(value: float | None, anchor: float | None, higher_is_better: bool = True) -> str:
+def _x(value: float | None, anchor: float | None, higher_is_better: bool = True, spec: str = ".2f") -> str:
     """Speed-up against the anchor: value/anchor for rates, anchor/value for times."""
     if value is None:
         return "–"
     if anchor is None:
         return ANCHOR_MISSING
-    return f"{(value / anchor if higher_is_better else anchor / value):.2f}×"
+    return f"{format(value / anchor if higher_is_better else anchor / value, spec)}×"
 
 
 def _gap(value: float | None, anchor: float | None) -> str:
@@ -462,6 +511,93 @@ def cpu_compare_table(runs: list[Run]) -> list[str]:
     return _table(header, rows) + _commands(used)
 
 
+def _no_result(folder: str) -> list[str]:
+    return [f"(no result yet in `docs/results/{folder}/`)"]
+
+
+LLAMA7B_TORCHAO = "torchao_fp8_compiled_adamwfp8"  # benchmarks.llama7b.TORCHAO_ROW
+LLAMA7B_BF16 = "bf16amp_compiled"  # benchmarks.llama7b.BF16_ROW
+# the full 7B model on one H200: fp8coat's largest batch per sequence length and its tok/s at seq 2048 (1.2× the
+# torchao float8 anchor's 17,538 tok/s, 1.7× BF16 compiled's 12,140, both measured apart at seq 2048)
+TARGET_7B_BATCH = {2048: 16, 4096: 8}
+TARGET_7B_TOK_S = 21_000.0
+
+
+def _llama7b_groups(run: Run) -> dict:
+    """``{(row name, seq, compiled): [its (row, batch) entries]}`` of a ``benchmarks.llama7b`` result."""
+    groups: dict = {}
+    for i, entry in enumerate(_entries(run, "rows")):
+        where = f"rows[{i}]"
+        name = entry.get("row")
+        if not isinstance(name, str) or not name:
+            raise run.fail(f"{where}: 'row' is {name!r}, expected a row name")
+        seq, _ = _int(run, entry, "seq", where), _int(run, entry, "batch", where)
+        if not isinstance(entry.get("ok"), bool):
+            raise run.fail(f"{where}: 'ok' is {entry.get('ok')!r}, expected true or false")
+        if entry["ok"]:
+            _num(run, entry, "tok_s", where)
+        for key in ("peak_gib", "first_step_s"):
+            _num(run, entry, key, where, required=False)
+        groups.setdefault((name, seq, entry.get("compiled") is not False), []).append(entry)
+    return groups
+
+
+def _largest_fit(entries: list[dict]) -> tuple[dict | None, int | None, int | None]:
+    """``(the successful entry of the largest batch or None, smallest batch out of memory, smallest batch that
+    failed otherwise)``."""
+    fits = [e for e in entries if e["ok"]]
+    oom = [e["batch"] for e in entries if not e["ok"] and e.get("oom")]
+    failed = [e["batch"] for e in entries if not e["ok"] and not e.get("oom")]
+    return (max(fits, key=lambda e: e["batch"]) if fits else None, min(oom, default=None),
+            min(failed, default=None))
+
+
+def _llama7b_anchor(groups: dict, name: str, seq: int) -> float | None:
+    """tok/s of row ``name`` at ``seq`` at its largest batch that fit, in the run of ``groups``; None if none."""
+    for (row, row_seq, _), entries in groups.items():
+        if (row, row_seq) == (name, seq) and (best := _largest_fit(entries)[0]) is not None:
+            return best["tok_s"]
+    return None
+
+
+def llama7b_table(runs: list[Run]) -> list[str]:
+    """Llama-2-7B on one GPU (``benchmarks.llama7b``): per row and sequence length, the largest batch that fit and
+    its tok/s against torchao float8 and BF16 compiled at the same sequence length in the same run."""
+    if not runs:
+        return _no_result("llama7b")
+    found = latest(runs, _llama7b_groups)
+    rows, used, checks = [], [], []
+    for (name, seq, compiled), (run, entries, _) in sorted(found.items(), key=lambda kv: kv[0][1]):
+        best, oom, failed = _largest_fit(entries)
+        groups = _llama7b_groups(run)
+        tps = best["tok_s"] if best else None
+        batch = str(best["batch"]) if best else "–"
+        batch += f" ({oom} OOM)" if oom is not None else ""
+        batch += f" ({failed} failed)" if failed is not None else ""
+        label = f"`{name}`" + (" (eager)" if not compiled and "eager" not in name else "")
+        rows.append([label, str(seq), batch, _f(tps, ",.0f"),
+                     _x(tps, _llama7b_anchor(groups, LLAMA7B_TORCHAO, seq)),
+                     _x(tps, _llama7b_anchor(groups, LLAMA7B_BF16, seq)),
+                     _f(best and best.get("peak_gib"), ".2f"), _f(best and best.get("first_step_s"), ".1f"),
+                     *run.cells()])
+        used.append(run)
+        if name.startswith("fp8coat") and seq in TARGET_7B_BATCH:
+            ok = best is not None and best["batch"] >= TARGET_7B_BATCH[seq]
+            check = f"`{name}` seq {seq}: batch {best['batch'] if best else 'none'} {'met' if ok else 'MISSED'}"
+            if seq == 2048:
+                check += f", {_f(tps, ',.0f')} tok/s {'met' if (tps or 0) >= TARGET_7B_TOK_S else 'MISSED'}"
+            checks.append(check)
+    header = ["row", "seq", "largest batch that fit (smallest out of memory)", "tok/s",
+              "× torchao float8 compiled (same run and seq)", "× BF16 compiled (same run and seq)", "peak GiB",
+              "first step s", *PROVENANCE]
+    lines = _table(header, rows)
+    lines += ["", f"Targets: fp8coat batch ≥ {TARGET_7B_BATCH[2048]} at seq 2048 and ≥ {TARGET_7B_TOK_S:,.0f} "
+              "tok/s (1.2× torchao float8's 17,538, 1.7× BF16 compiled's 12,140, measured apart), batch ≥ "
+              f"{TARGET_7B_BATCH[4096]} at seq 4096: "
+              + ("; ".join(checks) if checks else "not measured (no fp8coat row at seq 2048 or 4096)") + "."]
+    return lines + _commands(used)
+
+
 TABLES = {  # table name: (folder under docs/results, builder)
     "optimizer": ("optimizer", optimizer_table),
     "linear": ("layers", linear_table),
@@ -469,6 +605,7 @@ TABLES = {  # table name: (folder under docs/results, builder)
     "model4": ("layers", model4_table),
     "accuracy": ("accuracy", accuracy_table),
     "cpu_compare": ("cpu_compare", cpu_compare_table),
+    "llama7b": ("llama7b", llama7b_table),
 }
 
 

@@ -1,6 +1,11 @@
-"""benchmarks.report: the tables of docs/benchmarks.md generated from result files (CPU only, no torch needed)."""
+"""benchmarks.report: the tables of docs/benchmarks.md generated from result files (CPU only; torch only in the
+one benchmark dry run, a subprocess)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,6 +181,113 @@ def test_main_rewrites_between_markers_and_reports_errors(tmp_path, capsys):
     _write(results / "optimizer" / "zz.json", "{")
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 2
     assert "zz.json" in capsys.readouterr().err
+
+
+def _llama_entry(row, batch, seq=2048, tok_s=None, oom=False, peak=None, first=None, compiled=True):
+    """One (row, batch) entry of ``benchmarks.llama7b``'s ``rows`` (its ROW_KEYS that the table reads)."""
+    ok = tok_s is not None
+    return {"row": row, "batch": batch, "seq": seq, "compiled": compiled, "ok": ok, "oom": oom,
+            "tok_s": tok_s, "step_ms": batch * seq / tok_s * 1e3 if ok else None, "peak_gib": peak,
+            "first_step_s": first, "build_s": 12.0, "loss": 10.4 if ok else None}
+
+
+def _llama_run(entries, seq=2048, date="2026-12-06 10:00 UTC", commit="abc1234"):
+    return {"config": {"seq": seq, "device": "cuda", "dry_run": False}, "rows": entries, "errors": {},
+            "skipped": [], "meta": {"date": date, "commit": commit, "gpu": "NVIDIA H200",
+                                    "command": f"python -m benchmarks.llama7b --out $OUT --seq {seq}"}}
+
+
+def test_llama7b_largest_batch_oom_and_ratios(tmp_path):
+    folder = tmp_path / "llama7b"
+    _write(folder / "seq2048.json", _llama_run([
+        _llama_entry("fp8coat_best", 16, tok_s=20_000.0, peak=100.0, first=90.0),
+        _llama_entry("fp8coat_best", 20, tok_s=22_000.0, peak=120.5, first=95.25),
+        _llama_entry("fp8coat_best", 24, oom=True, peak=139.0),
+        _llama_entry(report.LLAMA7B_TORCHAO, 8, tok_s=17_500.0, peak=94.2),
+        _llama_entry(report.LLAMA7B_BF16, 3, tok_s=12_000.0, peak=115.7),
+        _llama_entry("fp8coat_exact", 16, oom=True),
+    ]))
+    _write(folder / "seq4096.json", _llama_run([
+        _llama_entry("fp8coat_best", 8, seq=4096, tok_s=18_000.0),
+        _llama_entry("fp8coat_best", 10, seq=4096, oom=True),
+    ], seq=4096, date="2026-12-06 11:00 UTC", commit="def5678"))
+    lines = report.llama7b_table(report.load_runs(folder))
+    best = _row_of(lines, "`fp8coat_best` | 2048")
+    # largest batch that fit with the smallest that ran out of memory; tok/s over torchao's and BF16 compiled's
+    assert best[2:8] == ["20 (24 OOM)", "22,000", "1.26×", "1.83×", "120.50", "95.2"]
+    assert best[-4:] == ["2026-12-06", "`abc1234`", "NVIDIA H200", "`llama7b/seq2048.json`"]
+    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[2:5] == ["8", "17,500", "1.00×"]
+    # a row that never fit: no speed, but the batch that ran out of memory
+    assert _row_of(lines, "`fp8coat_exact` | 2048")[2:6] == ["– (16 OOM)", "–", "–", "–"]
+    # seq 4096 was measured without the anchors
+    long = _row_of(lines, "`fp8coat_best` | 4096")
+    assert long[2:6] == ["8 (10 OOM)", "18,000", ANCHOR_MISSING, ANCHOR_MISSING]
+    assert long[-3] == "`def5678`"
+    text = "\n".join(lines)
+    assert "`fp8coat_best` seq 2048: batch 20 met, 22,000 tok/s met" in text
+    assert "`fp8coat_exact` seq 2048: batch none MISSED, – tok/s MISSED" in text
+    assert "`fp8coat_best` seq 4096: batch 8 met" in text
+    assert "- `llama7b/seq4096.json`: `python -m benchmarks.llama7b --out $OUT --seq 4096`" in lines
+
+
+def test_llama7b_newest_run_of_a_seq_and_its_own_anchors(tmp_path):
+    folder = tmp_path / "llama7b"
+    _write(folder / "a.json", _llama_run([_llama_entry("fp8coat_best", 16, tok_s=19_000.0),
+                                          _llama_entry(report.LLAMA7B_TORCHAO, 8, tok_s=17_000.0)],
+                                         date="2026-12-01"))
+    # the newer run: fp8coat only, batch 20 failed (not out of memory), run eagerly
+    _write(folder / "b.json", _llama_run([_llama_entry("fp8coat_best", 16, tok_s=15_000.0, compiled=False),
+                                          _llama_entry("fp8coat_best", 20, compiled=False),
+                                          _llama_entry("fp8coat_best", 16, tok_s=21_000.0)], date="2026-12-02"))
+    lines = report.llama7b_table(report.load_runs(folder))
+    row = _row_of(lines, "`fp8coat_best` | 2048")
+    assert row[2:5] == ["16", "21,000", ANCHOR_MISSING]  # not the older run's torchao
+    assert row[-1] == "`llama7b/b.json`"
+    assert _row_of(lines, "`fp8coat_best` (eager) | 2048")[2:4] == ["16 (20 failed)", "15,000"]
+    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[-1] == "`llama7b/a.json`"
+
+
+@pytest.mark.parametrize("make", [lambda folder: None, lambda folder: folder.mkdir()])
+def test_new_tables_without_results_say_so(tmp_path, make):
+    make(tmp_path / "llama7b")
+    assert report.llama7b_table(report.load_runs(tmp_path / "llama7b")) == [
+        "(no result yet in `docs/results/llama7b/`)"]
+
+
+@pytest.mark.parametrize("rows, expect", [
+    ({"fp8coat_best": {}}, "no list at rows"),
+    ([_llama_entry("fp8coat_best", 16, tok_s=1.0) | {"tok_s": "fast"}], "rows[0]: 'tok_s' is 'fast'"),
+    ([{"row": "fp8coat_best", "batch": 16, "ok": True, "tok_s": 1.0}], "rows[0]: 'seq' is None"),
+    ([_llama_entry("fp8coat_best", 16) | {"ok": None}], "rows[0]: 'ok' is None"),
+])
+def test_malformed_llama7b_file_names_the_file(tmp_path, rows, expect):
+    bad = _write(tmp_path / "llama7b" / "broken.json", _llama_run(rows))
+    with pytest.raises(ReportError) as info:
+        report.llama7b_table(report.load_runs(tmp_path / "llama7b"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
+
+
+def test_llama7b_dry_run_output_renders(tmp_path):
+    """The benchmark's own --dry-run output (CPU, tiny shapes): refused as a measurement, rendered on request."""
+    root = Path(report.__file__).resolve().parents[1]
+    out = tmp_path / "llama7b"
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-m", "benchmarks.llama7b", "--dry-run", "--out", str(out), "--steps", "1",
+                    "--warmup", "1", "--rows", "fp8coat_best,fp8coat_exact,bf16amp_compiled"],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    with pytest.raises(ReportError, match="llama7b.json: a --dry-run result"):
+        report.load_runs(out)
+    data = json.loads((out / "llama7b.json").read_text())
+    tok_s = {(r["row"], r["batch"]): r["tok_s"] for r in data["rows"] if r["ok"]}
+    lines = report.llama7b_table(report.load_runs(out, dry_runs=True))
+    largest = max(b for name, b in tok_s if name == "fp8coat_best")
+    best = _row_of(lines, "`fp8coat_best` (eager) | 32")
+    assert best[2] == str(largest)
+    assert best[3] == f"{tok_s['fp8coat_best', largest]:,.0f}"
+    assert best[4] == ANCHOR_MISSING  # torchao is skipped on the CPU
+    assert best[5] == f"{tok_s['fp8coat_best', largest] / tok_s['bf16amp_compiled', 2]:.2f}×"
+    assert best[-4:-1] == [data["meta"]["date"].split(" ")[0], f"`{data['meta']['commit']}`", "none (CPU)"]
+    assert "not measured (no fp8coat row at seq 2048 or 4096)" in "\n".join(lines)
 
 
 def test_repository_benchmarks_doc_is_up_to_date():
