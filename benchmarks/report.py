@@ -13,6 +13,8 @@ Folders and what is read from them:
 * ``cpu_compare/``: ``fp8coat compare`` JSON of the CPU comparison (``make compare``).
 * ``llama7b/``: ``benchmarks.llama7b`` JSON: the full 7B model's largest batch and its tok/s per row and sequence
   length.
+* ``compile_time/``: ``benchmarks.compile_time`` JSON (``compile_time[-<library>][-eager][-<tag>].json``; no
+  ``meta``: date, commit and GPU come from ``runs.json``): build → first steps, against torchao of the same GPU.
 
 A missing or empty folder gives its table as "no result yet". A ``--dry-run`` result (flagged in its ``config`` or
 run by a command with ``--dry-run``) is refused: tiny shapes, not a measurement.
@@ -598,6 +600,88 @@ def llama7b_table(runs: list[Run]) -> list[str]:
     return lines + _commands(used)
 
 
+COMPILE_LIBRARIES = {"fp8coat": "fp8coat", "torchao": "torchao float8 + `AdamWFp8`",
+                     "bf16": "BF16 autocast + fused AdamW"}  # benchmarks.compile_time --library, in table order
+TARGET_COMPILE_X = 1.2  # fp8coat's 32-layer compiled model: first step done within this × torchao's time
+TARGET_EAGER_FIRST_STEP_S = 10.0  # fp8coat's 32-layer eager model: the first step alone (compile_time's check)
+TARGET_COMPILE_LAYERS = 32
+
+
+def _compile_rows(run: Run) -> dict:
+    """``{(library, recipe, compiled, layers, batch, seq): row}`` of a ``benchmarks.compile_time`` result (files
+    from before ``--library`` and ``--eager`` are fp8coat, compiled)."""
+    rows = {}
+    for i, row in enumerate(_entries(run, "rows")):
+        where = f"rows[{i}]"
+        library, compiled = row.get("library", "fp8coat"), row.get("compiled", True)
+        if library not in COMPILE_LIBRARIES:
+            raise run.fail(f"{where}: 'library' is {library!r}, expected one of {sorted(COMPILE_LIBRARIES)}")
+        if not isinstance(compiled, bool):
+            raise run.fail(f"{where}: 'compiled' is {compiled!r}, expected true or false")
+        _num(run, row, "first_step_s", where)
+        for key in ("two_steps_s", "build_s", "step1_s", "later_step_ms", "graphs"):
+            _num(run, row, key, where, required=False)
+        key = (library, str(row.get("recipe") or library), compiled, _int(run, row, "layers", where),
+               _int(run, row, "batch", where), _int(run, row, "seq", where))
+        rows[key] = row
+    return rows
+
+
+def compile_time_table(runs: list[Run]) -> list[str]:
+    """Compile time (``benchmarks.compile_time``): build → first and second step done per library, compiled or
+    eager, and depth; the first against torchao's compiled model of the same shape on the same GPU model (another
+    process: the newest torchao file of that GPU)."""
+    if not runs:
+        return _no_result("compile_time")
+
+    def anchor_of(run: Run, key: tuple) -> tuple[Run | None, float | None]:
+        shape = key[3:]
+        for other in reversed(runs):
+            same_gpu = other is run or (run.meta.get("gpu") and other.meta.get("gpu") == run.meta.get("gpu"))
+            for (library, _, compiled, *other_shape), row in (_compile_rows(other) if same_gpu else {}).items():
+                if library == "torchao" and compiled and tuple(other_shape) == shape:
+                    return other, row["first_step_s"]
+        return None, None
+
+    order = list(COMPILE_LIBRARIES)
+    found = sorted(latest(runs, _compile_rows).items(),
+                   key=lambda kv: (order.index(kv[0][0]), kv[0][1], not kv[0][2], *kv[0][3:]))
+    rows, used, anchors, checks = [], [], [], []
+    for key, (run, row, _) in found:
+        library, recipe, compiled, layers, batch, seq = key
+        first, step1 = row["first_step_s"], row.get("step1_s")
+        anchor_run, anchor = anchor_of(run, key)
+        label = COMPILE_LIBRARIES[library] + (f" `{recipe}`" if library == "fp8coat" else "")
+        rows.append([label, "compiled" if compiled else "eager", str(layers), f"{batch} × {seq}", f"{first:.1f}",
+                     _f(row.get("two_steps_s"), ".1f"), _f(row.get("build_s"), ".1f"), _f(step1, ".1f"),
+                     _f(row.get("graphs"), ".0f"), _f(row.get("later_step_ms"), ".1f"), _f(anchor, ".1f"),
+                     _x(first, anchor), *run.cells()])
+        used.append(run)
+        if anchor_run is not None and anchor_run is not run and anchor_run not in anchors:
+            anchors.append(anchor_run)
+        if library == "fp8coat" and layers == TARGET_COMPILE_LAYERS:
+            where = f"`{recipe}` {'compiled' if compiled else 'eager'}, {layers} layers"
+            if compiled:
+                verdict = (f"{first / anchor:.2f}× torchao {'met' if first <= TARGET_COMPILE_X * anchor else 'MISSED'}"
+                           if anchor else f"{first:.1f} s, no torchao anchor on this GPU model")
+            else:
+                verdict = ("first step not recorded" if step1 is None else
+                           f"first step {step1:.1f} s {'met' if step1 <= TARGET_EAGER_FIRST_STEP_S else 'MISSED'}")
+            checks.append(f"{where}: {verdict}")
+    header = ["library", "mode", "layers", "batch × seq", "first step done s", "second step done s", "build s",
+              "first step alone s", "graphs", "later step ms", "anchor: torchao compiled, first step done s (same "
+              "GPU model)", "× anchor (time / anchor time)", *PROVENANCE]
+    lines = _table(header, rows)
+    lines += ["", "Seconds from the start of the build; the anchor is torchao's compiled model of the same depth, "
+              "batch and seq in the newest torchao file of the same GPU model (a separate process)"
+              + (": " + ", ".join(f"`{r.name}`" for r in anchors) if anchors else "") + "."]
+    lines += ["", f"Targets: fp8coat's {TARGET_COMPILE_LAYERS}-layer compiled model's first step done within "
+              f"{TARGET_COMPILE_X}× torchao's; its eager first step ≤ {TARGET_EAGER_FIRST_STEP_S:.0f} s: "
+              + ("; ".join(checks) if checks else f"not measured (no fp8coat {TARGET_COMPILE_LAYERS}-layer row)")
+              + "."]
+    return lines + _commands(used + anchors)
+
+
 TABLES = {  # table name: (folder under docs/results, builder)
     "optimizer": ("optimizer", optimizer_table),
     "linear": ("layers", linear_table),
@@ -606,6 +690,7 @@ TABLES = {  # table name: (folder under docs/results, builder)
     "accuracy": ("accuracy", accuracy_table),
     "cpu_compare": ("cpu_compare", cpu_compare_table),
     "llama7b": ("llama7b", llama7b_table),
+    "compile_time": ("compile_time", compile_time_table),
 }
 
 

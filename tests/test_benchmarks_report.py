@@ -247,11 +247,12 @@ def test_llama7b_newest_run_of_a_seq_and_its_own_anchors(tmp_path):
     assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[-1] == "`llama7b/a.json`"
 
 
+@pytest.mark.parametrize("name", ["llama7b", "compile_time"])
 @pytest.mark.parametrize("make", [lambda folder: None, lambda folder: folder.mkdir()])
-def test_new_tables_without_results_say_so(tmp_path, make):
-    make(tmp_path / "llama7b")
-    assert report.llama7b_table(report.load_runs(tmp_path / "llama7b")) == [
-        "(no result yet in `docs/results/llama7b/`)"]
+def test_new_tables_without_results_say_so(tmp_path, make, name):
+    folder_name, build = report.TABLES[name]
+    make(tmp_path / folder_name)
+    assert build(report.load_runs(tmp_path / folder_name)) == [f"(no result yet in `docs/results/{folder_name}/`)"]
 
 
 @pytest.mark.parametrize("rows, expect", [
@@ -288,6 +289,94 @@ def test_llama7b_dry_run_output_renders(tmp_path):
     assert best[5] == f"{tok_s['fp8coat_best', largest] / tok_s['bf16amp_compiled', 2]:.2f}×"
     assert best[-4:-1] == [data["meta"]["date"].split(" ")[0], f"`{data['meta']['commit']}`", "none (CPU)"]
     assert "not measured (no fp8coat row at seq 2048 or 4096)" in "\n".join(lines)
+
+
+def _ct_row(layers, first, library="fp8coat", compiled=True, step1=None):
+    """One row of ``benchmarks.compile_time``'s result (all its keys)."""
+    return {"layers": layers, "recipe": {"fp8coat": "coat", "torchao": "torchao-float8", "bf16": "bf16"}[library],
+            "batch": 1, "seq": 2048, "first_step_s": first, "two_steps_s": first + 2.0, "later_step_ms": 400.0,
+            "graphs": 2 if compiled else 0, "fp8coat": "/repo/fp8coat", "library": library, "compiled": compiled,
+            "build_s": 3.0, "step1_s": first - 3.0 if step1 is None else step1}
+
+
+def _ct_file(rows, args="--layers 4,32 --tag after"):
+    """A compile_time result: its sys.argv as "command", no meta."""
+    return {"command": f"/repo/benchmarks/compile_time.py {args} --out /out", "rows": rows}
+
+
+def test_compile_time_against_torchao_of_the_same_gpu_model(tmp_path):
+    folder = tmp_path / "compile_time"
+    _write(folder / "compile_time-after.json", _ct_file([_ct_row(4, 20.0), _ct_row(32, 55.0)]))
+    _write(folder / "compile_time-eager-after.json",
+           _ct_file([_ct_row(32, 9.0, compiled=False, step1=6.5)], "--eager --layers 32"))
+    _write(folder / "compile_time-torchao-after.json",
+           _ct_file([_ct_row(4, 16.0, "torchao"), _ct_row(32, 50.0, "torchao")], "--library torchao --tag after"))
+    # a newer torchao file from another GPU model, and a BF16 file whose GPU nobody recorded
+    _write(folder / "compile_time-torchao-h200.json", _ct_file([_ct_row(32, 40.0, "torchao")], "--library torchao"))
+    _write(folder / "compile_time-bf16.json", _ct_file([_ct_row(32, 70.0, "bf16")], "--library bf16"))
+    h100 = {"date": "2026-12-06 09:00 UTC", "commit": "abc1234", "gpu": "NVIDIA H100 80GB HBM3"}
+    _write(folder / "runs.json", {"files": {
+        "compile_time-after.json": h100, "compile_time-eager-after.json": h100,
+        "compile_time-torchao-after.json": h100, "compile_time-bf16.json": {"date": "2026-12-06 09:30 UTC"},
+        "compile_time-torchao-h200.json": {"date": "2026-12-07 09:00 UTC", "gpu": "NVIDIA H200"}}})
+    lines = report.compile_time_table(report.load_runs(folder))
+    # first step done, second, build, first step alone, graphs, later step ms, torchao's time, time / torchao's
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[3:12] == [
+        "1 × 2048", "55.0", "57.0", "3.0", "52.0", "2", "400.0", "50.0", "1.10×"]
+    assert _row_of(lines, "fp8coat `coat` | compiled | 4")[10:12] == ["16.0", "1.25×"]
+    assert _row_of(lines, "fp8coat `coat` | eager | 32")[10:12] == ["50.0", "0.18×"]
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[-4:] == [
+        "2026-12-06", "`abc1234`", "NVIDIA H100 80GB HBM3", "`compile_time/compile_time-after.json`"]
+    # the H200 torchao file is the newest torchao 32-layer row, its own anchor; not the H100 rows' anchor
+    torchao = _row_of(lines, f"{report.COMPILE_LIBRARIES['torchao']} | compiled | 32")
+    assert torchao[10:12] == ["40.0", "1.00×"] and torchao[-1] == "`compile_time/compile_time-torchao-h200.json`"
+    assert _row_of(lines, f"{report.COMPILE_LIBRARIES['bf16']} | compiled | 32")[10:12] == ["–", ANCHOR_MISSING]
+    text = "\n".join(lines)
+    assert "(a separate process): `compile_time/compile_time-torchao-after.json`." in text
+    assert "`coat` compiled, 32 layers: 1.10× torchao met" in text
+    assert "`coat` eager, 32 layers: first step 6.5 s met" in text
+    # the recorded sys.argv in today's form
+    assert ("- `compile_time/compile_time-after.json`: `python -m benchmarks.compile_time --layers 4,32 --tag after "
+            "--out /out`") in lines
+
+
+def test_compile_time_targets_missed_and_files_before_library_and_eager(tmp_path):
+    folder = tmp_path / "compile_time"
+    old = _ct_row(32, 90.0)
+    for key in ("library", "compiled", "build_s", "step1_s"):
+        del old[key]
+    _write(folder / "compile_time.json", _ct_file([old]))
+    _write(folder / "compile_time-eager.json", _ct_file([_ct_row(32, 14.0, compiled=False, step1=12.0)]))
+    _write(folder / "compile_time-torchao.json", _ct_file([_ct_row(32, 50.0, "torchao")]))
+    _write(folder / "runs.json", {"files": {n: {"gpu": "NVIDIA H200"} for n in (
+        "compile_time.json", "compile_time-eager.json", "compile_time-torchao.json")}})
+    lines = report.compile_time_table(report.load_runs(folder))
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[6:12] == ["–", "–", "2", "400.0", "50.0", "1.80×"]
+    text = "\n".join(lines)
+    assert "`coat` compiled, 32 layers: 1.80× torchao MISSED" in text
+    assert "`coat` eager, 32 layers: first step 12.0 s MISSED" in text
+
+
+def test_compile_time_dry_run_is_refused_unless_asked(tmp_path):
+    folder = tmp_path / "compile_time"
+    _write(folder / "compile_time.json", _ct_file([_ct_row(2, 14.4)], "--dry-run --layers 2"))
+    with pytest.raises(ReportError, match="compile_time.json: a --dry-run result"):
+        report.load_runs(folder)
+    row = _row_of(report.compile_time_table(report.load_runs(folder, dry_runs=True)), "fp8coat `coat` | compiled")
+    assert row[-4:-1] == [report.UNKNOWN] * 3 and row[11] == ANCHOR_MISSING
+
+
+@pytest.mark.parametrize("rows, expect", [
+    ({"4": _ct_row(4, 1.0)}, "no list at rows"),
+    ([_ct_row(4, 1.0) | {"first_step_s": None}], "rows[0]: 'first_step_s' is None"),
+    ([_ct_row(4, 1.0) | {"library": "jax"}], "rows[0]: 'library' is 'jax'"),
+    ([_ct_row(4, 1.0), _ct_row(32, 1.0) | {"layers": "32"}], "rows[1]: 'layers' is '32'"),
+])
+def test_malformed_compile_time_file_names_the_file(tmp_path, rows, expect):
+    bad = _write(tmp_path / "compile_time" / "compile_time.json", _ct_file(rows))
+    with pytest.raises(ReportError) as info:
+        report.compile_time_table(report.load_runs(tmp_path / "compile_time"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
 
 
 def test_repository_benchmarks_doc_is_up_to_date():
