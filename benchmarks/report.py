@@ -1,8 +1,9 @@
 """The tables of ``docs/benchmarks.md``, generated from the result files under ``docs/results/<benchmark>/``.
 
-Each table row is the most recent measurement of one variant: its value, the anchor measured in the same run, their
-ratio, and where the row comes from (date, commit, GPU, the run's file; the run's command is listed below the
-table). Older files of the same folder show up as "earlier runs" of a row. A row's provenance is the result file's
+Each table row is the most recent measurement of one variant: its value, the anchor measured in the same run (for
+compile times, which each library measures in its own process: on the same GPU model), their ratio, and where the
+row comes from (date, commit, GPU, the run's file; the run's command is listed below the table). Older files of the
+same folder show up as "earlier runs" of a row in the tables with that column. A row's provenance is the result file's
 own ``meta`` (written by the benchmarks since they record it) or its entry in the folder's ``runs.json``.
 
 Folders and what is read from them:
@@ -15,6 +16,8 @@ Folders and what is read from them:
   length.
 * ``compile_time/``: ``benchmarks.compile_time`` JSON (``compile_time[-<library>][-eager][-<tag>].json``; no
   ``meta``: date, commit and GPU come from ``runs.json``): build → first steps, against torchao of the same GPU.
+* ``vlm/``: ``benchmarks.vlm_compare``'s ``vlm_compare*.json`` (the per-model compare reports beside it are not
+  read): BF16 against coat on vision-language models.
 
 A missing or empty folder gives its table as "no result yet". A ``--dry-run`` result (flagged in its ``config`` or
 run by a command with ``--dry-run``) is refused: tiny shapes, not a measurement.
@@ -682,6 +685,94 @@ def compile_time_table(runs: list[Run]) -> list[str]:
     return lines + _commands(used + anchors)
 
 
+TARGET_VLM_GAP_PCT = 0.5  # coat's val-loss gap to BF16 on the VLMs: within max(this, one BF16 std in %)
+TARGET_VLM_SAVED_X = 0.45  # bytes saved for backward by the vision tower and by the LM, each, over BF16's
+VLM_NUMBERS = ("val_loss_mean", "val_loss_std", "caption_exact_match", "tok_per_s", "peak_mem_gib",
+               "saved_vision_bytes", "saved_lm_bytes")
+
+
+def _vlm_models(run: Run) -> dict:
+    """``{model: {"rows": [...], "problems": [...]}}`` of a ``benchmarks.vlm_compare`` result; each model's first
+    row is its baseline (BF16)."""
+    models = _rows(run, "results")
+    for model, entry in models.items():
+        where = f"results.{model}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list):
+            raise run.fail(f"{where}: expected an object with a \"rows\" list")
+        if not isinstance(entry.get("problems", []), list):
+            raise run.fail(f"{where}.problems: expected a list")
+        for i, row in enumerate(entry["rows"]):
+            row_where = f"{where}.rows[{i}]"
+            if not isinstance(row, dict) or not isinstance(row.get("variant"), str):
+                raise run.fail(f"{row_where}: expected an object with a \"variant\" name")
+            for key in VLM_NUMBERS:
+                _num(run, row, key, row_where, required=False)
+            for key in ("seeds", "val_gap_pct"):
+                values = row.get(key, [])
+                if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                       for v in values):
+                    raise run.fail(f"{row_where}: {key!r} is {values!r}, expected a list of numbers")
+    return models
+
+
+def _vlm_rows(run: Run) -> dict:
+    return {(model, row["variant"]): row for model, entry in _vlm_models(run).items() for row in entry["rows"]}
+
+
+def vlm_table(runs: list[Run]) -> list[str]:
+    """BF16 against coat on VLMs (``benchmarks.vlm_compare``): validation loss over seeds, its gap per seed, the
+    caption exact match, and speed, peak memory and saved bytes of a run alone, against the baseline of the same
+    file and model."""
+    runs = [r for r in runs if r.path.name.startswith("vlm_compare")]  # not the per-model compare reports
+    if not runs:
+        return _no_result("vlm")
+    rows, used, checks = [], [], []
+    for (model, variant), (run, row, _) in latest(runs, _vlm_rows).items():
+        base = _vlm_models(run)[model]["rows"][0]
+        is_base = row is base
+        mean, std = row.get("val_loss_mean"), row.get("val_loss_std")
+        b_mean, b_std = base.get("val_loss_mean"), base.get("val_loss_std")
+        target = max(TARGET_VLM_GAP_PCT, 100 * b_std / b_mean) if b_mean and b_std is not None else None
+        gaps = row.get("val_gap_pct") or []
+        gap = statistics.fmean(gaps) if gaps and not is_base else None
+        within = None if gap is None or target is None else abs(gap) <= target
+
+        def ratio(key: str, spec: str = ".2f", row=row, base=base) -> str:
+            return _x(row.get(key), base.get(key) or None, spec=spec)  # a zero baseline is no anchor
+
+        loss = "–" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+        rows.append([model, f"`{variant}`" + (" (baseline)" if is_base else ""), str(len(row.get("seeds") or [])),
+                     loss, "–" if gap is None else f"{gap:+.2f}% ({', '.join(f'{g:+.2f}' for g in gaps)})",
+                     _f(target, ".2f") + ("%" if target is not None else ""),
+                     "–" if within is None else ("yes" if within else "no"),
+                     _f(row.get("caption_exact_match"), ".3f"), _f(row.get("tok_per_s"), ",.0f"), ratio("tok_per_s"),
+                     _f(row.get("peak_mem_gib"), ".2f"), ratio("peak_mem_gib"), ratio("saved_vision_bytes", ".3f"),
+                     ratio("saved_lm_bytes", ".3f"), *run.cells()])
+        used.append(run)
+        if not is_base:
+            parts = [f"gap {'not measured' if gap is None else f'{gap:+.2f}%'} "
+                     f"{'met' if within else 'MISSED'}" + (f" (bound {target:.2f}%)" if target is not None else "")]
+            for key, what in (("saved_vision_bytes", "vision"), ("saved_lm_bytes", "LM")):
+                value, anchor = row.get(key), base.get(key)
+                x = value / anchor if value is not None and anchor else None
+                parts.append(f"{what} " + ("not measured" if x is None else f"{x:.3f}×")
+                             + f" {'met' if x is not None and x <= TARGET_VLM_SAVED_X else 'MISSED'}")
+            checks.append(f"{model} `{variant}`: " + ", ".join(parts))
+    header = ["model", "variant", "seeds", "val loss (mean ± std)", "val gap % mean (per seed)", "target",
+              "within target", "caption exact match", "tok/s", "× baseline (same run)", "peak GiB", "× baseline",
+              "saved vision ×", "saved LM ×", *PROVENANCE]
+    lines = _table(header, rows)
+    sources = sorted({id(r): r for r in [*used, runs[-1]]}.values(), key=lambda r: r.key)  # and the newest run
+    problems = [f"`{run.name}`, {model}: {problem}" for run in sources
+                for model, entry in _vlm_models(run).items() for problem in entry.get("problems", [])]
+    if problems:
+        lines += ["", "Problems the runs reported: " + "; ".join(problems) + "."]
+    lines += ["", f"Targets: val gap within max({TARGET_VLM_GAP_PCT}%, one BF16 std); bytes saved for backward by "
+              f"the vision tower and by the LM each ≤ {TARGET_VLM_SAVED_X}× BF16: "
+              + ("; ".join(checks) if checks else "not measured (no variant beside the baseline)") + "."]
+    return lines + _commands(used)
+
+
 TABLES = {  # table name: (folder under docs/results, builder)
     "optimizer": ("optimizer", optimizer_table),
     "linear": ("layers", linear_table),
@@ -691,6 +782,7 @@ TABLES = {  # table name: (folder under docs/results, builder)
     "cpu_compare": ("cpu_compare", cpu_compare_table),
     "llama7b": ("llama7b", llama7b_table),
     "compile_time": ("compile_time", compile_time_table),
+    "vlm": ("vlm", vlm_table),
 }
 
 

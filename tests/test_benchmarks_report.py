@@ -3,6 +3,7 @@ one benchmark dry run, a subprocess)."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +248,7 @@ def test_llama7b_newest_run_of_a_seq_and_its_own_anchors(tmp_path):
     assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[-1] == "`llama7b/a.json`"
 
 
-@pytest.mark.parametrize("name", ["llama7b", "compile_time"])
+@pytest.mark.parametrize("name", ["llama7b", "compile_time", "vlm"])
 @pytest.mark.parametrize("make", [lambda folder: None, lambda folder: folder.mkdir()])
 def test_new_tables_without_results_say_so(tmp_path, make, name):
     folder_name, build = report.TABLES[name]
@@ -376,6 +377,94 @@ def test_malformed_compile_time_file_names_the_file(tmp_path, rows, expect):
     bad = _write(tmp_path / "compile_time" / "compile_time.json", _ct_file(rows))
     with pytest.raises(ReportError) as info:
         report.compile_time_table(report.load_runs(tmp_path / "compile_time"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
+
+
+def _vlm_row(variant, losses, gaps, tok_s, vision, lm, peak=None):
+    """One row of ``benchmarks.vlm_compare``'s ``results.<model>.rows`` (all its keys; the ratios it stores are not
+    read: left None)."""
+    return {"variant": variant, "label": variant, "seeds": list(range(len(losses))),
+            "val_loss_mean": statistics.fmean(losses), "val_loss_std": statistics.stdev(losses),
+            "val_gap_pct": gaps, "val_gap_pct_mean": statistics.fmean(gaps), "val_gap_pct_std": 0.0,
+            "target_pct": None, "within_target": None, "caption_exact_match": 0.25, "tok_per_s": tok_s,
+            "tok_per_s_ratio": None, "peak_mem_gib": peak, "peak_mem_ratio": None, "saved_vision_bytes": vision,
+            "saved_vision_ratio": None, "saved_lm_bytes": lm, "saved_lm_ratio": None}
+
+
+def _vlm_file(results, command="python -m benchmarks.vlm_compare --out $OUT", device="NVIDIA H200"):
+    return {"meta": {"date": "2026-12-06 12:00 UTC", "commit": "abc1234", "command": command, "device": device},
+            "results": {m: {"rows": rows, "problems": problems, "config": {"model": m}}
+                        for m, (rows, problems) in results.items()},
+            "seconds": 500.0}
+
+
+def test_vlm_gap_target_and_ratios_to_the_baseline(tmp_path):
+    folder = tmp_path / "vlm"
+    _write(folder / "vlm_compare.json", _vlm_file({
+        "llava-100m": ([_vlm_row("bf16-torchopt", [3.00, 3.02, 3.04], [0.0, 0.0, 0.0], 50_000.0, 1000, 1000, 10.0),
+                        _vlm_row("coat", [3.01, 3.03, 3.07], [0.2, 0.4, 0.9], 40_000.0, 300, 500, 6.0)], []),
+        # one-seed std below 0.5%: the target is 0.5%; the baseline's speed was not measured
+        "qwen2vl-100m": ([_vlm_row("bf16-torchopt", [2.0, 2.0], [0.0, 0.0], None, 1000, 1000),
+                          _vlm_row("coat", [2.012, 2.016], [0.6, 0.8], 30_000.0, 400, 440)],
+                         ["qwen2vl-100m/seed2.log exited 1"]),
+        "llava-big": ([], ["no accuracy run finished"]),
+    }))
+    # a per-model compare report beside it is not a vlm_compare result
+    _write(folder / "llava-100m.json", {"config": {}, "results": {"coat": [{"final_val_loss": 3.0}]}})
+    lines = report.vlm_table(report.load_runs(folder))
+    coat = _row_of(lines, "llava-100m | `coat`")
+    # seeds, val loss, gap mean (per seed), target = one BF16 std in % (0.02 / 3.02), within, caption EM
+    assert coat[2:8] == ["3", "3.0367 ± 0.0306", "+0.50% (+0.20, +0.40, +0.90)", "0.66%", "yes", "0.250"]
+    # tok/s and ×, peak and ×, saved bytes ×: over the baseline of the same file and model
+    assert coat[8:14] == ["40,000", "0.80×", "6.00", "0.60×", "0.300×", "0.500×"]
+    assert coat[-4:] == ["2026-12-06", "`abc1234`", "NVIDIA H200", "`vlm/vlm_compare.json`"]
+    base = _row_of(lines, "llava-100m | `bf16-torchopt` (baseline)")
+    assert base[4] == "–" and base[6] == "–" and base[9] == "1.00×"
+    qwen = _row_of(lines, "qwen2vl-100m | `coat`")
+    assert qwen[4:7] == ["+0.70% (+0.60, +0.80)", "0.50%", "no"]
+    assert qwen[8:14] == ["30,000", ANCHOR_MISSING, "–", "–", "0.400×", "0.440×"]
+    text = "\n".join(lines)
+    assert "llava-100m `coat`: gap +0.50% met (bound 0.66%), vision 0.300× met, LM 0.500× MISSED" in text
+    assert "qwen2vl-100m `coat`: gap +0.70% MISSED (bound 0.50%), vision 0.400× met, LM 0.440× met" in text
+    assert ("Problems the runs reported: `vlm/vlm_compare.json`, qwen2vl-100m: qwen2vl-100m/seed2.log exited 1; "
+            "`vlm/vlm_compare.json`, llava-big: no accuracy run finished.") in text
+    assert "- `vlm/vlm_compare.json`: `python -m benchmarks.vlm_compare --out $OUT`" in lines
+
+
+def test_vlm_newest_file_per_model_and_variant_and_dry_runs(tmp_path):
+    folder = tmp_path / "vlm"
+    old = _vlm_file({"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
+                                     _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 150.0, 4, 4)], [])})
+    old["meta"]["date"] = "2026-12-01 12:00 UTC"
+    _write(folder / "vlm_compare-old.json", old)
+    _write(folder / "vlm_compare-new.json", _vlm_file(
+        {"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
+                         _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 120.0, 4, 4)], [])}))
+    row = _row_of(report.vlm_table(report.load_runs(folder)), "llava-100m | `coat`")
+    assert row[8:10] == ["120", "1.20×"] and row[-1] == "`vlm/vlm_compare-new.json`"
+
+    dry = tmp_path / "dry" / "vlm"
+    _write(dry / "vlm_compare.json", _vlm_file(
+        {"tiny-llava": ([_vlm_row("bf16-torchopt", [5.1, 5.2], [0.0, 0.0], 6000.0, 10, 10),
+                         _vlm_row("coat", [5.1, 5.2], [0.0, 0.1], 1000.0, 4, 3)], [])},
+        command="python -m benchmarks.vlm_compare --dry-run --out /tmp/v", device="cpu"))
+    with pytest.raises(ReportError, match="vlm_compare.json: a --dry-run result"):
+        report.load_runs(dry)
+    assert _row_of(report.vlm_table(report.load_runs(dry, dry_runs=True)), "tiny-llava | `coat`")[-2] == "none (CPU)"
+
+
+@pytest.mark.parametrize("results, expect", [
+    ({"llava-100m": []}, "results.llava-100m: expected an object with a \"rows\" list"),
+    ({"llava-100m": {"rows": [{"label": "coat"}]}}, "results.llava-100m.rows[0]: expected an object with a"),
+    ({"llava-100m": {"rows": [_vlm_row("coat", [1.0, 1.0], [0.0, 0.0], 1.0, 1, 1) | {"val_gap_pct": ["x"]}]}},
+     "results.llava-100m.rows[0]: 'val_gap_pct' is ['x'], expected a list of numbers"),
+    ({"llava-100m": {"rows": [_vlm_row("coat", [1.0, 1.0], [0.0, 0.0], 1.0, 1, 1) | {"tok_per_s": "fast"}]}},
+     "results.llava-100m.rows[0]: 'tok_per_s' is 'fast', expected a number"),
+])
+def test_malformed_vlm_file_names_the_file(tmp_path, results, expect):
+    bad = _write(tmp_path / "vlm" / "vlm_compare.json", {"meta": {}, "results": results})
+    with pytest.raises(ReportError) as info:
+        report.vlm_table(report.load_runs(tmp_path / "vlm"))
     assert str(bad) in str(info.value) and expect in str(info.value)
 
 
