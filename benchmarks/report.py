@@ -141,12 +141,13 @@ def load_runs(folder: Path, dry_runs: bool = False) -> list[Run]:
             raise ReportError(f"{path}: a --dry-run result (tiny shapes on the CPU), not a measurement; remove it")
         if not meta.get("command") and isinstance(data.get("command"), str):  # compile_time: its sys.argv only
             meta["command"] = _command(data["command"])
-        # the GPU: the file's env, else its device (config.device of the harness, meta.device of vlm_compare)
+        # the GPU: the file's env, else its device (the harness's config.device; vlm_compare's meta.device, which
+        # names the GPU)
         gpu = (data.get("env") or {}).get("gpu")
-        device = (data.get("config") or {}).get("device") or meta.get("device")
-        if not gpu and device == "cpu":
+        device = meta.get("device")
+        if not gpu and "cpu" in ((data.get("config") or {}).get("device"), device):
             gpu = "none (CPU)"
-        elif not gpu and isinstance(device, str) and not device.startswith("cuda") and device != UNKNOWN:
+        elif not gpu and isinstance(device, str) and device != UNKNOWN:
             gpu = device
         if gpu and not meta.get("gpu"):
             meta["gpu"] = gpu

@@ -145,6 +145,7 @@ def test_accuracy_gap_from_the_means_and_missing_anchor(tmp_path):
     (json.dumps({"rows": {"torch_fused_fp32": {"ms": "fast"}}}), "'ms' is 'fast', expected a number"),
     (json.dumps({"config": {}}), "no object at rows"),
     (json.dumps({"config": {"dry_run": True}, "rows": {}}), "a --dry-run result"),
+    (json.dumps({"meta": ["2026-12-01"], "rows": {}}), "\"meta\" is ['2026-12-01'], expected an object"),
 ])
 def test_malformed_result_file_names_the_file(tmp_path, content, expect):
     bad = _write(tmp_path / "optimizer" / "broken.json", content)
