@@ -1,8 +1,9 @@
 """The tables of ``docs/benchmarks.md``, generated from the result files under ``docs/results/<benchmark>/``.
 
-Each table row is the most recent measurement of one variant: its value, the anchor measured in the same run, their
-ratio, and where the row comes from (date, commit, GPU, the run's file; the run's command is listed below the
-table). Older files of the same folder show up as "earlier runs" of a row. A row's provenance is the result file's
+Each table row is the most recent measurement of one variant: its value, the anchor measured in the same run (for
+compile times, which each library measures in its own process: on the same GPU model), their ratio, and where the
+row comes from (date, commit, GPU, the run's file; the run's command is listed below the table). Older files of the
+same folder show up as "earlier runs" of a row in the tables with that column. A row's provenance is the result file's
 own ``meta`` (written by the benchmarks since they record it) or its entry in the folder's ``runs.json``.
 
 Folders and what is read from them:
@@ -11,6 +12,15 @@ Folders and what is read from them:
 * ``layers/``: ``bench_layers`` JSON: the FP8 linear, decoder layer and 4-layer model tables.
 * ``accuracy/``: ``fp8coat compare`` JSON named ``<stage>-<tag>.json`` (stage ``pretrain`` or ``finetune``).
 * ``cpu_compare/``: ``fp8coat compare`` JSON of the CPU comparison (``make compare``).
+* ``llama7b/``: ``benchmarks.llama7b`` JSON: the full 7B model's largest batch and its tok/s per row and sequence
+  length.
+* ``compile_time/``: ``benchmarks.compile_time`` JSON (``compile_time[-<library>][-eager][-<tag>].json``; no
+  ``meta``: date, commit and GPU come from ``runs.json``): build → first steps, against torchao of the same GPU.
+* ``vlm/``: ``benchmarks.vlm_compare``'s ``vlm_compare*.json`` (the per-model compare reports beside it are not
+  read): BF16 against coat on vision-language models.
+
+A missing or empty folder gives its table as "no result yet". A ``--dry-run`` result (flagged in its ``config`` or
+run by a command with ``--dry-run``) is refused: tiny shapes, not a measurement.
 
 Usage, from the repository root::
 
@@ -86,9 +96,27 @@ def _read_json(path: Path):
         raise ReportError(f"{path}: not a readable JSON file ({ex})") from ex
 
 
-def load_runs(folder: Path) -> list[Run]:
+def _command(text: str) -> str:
+    """A command recorded as ``sys.argv`` (``.../benchmarks/<name>.py args``) in today's form,
+    ``python -m benchmarks.<name> args``; any other command unchanged."""
+    first, _, rest = text.partition(" ")
+    path = Path(first)
+    if path.suffix == ".py" and path.parent.name == "benchmarks":
+        return " ".join([f"python -m benchmarks.{path.stem}", *([rest] if rest else [])])
+    return text
+
+
+def _is_dry_run(data: dict, meta: dict) -> bool:
+    """A ``--dry-run`` result: flagged in its config, or run by a command with ``--dry-run``."""
+    commands = [meta.get("command"), data.get("command")]
+    return bool((data.get("config") or {}).get("dry_run")) or any(
+        isinstance(c, str) and "--dry-run" in c.split() for c in commands)
+
+
+def load_runs(folder: Path, dry_runs: bool = False) -> list[Run]:
     """The result files of ``folder`` (``*.json`` except ``runs.json``), oldest first (by recorded date, then name).
-    A missing folder has no runs."""
+    A missing folder has no runs. A ``--dry-run`` result is a ReportError unless ``dry_runs`` (tiny shapes, often
+    on the CPU: it checks a table's wiring, it is no measurement)."""
     if not folder.is_dir():
         return []
     sidecar: dict = {}
@@ -105,13 +133,22 @@ def load_runs(folder: Path) -> list[Run]:
         data = _read_json(path)
         if not isinstance(data, dict):
             raise ReportError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        if (data.get("config") or {}).get("dry_run"):
-            raise ReportError(f"{path}: a --dry-run result (tiny shapes on the CPU), not a measurement; remove it")
         meta = dict(sidecar.get(path.name) or {})
+        if not isinstance(data.get("meta") or {}, dict):
+            raise ReportError(f"{path}: \"meta\" is {data['meta']!r}, expected an object")
         meta.update({k: v for k, v in (data.get("meta") or {}).items() if v is not None})
+        if not dry_runs and _is_dry_run(data, meta):
+            raise ReportError(f"{path}: a --dry-run result (tiny shapes on the CPU), not a measurement; remove it")
+        if not meta.get("command") and isinstance(data.get("command"), str):  # compile_time: its sys.argv only
+            meta["command"] = _command(data["command"])
+        # the GPU: the file's env, else its device (the harness's config.device; vlm_compare's meta.device, which
+        # names the GPU)
         gpu = (data.get("env") or {}).get("gpu")
-        if not gpu and (data.get("config") or {}).get("device") == "cpu":
+        device = meta.get("device")
+        if not gpu and "cpu" in ((data.get("config") or {}).get("device"), device):
             gpu = "none (CPU)"
+        elif not gpu and isinstance(device, str) and device != UNKNOWN:
+            gpu = device
         if gpu and not meta.get("gpu"):
             meta["gpu"] = gpu
         runs.append(Run(path, data, meta))
@@ -126,6 +163,24 @@ def _rows(run: Run, *keys: str) -> dict:
             raise run.fail(f"no object at {'.'.join(keys[: i + 1])}")
         node = node[key]
     return node
+
+
+def _entries(run: Run, key: str) -> list[dict]:
+    """``run.data[key]``, which must be a list of objects."""
+    node = run.data.get(key)
+    if not isinstance(node, list):
+        raise run.fail(f"no list at {key}")
+    for i, entry in enumerate(node):
+        if not isinstance(entry, dict):
+            raise run.fail(f"{key}[{i}]: expected an object, found {entry!r}")
+    return node
+
+
+def _int(run: Run, row: dict, key: str, where: str) -> int:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise run.fail(f"{where}: {key!r} is {value!r}, expected an integer")
+    return value
 
 
 def _num(run: Run, row: dict, key: str, where: str, required: bool = True) -> float | None:
@@ -158,13 +213,13 @@ def _f(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _x(value: float | None, anchor: float | None, higher_is_better: bool = True) -> str:
+def _x(value: float | None, anchor: float | None, higher_is_better: bool = True, spec: str = ".2f") -> str:
     """Speed-up against the anchor: value/anchor for rates, anchor/value for times."""
     if value is None:
         return "–"
     if anchor is None:
         return ANCHOR_MISSING
-    return f"{(value / anchor if higher_is_better else anchor / value):.2f}×"
+    return f"{format(value / anchor if higher_is_better else anchor / value, spec)}×"
 
 
 def _gap(value: float | None, anchor: float | None) -> str:
@@ -462,6 +517,263 @@ def cpu_compare_table(runs: list[Run]) -> list[str]:
     return _table(header, rows) + _commands(used)
 
 
+def _no_result(folder: str) -> list[str]:
+    return [f"(no result yet in `docs/results/{folder}/`)"]
+
+
+LLAMA7B_TORCHAO = "torchao_fp8_compiled_adamwfp8"  # benchmarks.llama7b.TORCHAO_ROW
+LLAMA7B_BF16 = "bf16amp_compiled"  # benchmarks.llama7b.BF16_ROW
+# the full 7B model on one H200: fp8coat's largest batch per sequence length and its tok/s at seq 2048 (1.2× the
+# torchao float8 anchor's 17,538 tok/s, 1.7× BF16 compiled's 12,140, both measured apart at seq 2048)
+TARGET_7B_BATCH = {2048: 16, 4096: 8}
+TARGET_7B_TOK_S = 21_000.0
+
+
+def _llama7b_groups(run: Run) -> dict:
+    """``{(row name, seq, compiled): [its (row, batch) entries]}`` of a ``benchmarks.llama7b`` result."""
+    groups: dict = {}
+    for i, entry in enumerate(_entries(run, "rows")):
+        where = f"rows[{i}]"
+        name = entry.get("row")
+        if not isinstance(name, str) or not name:
+            raise run.fail(f"{where}: 'row' is {name!r}, expected a row name")
+        seq, _ = _int(run, entry, "seq", where), _int(run, entry, "batch", where)
+        if not isinstance(entry.get("ok"), bool):
+            raise run.fail(f"{where}: 'ok' is {entry.get('ok')!r}, expected true or false")
+        if entry["ok"]:
+            _num(run, entry, "tok_s", where)
+        for key in ("peak_gib", "first_step_s"):
+            _num(run, entry, key, where, required=False)
+        groups.setdefault((name, seq, entry.get("compiled") is not False), []).append(entry)
+    return groups
+
+
+def _largest_fit(entries: list[dict]) -> tuple[dict | None, int | None, int | None]:
+    """``(the successful entry of the largest batch or None, smallest batch out of memory, smallest batch that
+    failed otherwise)``."""
+    fits = [e for e in entries if e["ok"]]
+    oom = [e["batch"] for e in entries if not e["ok"] and e.get("oom")]
+    failed = [e["batch"] for e in entries if not e["ok"] and not e.get("oom")]
+    return (max(fits, key=lambda e: e["batch"]) if fits else None, min(oom, default=None),
+            min(failed, default=None))
+
+
+def _llama7b_anchor(groups: dict, name: str, seq: int) -> float | None:
+    """tok/s of row ``name`` at ``seq`` at its largest batch that fit, in the run of ``groups``; None if none."""
+    for (row, row_seq, _), entries in groups.items():
+        if (row, row_seq) == (name, seq) and (best := _largest_fit(entries)[0]) is not None:
+            return best["tok_s"]
+    return None
+
+
+def llama7b_table(runs: list[Run]) -> list[str]:
+    """Llama-2-7B on one GPU (``benchmarks.llama7b``): per row and sequence length, the largest batch that fit and
+    its tok/s against torchao float8 and BF16 compiled at the same sequence length in the same run."""
+    if not runs:
+        return _no_result("llama7b")
+    found = latest(runs, _llama7b_groups)
+    rows, used, checks = [], [], []
+    for (name, seq, compiled), (run, entries, _) in sorted(found.items(), key=lambda kv: kv[0][1]):
+        best, oom, failed = _largest_fit(entries)
+        groups = _llama7b_groups(run)
+        tps = best["tok_s"] if best else None
+        batch = str(best["batch"]) if best else "–"
+        batch += f" ({oom} OOM)" if oom is not None else ""
+        batch += f" ({failed} failed)" if failed is not None else ""
+        label = f"`{name}`" + (" (eager)" if not compiled and "eager" not in name else "")
+        rows.append([label, str(seq), batch, _f(tps, ",.0f"),
+                     _x(tps, _llama7b_anchor(groups, LLAMA7B_TORCHAO, seq)),
+                     _x(tps, _llama7b_anchor(groups, LLAMA7B_BF16, seq)),
+                     _f(best and best.get("peak_gib"), ".2f"), _f(best and best.get("first_step_s"), ".1f"),
+                     *run.cells()])
+        used.append(run)
+        if name.startswith("fp8coat") and seq in TARGET_7B_BATCH:
+            ok = best is not None and best["batch"] >= TARGET_7B_BATCH[seq]
+            check = f"`{name}` seq {seq}: batch {best['batch'] if best else 'none'} {'met' if ok else 'MISSED'}"
+            if seq == 2048:
+                check += f", {_f(tps, ',.0f')} tok/s {'met' if (tps or 0) >= TARGET_7B_TOK_S else 'MISSED'}"
+            checks.append(check)
+    header = ["row", "seq", "largest batch that fit (smallest out of memory)", "tok/s",
+              "× torchao float8 compiled (same run and seq)", "× BF16 compiled (same run and seq)", "peak GiB",
+              "first step s", *PROVENANCE]
+    lines = _table(header, rows)
+    lines += ["", f"Targets: fp8coat batch ≥ {TARGET_7B_BATCH[2048]} at seq 2048 and ≥ {TARGET_7B_TOK_S:,.0f} "
+              "tok/s (1.2× torchao float8's 17,538, 1.7× BF16 compiled's 12,140, measured apart), batch ≥ "
+              f"{TARGET_7B_BATCH[4096]} at seq 4096: "
+              + ("; ".join(checks) if checks else "not measured (no fp8coat row at seq 2048 or 4096)") + "."]
+    return lines + _commands(used)
+
+
+COMPILE_LIBRARIES = {"fp8coat": "fp8coat", "torchao": "torchao float8 + `AdamWFp8`",
+                     "bf16": "BF16 autocast + fused AdamW"}  # benchmarks.compile_time --library, in table order
+TARGET_COMPILE_X = 1.2  # fp8coat's 32-layer compiled model: first step done within this × torchao's time
+TARGET_EAGER_FIRST_STEP_S = 10.0  # fp8coat's 32-layer eager model: the first step alone (compile_time's check)
+TARGET_COMPILE_LAYERS = 32
+
+
+def _compile_rows(run: Run) -> dict:
+    """``{(library, recipe, compiled, layers, batch, seq): row}`` of a ``benchmarks.compile_time`` result (files
+    from before ``--library`` and ``--eager`` are fp8coat, compiled)."""
+    rows = {}
+    for i, row in enumerate(_entries(run, "rows")):
+        where = f"rows[{i}]"
+        library, compiled = row.get("library", "fp8coat"), row.get("compiled", True)
+        if library not in COMPILE_LIBRARIES:
+            raise run.fail(f"{where}: 'library' is {library!r}, expected one of {sorted(COMPILE_LIBRARIES)}")
+        if not isinstance(compiled, bool):
+            raise run.fail(f"{where}: 'compiled' is {compiled!r}, expected true or false")
+        _num(run, row, "first_step_s", where)
+        for key in ("two_steps_s", "build_s", "step1_s", "later_step_ms", "graphs"):
+            _num(run, row, key, where, required=False)
+        key = (library, str(row.get("recipe") or library), compiled, _int(run, row, "layers", where),
+               _int(run, row, "batch", where), _int(run, row, "seq", where))
+        rows[key] = row
+    return rows
+
+
+def compile_time_table(runs: list[Run]) -> list[str]:
+    """Compile time (``benchmarks.compile_time``): build → first and second step done per library, compiled or
+    eager, and depth; the first against torchao's compiled model of the same shape on the same GPU model (another
+    process: the newest torchao file of that GPU)."""
+    if not runs:
+        return _no_result("compile_time")
+
+    def anchor_of(run: Run, key: tuple) -> tuple[Run | None, float | None]:
+        shape = key[3:]
+        for other in reversed(runs):
+            same_gpu = other is run or (run.meta.get("gpu") and other.meta.get("gpu") == run.meta.get("gpu"))
+            for (library, _, compiled, *other_shape), row in (_compile_rows(other) if same_gpu else {}).items():
+                if library == "torchao" and compiled and tuple(other_shape) == shape:
+                    return other, row["first_step_s"]
+        return None, None
+
+    order = list(COMPILE_LIBRARIES)
+    found = sorted(latest(runs, _compile_rows).items(),
+                   key=lambda kv: (order.index(kv[0][0]), kv[0][1], not kv[0][2], *kv[0][3:]))
+    rows, used, anchors, checks = [], [], [], []
+    for key, (run, row, _) in found:
+        library, recipe, compiled, layers, batch, seq = key
+        first, step1 = row["first_step_s"], row.get("step1_s")
+        anchor_run, anchor = anchor_of(run, key)
+        label = COMPILE_LIBRARIES[library] + (f" `{recipe}`" if library == "fp8coat" else "")
+        rows.append([label, "compiled" if compiled else "eager", str(layers), f"{batch} × {seq}", f"{first:.1f}",
+                     _f(row.get("two_steps_s"), ".1f"), _f(row.get("build_s"), ".1f"), _f(step1, ".1f"),
+                     _f(row.get("graphs"), ".0f"), _f(row.get("later_step_ms"), ".1f"), _f(anchor, ".1f"),
+                     _x(first, anchor), *run.cells()])
+        used.append(run)
+        if anchor_run is not None and anchor_run is not run and anchor_run not in anchors:
+            anchors.append(anchor_run)
+        if library == "fp8coat" and layers == TARGET_COMPILE_LAYERS:
+            where = f"`{recipe}` {'compiled' if compiled else 'eager'}, {layers} layers"
+            if compiled:
+                verdict = (f"{first / anchor:.2f}× torchao {'met' if first <= TARGET_COMPILE_X * anchor else 'MISSED'}"
+                           if anchor else f"{first:.1f} s, no torchao anchor on this GPU model")
+            else:
+                verdict = ("first step not recorded" if step1 is None else
+                           f"first step {step1:.1f} s {'met' if step1 <= TARGET_EAGER_FIRST_STEP_S else 'MISSED'}")
+            checks.append(f"{where}: {verdict}")
+    header = ["library", "mode", "layers", "batch × seq", "first step done s", "second step done s", "build s",
+              "first step alone s", "graphs", "later step ms", "anchor: torchao compiled, first step done s (same "
+              "GPU model)", "× anchor (time / anchor time)", *PROVENANCE]
+    lines = _table(header, rows)
+    lines += ["", "Seconds from the start of the build; the anchor is torchao's compiled model of the same depth, "
+              "batch and seq in the newest torchao file of the same GPU model (a separate process)"
+              + (": " + ", ".join(f"`{r.name}`" for r in anchors) if anchors else "") + "."]
+    lines += ["", f"Targets: fp8coat's {TARGET_COMPILE_LAYERS}-layer compiled model's first step done within "
+              f"{TARGET_COMPILE_X}× torchao's; its eager first step ≤ {TARGET_EAGER_FIRST_STEP_S:.0f} s: "
+              + ("; ".join(checks) if checks else f"not measured (no fp8coat {TARGET_COMPILE_LAYERS}-layer row)")
+              + "."]
+    return lines + _commands(used + anchors)
+
+
+TARGET_VLM_GAP_PCT = 0.5  # coat's val-loss gap to BF16 on the VLMs: within max(this, one BF16 std in %)
+TARGET_VLM_SAVED_X = 0.45  # bytes saved for backward by the vision tower and by the LM, each, over BF16's
+VLM_NUMBERS = ("val_loss_mean", "val_loss_std", "caption_exact_match", "tok_per_s", "peak_mem_gib",
+               "saved_vision_bytes", "saved_lm_bytes")
+
+
+def _vlm_models(run: Run) -> dict:
+    """``{model: {"rows": [...], "problems": [...]}}`` of a ``benchmarks.vlm_compare`` result; each model's first
+    row is its baseline (BF16)."""
+    models = _rows(run, "results")
+    for model, entry in models.items():
+        where = f"results.{model}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list):
+            raise run.fail(f"{where}: expected an object with a \"rows\" list")
+        if not isinstance(entry.get("problems", []), list):
+            raise run.fail(f"{where}.problems: expected a list")
+        for i, row in enumerate(entry["rows"]):
+            row_where = f"{where}.rows[{i}]"
+            if not isinstance(row, dict) or not isinstance(row.get("variant"), str):
+                raise run.fail(f"{row_where}: expected an object with a \"variant\" name")
+            for key in VLM_NUMBERS:
+                _num(run, row, key, row_where, required=False)
+            for key in ("seeds", "val_gap_pct"):
+                values = row.get(key, [])
+                if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                       for v in values):
+                    raise run.fail(f"{row_where}: {key!r} is {values!r}, expected a list of numbers")
+    return models
+
+
+def _vlm_rows(run: Run) -> dict:
+    return {(model, row["variant"]): row for model, entry in _vlm_models(run).items() for row in entry["rows"]}
+
+
+def vlm_table(runs: list[Run]) -> list[str]:
+    """BF16 against coat on VLMs (``benchmarks.vlm_compare``): validation loss over seeds, its gap per seed, the
+    caption exact match, and speed, peak memory and saved bytes of a run alone, against the baseline of the same
+    file and model."""
+    runs = [r for r in runs if r.path.name.startswith("vlm_compare")]  # not the per-model compare reports
+    if not runs:
+        return _no_result("vlm")
+    rows, used, checks = [], [], []
+    for (model, variant), (run, row, _) in latest(runs, _vlm_rows).items():
+        base = _vlm_models(run)[model]["rows"][0]
+        is_base = row is base
+        mean, std = row.get("val_loss_mean"), row.get("val_loss_std")
+        b_mean, b_std = base.get("val_loss_mean"), base.get("val_loss_std")
+        target = max(TARGET_VLM_GAP_PCT, 100 * b_std / b_mean) if b_mean and b_std is not None else None
+        gaps = row.get("val_gap_pct") or []
+        gap = statistics.fmean(gaps) if gaps and not is_base else None
+        within = None if gap is None or target is None else abs(gap) <= target
+
+        def ratio(key: str, spec: str = ".2f", row=row, base=base) -> str:
+            return _x(row.get(key), base.get(key) or None, spec=spec)  # a zero baseline is no anchor
+
+        loss = "–" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+        rows.append([model, f"`{variant}`" + (" (baseline)" if is_base else ""), str(len(row.get("seeds") or [])),
+                     loss, "–" if gap is None else f"{gap:+.2f}% ({', '.join(f'{g:+.2f}' for g in gaps)})",
+                     _f(target, ".2f") + ("%" if target is not None else ""),
+                     "–" if within is None else ("yes" if within else "no"),
+                     _f(row.get("caption_exact_match"), ".3f"), _f(row.get("tok_per_s"), ",.0f"), ratio("tok_per_s"),
+                     _f(row.get("peak_mem_gib"), ".2f"), ratio("peak_mem_gib"), ratio("saved_vision_bytes", ".3f"),
+                     ratio("saved_lm_bytes", ".3f"), *run.cells()])
+        used.append(run)
+        if not is_base:
+            parts = [f"gap {'not measured' if gap is None else f'{gap:+.2f}%'} "
+                     f"{'met' if within else 'MISSED'}" + (f" (bound {target:.2f}%)" if target is not None else "")]
+            for key, what in (("saved_vision_bytes", "vision"), ("saved_lm_bytes", "LM")):
+                value, anchor = row.get(key), base.get(key)
+                x = value / anchor if value is not None and anchor else None
+                parts.append(f"{what} " + ("not measured" if x is None else f"{x:.3f}×")
+                             + f" {'met' if x is not None and x <= TARGET_VLM_SAVED_X else 'MISSED'}")
+            checks.append(f"{model} `{variant}`: " + ", ".join(parts))
+    header = ["model", "variant", "seeds", "val loss (mean ± std)", "val gap % mean (per seed)", "target",
+              "within target", "caption exact match", "tok/s", "× baseline (same run)", "peak GiB", "× baseline",
+              "saved vision ×", "saved LM ×", *PROVENANCE]
+    lines = _table(header, rows)
+    sources = sorted({id(r): r for r in [*used, runs[-1]]}.values(), key=lambda r: r.key)  # and the newest run
+    problems = [f"`{run.name}`, {model}: {problem}" for run in sources
+                for model, entry in _vlm_models(run).items() for problem in entry.get("problems", [])]
+    if problems:
+        lines += ["", "Problems the runs reported: " + "; ".join(problems) + "."]
+    lines += ["", f"Targets: val gap within max({TARGET_VLM_GAP_PCT}%, one BF16 std); bytes saved for backward by "
+              f"the vision tower and by the LM each ≤ {TARGET_VLM_SAVED_X}× BF16: "
+              + ("; ".join(checks) if checks else "not measured (no variant beside the baseline)") + "."]
+    return lines + _commands(used)
+
+
 TABLES = {  # table name: (folder under docs/results, builder)
     "optimizer": ("optimizer", optimizer_table),
     "linear": ("layers", linear_table),
@@ -469,6 +781,9 @@ TABLES = {  # table name: (folder under docs/results, builder)
     "model4": ("layers", model4_table),
     "accuracy": ("accuracy", accuracy_table),
     "cpu_compare": ("cpu_compare", cpu_compare_table),
+    "llama7b": ("llama7b", llama7b_table),
+    "compile_time": ("compile_time", compile_time_table),
+    "vlm": ("vlm", vlm_table),
 }
 
 

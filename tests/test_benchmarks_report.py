@@ -1,6 +1,12 @@
-"""benchmarks.report: the tables of docs/benchmarks.md generated from result files (CPU only, no torch needed)."""
+"""benchmarks.report: the tables of docs/benchmarks.md generated from result files (CPU only; torch only in the
+one benchmark dry run, a subprocess)."""
 
 import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +145,7 @@ def test_accuracy_gap_from_the_means_and_missing_anchor(tmp_path):
     (json.dumps({"rows": {"torch_fused_fp32": {"ms": "fast"}}}), "'ms' is 'fast', expected a number"),
     (json.dumps({"config": {}}), "no object at rows"),
     (json.dumps({"config": {"dry_run": True}, "rows": {}}), "a --dry-run result"),
+    (json.dumps({"meta": ["2026-12-01"], "rows": {}}), "\"meta\" is ['2026-12-01'], expected an object"),
 ])
 def test_malformed_result_file_names_the_file(tmp_path, content, expect):
     bad = _write(tmp_path / "optimizer" / "broken.json", content)
@@ -176,6 +183,290 @@ def test_main_rewrites_between_markers_and_reports_errors(tmp_path, capsys):
     _write(results / "optimizer" / "zz.json", "{")
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 2
     assert "zz.json" in capsys.readouterr().err
+
+
+def _llama_entry(row, batch, seq=2048, tok_s=None, oom=False, peak=None, first=None, compiled=True):
+    """One (row, batch) entry of ``benchmarks.llama7b``'s ``rows`` (its ROW_KEYS that the table reads)."""
+    ok = tok_s is not None
+    return {"row": row, "batch": batch, "seq": seq, "compiled": compiled, "ok": ok, "oom": oom,
+            "tok_s": tok_s, "step_ms": batch * seq / tok_s * 1e3 if ok else None, "peak_gib": peak,
+            "first_step_s": first, "build_s": 12.0, "loss": 10.4 if ok else None}
+
+
+def _llama_run(entries, seq=2048, date="2026-12-06 10:00 UTC", commit="abc1234"):
+    return {"config": {"seq": seq, "device": "cuda", "dry_run": False}, "rows": entries, "errors": {},
+            "skipped": [], "meta": {"date": date, "commit": commit, "gpu": "NVIDIA H200",
+                                    "command": f"python -m benchmarks.llama7b --out $OUT --seq {seq}"}}
+
+
+def test_llama7b_largest_batch_oom_and_ratios(tmp_path):
+    folder = tmp_path / "llama7b"
+    _write(folder / "seq2048.json", _llama_run([
+        _llama_entry("fp8coat_best", 16, tok_s=20_000.0, peak=100.0, first=90.0),
+        _llama_entry("fp8coat_best", 20, tok_s=22_000.0, peak=120.5, first=95.25),
+        _llama_entry("fp8coat_best", 24, oom=True, peak=139.0),
+        _llama_entry(report.LLAMA7B_TORCHAO, 8, tok_s=17_500.0, peak=94.2),
+        _llama_entry(report.LLAMA7B_BF16, 3, tok_s=12_000.0, peak=115.7),
+        _llama_entry("fp8coat_exact", 16, oom=True),
+    ]))
+    _write(folder / "seq4096.json", _llama_run([
+        _llama_entry("fp8coat_best", 8, seq=4096, tok_s=18_000.0),
+        _llama_entry("fp8coat_best", 10, seq=4096, oom=True),
+    ], seq=4096, date="2026-12-06 11:00 UTC", commit="def5678"))
+    lines = report.llama7b_table(report.load_runs(folder))
+    best = _row_of(lines, "`fp8coat_best` | 2048")
+    # largest batch that fit with the smallest that ran out of memory; tok/s over torchao's and BF16 compiled's
+    assert best[2:8] == ["20 (24 OOM)", "22,000", "1.26×", "1.83×", "120.50", "95.2"]
+    assert best[-4:] == ["2026-12-06", "`abc1234`", "NVIDIA H200", "`llama7b/seq2048.json`"]
+    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[2:5] == ["8", "17,500", "1.00×"]
+    # a row that never fit: no speed, but the batch that ran out of memory
+    assert _row_of(lines, "`fp8coat_exact` | 2048")[2:6] == ["– (16 OOM)", "–", "–", "–"]
+    # seq 4096 was measured without the anchors
+    long = _row_of(lines, "`fp8coat_best` | 4096")
+    assert long[2:6] == ["8 (10 OOM)", "18,000", ANCHOR_MISSING, ANCHOR_MISSING]
+    assert long[-3] == "`def5678`"
+    text = "\n".join(lines)
+    assert "`fp8coat_best` seq 2048: batch 20 met, 22,000 tok/s met" in text
+    assert "`fp8coat_exact` seq 2048: batch none MISSED, – tok/s MISSED" in text
+    assert "`fp8coat_best` seq 4096: batch 8 met" in text
+    assert "- `llama7b/seq4096.json`: `python -m benchmarks.llama7b --out $OUT --seq 4096`" in lines
+
+
+def test_llama7b_newest_run_of_a_seq_and_its_own_anchors(tmp_path):
+    folder = tmp_path / "llama7b"
+    _write(folder / "a.json", _llama_run([_llama_entry("fp8coat_best", 16, tok_s=19_000.0),
+                                          _llama_entry(report.LLAMA7B_TORCHAO, 8, tok_s=17_000.0)],
+                                         date="2026-12-01"))
+    # the newer run: fp8coat only, batch 20 failed (not out of memory), run eagerly
+    _write(folder / "b.json", _llama_run([_llama_entry("fp8coat_best", 16, tok_s=15_000.0, compiled=False),
+                                          _llama_entry("fp8coat_best", 20, compiled=False),
+                                          _llama_entry("fp8coat_best", 16, tok_s=21_000.0)], date="2026-12-02"))
+    lines = report.llama7b_table(report.load_runs(folder))
+    row = _row_of(lines, "`fp8coat_best` | 2048")
+    assert row[2:5] == ["16", "21,000", ANCHOR_MISSING]  # not the older run's torchao
+    assert row[-1] == "`llama7b/b.json`"
+    assert _row_of(lines, "`fp8coat_best` (eager) | 2048")[2:4] == ["16 (20 failed)", "15,000"]
+    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[-1] == "`llama7b/a.json`"
+
+
+@pytest.mark.parametrize("name", ["llama7b", "compile_time", "vlm"])
+@pytest.mark.parametrize("make", [lambda folder: None, lambda folder: folder.mkdir()])
+def test_new_tables_without_results_say_so(tmp_path, make, name):
+    folder_name, build = report.TABLES[name]
+    make(tmp_path / folder_name)
+    assert build(report.load_runs(tmp_path / folder_name)) == [f"(no result yet in `docs/results/{folder_name}/`)"]
+
+
+@pytest.mark.parametrize("rows, expect", [
+    ({"fp8coat_best": {}}, "no list at rows"),
+    ([_llama_entry("fp8coat_best", 16, tok_s=1.0) | {"tok_s": "fast"}], "rows[0]: 'tok_s' is 'fast'"),
+    ([{"row": "fp8coat_best", "batch": 16, "ok": True, "tok_s": 1.0}], "rows[0]: 'seq' is None"),
+    ([_llama_entry("fp8coat_best", 16) | {"ok": None}], "rows[0]: 'ok' is None"),
+])
+def test_malformed_llama7b_file_names_the_file(tmp_path, rows, expect):
+    bad = _write(tmp_path / "llama7b" / "broken.json", _llama_run(rows))
+    with pytest.raises(ReportError) as info:
+        report.llama7b_table(report.load_runs(tmp_path / "llama7b"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
+
+
+def test_llama7b_dry_run_output_renders(tmp_path):
+    """The benchmark's own --dry-run output (CPU, tiny shapes): refused as a measurement, rendered on request."""
+    root = Path(report.__file__).resolve().parents[1]
+    out = tmp_path / "llama7b"
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-m", "benchmarks.llama7b", "--dry-run", "--out", str(out), "--steps", "1",
+                    "--warmup", "1", "--rows", "fp8coat_best,fp8coat_exact,bf16amp_compiled"],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    with pytest.raises(ReportError, match="llama7b.json: a --dry-run result"):
+        report.load_runs(out)
+    data = json.loads((out / "llama7b.json").read_text())
+    tok_s = {(r["row"], r["batch"]): r["tok_s"] for r in data["rows"] if r["ok"]}
+    lines = report.llama7b_table(report.load_runs(out, dry_runs=True))
+    largest = max(b for name, b in tok_s if name == "fp8coat_best")
+    best = _row_of(lines, "`fp8coat_best` (eager) | 32")
+    assert best[2] == str(largest)
+    assert best[3] == f"{tok_s['fp8coat_best', largest]:,.0f}"
+    assert best[4] == ANCHOR_MISSING  # torchao is skipped on the CPU
+    assert best[5] == f"{tok_s['fp8coat_best', largest] / tok_s['bf16amp_compiled', 2]:.2f}×"
+    assert best[-4:-1] == [data["meta"]["date"].split(" ")[0], f"`{data['meta']['commit']}`", "none (CPU)"]
+    assert "not measured (no fp8coat row at seq 2048 or 4096)" in "\n".join(lines)
+
+
+def _ct_row(layers, first, library="fp8coat", compiled=True, step1=None):
+    """One row of ``benchmarks.compile_time``'s result (all its keys)."""
+    return {"layers": layers, "recipe": {"fp8coat": "coat", "torchao": "torchao-float8", "bf16": "bf16"}[library],
+            "batch": 1, "seq": 2048, "first_step_s": first, "two_steps_s": first + 2.0, "later_step_ms": 400.0,
+            "graphs": 2 if compiled else 0, "fp8coat": "/repo/fp8coat", "library": library, "compiled": compiled,
+            "build_s": 3.0, "step1_s": first - 3.0 if step1 is None else step1}
+
+
+def _ct_file(rows, args="--layers 4,32 --tag after"):
+    """A compile_time result: its sys.argv as "command", no meta."""
+    return {"command": f"/repo/benchmarks/compile_time.py {args} --out /out", "rows": rows}
+
+
+def test_compile_time_against_torchao_of_the_same_gpu_model(tmp_path):
+    folder = tmp_path / "compile_time"
+    _write(folder / "compile_time-after.json", _ct_file([_ct_row(4, 20.0), _ct_row(32, 55.0)]))
+    _write(folder / "compile_time-eager-after.json",
+           _ct_file([_ct_row(32, 9.0, compiled=False, step1=6.5)], "--eager --layers 32"))
+    _write(folder / "compile_time-torchao-after.json",
+           _ct_file([_ct_row(4, 16.0, "torchao"), _ct_row(32, 50.0, "torchao")], "--library torchao --tag after"))
+    # a newer torchao file from another GPU model, and a BF16 file whose GPU nobody recorded
+    _write(folder / "compile_time-torchao-h200.json", _ct_file([_ct_row(32, 40.0, "torchao")], "--library torchao"))
+    _write(folder / "compile_time-bf16.json", _ct_file([_ct_row(32, 70.0, "bf16")], "--library bf16"))
+    h100 = {"date": "2026-12-06 09:00 UTC", "commit": "abc1234", "gpu": "NVIDIA H100 80GB HBM3"}
+    _write(folder / "runs.json", {"files": {
+        "compile_time-after.json": h100, "compile_time-eager-after.json": h100,
+        "compile_time-torchao-after.json": h100, "compile_time-bf16.json": {"date": "2026-12-06 09:30 UTC"},
+        "compile_time-torchao-h200.json": {"date": "2026-12-07 09:00 UTC", "gpu": "NVIDIA H200"}}})
+    lines = report.compile_time_table(report.load_runs(folder))
+    # first step done, second, build, first step alone, graphs, later step ms, torchao's time, time / torchao's
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[3:12] == [
+        "1 × 2048", "55.0", "57.0", "3.0", "52.0", "2", "400.0", "50.0", "1.10×"]
+    assert _row_of(lines, "fp8coat `coat` | compiled | 4")[10:12] == ["16.0", "1.25×"]
+    assert _row_of(lines, "fp8coat `coat` | eager | 32")[10:12] == ["50.0", "0.18×"]
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[-4:] == [
+        "2026-12-06", "`abc1234`", "NVIDIA H100 80GB HBM3", "`compile_time/compile_time-after.json`"]
+    # the H200 torchao file is the newest torchao 32-layer row, its own anchor; not the H100 rows' anchor
+    torchao = _row_of(lines, f"{report.COMPILE_LIBRARIES['torchao']} | compiled | 32")
+    assert torchao[10:12] == ["40.0", "1.00×"] and torchao[-1] == "`compile_time/compile_time-torchao-h200.json`"
+    assert _row_of(lines, f"{report.COMPILE_LIBRARIES['bf16']} | compiled | 32")[10:12] == ["–", ANCHOR_MISSING]
+    text = "\n".join(lines)
+    assert "(a separate process): `compile_time/compile_time-torchao-after.json`." in text
+    assert "`coat` compiled, 32 layers: 1.10× torchao met" in text
+    assert "`coat` eager, 32 layers: first step 6.5 s met" in text
+    # the recorded sys.argv in today's form
+    assert ("- `compile_time/compile_time-after.json`: `python -m benchmarks.compile_time --layers 4,32 --tag after "
+            "--out /out`") in lines
+
+
+def test_compile_time_targets_missed_and_files_before_library_and_eager(tmp_path):
+    folder = tmp_path / "compile_time"
+    old = _ct_row(32, 90.0)
+    for key in ("library", "compiled", "build_s", "step1_s"):
+        del old[key]
+    _write(folder / "compile_time.json", _ct_file([old]))
+    _write(folder / "compile_time-eager.json", _ct_file([_ct_row(32, 14.0, compiled=False, step1=12.0)]))
+    _write(folder / "compile_time-torchao.json", _ct_file([_ct_row(32, 50.0, "torchao")]))
+    _write(folder / "runs.json", {"files": {n: {"gpu": "NVIDIA H200"} for n in (
+        "compile_time.json", "compile_time-eager.json", "compile_time-torchao.json")}})
+    lines = report.compile_time_table(report.load_runs(folder))
+    assert _row_of(lines, "fp8coat `coat` | compiled | 32")[6:12] == ["–", "–", "2", "400.0", "50.0", "1.80×"]
+    text = "\n".join(lines)
+    assert "`coat` compiled, 32 layers: 1.80× torchao MISSED" in text
+    assert "`coat` eager, 32 layers: first step 12.0 s MISSED" in text
+
+
+def test_compile_time_dry_run_is_refused_unless_asked(tmp_path):
+    folder = tmp_path / "compile_time"
+    _write(folder / "compile_time.json", _ct_file([_ct_row(2, 14.4)], "--dry-run --layers 2"))
+    with pytest.raises(ReportError, match="compile_time.json: a --dry-run result"):
+        report.load_runs(folder)
+    row = _row_of(report.compile_time_table(report.load_runs(folder, dry_runs=True)), "fp8coat `coat` | compiled")
+    assert row[-4:-1] == [report.UNKNOWN] * 3 and row[11] == ANCHOR_MISSING
+
+
+@pytest.mark.parametrize("rows, expect", [
+    ({"4": _ct_row(4, 1.0)}, "no list at rows"),
+    ([_ct_row(4, 1.0) | {"first_step_s": None}], "rows[0]: 'first_step_s' is None"),
+    ([_ct_row(4, 1.0) | {"library": "jax"}], "rows[0]: 'library' is 'jax'"),
+    ([_ct_row(4, 1.0), _ct_row(32, 1.0) | {"layers": "32"}], "rows[1]: 'layers' is '32'"),
+])
+def test_malformed_compile_time_file_names_the_file(tmp_path, rows, expect):
+    bad = _write(tmp_path / "compile_time" / "compile_time.json", _ct_file(rows))
+    with pytest.raises(ReportError) as info:
+        report.compile_time_table(report.load_runs(tmp_path / "compile_time"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
+
+
+def _vlm_row(variant, losses, gaps, tok_s, vision, lm, peak=None):
+    """One row of ``benchmarks.vlm_compare``'s ``results.<model>.rows`` (all its keys; the ratios it stores are not
+    read: left None)."""
+    return {"variant": variant, "label": variant, "seeds": list(range(len(losses))),
+            "val_loss_mean": statistics.fmean(losses), "val_loss_std": statistics.stdev(losses),
+            "val_gap_pct": gaps, "val_gap_pct_mean": statistics.fmean(gaps), "val_gap_pct_std": 0.0,
+            "target_pct": None, "within_target": None, "caption_exact_match": 0.25, "tok_per_s": tok_s,
+            "tok_per_s_ratio": None, "peak_mem_gib": peak, "peak_mem_ratio": None, "saved_vision_bytes": vision,
+            "saved_vision_ratio": None, "saved_lm_bytes": lm, "saved_lm_ratio": None}
+
+
+def _vlm_file(results, command="python -m benchmarks.vlm_compare --out $OUT", device="NVIDIA H200"):
+    return {"meta": {"date": "2026-12-06 12:00 UTC", "commit": "abc1234", "command": command, "device": device},
+            "results": {m: {"rows": rows, "problems": problems, "config": {"model": m}}
+                        for m, (rows, problems) in results.items()},
+            "seconds": 500.0}
+
+
+def test_vlm_gap_target_and_ratios_to_the_baseline(tmp_path):
+    folder = tmp_path / "vlm"
+    _write(folder / "vlm_compare.json", _vlm_file({
+        "llava-100m": ([_vlm_row("bf16-torchopt", [3.00, 3.02, 3.04], [0.0, 0.0, 0.0], 50_000.0, 1000, 1000, 10.0),
+                        _vlm_row("coat", [3.01, 3.03, 3.07], [0.2, 0.4, 0.9], 40_000.0, 300, 500, 6.0)], []),
+        # one-seed std below 0.5%: the target is 0.5%; the baseline's speed was not measured
+        "qwen2vl-100m": ([_vlm_row("bf16-torchopt", [2.0, 2.0], [0.0, 0.0], None, 1000, 1000),
+                          _vlm_row("coat", [2.012, 2.016], [0.6, 0.8], 30_000.0, 400, 440)],
+                         ["qwen2vl-100m/seed2.log exited 1"]),
+        "llava-big": ([], ["no accuracy run finished"]),
+    }))
+    # a per-model compare report beside it is not a vlm_compare result
+    _write(folder / "llava-100m.json", {"config": {}, "results": {"coat": [{"final_val_loss": 3.0}]}})
+    lines = report.vlm_table(report.load_runs(folder))
+    coat = _row_of(lines, "llava-100m | `coat`")
+    # seeds, val loss, gap mean (per seed), target = one BF16 std in % (0.02 / 3.02), within, caption EM
+    assert coat[2:8] == ["3", "3.0367 ± 0.0306", "+0.50% (+0.20, +0.40, +0.90)", "0.66%", "yes", "0.250"]
+    # tok/s and ×, peak and ×, saved bytes ×: over the baseline of the same file and model
+    assert coat[8:14] == ["40,000", "0.80×", "6.00", "0.60×", "0.300×", "0.500×"]
+    assert coat[-4:] == ["2026-12-06", "`abc1234`", "NVIDIA H200", "`vlm/vlm_compare.json`"]
+    base = _row_of(lines, "llava-100m | `bf16-torchopt` (baseline)")
+    assert base[4] == "–" and base[6] == "–" and base[9] == "1.00×"
+    qwen = _row_of(lines, "qwen2vl-100m | `coat`")
+    assert qwen[4:7] == ["+0.70% (+0.60, +0.80)", "0.50%", "no"]
+    assert qwen[8:14] == ["30,000", ANCHOR_MISSING, "–", "–", "0.400×", "0.440×"]
+    text = "\n".join(lines)
+    assert "llava-100m `coat`: gap +0.50% met (bound 0.66%), vision 0.300× met, LM 0.500× MISSED" in text
+    assert "qwen2vl-100m `coat`: gap +0.70% MISSED (bound 0.50%), vision 0.400× met, LM 0.440× met" in text
+    assert ("Problems the runs reported: `vlm/vlm_compare.json`, qwen2vl-100m: qwen2vl-100m/seed2.log exited 1; "
+            "`vlm/vlm_compare.json`, llava-big: no accuracy run finished.") in text
+    assert "- `vlm/vlm_compare.json`: `python -m benchmarks.vlm_compare --out $OUT`" in lines
+
+
+def test_vlm_newest_file_per_model_and_variant_and_dry_runs(tmp_path):
+    folder = tmp_path / "vlm"
+    old = _vlm_file({"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
+                                     _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 150.0, 4, 4)], [])})
+    old["meta"]["date"] = "2026-12-01 12:00 UTC"
+    _write(folder / "vlm_compare-old.json", old)
+    _write(folder / "vlm_compare-new.json", _vlm_file(
+        {"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
+                         _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 120.0, 4, 4)], [])}))
+    row = _row_of(report.vlm_table(report.load_runs(folder)), "llava-100m | `coat`")
+    assert row[8:10] == ["120", "1.20×"] and row[-1] == "`vlm/vlm_compare-new.json`"
+
+    dry = tmp_path / "dry" / "vlm"
+    _write(dry / "vlm_compare.json", _vlm_file(
+        {"tiny-llava": ([_vlm_row("bf16-torchopt", [5.1, 5.2], [0.0, 0.0], 6000.0, 10, 10),
+                         _vlm_row("coat", [5.1, 5.2], [0.0, 0.1], 1000.0, 4, 3)], [])},
+        command="python -m benchmarks.vlm_compare --dry-run --out /tmp/v", device="cpu"))
+    with pytest.raises(ReportError, match="vlm_compare.json: a --dry-run result"):
+        report.load_runs(dry)
+    assert _row_of(report.vlm_table(report.load_runs(dry, dry_runs=True)), "tiny-llava | `coat`")[-2] == "none (CPU)"
+
+
+@pytest.mark.parametrize("results, expect", [
+    ({"llava-100m": []}, "results.llava-100m: expected an object with a \"rows\" list"),
+    ({"llava-100m": {"rows": [{"label": "coat"}]}}, "results.llava-100m.rows[0]: expected an object with a"),
+    ({"llava-100m": {"rows": [_vlm_row("coat", [1.0, 1.0], [0.0, 0.0], 1.0, 1, 1) | {"val_gap_pct": ["x"]}]}},
+     "results.llava-100m.rows[0]: 'val_gap_pct' is ['x'], expected a list of numbers"),
+    ({"llava-100m": {"rows": [_vlm_row("coat", [1.0, 1.0], [0.0, 0.0], 1.0, 1, 1) | {"tok_per_s": "fast"}]}},
+     "results.llava-100m.rows[0]: 'tok_per_s' is 'fast', expected a number"),
+])
+def test_malformed_vlm_file_names_the_file(tmp_path, results, expect):
+    bad = _write(tmp_path / "vlm" / "vlm_compare.json", {"meta": {}, "results": results})
+    with pytest.raises(ReportError) as info:
+        report.vlm_table(report.load_runs(tmp_path / "vlm"))
+    assert str(bad) in str(info.value) and expect in str(info.value)
 
 
 def test_repository_benchmarks_doc_is_up_to_date():
