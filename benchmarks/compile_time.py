@@ -155,8 +155,14 @@ def main(argv=None) -> int:
     parts += ["eager"] if args.eager else []
     parts += [args.tag] if args.tag else []
     path = os.path.join(args.out, "-".join(["compile_time", *parts]) + ".json")
+    import torch
+
+    from benchmarks.provenance import run_meta
+
+    meta = run_meta("benchmarks.compile_time", argv)
+    meta["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
     with open(path, "w") as f:
-        json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"json: {path}")
     return 0
 

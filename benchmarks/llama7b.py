@@ -36,12 +36,13 @@ Reported per (row, batch) in ``rows`` of ``<out>/llama7b.json`` (a list; keys ``
 step time over the timed steps (``step_ms``, CUDA events, synchronized after each step; host clock on the CPU),
 ``tok_s`` = batch · seq / step time, ``peak_gib`` = ``torch.cuda.max_memory_allocated`` / 2³⁰ from after the
 build (parameters and optimizer count; None on the CPU), the final step's loss, ``wall_s`` (build + all steps),
-``build_s`` (model on the GPU, conversion, compile wrappers, optimizer) and ``first_step_s`` (host clock,
-compilation included). ``recipe`` / ``optimizer`` / ``master_weights`` use the names of
-``fp8coat.memory.PlanSettings`` where it has them (``coat`` / ``bf16``, ``fp8coat`` / ``torch`` / ``torchao-fp8``,
-``fp32`` for the anchors' fp32 parameters); torchao's recipe is ``torchao-float8``. ``meta`` records date, commit
-(``FP8COAT_COMMIT``), command, GPU and versions. The table printed last gives tok/s relative to the best torchao
-and bf16amp_compiled batch measured in the same run.
+``build_s`` (model on the GPU, conversion, compile wrappers, optimizer), ``first_step_s`` (host clock,
+compilation included) and ``allocated_before_gib`` (memory still allocated when the run started, which its peak
+includes; 0 unless an earlier run left something behind). ``recipe`` / ``optimizer`` / ``master_weights`` use the
+names of ``fp8coat.memory.PlanSettings`` where it has them (``coat`` / ``bf16``, ``fp8coat`` / ``torch`` /
+``torchao-fp8``, ``fp32`` for the anchors' fp32 parameters); torchao's recipe is ``torchao-float8``. ``meta``
+records date, commit (``FP8COAT_COMMIT``), command, GPU and versions. The table printed last gives tok/s relative
+to the best torchao and bf16amp_compiled batch measured in the same run.
 
 Flags:
 
@@ -93,7 +94,7 @@ REF_SEQ = 2048  # the sequence length the default batches are for
 
 ROW_KEYS = ("row", "recipe", "optimizer", "master_weights", "step_in_backward", "chunked_loss", "compiled",
             "cache_fp8_weights", "batch", "seq", "layers", "ok", "oom", "step_ms", "tok_s", "peak_gib", "loss",
-            "wall_s", "build_s", "first_step_s")
+            "wall_s", "build_s", "first_step_s", "allocated_before_gib")
 
 TORCHAO_ROW = "torchao_fp8_compiled_adamwfp8"
 BF16_ROW = "bf16amp_compiled"
@@ -491,6 +492,7 @@ class Bench(harness.Bench):
         """Build, warm up, time; fills ``entry`` (also read after an out-of-memory error) and appends it."""
         a, dev = self.args, self.device
         t_run = time.perf_counter()
+        entry["allocated_before_gib"] = None if self.allocated_gib() is None else round(self.allocated_gib(), 3)
         log(f"  allocated before: {self.allocated_gib() or 0:.3f} GiB")
         if self.cuda:  # (an out-of-memory error in the build then reports this run's peak)
             torch.cuda.reset_peak_memory_stats()

@@ -10,8 +10,9 @@ Reads result JSONs (default: ``docs/results/layers/*.json`` and ``docs/results/l
   the key, ``param_dtype``, ``amp``, ``chunked_loss``, ``step_in_backward``, ``compiled``; ``stochastic`` in the key
   = ``bf16-stochastic`` masters). torchao float8 rows are skipped (not modeled).
 * rows of the shape ``{recipe, optimizer, master_weights, step_in_backward, chunked_loss, compiled, batch, seq,
-  layers, peak_gib[, oom, vocab, hidden, heads, kv_heads, intermediate]}`` (a list, or under ``rows``): a
-  Llama-2-7B shape unless given; out-of-memory rows are listed with the plan only.
+  layers, peak_gib[, allocated_before_gib, oom, vocab, hidden, heads, kv_heads, intermediate]}`` (a list, or under
+  ``rows``): a Llama-2-7B shape unless given; ``allocated_before_gib`` (left by earlier runs of the same process) is
+  taken off the peak; out-of-memory rows are listed with the plan only.
 
 Usage: ``python -m benchmarks.plan_check [files...]``.
 """
@@ -107,7 +108,9 @@ def _rows_of(path: str):
                                 chunked_loss=bool(row.get("chunked_loss", True)), compiled=bool(row.get("compiled")),
                                 cache_fp8_weights=row.get("cache_fp8_weights") is not False)
         label = f"{name} #{i} {row.get('row', row['recipe'])}/{settings.optimizer} b{row['batch']}"
-        yield label, shape, settings, None if row.get("oom") else row.get("peak_gib"), "oom" if row.get("oom") else ""
+        peak = None if row.get("oom") or row.get("peak_gib") is None else row["peak_gib"] - (
+            row.get("allocated_before_gib") or 0.0)  # what the run itself allocated
+        yield label, shape, settings, peak, "oom" if row.get("oom") else ""
 
 
 def check(paths: "list[str]") -> "tuple[str, int]":

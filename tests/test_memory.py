@@ -77,7 +77,6 @@ def test_measuring_leaves_nothing_alive_and_backward_equal(recipe):
     """Dropping the output frees the whole graph (no reference cycle through saved outputs such as SiLU's or the
     softmax's), and gradients through the measured graph equal those of an unmeasured forward."""
     import gc
-    import weakref
 
     model, x, pos = _layer_and_inputs()
     if recipe != "bf16":

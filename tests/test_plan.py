@@ -398,3 +398,17 @@ def test_plan_check_reads_the_7b_benchmark_rows(tmp_path):
     uncached = planned["llama7b.json #1 fp8coat_exact_nocache/fp8coat b16"]
     assert cached - uncached > 5.5  # Llama-2-7B's decoder-layer weights: 6.0 GiB of E4M3 copies
     assert "| oom |" in lines[2]
+    measured = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in lines}
+    assert float(measured["llama7b.json #0 fp8coat_exact/fp8coat b16"]) == pytest.approx(120.0)
+
+
+def test_plan_check_takes_memory_left_by_earlier_runs_off_the_peak(tmp_path):
+    from benchmarks import plan_check
+
+    row = {"row": "fp8coat_best", "recipe": "coat", "optimizer": "fp8coat", "master_weights": "bf16-stochastic",
+           "step_in_backward": True, "chunked_loss": True, "compiled": True, "batch": 8, "seq": 2048, "layers": 32,
+           "oom": False, "peak_gib": 73.29}
+    path = tmp_path / "llama7b.json"
+    path.write_text(json.dumps({"rows": [row, dict(row, allocated_before_gib=3.25)]}))
+    lines = [line for line in plan_check.check([str(path)])[0].splitlines() if "llama7b.json" in line]
+    assert [float(line.split("|")[3]) for line in lines] == pytest.approx([73.29, 70.04])
