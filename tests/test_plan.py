@@ -48,10 +48,10 @@ def _config(model_type: str = "llama", kv_heads: int = HEADS, layers: int = 1, t
     return cfg
 
 
-def _model(cfg, precision: str, recipe: str):
+def _model(cfg, precision: str, recipe: str, cache_fp8_weights: bool = False):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(DTYPES[precision])
-    return fp8coat.convert(model, recipe).train()
+    return fp8coat.convert(model, fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=cache_fp8_weights)).train()
 
 
 def _add(*dicts) -> dict:
@@ -225,8 +225,8 @@ def _one_step(model, opt, batch=2, seq=12):
 def test_optimizer_states_masters_and_weights_equal_the_tensors(optimizer, master):
     cfg = _config("qwen2", 2, layers=2)  # biases: 1-D parameters; q/k/v and norms below 4096 elements
     settings = PlanSettings(batch=2, seq=12, recipe="coat", optimizer=optimizer, master_weights=master,
-                            device="cpu")
-    model = _model(cfg, "fp32" if settings.param_dtype == "fp32" else "bf16", "coat")
+                            cache_fp8_weights=True, device="cpu")
+    model = _model(cfg, "fp32" if settings.param_dtype == "fp32" else "bf16", "coat", cache_fp8_weights=True)
     if optimizer == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
@@ -256,21 +256,27 @@ def test_state_formulas_per_tensor():
     assert master_bytes((10, 10), "fp8coat", "bf16-stochastic") == 0
 
 
-@pytest.mark.parametrize("recipe,cache", [("bf16", True), ("fp8-linear", True), ("coat", True), ("coat", False)])
+@pytest.mark.parametrize("recipe,cache", [("bf16", True), ("fp8-linear", True), ("coat", True), ("coat", False),
+                                          ("fp8-linear", None), ("coat", None)])
 def test_fp8_weight_copies_equal_the_caches_after_a_forward(recipe, cache):
+    """``cache`` None: the defaults of the recipe and of the planner (no copies)."""
     cfg = _config("llama", 2, layers=2)
-    model = _model(cfg, "bf16", recipe)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).bfloat16()
+    model = fp8coat.convert(model, recipe if cache is None else
+                            fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=cache)).train()
     model(input_ids=torch.randint(0, VOCAB, (2, 8)), use_cache=False)
+    options = {} if cache is None else {"cache_fp8_weights": cache}
     plan = plan_memory(ModelShape.from_config(cfg), PlanSettings(batch=2, seq=8, recipe=recipe, device="cpu",
-                                                                 cache_fp8_weights=cache))
-    expected = sum(c.nbytes for c in weight_caches(model)) if cache else 0
+                                                                 **options))
+    expected = sum(c.nbytes for c in weight_caches(model))
     assert plan.fp8_weight_copies == expected
-    assert (expected > 0) == (recipe != "bf16" and cache)
+    assert (expected > 0) == (recipe != "bf16" and bool(cache))
 
 
 def test_fsdp_shards_params_and_states_and_drops_the_weight_caches():
-    one = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048))
-    four = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, gpus=4))
+    one = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, cache_fp8_weights=True))
+    four = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, gpus=4, cache_fp8_weights=True))
     assert four.weights == sum(-(-p.shape[0] // 4) * (p.numel // p.shape[0]) * 2 for p in LLAMA7B.parameters())
     assert four.fp8_weight_copies == 0 and one.fp8_weight_copies > 0
     assert four.optimizer_states < one.optimizer_states / 3.9
