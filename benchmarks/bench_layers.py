@@ -17,8 +17,10 @@ Sections (each variant is one row; ratios are against the BF16 row of the same s
   input (4, 2048, 4096) bf16 requiring grad. Median fwd+bwd ms; bytes saved for backward by unique storage
   (``fp8coat.memory.measure_saved_tensors``, parameters apart; eager variants only: its module hooks would make a
   compiled module recompile); ``torch.cuda.memory_allocated`` after the forward minus before, the output excluded,
-  and the fwd+bwd peak above the same baseline. FP8 weight caches are cleared before every timed step (weights
-  are quantized once per step, as in training). U = B·S·H·2 bytes, one bf16 activation of hidden size.
+  and the fwd+bwd peak above the same baseline. The recipes' defaults: no FP8 weight copies kept, each weight
+  quantized in every forward (with ``cache_fp8_weights`` on, the caches would be cleared before every timed step:
+  weights quantized once per step, as in training; ``weight_cache_bytes`` records what they hold). U = B·S·H·2
+  bytes, one bf16 activation of hidden size.
   Variants: BF16 eager / compiled, torchao float8 (tensorwise) compiled, fp8coat ``fp8-linear`` eager, ``coat``
   eager / compiled.
 * ``model4``: a 4-layer Llama-7B-shaped ``LlamaForCausalLM`` (vocab 32000, ``use_cache=False``), batch 4 × 2048,
@@ -27,7 +29,8 @@ Sections (each variant is one row; ratios are against the BF16 row of the same s
   parameters count), final loss. Anchors: BF16 AMP eager (and compiled) + fused AdamW (fp32 parameters), torchao
   float8 compiled + torchao AdamWFp8 (fp32 parameters, autocast). fp8coat: bf16 parameters, no autocast,
   ``fp8coat.AdamW`` (``bf16-remainder`` masters, or ``bf16-stochastic``), ``coat`` eager / compiled and
-  ``fp8-linear`` eager.
+  ``fp8-linear`` eager, with the recipes' defaults (no FP8 weight copies kept; each row records
+  ``cache_fp8_weights``).
 
 model4's compiled runs compile each decoder layer (``--compile layers``, the default: quicker to compile; the
 embedding, LM head and loss stay eager) or the whole model (``--compile model``, as the anchor script did).
@@ -363,7 +366,9 @@ class Bench(harness.Bench):
                "loss": losses[-1], "compiled": compiled, "compile_mode": a.compile if compiled else None,
                "param_dtype": str(param_dtype).replace("torch.", ""), "amp": amp, "optimizer": type(opt).__name__,
                "ref": ref, "n_params": sum(p.numel() for p in model.parameters()), "chunked_loss": chunked_loss,
-               "loss_chunk": loss_chunk, "step_in_backward": in_backward}
+               "loss_chunk": loss_chunk, "step_in_backward": in_backward,
+               # the recipe's own value (None: no fp8coat conversion, or an fp8coat without the option)
+               "cache_fp8_weights": getattr(fp8coat.get_recipe(recipe), "cache_fp8_weights", None) if recipe else None}
         if self.cuda:
             row["ms_by_phase"] = {k: statistics.median(v) for k, v in phase_ms.items()}
         if self.cuda:

@@ -15,8 +15,9 @@ directly on the GPU in its parameter dtype, then, by ``--library``:
 
 and ``--eager`` leaves the layers uncompiled (the eager first step; target ≤ 10 s for fp8coat's 32-layer model).
 Then training steps (forward, backward, optimizer step) on fresh random tokens. Reported: seconds to the end of
-the first step and to the end of the second, counted from the start of the build (the first converted forward
-allocates the FP8 weight caches, so the second step compiles the steady-state variant once more), the build alone
+the first step and to the end of the second, counted from the start of the build (with the FP8 weight cache on,
+``Recipe.cache_fp8_weights``, the first converted forward allocates the caches and the second step compiles the
+steady-state variant once more; the recipes' default keeps no cache), the build alone
 and the first step alone, the median of the later steps, and dynamo's count of compiled graphs. The result file is
 ``compile_time[-<library>][-eager][-<tag>].json`` (the library named unless it is fp8coat).
 

@@ -11,15 +11,19 @@ run has static shapes.
 
 Rows (``ROWS``; the fp8coat ones come from :func:`fp8coat_row`, whose arguments are the configuration pieces):
 
-* ``fp8coat_best``: bf16 parameters, ``fp8coat.convert(model, "coat")``, ``fp8coat.compile_layers`` on the
-  decoder layers, ``fp8coat.AdamW(master_weights="bf16-stochastic")`` stepped inside backward by
-  ``fp8coat.StepInBackward`` (no gradients kept), LM head + loss through
-  ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (chunked; no fp32 logits).
+* ``fp8coat_best``: bf16 parameters, ``fp8coat.convert(model, "coat")`` (the recipe's defaults: no FP8 weight
+  copies kept, each weight quantized in every forward), ``fp8coat.compile_layers`` on the decoder layers,
+  ``fp8coat.AdamW(master_weights="bf16-stochastic")`` stepped inside backward by ``fp8coat.StepInBackward`` (no
+  gradients kept), LM head + loss through ``fp8coat.ops.cross_entropy.linear_cross_entropy`` (chunked; no fp32
+  logits).
 * ``fp8coat_exact``: the same with ``master_weights="bf16-remainder"`` and the usual
   ``loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)``.
-* ``fp8coat_best_nocache`` / ``fp8coat_exact_nocache``: the same two with
-  ``get_recipe("coat").with_options(cache_fp8_weights=False)`` (fails with a message, and the row moves on, when
-  the installed fp8coat's ``Recipe`` has no such field).
+* ``fp8coat_best_cache`` / ``fp8coat_exact_cache``: the same two with
+  ``get_recipe("coat").with_options(cache_fp8_weights=True)``: each converted linear keeps its weight's FP8 copy
+  between optimizer steps, 1 byte per weight (fails with a message, and the row moves on, when the installed
+  fp8coat's ``Recipe`` has no such field). Result files written before the cache was off by default name the
+  cached rows ``fp8coat_best`` / ``fp8coat_exact`` and the uncached ones ``*_nocache``; every row records the
+  value it ran with under ``cache_fp8_weights``.
 * ``fp8coat_best_eager``: ``fp8coat_best`` without ``compile_layers``.
 * ``torchao_fp8_compiled_adamwfp8``: as ``/work/shared/bench/anchors_7b.py``: fp32 parameters, torchao
   ``convert_to_float8_training`` (lm_head left out), ``torch.compile`` of each decoder layer,
@@ -47,7 +51,7 @@ to the best torchao and bf16amp_compiled batch measured in the same run.
 Flags:
 
 * ``--rows a,b`` rows to run (default above); ``--batches ROW:b1,b2[;ROW:...]`` (repeatable) sets a row's
-  batches, and a row named only there is added to the run (e.g. ``--batches fp8coat_best_nocache:16``).
+  batches, and a row named only there is added to the run (e.g. ``--batches fp8coat_best_cache:16``).
 * ``--seq 4096``; ``--budget-s S``: a run starts only while the elapsed time plus its estimated cost fits S (JSON
   saved after every run; SIGTERM stops cleanly); ``--no-compile``: every row eager.
 * ``--profile ROW@BATCH``: after that run's timed steps, one more step under ``torch.profiler`` (CPU + CUDA);
@@ -55,8 +59,8 @@ Flags:
   Triton kernels by module, elementwise / other, idle = step wall − time the GPU was busy) are printed and kept
   under ``profile``. The run is added to the plan if absent.
 * ``--saved-bytes``: ``fp8coat.memory.measure_saved_tensors`` of one bf16 decoder layer's forward at
-  (``--saved-batch``, seq, 4096) for the ``bf16`` and ``coat`` recipes (and ``coat`` with
-  ``cache_fp8_weights=False`` where that field exists): bytes saved for backward per op (and the FP8 weight
+  (``--saved-batch``, seq, 4096) for the ``bf16`` and ``coat`` recipes (and ``coat_cache``: ``coat`` with
+  ``cache_fp8_weights=True``, where that field exists): bytes saved for backward per op (and the FP8 weight
   copies held apart, ``weight_copy_bytes``), under ``saved_bytes``.
 * ``--dry-run``: tiny shapes on the CPU (hidden 64, 2 layers, 4 heads, MLP 176, vocab 96, seq 32, batches 2 and
   4), no compilation, FP8 emulated by fp8coat's CPU path; torchao rows skipped.
@@ -145,8 +149,8 @@ def fp8coat_row(name: str, *, master: str = "bf16-stochastic", compiled: bool = 
 ROWS = {r.name: r for r in (
     fp8coat_row("fp8coat_best"),
     fp8coat_row("fp8coat_exact", master="bf16-remainder", in_backward=False),
-    fp8coat_row("fp8coat_best_nocache", cache_fp8_weights=False),
-    fp8coat_row("fp8coat_exact_nocache", master="bf16-remainder", in_backward=False, cache_fp8_weights=False),
+    fp8coat_row("fp8coat_best_cache", cache_fp8_weights=True),
+    fp8coat_row("fp8coat_exact_cache", master="bf16-remainder", in_backward=False, cache_fp8_weights=True),
     fp8coat_row("fp8coat_best_eager", compiled=False),
     Row(TORCHAO_ROW, "torchao", master_weights="fp32"),
     Row(BF16_ROW, "bf16amp", master_weights="fp32"),
@@ -154,8 +158,8 @@ ROWS = {r.name: r for r in (
 )}
 
 DEFAULT_ROWS = ("fp8coat_best", TORCHAO_ROW, BF16_ROW, "fp8coat_exact")
-DEFAULT_BATCHES = {"fp8coat_best": (16, 20, 24), "fp8coat_exact": (16,), "fp8coat_best_nocache": (16,),
-                   "fp8coat_exact_nocache": (16,), "fp8coat_best_eager": (16,), TORCHAO_ROW: (8,), BF16_ROW: (3,),
+DEFAULT_BATCHES = {"fp8coat_best": (16, 20, 24), "fp8coat_exact": (16,), "fp8coat_best_cache": (16,),
+                   "fp8coat_exact_cache": (16,), "fp8coat_best_eager": (16,), TORCHAO_ROW: (8,), BF16_ROW: (3,),
                    "bf16amp_eager": (2,)}
 DRY_BATCHES = {"fp8coat_best": (2, 4)}  # every other row: (2,)
 
@@ -652,9 +656,9 @@ class Bench(harness.Bench):
         a, dev, shape = self.args, self.device, self.shape
         recipes = {"bf16": "bf16", "coat": "coat"}
         try:
-            recipes["coat_nocache"] = coat_recipe(fp8coat_row("saved_bytes", cache_fp8_weights=False))
+            recipes["coat_cache"] = coat_recipe(fp8coat_row("saved_bytes", cache_fp8_weights=True))
         except RowUnavailable as ex:
-            self.res["skipped"].append(f"saved_bytes/coat_nocache ({ex})")
+            self.res["skipped"].append(f"saved_bytes/coat_cache ({ex})")
         cfg = llama_config(shape, a.seq)
         batch = a.saved_batch
         unit = batch * a.seq * shape["hidden"] * 2

@@ -6,13 +6,18 @@ Reads result JSONs (default: ``docs/results/layers/*.json`` and ``docs/results/l
 * ``bench_layers`` files: ``rows.model4`` (a Llama-7B-shaped model of ``config.layers`` layers, ``peak_GiB``: the
   training step's peak above the memory held before the model was built) and ``rows.layer`` (one decoder layer:
   ``peak_fwd_bwd_GiB`` and ``mem_fwd_GiB`` above the memory held before the forward, which already held the
-  layer's parameters, its FP8 weight copies, input and output gradient). Settings come from the row (recipe from
-  the key, ``param_dtype``, ``amp``, ``chunked_loss``, ``step_in_backward``, ``compiled``; ``stochastic`` in the key
-  = ``bf16-stochastic`` masters). torchao float8 rows are skipped (not modeled).
+  layer's parameters, its FP8 weight copies if cached, input and output gradient). Settings come from the row
+  (recipe from the key, ``param_dtype``, ``amp``, ``chunked_loss``, ``step_in_backward``, ``compiled``,
+  ``cache_fp8_weights``; ``stochastic`` in the key = ``bf16-stochastic`` masters). torchao float8 rows are skipped
+  (not modeled).
 * rows of the shape ``{recipe, optimizer, master_weights, step_in_backward, chunked_loss, compiled, batch, seq,
-  layers, peak_gib[, allocated_before_gib, oom, vocab, hidden, heads, kv_heads, intermediate]}`` (a list, or under
-  ``rows``): a Llama-2-7B shape unless given; ``allocated_before_gib`` (left by earlier runs of the same process) is
-  taken off the peak; out-of-memory rows are listed with the plan only.
+  layers, peak_gib[, cache_fp8_weights, allocated_before_gib, oom, vocab, hidden, heads, kv_heads, intermediate]}``
+  (a list, or under ``rows``): a Llama-2-7B shape unless given; ``allocated_before_gib`` (left by earlier runs of the
+  same process) is taken off the peak; out-of-memory rows are listed with the plan only.
+
+``cache_fp8_weights`` is the value the row ran with (``benchmarks.llama7b`` and ``bench_layers`` record the recipe's
+own); missing or None, the FP8 weight copies are planned as held: rows without it come from runs before the cache
+was off by default (or from an fp8coat without the option), when converted linears always kept them.
 
 Usage: ``python -m benchmarks.plan_check [files...]``.
 """
@@ -51,7 +56,13 @@ def _model4_settings(key: str, row: dict, cfg: dict) -> "PlanSettings | None":
     return PlanSettings(batch=cfg["batch"], seq=cfg["seq"], recipe=recipe, optimizer=optimizer,
                         master_weights=master, step_in_backward=bool(row.get("step_in_backward")),
                         chunked_loss=bool(row.get("chunked_loss")), loss_chunk_tokens=row.get("loss_chunk"),
-                        compiled=bool(row.get("compiled")))
+                        compiled=bool(row.get("compiled")), cache_fp8_weights=_cached(row))
+
+
+def _cached(row: dict) -> bool:
+    """Whether the row's converted linears kept FP8 weight copies: its recorded ``cache_fp8_weights``, else on (the
+    only behaviour before the option was off by default)."""
+    return row.get("cache_fp8_weights") is not False
 
 
 def _layer_predictions(shape: ModelShape, key: str, row: dict, cfg: dict) -> "dict[str, float] | None":
@@ -106,7 +117,7 @@ def _rows_of(path: str):
                                 master_weights=row.get("master_weights", "auto"),
                                 step_in_backward=bool(row.get("step_in_backward")),
                                 chunked_loss=bool(row.get("chunked_loss", True)), compiled=bool(row.get("compiled")),
-                                cache_fp8_weights=row.get("cache_fp8_weights") is not False)
+                                cache_fp8_weights=_cached(row))
         label = f"{name} #{i} {row.get('row', row['recipe'])}/{settings.optimizer} b{row['batch']}"
         peak = None if row.get("oom") or row.get("peak_gib") is None else row["peak_gib"] - (
             row.get("allocated_before_gib") or 0.0)  # what the run itself allocated

@@ -4,9 +4,9 @@ Compiling layer by layer keeps every graph small and lets graph breaks stay insi
 on each layer makes them all callers of one compiled code object (the layer class's ``forward``), and converted
 layers pass the same guards: their weight caches and FP8 hand-offs are reached through module attributes whose
 tensors are graph inputs, with nothing that differs from layer to layer. So dynamo traces and compiles one layer
-(one variant for the first call, which allocates the FP8 weight caches, one for the following training steps and,
-when used, one for evaluation) and every other layer reuses it: the compile time of a model does not grow with its
-depth.
+(one variant for training — two with ``Recipe.cache_fp8_weights`` on: the first call allocates the FP8 weight
+caches — and, when used, one for evaluation) and every other layer reuses it: the compile time of a model does not
+grow with its depth.
 
 With FSDP2, ``compile_layers`` may come before or after ``fully_shard`` of the layers: ``layer.compile()``
 compiles the call of the module, which runs the hooks ``fully_shard`` registers whenever they were registered

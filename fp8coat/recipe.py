@@ -33,11 +33,12 @@ class Recipe:
         fast_accum: Hopper fast accumulation in the forward GEMM (backward GEMMs always accumulate precisely).
         emulate: compute the FP8 GEMMs as dequantize + fp32 matmul even on CUDA (same quantization; for GPUs
             without FP8 tensor cores and for testing). Always on for CPU tensors.
-        cache_fp8_weights: each converted linear keeps its weight's E4M3 copy (1 byte per parameter, for the whole
-            run) and quantizes the weight again only when it changed — once per optimizer step however many
-            micro-batches. False: the weight is quantized in every forward and its copy freed after the forward's
-            GEMM, so nothing is held from forward to backward (same results, bit for bit; one more read of the
-            weight per micro-batch). Weights that FSDP manages are never cached.
+        cache_fp8_weights: False (the default): each converted linear quantizes its weight in every forward and
+            frees the copy after the forward's GEMM, so nothing is held from forward to backward. True: it keeps
+            its weight's E4M3 copy (1 byte per parameter, for the whole run) and quantizes the weight again only
+            when it changed — once per optimizer step however many micro-batches, which pays only under gradient
+            accumulation. Same results, bit for bit; on a full Llama-2-7B (H100, batch 8 × 2048) both ran at the
+            same speed and the copies cost 6 GiB of peak memory. Weights that FSDP manages are never cached.
     """
 
     name: str
@@ -48,7 +49,7 @@ class Recipe:
     activation_group_size: int = 16
     fast_accum: bool = True
     emulate: bool = False
-    cache_fp8_weights: bool = True
+    cache_fp8_weights: bool = False
 
     def __post_init__(self):
         get_format(self.forward_format)
@@ -66,7 +67,7 @@ class Recipe:
         if not self.fp8_linear:
             return f"{self.name} (BF16)"
         acts = f", FP8 1x{self.activation_group_size} activations" if self.fp8_activations else ""
-        cache = "" if self.cache_fp8_weights else ", weights quantized in every forward"
+        cache = ", FP8 weight copies kept between steps" if self.cache_fp8_weights else ""
         return f"{self.name} ({self.forward_format.upper()}/{self.backward_format.upper()} GEMMs{acts}{cache})"
 
 

@@ -107,7 +107,7 @@ section_bench_fsdp() {
 section_bench_llama7b() {
   # the full Llama-2-7B shape on one GPU: fp8coat rows, torchao float8 and BF16 AMP in the same run, ascending
   # batches until out of memory (its own --budget-s 540 keeps it inside the limit); BENCH_LLAMA7B_ARGS: extra
-  # arguments (e.g. --profile fp8coat_best@16 --saved-bytes, --batches fp8coat_best_nocache:16, --seq 4096)
+  # arguments (e.g. --profile fp8coat_best@16 --saved-bytes, --batches fp8coat_best_cache:16, --seq 4096)
   python3 -m benchmarks.llama7b --out "$RESULTS/llama7b" ${BENCH_LLAMA7B_ARGS:-}
 }
 

@@ -47,7 +47,7 @@ def build(recipe: str, args):
     caches = weight_caches(layer)
 
     def step():
-        for c in caches:  # a new optimizer step: weights are re-quantized
+        for c in caches:  # a new optimizer step: weights are re-quantized (cached only with cache_fp8_weights on)
             c.clear()
         out = fn(x, position_embeddings=pe)
         (out[0] if isinstance(out, tuple) else out).backward(dy)

@@ -35,17 +35,18 @@ def _check_ok(r: dict) -> None:
 
 
 def test_dry_run_rows_and_json(tmp_path):
-    res = _run(tmp_path, "--rows", "fp8coat_best,fp8coat_exact,fp8coat_best_nocache,fp8coat_exact_nocache")
+    res = _run(tmp_path, "--rows", "fp8coat_best,fp8coat_exact,fp8coat_best_cache,fp8coat_exact_cache")
     best, exact = _of(res, "fp8coat_best"), _of(res, "fp8coat_exact")
     assert [r["batch"] for r in best] == [2, 4] and [r["batch"] for r in exact] == [2]
     for r in best + exact:
         _check_ok(r)
         assert (r["recipe"], r["optimizer"], r["chunked_loss"], r["compiled"]) == ("coat", "fp8coat", True, False)
+        assert r["cache_fp8_weights"] is (False if HAS_CACHE_FIELD else None)  # the recipe's default, recorded
     assert (best[0]["master_weights"], best[0]["step_in_backward"]) == ("bf16-stochastic", True)
     assert (exact[0]["master_weights"], exact[0]["step_in_backward"]) == ("bf16-remainder", False)
-    for name in ("fp8coat_best_nocache", "fp8coat_exact_nocache"):
+    for name in ("fp8coat_best_cache", "fp8coat_exact_cache"):
         rows = _of(res, name)
-        assert len(rows) == 1 and rows[0]["cache_fp8_weights"] is False
+        assert len(rows) == 1 and rows[0]["cache_fp8_weights"] is True
         if HAS_CACHE_FIELD:
             _check_ok(rows[0])
         else:  # a clean failure naming the field, and the run goes on
@@ -54,31 +55,31 @@ def test_dry_run_rows_and_json(tmp_path):
     assert res["meta"]["commit"] and res["meta"]["command"].startswith("python -m benchmarks.llama7b --dry-run")
     assert res["config"]["plan"][0] == ["fp8coat_best", [2, 4]]
     assert [m["run"] for m in res["memory"]] == ["fp8coat_best@2", "fp8coat_best@4", "fp8coat_exact@2"] + (
-        ["fp8coat_best_nocache@2", "fp8coat_exact_nocache@2"] if HAS_CACHE_FIELD else [])
+        ["fp8coat_best_cache@2", "fp8coat_exact_cache@2"] if HAS_CACHE_FIELD else [])
 
 
-def test_nocache_rows_fail_cleanly_without_the_field(tmp_path, monkeypatch):
-    """An fp8coat whose Recipe has no cache_fp8_weights: the nocache rows fail with a message before any model is
+def test_cache_rows_fail_cleanly_without_the_field(tmp_path, monkeypatch):
+    """An fp8coat whose Recipe has no cache_fp8_weights: the cache rows fail with a message before any model is
     built, and the next row runs."""
     old_recipe = dataclasses.make_dataclass("OldRecipe", [("name", str)], frozen=True)("coat")
     monkeypatch.setattr(fp8coat, "get_recipe", lambda r: old_recipe)
     monkeypatch.setattr(llama7b, "build", lambda *a, **k: pytest.fail("no model is built for a failing row"))
-    res = _run(tmp_path, "--rows", "fp8coat_best_nocache,fp8coat_exact_nocache",
-               "--batches", "fp8coat_best_nocache:2,4")
+    res = _run(tmp_path, "--rows", "fp8coat_best_cache,fp8coat_exact_cache",
+               "--batches", "fp8coat_best_cache:2,4")
     assert [(r["row"], r["batch"], r["ok"], r["oom"]) for r in res["rows"]] == [
-        ("fp8coat_best_nocache", 2, False, False), ("fp8coat_exact_nocache", 2, False, False)]
+        ("fp8coat_best_cache", 2, False, False), ("fp8coat_exact_cache", 2, False, False)]
     assert all("does not have" in res["errors"][n] and "cache_fp8_weights" in res["errors"][n]
-               for n in ("fp8coat_best_nocache", "fp8coat_exact_nocache"))
+               for n in ("fp8coat_best_cache", "fp8coat_exact_cache"))
     assert res["memory"] == []
 
 
 def test_cache_field_reaches_the_recipe(tmp_path, monkeypatch):
-    """The nocache rows pass cache_fp8_weights=False to the recipe given to fp8coat.convert (with a stand-in Recipe
-    carrying the field where the installed fp8coat has none)."""
+    """The cache rows pass cache_fp8_weights=True to the recipe given to fp8coat.convert, the other rows leave the
+    recipe's default (off) (with a stand-in Recipe carrying the field where the installed fp8coat has none)."""
     if not HAS_CACHE_FIELD:
         @dataclasses.dataclass(frozen=True)
         class CacheRecipe(fp8coat.Recipe):
-            cache_fp8_weights: bool = True
+            cache_fp8_weights: bool = False
 
         coat = fp8coat.get_recipe("coat")
         stand_in = CacheRecipe(**{f.name: getattr(coat, f.name) for f in dataclasses.fields(coat)})
@@ -86,11 +87,11 @@ def test_cache_field_reaches_the_recipe(tmp_path, monkeypatch):
     seen = []
     convert = fp8coat.convert
     monkeypatch.setattr(fp8coat, "convert", lambda model, recipe: seen.append(recipe) or convert(model, recipe))
-    res = _run(tmp_path, "--rows", "fp8coat_best_nocache,fp8coat_best")
+    res = _run(tmp_path, "--rows", "fp8coat_best_cache,fp8coat_best")
     for r in res["rows"]:
         _check_ok(r)
-    assert [r["cache_fp8_weights"] for r in res["rows"]] == [False, True, True]
-    assert [r.cache_fp8_weights for r in seen] == [False, True, True]
+    assert [r["cache_fp8_weights"] for r in res["rows"]] == [True, False, False]
+    assert [r.cache_fp8_weights for r in seen] == [True, False, False]
 
 
 def test_out_of_memory_moves_to_the_next_row(tmp_path, monkeypatch):
@@ -133,6 +134,10 @@ def test_profile_and_saved_bytes(tmp_path):
         r = s["recipes"][rec]
         assert r["total_bytes"] > 0 and sum(r["by_op"].values()) == r["total_bytes"]
     assert s["recipes"]["coat"]["total_bytes"] < s["recipes"]["bf16"]["total_bytes"]
+    # coat holds no FP8 weight copies (the default); coat_cache saves the same and holds 1 byte per weight (+ 20 B)
+    assert s["recipes"]["coat"]["weight_copy_bytes"] == 0
+    assert s["recipes"]["coat_cache"]["total_bytes"] == s["recipes"]["coat"]["total_bytes"]
+    assert s["recipes"]["coat_cache"]["weight_copy_bytes"] == 4 * (64 * 64 + 20) + 3 * (64 * 176 + 20)
 
 
 def test_profile_categories_and_busy_time():

@@ -37,7 +37,8 @@ def _table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
 @pytest.mark.slow
 def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert _run(["compare", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", *COMMON]) == 0
+    assert _run(["compare", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", "--cache-fp8-weights",
+                 *COMMON]) == 0
     data = json.loads((out / "compare.json").read_text())
     assert data["variants"] == ["bf16-torchopt", "coat"] and data["baseline"] == "bf16-torchopt"
     base, coat = data["results"]["bf16-torchopt"][0], data["results"]["coat"][0]
@@ -65,7 +66,8 @@ def test_default_compare_is_bf16_with_torch_adamw_against_coat(tmp_path, capsys)
     # FP8 moments + 16-bit remainders against fp32 moments; FP8-saved activations against BF16 autocast
     assert coat["optimizer_state_bytes"] / base["optimizer_state_bytes"] < 0.6
     assert coat["saved_activation_bytes"] / base["saved_activation_bytes"] < 0.5
-    # the converted linears' cached E4M3 weights: none for BF16, one byte per weight (and 20 B per layer) for coat
+    # --cache-fp8-weights (the BF16 variant has no FP8 weights to keep): the converted linears' cached E4M3 weights,
+    # none for BF16, one byte per weight (and 20 B per layer) for coat
     assert base["fp8_weight_copy_bytes"] == 0 < coat["fp8_weight_copy_bytes"]
     assert rows["`coat`"][col["FP8 weight copies"]] == f"{coat['fp8_weight_copy_bytes'] / 2**10:.2f} KiB"
     printed = capsys.readouterr().out
@@ -143,6 +145,14 @@ def test_baseline_falls_back_and_partial_results_are_marked():
 ])
 def test_row_names_say_recipe_and_optimizer(variant, label):
     assert compare_module.describe(compare_module.variant_config(TrainConfig(), variant, 0, "x")) == label
+
+
+def test_fp8_weight_cache_option_applies_to_the_fp8_variants_only():
+    base = TrainConfig(cache_fp8_weights=True)
+    assert not compare_module.variant_config(base, "bf16-torchopt", 0, "x").cache_fp8_weights
+    assert compare_module.variant_config(base, "coat", 0, "x").cache_fp8_weights
+    assert compare_module.variant_config(base, "fp8-linear-noexp", 0, "x").cache_fp8_weights
+    assert not compare_module.variant_config(TrainConfig(), "coat", 0, "x").cache_fp8_weights
 
 
 def test_plot_draws_the_mean_and_min_max_band_of_each_variant():

@@ -79,12 +79,14 @@ def _tiny_llama(n_layers: int):
     return transformers.LlamaForCausalLM(cfg).bfloat16()
 
 
-def _compiled_steps(recipe: str, n_layers: int, compiled: bool):
-    """Losses and gradients of 3 training steps (SGD between them) and the number of graphs dynamo compiled."""
+def _compiled_steps(recipe: str, n_layers: int, compiled: bool, cache: bool):
+    """Losses and gradients of 3 training steps (SGD between them) and the number of graphs dynamo compiled;
+    ``cache``: ``Recipe.cache_fp8_weights``."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    model = fp8coat.convert(_tiny_llama(n_layers), recipe).train()
+    model = fp8coat.convert(_tiny_llama(n_layers), fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=cache))
+    model.train()
     torch._dynamo.reset()
     counters.clear()
     if compiled:
@@ -93,7 +95,7 @@ def _compiled_steps(recipe: str, n_layers: int, compiled: bool):
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
     losses, grads = [], []
     for _ in range(3):
-        for _ in range(2):  # gradient accumulation: the second forward reuses the FP8 weight copies
+        for _ in range(2):  # gradient accumulation: with the cache the second forward reuses the FP8 weight copies
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.detach())
@@ -105,15 +107,16 @@ def _compiled_steps(recipe: str, n_layers: int, compiled: bool):
     return losses, grads, graphs
 
 
-@pytest.mark.parametrize("recipe", ["fp8-linear", "coat"])
-def test_converted_layers_share_one_compiled_code(recipe):
+@pytest.mark.parametrize("recipe,cache", [("fp8-linear", True), ("coat", True), ("coat", False)])
+def test_converted_layers_share_one_compiled_code(recipe, cache):
     """Every decoder layer reuses the first layer's compiled code: as many graphs for 6 layers as for 2 (more than
     dynamo's limit of 8 variants per code object if each layer needed its own), and the compiled training steps
-    (with FP8 weight caches refreshed after each optimizer step) equal the eager ones bit for bit."""
-    _, _, graphs_2 = _compiled_steps(recipe, 2, True)
-    losses, grads, graphs_6 = _compiled_steps(recipe, 6, True)
+    (with the FP8 weight cache: refreshed after each optimizer step; without: weights quantized in every forward)
+    equal the eager ones bit for bit."""
+    _, _, graphs_2 = _compiled_steps(recipe, 2, True, cache)
+    losses, grads, graphs_6 = _compiled_steps(recipe, 6, True, cache)
     assert graphs_6 == graphs_2 <= 3, (graphs_2, graphs_6)
-    want_losses, want_grads, _ = _compiled_steps(recipe, 6, False)
+    want_losses, want_grads, _ = _compiled_steps(recipe, 6, False, cache)
     for a, b in zip(losses, want_losses):
         assert_bit_equal(a, b)
     for ga, gb in zip(grads, want_grads):

@@ -174,16 +174,29 @@ def test_handoffs_are_listed_and_survive_copies():
         torch.testing.assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)
 
 
+def test_default_conversion_holds_no_fp8_weight_copies():
+    """By default the converted linears quantize their weights in every forward and hold nothing: 0 bytes after a
+    training step (with ``cache_fp8_weights=True``: 1 byte per weight, below)."""
+    from fp8coat.conversion import weight_caches
+
+    assert fp8coat.get_recipe("coat").cache_fp8_weights is False
+    model = fp8coat.convert(tiny_decoder("llama"), "coat").train()
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    model(input_ids=_ids(), labels=_ids())  # a second micro-batch
+    assert len(weight_caches(model)) == 14 and sum(c.nbytes for c in weight_caches(model)) == 0
+
+
 def test_weight_caches_lists_each_converted_linear_once():
     from fp8coat.conversion import weight_caches
 
-    model = fp8coat.convert(tiny_decoder("llama"), "coat").train()
+    model = fp8coat.convert(tiny_decoder("llama"), fp8coat.get_recipe("coat").with_options(cache_fp8_weights=True))
+    model.train()
     caches = weight_caches(model)
     assert len(caches) == conversion_summary(model)["FP8LinearMixin"] == 14 and len(set(map(id, caches))) == 14
     assert sum(c.nbytes for c in caches) == 0  # allocated by the first training forward
     model(input_ids=_ids(), labels=_ids()).loss.backward()
     linears = [m for m in model.modules() if hasattr(m, "_fp8coat_cache")]
-    assert sum(c.nbytes for c in caches) == sum(m.weight.numel() + 20 for m in linears)
+    assert sum(c.nbytes for c in caches) == sum(m.weight.numel() + 20 for m in linears)  # 1 byte per weight
     for c in caches:
         c.release()
     assert sum(c.nbytes for c in caches) == 0

@@ -58,7 +58,9 @@ def _tiny_llama(n_layers: int = 2) -> torch.nn.Module:
 
 
 def _converted(n_layers: int = 2) -> torch.nn.Module:
-    return fp8coat.convert(_tiny_llama(n_layers), "coat").train()
+    """``coat`` with the FP8 weight cache on (off by default): FSDP must drop it, and the one-rank references cache."""
+    return fp8coat.convert(_tiny_llama(n_layers), fp8coat.get_recipe("coat").with_options(cache_fp8_weights=True)
+                           ).train()
 
 
 def _shard(model: torch.nn.Module, reduce_dtype: "torch.dtype | None" = torch.float32,

@@ -48,10 +48,10 @@ def _config(model_type: str = "llama", kv_heads: int = HEADS, layers: int = 1, t
     return cfg
 
 
-def _model(cfg, precision: str, recipe: str):
+def _model(cfg, precision: str, recipe: str, cache_fp8_weights: bool = False):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(DTYPES[precision])
-    return fp8coat.convert(model, recipe).train()
+    return fp8coat.convert(model, fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=cache_fp8_weights)).train()
 
 
 def _add(*dicts) -> dict:
@@ -225,8 +225,8 @@ def _one_step(model, opt, batch=2, seq=12):
 def test_optimizer_states_masters_and_weights_equal_the_tensors(optimizer, master):
     cfg = _config("qwen2", 2, layers=2)  # biases: 1-D parameters; q/k/v and norms below 4096 elements
     settings = PlanSettings(batch=2, seq=12, recipe="coat", optimizer=optimizer, master_weights=master,
-                            device="cpu")
-    model = _model(cfg, "fp32" if settings.param_dtype == "fp32" else "bf16", "coat")
+                            cache_fp8_weights=True, device="cpu")
+    model = _model(cfg, "fp32" if settings.param_dtype == "fp32" else "bf16", "coat", cache_fp8_weights=True)
     if optimizer == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
@@ -256,21 +256,27 @@ def test_state_formulas_per_tensor():
     assert master_bytes((10, 10), "fp8coat", "bf16-stochastic") == 0
 
 
-@pytest.mark.parametrize("recipe,cache", [("bf16", True), ("fp8-linear", True), ("coat", True), ("coat", False)])
+@pytest.mark.parametrize("recipe,cache", [("bf16", True), ("fp8-linear", True), ("coat", True), ("coat", False),
+                                          ("fp8-linear", None), ("coat", None)])
 def test_fp8_weight_copies_equal_the_caches_after_a_forward(recipe, cache):
+    """``cache`` None: the defaults of the recipe and of the planner (no copies)."""
     cfg = _config("llama", 2, layers=2)
-    model = _model(cfg, "bf16", recipe)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).bfloat16()
+    model = fp8coat.convert(model, recipe if cache is None else
+                            fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=cache)).train()
     model(input_ids=torch.randint(0, VOCAB, (2, 8)), use_cache=False)
+    options = {} if cache is None else {"cache_fp8_weights": cache}
     plan = plan_memory(ModelShape.from_config(cfg), PlanSettings(batch=2, seq=8, recipe=recipe, device="cpu",
-                                                                 cache_fp8_weights=cache))
-    expected = sum(c.nbytes for c in weight_caches(model)) if cache else 0
+                                                                 **options))
+    expected = sum(c.nbytes for c in weight_caches(model))
     assert plan.fp8_weight_copies == expected
-    assert (expected > 0) == (recipe != "bf16" and cache)
+    assert (expected > 0) == (recipe != "bf16" and bool(cache))
 
 
 def test_fsdp_shards_params_and_states_and_drops_the_weight_caches():
-    one = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048))
-    four = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, gpus=4))
+    one = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, cache_fp8_weights=True))
+    four = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, gpus=4, cache_fp8_weights=True))
     assert four.weights == sum(-(-p.shape[0] // 4) * (p.numel // p.shape[0]) * 2 for p in LLAMA7B.parameters())
     assert four.fp8_weight_copies == 0 and one.fp8_weight_copies > 0
     assert four.optimizer_states < one.optimizer_states / 3.9
@@ -378,28 +384,51 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_plan_check_reads_the_7b_benchmark_rows(tmp_path):
     """``benchmarks.plan_check`` on rows shaped like ``benchmarks.llama7b``'s: torchao float8 rows are left out (not
-    modeled), a row without the FP8 weight cache is planned without it, an out-of-memory row is listed unmeasured."""
+    modeled), a row is planned with the FP8 weight cache it recorded (one without the key, from before the cache was
+    off by default: with it), an out-of-memory row is listed unmeasured."""
     from benchmarks import plan_check
 
     base = {"recipe": "coat", "optimizer": "fp8coat", "master_weights": "bf16-remainder", "step_in_backward": False,
             "chunked_loss": True, "compiled": True, "batch": 16, "seq": 2048, "layers": 32, "oom": False}
-    rows = [dict(base, row="fp8coat_exact", cache_fp8_weights=True, peak_gib=120.0),
-            dict(base, row="fp8coat_exact_nocache", cache_fp8_weights=False, peak_gib=114.0),
-            dict(base, row="fp8coat_exact", batch=24, cache_fp8_weights=True, oom=True, peak_gib=None),
+    rows = [dict(base, row="fp8coat_exact_cache", cache_fp8_weights=True, peak_gib=120.0),
+            dict(base, row="fp8coat_exact", cache_fp8_weights=False, peak_gib=114.0),
+            dict(base, row="fp8coat_exact_cache", batch=24, cache_fp8_weights=True, oom=True, peak_gib=None),
             dict(base, row="torchao_fp8_compiled_adamwfp8", recipe="torchao-float8", optimizer="torchao-fp8",
-                 master_weights="fp32", peak_gib=94.2)]
+                 master_weights="fp32", peak_gib=94.2),
+            dict(base, row="fp8coat_exact_old", peak_gib=120.0)]
     path = tmp_path / "llama7b.json"
     path.write_text(json.dumps({"meta": {}, "rows": rows}))
     table, off = plan_check.check([str(path)])
     lines = [line for line in table.splitlines() if "llama7b.json" in line]
-    assert len(lines) == 3 and not any("torchao" in line for line in lines)
+    assert len(lines) == 4 and not any("torchao" in line for line in lines)
     planned = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in lines}
-    cached = planned["llama7b.json #0 fp8coat_exact/fp8coat b16"]
-    uncached = planned["llama7b.json #1 fp8coat_exact_nocache/fp8coat b16"]
+    cached = planned["llama7b.json #0 fp8coat_exact_cache/fp8coat b16"]
+    uncached = planned["llama7b.json #1 fp8coat_exact/fp8coat b16"]
     assert cached - uncached > 5.5  # Llama-2-7B's decoder-layer weights: 6.0 GiB of E4M3 copies
+    assert planned["llama7b.json #4 fp8coat_exact_old/fp8coat b16"] == cached
     assert "| oom |" in lines[2]
     measured = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in lines}
-    assert float(measured["llama7b.json #0 fp8coat_exact/fp8coat b16"]) == pytest.approx(120.0)
+    assert float(measured["llama7b.json #0 fp8coat_exact_cache/fp8coat b16"]) == pytest.approx(120.0)
+
+
+def test_plan_check_reads_the_cache_of_bench_layers_model4_rows(tmp_path):
+    """bench_layers' 4-layer rows record ``cache_fp8_weights``; files written before they did ran with the cache."""
+    from benchmarks import plan_check
+
+    cfg = {"hidden": 4096, "heads": 32, "ffn": 11008, "layers": 4, "vocab": 32000, "batch": 4, "seq": 2048}
+    row = {"param_dtype": "bfloat16", "optimizer": "AdamW", "compiled": True, "chunked_loss": True,
+           "step_in_backward": False, "peak_GiB": 12.3}
+    model4 = {"fp8coat_coat_compiled": row, "fp8coat_coat_compiled_cached": dict(row, cache_fp8_weights=True),
+              "fp8coat_coat_compiled_uncached": dict(row, cache_fp8_weights=False)}
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"config": cfg, "rows": {"model4": model4, "layer": {}}}))
+    lines = [line for line in plan_check.check([str(path)])[0].splitlines() if "layers.json" in line]
+    planned = {line.split("|")[1].strip().split("/")[1]: float(line.split("|")[2]) for line in lines}
+    assert planned["fp8coat_coat_compiled"] == planned["fp8coat_coat_compiled_cached"]
+    # 4 layers of Llama-2-7B linear weights, 1 byte each (+ 20 B per weight)
+    copies = 4 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 7 * 20) / 2**30
+    assert planned["fp8coat_coat_compiled"] - planned["fp8coat_coat_compiled_uncached"] == pytest.approx(copies,
+                                                                                                         abs=2e-3)
 
 
 def test_plan_check_takes_memory_left_by_earlier_runs_off_the_peak(tmp_path):

@@ -50,7 +50,7 @@ CHANGES = {
     "forward_format": dict(forward_format="e5m2", backward_format="e4m3"),
     "backward_format": dict(backward_format="e4m3"),
     "activation_group_size": dict(activation_group_size=32),
-    "cache_fp8_weights": dict(cache_fp8_weights=False),
+    "cache_fp8_weights": dict(cache_fp8_weights=True),
 }
 
 
@@ -68,10 +68,16 @@ def test_each_field_changes_the_computation(field):
     assert _run(COAT)[0].item() == base[0].item()  # deterministic: the difference is the field's
 
 
+def test_fp8_weight_cache_is_off_by_default():
+    assert not fp8coat.Recipe("r", fp8_linear=True, fp8_activations=False).cache_fp8_weights
+    assert not any(r.cache_fp8_weights for r in fp8coat.RECIPES.values())
+
+
 def test_fp8_weight_cache_changes_memory_only():
-    """Without the cache every weight is quantized in each forward: the same loss, gradients and saved bytes, bit
-    for bit, and no FP8 copy held (with it: one byte per weight of the converted linears, plus scale and record)."""
-    cached, fresh = _run(COAT), _run(COAT.with_options(cache_fp8_weights=False))
+    """Without the cache (the default) every weight is quantized in each forward: the same loss, gradients and saved
+    bytes, bit for bit, and no FP8 copy held (with it: one byte per weight of the converted linears, plus scale and
+    record)."""
+    cached, fresh = _run(COAT.with_options(cache_fp8_weights=True)), _run(COAT)
     assert torch.equal(cached[0], fresh[0]) and all(torch.equal(cached[1][n], fresh[1][n]) for n in cached[1])
     assert cached[2] == fresh[2]
     model = _tiny_llama()
@@ -114,8 +120,9 @@ def test_two_e5m2_operands_are_rejected():
 def test_recipe_printed_as_it_runs():
     r = COAT.with_options(backward_format="e4m3")
     assert "E4M3/E4M3" in str(r)
-    assert "quantized in every forward" in str(COAT.with_options(cache_fp8_weights=False))
-    assert "quantized in every forward" not in str(COAT)
+    assert str(COAT) == "coat (E4M3/E5M2 GEMMs, FP8 1x16 activations)"
+    assert str(COAT.with_options(cache_fp8_weights=True)) == (
+        "coat (E4M3/E5M2 GEMMs, FP8 1x16 activations, FP8 weight copies kept between steps)")
     model = fp8coat.convert(_tiny_llama(), r)
     assert "fp8=e4m3/e4m3" in repr(model.model.layers[0].self_attn.q_proj)
     assert copy.deepcopy(r) == r

@@ -40,19 +40,32 @@ def test_train_smoke_writes_log_checkpoints_and_summary(tmp_path):
 
 
 def test_uncached_fp8_weights_give_the_same_run_and_hold_nothing(tmp_path):
-    """--no-cache-fp8-weights (with gradient accumulation: each micro-batch quantizes the weights again) gives the
-    cached run's losses exactly, and the summary counts no FP8 weight copies (the cached run: one byte per weight
-    of the decoder layers' linears)."""
+    """By default (and with --no-cache-fp8-weights) each micro-batch quantizes the weights again (here with
+    gradient accumulation): the losses of the --cache-fp8-weights run exactly, and the summary counts no FP8 weight
+    copies (the cached run: one byte per weight of the decoder layers' linears)."""
     runs, summaries = {}, {}
-    for flag in ("--cache-fp8-weights", "--no-cache-fp8-weights"):
-        out = tmp_path / flag
-        assert _run(["train", "--out-dir", str(out), "--steps", "3", "--grad-accum", "2", "--eval-every", "0", flag,
+    for flags in ((), ("--cache-fp8-weights",), ("--no-cache-fp8-weights",)):
+        out = tmp_path / ("_".join(flags) or "default")
+        assert _run(["train", "--out-dir", str(out), "--steps", "3", "--grad-accum", "2", "--eval-every", "0", *flags,
                      *COMMON]) == 0
-        runs[flag] = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")]
-        summaries[flag] = json.loads((out / "summary.json").read_text())
-    assert runs["--cache-fp8-weights"] == runs["--no-cache-fp8-weights"]
-    assert summaries["--no-cache-fp8-weights"]["fp8_weight_copy_bytes"] == 0
-    assert summaries["--cache-fp8-weights"]["fp8_weight_copy_bytes"] >= 4 * 12 * 128 * 128  # tiny: 4 layers, >=12*H^2
+        runs[flags] = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")]
+        summaries[flags] = json.loads((out / "summary.json").read_text())
+    assert runs[()] == runs[("--cache-fp8-weights",)] == runs[("--no-cache-fp8-weights",)]
+    copies = {flags: summary["fp8_weight_copy_bytes"] for flags, summary in summaries.items()}
+    assert copies[()] == copies[("--no-cache-fp8-weights",)] == 0
+    assert copies[("--cache-fp8-weights",)] >= 4 * 12 * 128 * 128  # tiny: 4 layers, >= 12*H^2 weights each
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["cache_fp8_weights"] is False
+
+
+def test_fp8_weight_cache_option_needs_an_fp8_recipe():
+    """bf16 runs take the default (no cache); asking for FP8 weight copies of a BF16 model is refused by name."""
+    from fp8coat.train.config import TrainConfig
+
+    assert not TrainConfig(recipe="bf16").validate().cache_fp8_weights
+    TrainConfig(recipe="bf16", cache_fp8_weights=False).validate()
+    assert TrainConfig(recipe="coat", cache_fp8_weights=True).validate().cache_fp8_weights
+    with pytest.raises(ValueError, match="--cache-fp8-weights .* needs an FP8 recipe"):
+        TrainConfig(recipe="bf16", cache_fp8_weights=True).validate()
 
 
 @pytest.mark.parametrize("extra", [[], ["--step-in-backward", "--grad-clip", "0"]])
@@ -113,7 +126,7 @@ def test_resume_continues_with_identical_losses(tmp_path, recipe, master, extra)
     (["--grad-clip", "inf"], "grad-clip must be a finite number >= 0 (0: no clipping), got inf"),
     (["--min-lr-ratio", "nan"], "min-lr-ratio must be in [0, 1], got nan"),
     (["--keep-last", "-1"], "keep-last must be >= 0, got -1"),
-    (["--recipe", "bf16", "--no-cache-fp8-weights"], "--no-cache-fp8-weights sets how FP8 linear layers"),
+    (["--recipe", "bf16", "--cache-fp8-weights"], "--cache-fp8-weights keeps the FP8 weight copies"),
 ])
 def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "bad"

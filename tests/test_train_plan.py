@@ -22,7 +22,8 @@ def test_plan_follows_the_run_configuration():
     assert shape.layers == 32 and shape.vocab == 32000 and settings.batch == 16 and settings.device == "cuda"
     peak = plan.peak
     assert run_plan(_cfg(batch_size=8), "llama2-7b", 32000)[2].peak < peak
-    assert run_plan(_cfg(cache_fp8_weights=False), "llama2-7b", 32000)[2].peak < peak
+    assert not settings.cache_fp8_weights  # the default: no FP8 weight copies
+    assert run_plan(_cfg(cache_fp8_weights=True), "llama2-7b", 32000)[2].peak > peak
     assert run_plan(_cfg(step_in_backward=True, grad_clip=0.0), "llama2-7b", 32000)[2].peak < peak
     assert run_plan(_cfg(recipe="bf16", optimizer="torch"), "llama2-7b", 32000)[2].peak > peak
     assert run_plan(_cfg(activation_checkpointing=True), "llama2-7b", 32000)[2].peak < peak
@@ -51,8 +52,13 @@ def test_plan_lines_warn_only_when_the_peak_does_not_fit():
     assert warning is not None and f"{peak_gib:.1f} GiB per GPU" in warning
     fits = int(warning.split("--batch-size ")[1].split(" ")[0])
     assert 1 <= fits < 16
-    assert "--step-in-backward" in warning and "--no-cache-fp8-weights" in warning
+    assert "--step-in-backward" in warning and "cache-fp8-weights" not in warning
     _, warning = plan_lines(shape, settings, plan, 1.0)  # nothing fits
+    assert "no batch fits" in warning
+    shape, settings, plan = run_plan(_cfg(cache_fp8_weights=True), "llama2-7b", 32000)
+    _, warning = plan_lines(shape, settings, plan, plan.peak / GIB * 0.8)  # the copies are worth dropping
+    assert "--step-in-backward" in warning and "--no-cache-fp8-weights" in warning
+    _, warning = plan_lines(shape, settings, plan, 1.0)
     assert "no batch fits" in warning
 
 

@@ -97,6 +97,21 @@ def test_resume_rejects_flags_that_differ_from_the_run(tmp_path, capsys, flag, v
     assert _checkpoints(out) == ["step_000002"]
 
 
+def test_resume_of_a_bf16_run_that_recorded_the_fp8_weight_cache_on(tmp_path):
+    """Runs written while the FP8 weight cache was on by default recorded it on, bf16 ones too (where it meant
+    nothing): such a run resumes, and --cache-fp8-weights with bf16 is still refused."""
+    out = tmp_path / "run"
+    bf16 = [{"coat": "bf16", "bf16-stochastic": "auto"}.get(a, a) for a in FAST]
+    assert _train(out, "--steps", "2", *bf16) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["recipe"] == "bf16" and cfg["cache_fp8_weights"] is False
+    (out / "config.json").write_text(json.dumps(cfg | {"cache_fp8_weights": True}))
+    assert _train(out, "--resume", "--steps", "3", "--tokenizer", "bytes", "--cache-fp8-weights") == 2
+    assert _train(out, "--resume", "--steps", "3", "--tokenizer", "bytes") == 0
+    assert json.loads((out / "config.json").read_text())["cache_fp8_weights"] is False
+    assert _checkpoints(out) == ["step_000002", "step_000003"]
+
+
 def test_resume_may_extend_the_run(tmp_path):
     """--steps may grow on --resume (the cosine decay is recomputed over the new total); config.json records it;
     --steps below the checkpoint's step is an error."""

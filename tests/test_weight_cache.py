@@ -1,5 +1,6 @@
-"""The FP8 weight cache: any change of a weight is seen by the next forward; unchanged weights are not quantized
-again (gradient accumulation). Content fingerprints: Triton kernel (interpreter on the CPU) == torch reference."""
+"""The FP8 weight cache (``Recipe.cache_fp8_weights=True``; off by default): any change of a weight is seen by the
+next forward; unchanged weights are not quantized again (gradient accumulation). Content fingerprints: Triton kernel
+(interpreter on the CPU) == torch reference."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ from fp8coat.quantization import (
 )
 
 BACKENDS = ["torch", "triton"]
+
+
+def _cached(recipe: str) -> fp8coat.Recipe:
+    """``recipe`` with the FP8 weight cache on (the models of this file test the cache)."""
+    return fp8coat.get_recipe(recipe).with_options(cache_fp8_weights=True)
 
 
 def _fresh(x: torch.Tensor, backend: str):
@@ -154,7 +160,7 @@ def _layers(n_out=48, k=64, bias=True, seed=0):
     torch.manual_seed(seed)
     m = torch.nn.Module()
     m.layers = torch.nn.ModuleList([torch.nn.Linear(k, n_out, bias=bias)])
-    return fp8coat.convert(m.to(device()).bfloat16(), "fp8-linear").train()
+    return fp8coat.convert(m.to(device()).bfloat16(), _cached("fp8-linear")).train()
 
 
 def _uncached(layer, x):
@@ -317,7 +323,7 @@ def _tiny_llama(seed=0):
 
 
 def test_zeroing_converted_linears_through_data_changes_training_logits():
-    model = fp8coat.convert(_tiny_llama(), "coat").train()
+    model = fp8coat.convert(_tiny_llama(), _cached("coat")).train()
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     before = model(input_ids=ids).logits
     from fp8coat.nn.linear import FP8LinearMixin
@@ -326,13 +332,13 @@ def test_zeroing_converted_linears_through_data_changes_training_logits():
         if isinstance(m, FP8LinearMixin):
             m.weight.data.mul_(0)
     after = model(input_ids=ids).logits
-    fresh = fp8coat.convert(fp8coat.unconvert(copy.deepcopy(model)), "coat").train()
+    fresh = fp8coat.convert(fp8coat.unconvert(copy.deepcopy(model)), "coat").train()  # quantizes in every forward
     assert not torch.equal(before, after)
     assert_bit_equal(after, fresh(input_ids=ids).logits)
 
 
 def test_converted_model_pickles_and_keeps_computing():
-    model = fp8coat.convert(_tiny_llama(), "coat").train()
+    model = fp8coat.convert(_tiny_llama(), _cached("coat")).train()
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     want = model(input_ids=ids).logits
     for dump in (lambda m: pickle.loads(pickle.dumps(m)), _torch_save_load):

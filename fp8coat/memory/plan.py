@@ -4,8 +4,8 @@
 
 * resident between steps — weights (bf16, or fp32 with fp32 masters and for torch's and torchao's optimizers),
   master data (``bf16-remainder``'s int16 remainders), optimizer states (:mod:`.state_bytes`), FP8 weight copies
-  (one E4M3 copy + fp32 scale + int32 (4,) record per converted linear weight: ``numel + 20`` bytes, while the
-  weight cache is on and the model is not sharded);
+  (one E4M3 copy + fp32 scale + int32 (4,) record per converted linear weight: ``numel + 20`` bytes, only with
+  ``cache_fp8_weights`` on — off by default — and the model not sharded);
 * gradients in the parameters' dtype, held from backward to the optimizer step (none held with step-in-backward,
   where each is freed after its update, except across gradient-accumulation micro-batches);
 * activations saved for backward (:mod:`.layer_saved`: per decoder layer × layers + the rest of the model), the
@@ -65,8 +65,9 @@ class PlanSettings:
     bf16 parameters fp8coat trains, ``fp32`` makes them fp32). ``loss_chunk_tokens``: tokens per chunk of the
     chunked loss (None: its default). ``activation_checkpointing``: each decoder layer keeps only its input and
     recomputes the rest in backward. ``cache_fp8_weights``: converted linears keep their weights' FP8 copies
-    between steps. ``compiled``: ``torch.compile`` per decoder layer. ``device``: ``cuda`` or ``cpu`` (which
-    attention kernel saves what, and whether the fused kernels run).
+    between steps (``Recipe.cache_fp8_weights``; off by default, as in ``fp8coat train``). ``compiled``:
+    ``torch.compile`` per decoder layer. ``device``: ``cuda`` or ``cpu`` (which attention kernel saves what, and
+    whether the fused kernels run).
     """
 
     batch: int
@@ -79,7 +80,7 @@ class PlanSettings:
     chunked_loss: bool = True
     loss_chunk_tokens: "int | None" = None
     activation_checkpointing: bool = False
-    cache_fp8_weights: bool = True
+    cache_fp8_weights: bool = False
     grad_accum: int = 1
     compiled: bool = False
     expansion: bool = True

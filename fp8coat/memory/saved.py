@@ -15,8 +15,8 @@ unpacked: a checkpointed region counts what its holders keep (nothing: it is rec
 recomputation, and measuring does not run it.
 
 Not saved tensors but also held from forward to backward: the FP8 copies of the weights that the given modules'
-converted linear layers cache (``Recipe.cache_fp8_weights``), 1 byte per weight — reported apart as
-``weight_copy_bytes``.
+converted linear layers cache (with ``Recipe.cache_fp8_weights`` on; off by default, when they hold none), 1 byte
+per weight — reported apart as ``weight_copy_bytes``.
 """
 
 from __future__ import annotations

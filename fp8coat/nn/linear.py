@@ -6,10 +6,10 @@ for backward once (one FP8 transposed copy instead of three) — or not at all: 
 FP8 norm linked to the group by a :class:`~fp8coat.nn.handoff.Handoff`, backward rebuilds it from the norm's
 saved tensors.
 
-Each converted linear keeps its weight's FP8 copy in an :class:`~fp8coat.ops.weight_cache.FP8WeightCache` between
-optimizer steps (one quantization per step, however many micro-batches) — unless its recipe says not to
-(``Recipe.cache_fp8_weights=False``: quantized in each forward, nothing held from forward to backward), and except
-where FSDP manages the weight
+By default each converted linear quantizes its weight in every forward and holds nothing of it from forward to
+backward. With ``Recipe.cache_fp8_weights=True`` it keeps its weight's FP8 copy in an
+:class:`~fp8coat.ops.weight_cache.FP8WeightCache` between optimizer steps (one quantization per step, however many
+micro-batches; 1 byte per weight held for the whole run) — except where FSDP manages the weight
 (``fully_shard``, or FSDP1 with ``use_orig_params``: both mark the modules they manage). There the weight exists in
 full only while FSDP has gathered it, and a cache would keep a full FP8 copy of every sharded weight on every rank:
 1 byte per parameter of the whole model, as much as the bf16 shards on 2 ranks or the fp32 shards on 4, and more

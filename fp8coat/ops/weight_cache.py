@@ -1,6 +1,8 @@
 """FP8 copies of weights for the forward GEMMs, reused while a weight's bytes are unchanged.
 
-With gradient accumulation one weight serves several forwards between two optimizer steps. :class:`FP8WeightCache`
+With gradient accumulation one weight serves several forwards between two optimizer steps. Converted linear layers
+use a cache only with ``Recipe.cache_fp8_weights`` on (off by default: their weights are quantized in every forward
+and nothing is held; a cache costs 1 byte per weight for the whole run). :class:`FP8WeightCache`
 keeps its E4M3 per-tensor copy and quantizes again only when the weight's **content** changed, as told on the
 device by a 64-bit fingerprint computed in the same pass as the amax the scale needs
 (:func:`fp8coat.quantization.refresh_tensor_scale`). So every way of changing a weight is seen by the next

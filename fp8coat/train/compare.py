@@ -6,7 +6,8 @@ params and states instead of ``fp8coat.AdamW``), ``-torchaofp8`` (torchao's ``Ad
 torchao is installed: FP8 states in blocks of 256 of the flattened tensor, no expansion), ``-fp32master`` (fp32
 params). The default, :data:`DEFAULT_VARIANTS`, is the usual BF16 baseline (``bf16-torchopt``: BF16 autocast,
 torch's AdamW with fp32 params and states) against fp8coat (``coat``: FP8 linear layers and FP8-saved
-activations, ``fp8coat.AdamW`` with FP8 states).
+activations, ``fp8coat.AdamW`` with FP8 states). The other options apply to every variant, except
+``--cache-fp8-weights``, which only the FP8 variants take (a ``bf16`` variant has no FP8 weights to keep).
 
 Gaps and memory ratios are relative to the baseline row: the first variant with recipe ``bf16`` and torch's
 AdamW, else the first ``bf16`` variant, else the first variant. With several seeds every variant runs once per
@@ -65,6 +66,8 @@ def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> 
                          f"followed by -{', -'.join(_MODIFIERS)}")
     mods = [m for m in variant[len(recipe):].split("-") if m]
     changes = {"recipe": recipe, "seed": seed, "out_dir": os.path.join(out_dir, f"{variant}_seed{seed}")}
+    if recipe == "bf16":  # --cache-fp8-weights is for the FP8 variants; a BF16 model has no FP8 weights
+        changes["cache_fp8_weights"] = False
     for mod in mods:
         if mod not in _MODIFIERS:
             raise ValueError(f"unknown variant modifier {mod!r} in {variant!r}; known: {sorted(_MODIFIERS)}")
@@ -300,8 +303,9 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
         "saved_lm_bytes": "**saved: LM**: of the bytes saved for backward, those of the language model (embedding "
                           "and decoder layers; the LM head and the loss apart).",
         "fp8_weight_copy_bytes": "**FP8 weight copies**: bytes of the E4M3 weight copies the converted linear layers "
-                                 "keep between optimizer steps (held from forward to backward; none with the "
-                                 "recipe option `cache_fp8_weights=False` or under FSDP).",
+                                 "keep between optimizer steps, held from forward to backward: only with "
+                                 "`--cache-fp8-weights` (the recipe option `cache_fp8_weights=True`; off by "
+                                 "default, when the weights are quantized in every forward) and never under FSDP.",
     }
     notes += [memory_notes[c[0]] for c in memory]
     if len(seeds) > 1:

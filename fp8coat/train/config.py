@@ -31,7 +31,7 @@ class TrainConfig:
     compile: bool = False
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
     step_in_backward: bool = False  # update each parameter as soon as its gradient exists; no gradients kept
-    cache_fp8_weights: bool = True  # FP8 linears keep their weights' E4M3 copies between steps (Recipe option)
+    cache_fp8_weights: bool = False  # FP8 linears keep their weights' E4M3 copies between steps (Recipe option)
     activation_checkpointing: bool = False  # each decoder layer keeps only its input; recomputed in backward
     # several processes (torchrun)
     fsdp: str = "auto"  # shard the model with FSDP2: "on", "off", or "auto" (on when launched with WORLD_SIZE > 1)
@@ -75,8 +75,8 @@ class TrainConfig:
         if self.fp8_all_gather and (self.fsdp == "off" or self.recipe == "bf16"):
             raise ValueError("--fp8-all-gather gathers the weights of FP8 linear layers over the ranks: it needs "
                              "--fsdp on or auto and an FP8 recipe (fp8-linear or coat)")
-        if not self.cache_fp8_weights and self.recipe == "bf16":
-            raise ValueError("--no-cache-fp8-weights sets how FP8 linear layers quantize their weights: it needs an "
+        if self.cache_fp8_weights and self.recipe == "bf16":
+            raise ValueError("--cache-fp8-weights keeps the FP8 weight copies of FP8 linear layers: it needs an "
                              "FP8 recipe (fp8-linear or coat)")
         if self.fsdp_reduce_fp32 and self.fsdp == "off":
             raise ValueError("--fsdp-reduce-fp32 sets how FSDP averages the gradients over the ranks: it needs "

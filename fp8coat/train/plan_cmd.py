@@ -61,7 +61,8 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
                    action=argparse.BooleanOptionalAction, default=False,
                    help="each decoder layer keeps only its input and recomputes the rest in backward")
     p.add_argument("--cache-fp8-weights", dest="cache_fp8_weights", action=argparse.BooleanOptionalAction,
-                   default=True, help="converted linears keep their FP8 weight copies between steps (default: on)")
+                   default=False, help="converted linears keep their FP8 weight copies between steps, 1 byte "
+                   "per weight (default: off, as fp8coat train)")
     p.add_argument("--compile", dest="compiled", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile each decoder layer")
     p.add_argument("--expansion", action=argparse.BooleanOptionalAction, default=True,

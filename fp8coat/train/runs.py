@@ -134,6 +134,9 @@ def resumed_config(saved: dict, given: dict, out_dir: str, where: str) -> TrainC
                          f"these flags would change: {'; '.join(conflicts)}. On resume only {allowed} may change: "
                          "drop the others, or start a new run (another --out-dir, or --overwrite)")
     changes = {k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME}
+    if saved.get("recipe") == "bf16" and saved.get("cache_fp8_weights") is True:
+        # recorded by every run while the FP8 weight cache was on by default; a BF16 model has no FP8 weights
+        saved = {**saved, "cache_fp8_weights": False}
     base = _valid(TrainConfig.from_dict(saved, where), where)
     return dataclasses.replace(base, **{**changes, "out_dir": out_dir})
 
