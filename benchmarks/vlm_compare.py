@@ -84,8 +84,10 @@ def compare_command(args, model: str, variants: list[str], seeds: list[int], ste
            "--warmup-steps", str(max(1, min(20, steps // 10))), "--out-dir", out_dir]
     if speed:
         cmd += ["--caption-eval", "0", "--eval-every", "0", "--log-every", "5"]
-    else:
-        cmd += ["--caption-eval", str(args.caption_eval), "--eval-every", str(max(1, steps // 8))]
+    else:  # runs sharing the machine: the CPUs split between them for encoding batches
+        workers = max(1, (os.cpu_count() or 2) // (2 * max(1, args.jobs)))
+        cmd += ["--caption-eval", str(args.caption_eval), "--eval-every", str(max(1, steps // 8)),
+                "--data-workers", str(workers)]
     return cmd + args.extra.split()
 
 

@@ -115,6 +115,33 @@ def test_options_activation_checkpointing_accumulation_and_step_in_backward(tmp_
     assert "caption_exact_match" not in runs["plain"][1]
 
 
+def test_data_workers_encode_the_same_batches(tmp_path, monkeypatch):
+    """--data-workers 2 encodes the batches in two worker processes: the same losses bit for bit as encoding them
+    in the training process; on the CPU the default (-1, auto) takes none."""
+    from fp8coat.train import vlm_run
+    from fp8coat.train.data.vlm_batches import ImageTextData
+
+    asked = []
+    original = ImageTextData.train_batches
+
+    def spy(self, batch_size, start_step=0, workers=0):
+        asked.append(workers)
+        return original(self, batch_size, start_step=start_step, workers=workers)
+
+    monkeypatch.setattr(ImageTextData, "train_batches", spy)
+    losses = {}
+    for workers in ("2", "0"):
+        out = tmp_path / f"w{workers}"
+        assert _run(["train", "--model", "tiny-llava", *DATA, "--out-dir", str(out), "--steps", "3",
+                     "--eval-every", "0", *COMMON, "--caption-eval", "0", "--data-workers", workers]) == 0
+        losses[workers] = _losses(out)
+    assert asked == [2, 0]
+    assert losses["2"] == losses["0"]
+    assert vlm_run.data_workers(-1, torch.device("cpu")) == 0
+    assert 1 <= vlm_run.data_workers(-1, torch.device("cuda")) <= 4
+    assert vlm_run.data_workers(3, torch.device("cuda")) == 3
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "tiny-llava", "--data", "shakespeare"], "vision-language model: --data must be image-text data"),
     (["--model", "tiny", "--data", "synthetic:24", "--tokenizer", "bytes"], "is image-text data: it trains a "
@@ -123,6 +150,7 @@ def test_options_activation_checkpointing_accumulation_and_step_in_backward(tmp_
                                                                             "--tokenizer bpe"),
     (["--model", "tiny-llava", *DATA, "--fsdp", "on"], "FSDP of VLMs is not supported"),
     (["--model", "tiny-llava", *DATA, "--seq-len", "8"], "use a longer --seq-len"),
+    (["--model", "tiny-llava", *DATA, "--data-workers", "-2"], "data-workers must be -1 (auto), 0 or more"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, message):
     out = tmp_path / "run"

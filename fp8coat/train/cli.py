@@ -62,6 +62,9 @@ _HELP = {
                  "bytes, the family's tokenizer with its image and chat tokens)",
     "vocab_size": "vocabulary size of the BPE tokenizer trained for --tokenizer bpe",
     "val_fraction": "share of the documents held out for validation, in (0, 0.5)",
+    "data_workers": "image-text data: processes that resize, normalize and tokenize batches ahead of the training "
+                    "step (the same batches in the same order; text batches need none): -1 auto (on a GPU "
+                    "min(4, CPUs / 2), on the CPU 0), 0 encodes them in the training process",
     "steps": "optimizer steps of the run (with --resume it may change: a larger value extends the run)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step (gradient accumulation)",

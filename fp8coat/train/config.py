@@ -42,6 +42,7 @@ class TrainConfig:
     tokenizer: str = "bpe"  # "bpe" (trained and cached), "bytes", or a tokenizer.json path
     vocab_size: int = 16384
     val_fraction: float = 0.02
+    data_workers: int = -1  # image-text data: processes encoding batches ahead (-1: auto, 0: none); same batches
     # schedule
     steps: int = 200
     batch_size: int = 16
@@ -92,6 +93,8 @@ class TrainConfig:
         for name in ("warmup_steps", "caption_eval", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.data_workers < -1:
+            raise ValueError(f"data-workers must be -1 (auto), 0 or more, got {self.data_workers}")
         _check_floats(self)
         if self.step_in_backward and self.optimizer != "fp8coat":
             raise ValueError("step-in-backward needs the fp8coat optimizer (--optimizer fp8coat)")

@@ -211,7 +211,8 @@ class _Run:
         """The run's micro-batches from its start step on (as the data gives them)."""
         start = self.start * self.cfg.grad_accum
         if self.vlm:
-            return vlm_run.train_batches(self.data, self.cfg.batch_size, start)
+            return vlm_run.train_batches(self.data, self.cfg.batch_size, start,
+                                         vlm_run.data_workers(self.cfg.data_workers, self.device))
         return batch_iterator(self.train_data, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed,
                               start_step=start)
 

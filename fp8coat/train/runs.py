@@ -43,7 +43,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 # where and how the run continues, not what it trains (--steps extends it; the cosine decay spans the new total)
 MAY_CHANGE_ON_RESUME = ("out_dir", "steps", "eval_every", "save_every", "log_every", "keep_last", "device", "compile",
                         "fsdp", "fp8_all_gather", "cache_fp8_weights",
-                        "activation_checkpointing", "caption_eval")
+                        "activation_checkpointing", "caption_eval", "data_workers")
 
 
 def new_run_id() -> str:

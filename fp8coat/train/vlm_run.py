@@ -278,6 +278,15 @@ def compile_vlm(model) -> int:
     return compile_layers(layers)
 
 
-def train_batches(data: VlmData, batch_size: int, start_step: int):
-    """The run's training batches (on the CPU) from micro-batch ``start_step`` on."""
-    return data.images.train_batches(batch_size, start_step=start_step)
+def data_workers(requested: int, device: torch.device) -> int:
+    """Processes that encode image-text batches ahead: ``requested`` when >= 0; for -1 (auto), on a GPU
+    ``min(4, CPUs // 2)`` (at least 1), on the CPU none (the training process would compete with them)."""
+    if requested >= 0:
+        return requested
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+
+
+def train_batches(data: VlmData, batch_size: int, start_step: int, workers: int = 0):
+    """The run's training batches (on the CPU) from micro-batch ``start_step`` on; ``workers`` > 0 encodes them
+    ahead in that many processes (the same batches, in the same order)."""
+    return data.images.train_batches(batch_size, start_step=start_step, workers=workers)
