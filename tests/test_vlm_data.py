@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fp8coat.train.chunked_loss import can_chunk_loss
 from fp8coat.train.data import image_records as records_mod
 from fp8coat.train.data.chat_format import chat_format_for, llava_format, qwen2vl_format
 from fp8coat.train.data.image_records import IMAGE, ImageTextRecord, load_image_records, record_texts
@@ -34,7 +35,7 @@ from fp8coat.train.data.vlm_batches import (
 )
 from fp8coat.train.data.vlm_encode import IGNORE, encode_record, learned_mask
 from fp8coat.train.data.vlm_tokenizer import vlm_tokenizer
-from fp8coat.train.vlm_loss import can_chunk_vlm_loss, vlm_loss
+from fp8coat.train.vlm_loss import vlm_loss
 from fp8coat.train.vlm_presets import VLM_PRESETS, build_vlm, preset_family, vlm_config, vlm_processor
 
 TINY = ("tiny-llava", "tiny-qwen2vl")
@@ -597,7 +598,7 @@ def test_vlm_loss_chunked_and_plain(synthetic, processors, name):
     batch = data.encode(data.train[:3])
     hf = model(**batch).loss
     plain = vlm_loss(model, batch, chunked=False)
-    assert can_chunk_vlm_loss(model)
+    assert can_chunk_loss(model)
     chunked = vlm_loss(model, batch, chunked=True)
     torch.testing.assert_close(plain, hf)
     torch.testing.assert_close(chunked, hf)
@@ -631,3 +632,19 @@ def test_build_vlm_is_seeded():
     assert set(VLM_PRESETS) == {"tiny-llava", "llava-100m", "tiny-qwen2vl", "qwen2vl-100m"}
     with pytest.raises(ValueError, match="unknown VLM preset"):
         build_vlm("tiny")
+
+
+@pytest.mark.parametrize("where", ["config", "text_config"])
+@pytest.mark.parametrize("field,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5)])
+def test_chunked_loss_refused_where_logits_are_changed_before_the_loss(where, field, value):
+    """A model whose config (or, for a vision-language model, whose language model's config) soft-caps or scales
+    the logits is not chunked: the chunked loss takes the LM head's output as the logits. A bias in the head, or a
+    head that is no plain linear, is not chunked either."""
+    model, _ = build_vlm("tiny-llava", seed=0)
+    assert can_chunk_loss(model)
+    config = model.config if where == "config" else model.config.text_config
+    setattr(config, field, value)
+    assert not can_chunk_loss(model)
+    setattr(config, field, None)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    assert not can_chunk_loss(model)

@@ -47,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from .chunked_loss import can_chunk_loss
 from .config import TrainConfig
 from .data import PreparedData, TokenDataset, batch_iterator, eval_batches, prepare_dataset
 from .distributed import Ranks, resolve_device, sharded_norm, start_ranks, stop_ranks
@@ -145,13 +146,6 @@ def _checkpoint_layers(model: torch.nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _can_chunk_loss(model) -> bool:
-    head = getattr(model, "lm_head", None)
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
-            and getattr(model.config, "final_logit_softcapping", None) is None
-            and getattr(model.config, "logit_scale", None) is None)
 
 
 @torch.no_grad()
@@ -390,7 +384,7 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     if cfg.activation_checkpointing:
         _checkpoint_layers(model)
     autocast = dtype == torch.float32 and cfg.recipe == "bf16"
-    chunked = cfg.chunked_loss and _can_chunk_loss(model) and not vlm_run.is_vlm(model_source)  # VLMs: vlm_loss
+    chunked = cfg.chunked_loss and can_chunk_loss(model) and not vlm_run.is_vlm(model_source)  # VLMs: vlm_loss
     objective = None
     if cfg.fp8_all_gather and not ranks.sharded:
         raise ValueError("--fp8-all-gather gathers weights over the ranks of a sharded run: this run is not sharded "

@@ -11,28 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import linear_cross_entropy
+from .chunked_loss import can_chunk_loss
 
-__all__ = ["can_chunk_vlm_loss", "vlm_loss"]
+__all__ = ["vlm_loss"]
 
 IGNORE = -100
-
-
-def can_chunk_vlm_loss(model) -> bool:
-    """Whether ``model`` is body (``model.model``, returning ``last_hidden_state``) + bias-free linear ``lm_head``."""
-    head = getattr(model, "lm_head", None)
-    return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
 
 
 def vlm_loss(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor:
     """0-d fp32 mean cross-entropy of ``batch``'s learned tokens (see the module docstring).
 
-    ``chunked`` (when :func:`can_chunk_vlm_loss`): the body runs alone and the LM head and cross-entropy go through
-    :func:`fp8coat.ops.cross_entropy.linear_cross_entropy` over chunks of tokens, so the logits are never kept for
-    backward; else the logits of the whole batch are computed.
+    ``chunked`` (when :func:`~fp8coat.train.chunked_loss.can_chunk_loss`): the body runs alone and the LM head
+    and cross-entropy go through :func:`fp8coat.ops.cross_entropy.linear_cross_entropy` over chunks of tokens, so
+    the logits are never kept for backward; else the logits of the whole batch are computed.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts labels[:, t + 1]
-    if chunked and can_chunk_vlm_loss(model):
+    if chunked and can_chunk_loss(model):
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden, model.lm_head.weight, targets)
     logits = model(**inputs, use_cache=False).logits
