@@ -352,7 +352,7 @@ def test_fsdp_off_with_several_processes_is_refused(monkeypatch):
 
 
 def test_checkpoint_of_another_shape_names_the_parameter(two_ranks):
-    """Loading a sharded checkpoint into a model whose shapes differ names the first parameter that differs."""
+    """Loading a sharded checkpoint into a model whose shapes differ names the parameters that differ."""
     import transformers
 
     from fp8coat.train.sharded_checkpoint import load_sharded_checkpoint
@@ -362,8 +362,8 @@ def test_checkpoint_of_another_shape_names_the_parameter(two_ranks):
     config = transformers.AutoConfig.from_pretrained(ckpt)
     config.intermediate_size = 300  # the run's is 352
     model = fp8coat.convert(transformers.LlamaForCausalLM(config).bfloat16(), "coat")
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \[352, 128\] in the "
-                                         r"checkpoint and \[300, 128\] in the model"):
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight: shape \(352, 128\) in the "
+                                         r"checkpoint, \(300, 128\) in the model"):
         load_sharded_checkpoint(str(ckpt), model, fp8coat.AdamW(model.parameters()))
 
 

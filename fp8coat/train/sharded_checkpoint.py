@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import torch
 
+from ..checkpointing import load_sharded, save_sharded
 from ..optim import AdamW
 from .checkpoint import (
     OPTIMIZER,
@@ -51,13 +51,11 @@ def save_sharded_checkpoint(out_dir: str, step: int, model, optimizer, state: di
                             ranks: Ranks) -> str:
     """Write checkpoint ``step`` of a sharded run (every rank calls this; the model's parameters must be the
     sharded ones, not gathered) and return its folder."""
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     tmp = ranks.on_main(lambda: begin_checkpoint(out_dir, step))
     try:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        save_sharded(model, optimizer, tmp)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     except BaseException:
         if ranks.is_main:
@@ -80,39 +78,30 @@ def save_sharded_checkpoint(out_dir: str, step: int, model, optimizer, state: di
 
 def load_sharded_checkpoint(path: str, model, optimizer) -> dict:
     """Load sharded checkpoint ``path`` into ``model`` and ``optimizer`` (sharded over any number of ranks, or
-    not: every rank calls this); returns its ``state.json``. ValueError naming the parameter when the
-    checkpoint's shapes or names do not fit the model."""
-    import torch.distributed as dist
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+    not: every rank calls this) with :func:`fp8coat.load_sharded`; returns its ``state.json``. ValueError naming
+    the parameters when the checkpoint's shapes or names do not fit the model (checked before anything is read),
+    or naming the checkpoint when DCP fails otherwise; DamagedCheckpoint when its index is unreadable."""
     state = read_state(path)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    _check_fits(path, _saved_shapes(path), model_state, model)
+    _check_readable(path)
     try:
-        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what it is asked to do
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,
-                     no_dist=not dist.is_initialized())
+        load_sharded(model, optimizer, path)
+    except ValueError:
+        raise
     except Exception as err:  # noqa: BLE001 -- DCP's errors (CheckpointException, ...) name no file
         raise ValueError(f"checkpoint {path} does not fit the model and optimizer: {type(err).__name__}: "
                          f"{str(err)[:500]}") from None
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     return state
 
 
-def _saved_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every tensor of the model in DCP checkpoint ``path``."""
+def _check_readable(path: str) -> None:
+    """DamagedCheckpoint naming the index of DCP checkpoint ``path`` when it cannot be read."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(path).read_metadata()
+        FileSystemReader(path).read_metadata()
     except Exception as err:  # noqa: BLE001 -- any failure to parse the file: name it
         raise DamagedCheckpoint(f"{os.path.join(path, DCP_METADATA)} is unreadable: {type(err).__name__}: "
                                 f"{str(err)[:200]}") from None
-    return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
 
 
 def load_into_shards(path: str, model, optimizer) -> dict:
