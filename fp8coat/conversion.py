@@ -50,8 +50,11 @@ SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # FP8 RMSNorm -> the module(s) reading its output, in a pre-norm block: (norm, consumer, sibling group or None)
 NORM_CONSUMERS = (("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),  # decoder layers
                   ("post_attention_layernorm", "mlp", None),
-                  ("norm1", "attn", ("qkv",)),  # Qwen2.5-VL vision blocks: fused q/k/v, then the gated MLP
-                  ("norm2", "mlp", None))
+                  ("norm1", "attn", ("qkv",)),  # Qwen2-VL / Qwen2.5-VL vision blocks: fused q/k/v, then the
+                  ("norm2", "mlp", None),  # gated MLP (Qwen2.5-VL) or fc1 (Qwen2-VL)
+                  ("norm2", "mlp", ("fc1",)),
+                  ("layer_norm1", "self_attn", ("q_proj", "k_proj", "v_proj")),  # CLIP / SigLIP vision blocks
+                  ("layer_norm2", "mlp", ("fc1",)))
 # module names of a VLM that stay in high precision (with all their submodules), even inside a ModuleList: the
 # projector between the vision encoder and the LM (LLaVA) and the vision encoder's patch mergers (Qwen2-VL,
 # Qwen2.5-VL; Qwen3-VL's deepstack_merger_list holds one per tapped block)
@@ -158,13 +161,17 @@ def convert(
 
 
 def _link_norms_to_consumers(block: torch.nn.Module) -> None:
-    """In a pre-norm block, link each FP8 RMSNorm to the linears reading its output by a :class:`Handoff`
-    (:data:`NORM_CONSUMERS`: ``input_layernorm`` -> the q/k/v group, ``post_attention_layernorm`` -> the gated MLP;
-    in Qwen2.5-VL vision blocks ``norm1`` -> the fused ``attn.qkv``, ``norm2`` -> the gated MLP). A lone linear
-    consumer gets an :class:`InputShare` of one member to hold the link."""
+    """In a pre-norm block, link each FP8 RMSNorm (or LayerNorm with weight and bias) to the linears reading its
+    output by a :class:`Handoff` (:data:`NORM_CONSUMERS`: ``input_layernorm`` -> the q/k/v group,
+    ``post_attention_layernorm`` -> the gated MLP; in Qwen2-VL / Qwen2.5-VL vision blocks ``norm1`` -> the fused
+    ``attn.qkv``, ``norm2`` -> the gated MLP or ``mlp.fc1``; in CLIP / SigLIP vision blocks ``layer_norm1`` -> the
+    q/k/v group, ``layer_norm2`` -> ``mlp.fc1``). A lone linear consumer gets an :class:`InputShare` of one member to
+    hold the link; a norm is linked once."""
     for norm_name, parent_name, group_names in NORM_CONSUMERS:
         norm, parent = getattr(block, norm_name, None), getattr(block, parent_name, None)
-        if not isinstance(norm, FP8RMSNormMixin) or parent is None:
+        linkable = isinstance(norm, FP8RMSNormMixin) or (
+            isinstance(norm, FP8LayerNormMixin) and norm.weight is not None and norm.bias is not None)
+        if not linkable or parent is None or norm._fp8coat_handoff is not None:
             continue
         if group_names is None:
             consumer, consumer_name = parent, parent_name

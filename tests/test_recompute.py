@@ -27,6 +27,12 @@ def _sources(kind: str, shape, group: int, seed: int, special: bool, weight: boo
         uq, us = quantize_per_group(u, "e4m3", group)
         return [xq, xs, uq, us]
     rstd = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(seed)).to(dev) * 3
+    if kind == "layernorm":
+        gen = torch.Generator().manual_seed(seed + 3)
+        mean = torch.randn(shape[:-1], generator=gen).to(dev)
+        w, b = (torch.randn(shape[-1], generator=gen) * 2).to(dev, torch.bfloat16), torch.randn(
+            shape[-1], generator=gen).to(dev, torch.bfloat16)
+        return [xq, xs, mean, rstd, w, b]
     src = [xq, xs, rstd]
     if weight:
         src.append((torch.randn(shape[-1], generator=torch.Generator().manual_seed(seed + 2)) * 2)
@@ -46,7 +52,8 @@ def _code_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(same_sign, ((ia & 0x7F) - (ib & 0x7F)).abs(), 255)
 
 
-@pytest.mark.parametrize("kind,weight", [("rmsnorm", True), ("rmsnorm", False), ("swiglu", True)])
+@pytest.mark.parametrize("kind,weight", [("rmsnorm", True), ("rmsnorm", False), ("swiglu", True),
+                                         ("layernorm", True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("special", [False, True])
 def test_triton_matches_reference(kind, weight, dtype, special):
@@ -61,7 +68,7 @@ def test_triton_matches_reference(kind, weight, dtype, special):
         for fused in (True, False):
             got = recompute_quantized_t(kind, src, 16, dtype, s, backend="triton", fused=fused)
             what = f"{kind} w={weight} {dtype} {shape} fused={fused}"
-            if kind == "rmsnorm":  # products only: bit-exact
+            if kind in ("rmsnorm", "layernorm"):  # products and sums only: bit-exact
                 assert_bit_equal(ref, got, what)
             else:  # exp() of two math libraries: rare one-code differences where x̂ rounds differently
                 nan_r, nan_g = torch.isnan(ref.float()), torch.isnan(got.float())
@@ -84,7 +91,8 @@ def test_group_sizes(group):
 
 
 def test_reference_against_direct_fp32():
-    """x̂ = silu(g)·u and (x·rstd)·w from the dequantized tensors, in fp32, to within one bf16 rounding."""
+    """x̂ = silu(g)·u, (x·rstd)·w and ((x − mean)·rstd)·w + b from the dequantized tensors, in fp32, to within
+    about one bf16 rounding."""
     shape = (33, 80)
     src = _sources("swiglu", shape, 16, seed=5, special=False)
     g = dequantize_per_group(src[0], src[1], 16).double()
@@ -97,12 +105,19 @@ def test_reference_against_direct_fp32():
     want = x * src[2].double().unsqueeze(-1) * src[3].double()
     got = recompute_input("rmsnorm", src, 16, torch.bfloat16).double()
     assert torch.allclose(got, want, rtol=2**-8, atol=1e-30)
+    src = _sources("layernorm", shape, 16, seed=7, special=False)
+    x = dequantize_per_group(src[0], src[1], 16).double()
+    want = (x - src[2].double().unsqueeze(-1)) * src[3].double().unsqueeze(-1) * src[4].double() + src[5].double()
+    got = recompute_input("layernorm", src, 16, torch.bfloat16).double()
+    assert torch.allclose(got, want, rtol=2**-7, atol=1e-6)
 
 
 def test_bad_input():
     src = _sources("rmsnorm", (4, 32), 16, seed=0, special=False)
     s = torch.tensor(1.0, device=device())
     with pytest.raises(ValueError, match="unknown recompute kind"):
+        recompute_quantized_t("groupnorm", src, 16, torch.bfloat16, s)
+    with pytest.raises(ValueError, match="takes 6"):
         recompute_quantized_t("layernorm", src, 16, torch.bfloat16, s)
     with pytest.raises(ValueError, match="takes 4"):
         recompute_quantized_t("swiglu", src[:3], 16, torch.bfloat16, s)

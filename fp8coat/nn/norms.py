@@ -49,16 +49,37 @@ class FP8RMSNormMixin:
         return y
 
     def extra_repr(self) -> str:
-        link = f", hands its FP8 input to {self._fp8coat_handoff.consumer}" if self._fp8coat_handoff else ""
-        return f"{super().extra_repr()}, fp8=1x{self._fp8coat_recipe.activation_group_size}{link}"
+        return f"{super().extra_repr()}{_fp8_repr(self)}"
 
 
 class FP8LayerNormMixin:
+    """Linked to a consumer (the q/k/v group or the first MLP linear reading this norm's output, in vision
+    encoder blocks) by a :class:`~fp8coat.nn.handoff.Handoff`, the norm offers its saved FP8 input, mean and rstd
+    with its weight and bias: the consumer's linears rebuild their input from them in backward and save nothing
+    of their own. Only norms with both a weight and a bias are linked (``convert``)."""
+
     _fp8coat_recipe: Recipe
+    _fp8coat_handoff: "Handoff | None" = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        from ..ops.norms import layernorm
+        from ..ops.linear import Recompute
+        from ..ops.norms import layernorm, layernorm_with_saved
 
-        return layernorm(x, self.weight, self.bias, _eps(self), self._fp8coat_recipe.activation_group_size)
+        group = self._fp8coat_recipe.activation_group_size
+        if self._fp8coat_handoff is None or not torch.is_grad_enabled():
+            return layernorm(x, self.weight, self.bias, _eps(self), group)
+        y, x_q, x_s, mean, rstd = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
+        self._fp8coat_handoff.offer(y, Recompute("layernorm", (x_q, x_s, mean, rstd, self.weight, self.bias),
+                                                 group))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}{_fp8_repr(self)}"
+
+
+def _fp8_repr(norm) -> str:
+    """The FP8 part of a converted norm's ``repr``: its group size and the consumer it hands its input to."""
+    link = f", hands its FP8 input to {norm._fp8coat_handoff.consumer}" if norm._fp8coat_handoff else ""
+    return f", fp8=1x{norm._fp8coat_recipe.activation_group_size}{link}"

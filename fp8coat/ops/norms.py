@@ -321,4 +321,11 @@ def layernorm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_size: int = 16
 ) -> torch.Tensor:
     """Differentiable LayerNorm whose backward keeps x only as FP8 (x_q, x_s) plus mean and rstd."""
-    return call(_layernorm_op, x, weight, bias, float(eps), group_size)[0]
+    return layernorm_with_saved(x, weight, bias, eps, group_size)[0]
+
+
+def layernorm_with_saved(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                         group_size: int = 16):
+    """LayerNorm returning ``(y, x_q, x_s, mean, rstd)``: the output and the FP8 tensors its backward keeps
+    (which a following FP8 linear layer can rebuild its input from)."""
+    return call(_layernorm_op, x, weight, bias, float(eps), group_size)
