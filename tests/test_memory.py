@@ -71,13 +71,9 @@ def test_measure_counts_unique_storages_and_separates_parameters():
     assert rep.parameter_bytes == 32 * 32 * 4  # the weight, saved by addmm, reported apart
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # isinstance over every live object touches deprecated names
 @pytest.mark.parametrize("recipe", ["bf16", "coat"])
-def test_measuring_leaves_nothing_alive_and_backward_equal(recipe):
-    """Dropping the output frees the whole graph (no reference cycle through saved outputs such as SiLU's or the
-    softmax's), and gradients through the measured graph equal those of an unmeasured forward."""
-    import gc
-
+def test_measured_gradients_equal_unmeasured(recipe):
+    """Gradients through a measured graph equal those of an unmeasured forward, bit for bit."""
     model, x, pos = _layer_and_inputs()
     if recipe != "bf16":
         fp8coat.convert(model, recipe=recipe)
@@ -93,13 +89,28 @@ def test_measuring_leaves_nothing_alive_and_backward_equal(recipe):
         grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
-    before = {id(t) for t in gc.get_objects() if isinstance(t, torch.Tensor)}
-    out, report = measure_saved_tensors(lambda: layer(x, position_embeddings=pos), modules=layer)
+
+
+def test_measuring_leaves_nothing_alive():
+    """Dropping the output frees the measured graph: a tensor that its op saves as an output (exp's, sigmoid's)
+    holds its own ``grad_fn``, so holding it in the measurement would make a cycle that keeps the graph alive."""
+    import gc
+    import weakref
+
+    x = torch.randn(64, 64, requires_grad=True)
+    refs = []
+
+    def fwd():
+        y = torch.exp(x)
+        z = torch.sigmoid(y)
+        refs.extend([weakref.ref(y), weakref.ref(z)])
+        return (y * z).sum()
+
+    out, report = measure_saved_tensors(fwd)
     assert report.total_bytes > 0
     del out
     gc.collect()
-    alive = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and id(t) not in before]
-    assert alive == []
+    assert [r() for r in refs] == [None, None]
 
 
 def test_checkpointed_regions_count_their_inputs_and_measuring_does_not_recompute_them():
