@@ -367,7 +367,8 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     if model_source != ckpt and os.path.isdir(model_source):
         ranks.on_main(lambda: verify_checkpoint(model_source))  # fine-tuning from a checkpoint: its files as written
     dtype = _param_dtype(cfg)
-    if vlm_run.is_vlm(model_source):
+    vlm = vlm_run.is_vlm(model_source)
+    if vlm:
         vlm_run.check_vlm_options(cfg, cfg.model, ranks.sharded)
         model, data, source = vlm_run.setup_vlm(cfg, model_source, ckpt, dtype, device)
         identity, train_data = data.identity(), None
@@ -384,7 +385,7 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     if cfg.activation_checkpointing:
         _checkpoint_layers(model)
     autocast = dtype == torch.float32 and cfg.recipe == "bf16"
-    chunked = cfg.chunked_loss and can_chunk_loss(model) and not vlm_run.is_vlm(model_source)  # VLMs: vlm_loss
+    chunked = cfg.chunked_loss and can_chunk_loss(model) and not vlm  # VLMs: vlm_loss chunks
     objective = None
     if cfg.fp8_all_gather and not ranks.sharded:
         raise ValueError("--fp8-all-gather gathers weights over the ranks of a sharded run: this run is not sharded "
@@ -397,7 +398,7 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     start = _load_resume_point(ckpt, model, optimizer) if ckpt is not None else 0
     head = model.lm_head if chunked else None
     step_model = model.model if head is not None else model  # with the chunked loss, the body runs alone
-    if cfg.compile and isinstance(data, vlm_run.VlmData):
+    if cfg.compile and vlm:
         vlm_run.compile_vlm(model)
     elif cfg.compile:
         if objective is not None and decoder_layers(model) is None:

@@ -110,11 +110,4 @@ def model_config(model: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"unknown model {model!r}: expected a preset ({', '.join(PRESETS)}), an HF config JSON or "
                          "a checkpoint directory holding config.json")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"--model {path} is not an HF config JSON: {err}") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ValueError(f"--model {path} is not an HF config JSON (it names no model_type)")
-    return raw
+    return _read_config(path)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.cross_entropy import linear_cross_entropy
+from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .chunked_loss import can_chunk_loss
 
 __all__ = ["vlm_loss"]
-
-IGNORE = -100
-
 
 def vlm_loss(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor:
     """0-d fp32 mean cross-entropy of ``batch``'s learned tokens (see the module docstring).
@@ -26,9 +23,9 @@ def vlm_loss(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tor
     the logits are never kept for backward; else the logits of the whole batch are computed.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts labels[:, t + 1]
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts labels[:, t + 1]
     if chunked and can_chunk_loss(model):
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden, model.lm_head.weight, targets)
     logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -29,8 +28,10 @@ import torch
 
 from ..compiling import compile_layers
 from .data import ImageTextData, batch_to, load_image_text, prepare_image_text, record_texts, vlm_tokenizer
+from .data.corpus import MIXES, NAMED_CORPORA
 from .data.image_sources import IMAGE_SOURCES, describe_image_source
 from .data.vlm_encode import load_rgb
+from .presets import model_config
 from .vlm_loss import vlm_loss
 from .vlm_presets import VLM_PRESETS, build_vlm, preset_family
 
@@ -49,20 +50,16 @@ __all__ = [
 ]
 
 VLM_MODEL_TYPES = {"llava": "llava", "qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2-vl"}  # model_type -> family
-TEXT_CORPORA = ("shakespeare", "mix")
+TEXT_CORPORA = (*NAMED_CORPORA, *MIXES)
 CAPTION_TOKENS = 16  # max_new_tokens of the captioning evaluation
 
 
 def _model_type(model: str) -> str | None:
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if not os.path.isfile(path):
-        return None
+    """The ``model_type`` of ``--model``'s config, None where it names none (the text path names the problem)."""
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None  # not a config: the text path names the problem
-    return raw.get("model_type") if isinstance(raw, dict) else None
+        return model_config(model)["model_type"]
+    except ValueError:
+        return None
 
 
 def is_vlm(model: str) -> bool:
@@ -88,7 +85,7 @@ def is_vlm(model: str) -> bool:
 def is_image_text_source(data: str) -> bool:
     """Whether ``--data`` names image-text data: ``synthetic``, ``synthetic:N``, ``digits``, a ``.jsonl`` file or
     a folder holding ``data.jsonl``."""
-    if data in IMAGE_SOURCES or data.startswith("synthetic:") or data == "digits":
+    if data in IMAGE_SOURCES or data.startswith("synthetic:"):
         return True
     return data.endswith(".jsonl") or os.path.isfile(os.path.join(data, "data.jsonl"))
 
@@ -104,7 +101,7 @@ def check_vlm_options(cfg, model: str, sharded: bool) -> None:
         raise ValueError(f"--tokenizer {cfg.tokenizer}: a vision-language model takes --tokenizer bpe (the family's "
                          "BPE trained on the records' texts) or bytes (the family's byte-level tokenizer); a "
                          "tokenizer.json lacks the image and chat tokens of the model's family")
-    if cfg.data in TEXT_CORPORA or "," in cfg.data or not is_image_text_source(cfg.data):
+    if "," in cfg.data or not is_image_text_source(cfg.data):
         raise ValueError(f"--model {model} is a vision-language model: --data must be image-text data (synthetic, "
                          f"synthetic:N, digits, a JSONL file or a folder holding data.jsonl; docs/vlm_data.md), "
                          f"got {cfg.data!r}" + (" (a text corpus)" if cfg.data in TEXT_CORPORA else ""))
