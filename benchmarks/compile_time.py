@@ -156,12 +156,10 @@ def main(argv=None) -> int:
     parts += ["eager"] if args.eager else []
     parts += [args.tag] if args.tag else []
     path = os.path.join(args.out, "-".join(["compile_time", *parts]) + ".json")
-    import torch
-
-    from benchmarks.provenance import run_meta
+    from benchmarks.provenance import gpu_name, run_meta
 
     meta = run_meta("benchmarks.compile_time", argv)
-    meta["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    meta["gpu"] = gpu_name() or "none (CPU)"
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"json: {path}")

@@ -497,8 +497,9 @@ class Bench(harness.Bench):
         """Build, warm up, time; fills ``entry`` (also read after an out-of-memory error) and appends it."""
         a, dev = self.args, self.device
         t_run = time.perf_counter()
-        entry["allocated_before_gib"] = None if self.allocated_gib() is None else round(self.allocated_gib(), 3)
-        log(f"  allocated before: {self.allocated_gib() or 0:.3f} GiB")
+        before = self.allocated_gib()
+        entry["allocated_before_gib"] = _round(before, 3)
+        log(f"  allocated before: {before or 0:.3f} GiB")
         if self.cuda:  # (an out-of-memory error in the build then reports this run's peak)
             torch.cuda.reset_peak_memory_stats()
         sync(dev)
@@ -804,8 +805,8 @@ def run_meta(argv) -> dict:
             meta[mod] = importlib.import_module(mod).__version__
         except Exception as ex:  # noqa: BLE001 - a missing or broken package is recorded, not raised
             meta[mod] = f"absent ({type(ex).__name__})"
-    if torch.cuda.is_available():
-        meta["gpu"] = torch.cuda.get_device_name()
+    if provenance.gpu_name():
+        meta["gpu"] = provenance.gpu_name()
     return meta
 
 

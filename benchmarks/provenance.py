@@ -27,6 +27,13 @@ def commit() -> str | None:
     return found
 
 
+def gpu_name() -> str | None:
+    """The name of the CUDA device the benchmark runs on; None without one."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def run_meta(module: str, argv: list[str] | None = None) -> dict:
     """``{"date", "commit", "command"}`` of a benchmark run as ``python -m <module> <argv>`` (default: this
     process's arguments)."""

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +35,8 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import run_meta  # noqa: E402
-from fp8coat.train.compare import write_reports  # noqa: E402
+from benchmarks.provenance import gpu_name, run_meta  # noqa: E402
+from fp8coat.train.compare import _mean_std, write_reports  # noqa: E402
 
 # per model: sequence length (image tokens + the longest prompt and caption) — llava-100m takes 256 image tokens,
 # qwen2vl-100m 64, tiny-llava 16
@@ -148,13 +147,6 @@ def merge_runs(records: list[dict], variants: list[str]) -> dict:
             "runs_total": sum(rec["runs_total"] for rec in records)}
 
 
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _ratio(run: dict, baseline: dict, key: str) -> float | None:
     a, b = run.get(key), baseline.get(key)
     return a / b if a is not None and b else None
@@ -227,17 +219,9 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def device_name() -> str:
-    try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except Exception:  # noqa: BLE001 - only a label
-        return "?"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    meta = {**run_meta("benchmarks.vlm_compare", argv), "device": device_name()}
+    meta = {**run_meta("benchmarks.vlm_compare", argv), "device": gpu_name() or "cpu"}
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     deadline = start + args.budget_s

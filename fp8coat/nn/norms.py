@@ -27,59 +27,54 @@ def _eps(module) -> float:
     return float(torch.finfo(torch.float32).eps)  # torch.nn.RMSNorm's default when eps is None
 
 
-class FP8RMSNormMixin:
-    """Linked to a consumer (the q/k/v group or the gated MLP reading this norm's output) by a
-    :class:`~fp8coat.nn.handoff.Handoff`, the norm offers its saved FP8 input and statistics: the consumer's
-    linears rebuild their input from them in backward and save nothing of their own."""
+class _FP8NormMixin:
+    """The training forward of the FP8 norms: the norm op (its backward keeps the input as FP8) and, when linked to
+    a consumer by a :class:`~fp8coat.nn.handoff.Handoff`, the offer of the tensors that op saved, from which the
+    consumer's linears rebuild their input in backward and save nothing of their own. ``_recompute_kind`` names
+    how; ``_norm_with_saved(x, group)`` returns ``(y, those tensors)``."""
 
     _fp8coat_recipe: Recipe
     _fp8coat_handoff: "Handoff | None" = None
+    _recompute_kind: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         from ..ops.linear import Recompute
-        from ..ops.norms import rmsnorm, rmsnorm_with_saved
 
         group = self._fp8coat_recipe.activation_group_size
-        if self._fp8coat_handoff is None or not torch.is_grad_enabled():
-            return rmsnorm(x, self.weight, _eps(self), group)
+        y, saved = self._norm_with_saved(x, group)
+        if self._fp8coat_handoff is not None and torch.is_grad_enabled():
+            self._fp8coat_handoff.offer(y, Recompute(self._recompute_kind, saved, group))
+        return y
+
+    def extra_repr(self) -> str:
+        link = f", hands its FP8 input to {self._fp8coat_handoff.consumer}" if self._fp8coat_handoff else ""
+        return f"{super().extra_repr()}, fp8=1x{self._fp8coat_recipe.activation_group_size}{link}"
+
+
+class FP8RMSNormMixin(_FP8NormMixin):
+    """Linked to a consumer (the q/k/v group or the gated MLP reading this norm's output), the norm offers its
+    saved FP8 input, rstd and weight."""
+
+    _recompute_kind = "rmsnorm"
+
+    def _norm_with_saved(self, x: torch.Tensor, group: int):
+        from ..ops.norms import rmsnorm_with_saved
+
         y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
-        self._fp8coat_handoff.offer(y, Recompute("rmsnorm", (x_q, x_s, rstd, self.weight), group))
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}{_fp8_repr(self)}"
+        return y, (x_q, x_s, rstd, self.weight)
 
 
-class FP8LayerNormMixin:
-    """Linked to a consumer (the q/k/v group or the first MLP linear reading this norm's output, in vision
-    encoder blocks) by a :class:`~fp8coat.nn.handoff.Handoff`, the norm offers its saved FP8 input, mean and rstd
-    with its weight and bias: the consumer's linears rebuild their input from them in backward and save nothing
-    of their own. Only norms with both a weight and a bias are linked (``convert``)."""
+class FP8LayerNormMixin(_FP8NormMixin):
+    """Linked to a consumer (the q/k/v group or the first MLP linear reading this norm's output, in vision encoder
+    blocks), the norm offers its saved FP8 input, mean, rstd, weight and bias. Only norms with both a weight and a
+    bias are linked (``convert``)."""
 
-    _fp8coat_recipe: Recipe
-    _fp8coat_handoff: "Handoff | None" = None
+    _recompute_kind = "layernorm"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        from ..ops.linear import Recompute
-        from ..ops.norms import layernorm, layernorm_with_saved
+    def _norm_with_saved(self, x: torch.Tensor, group: int):
+        from ..ops.norms import layernorm_with_saved
 
-        group = self._fp8coat_recipe.activation_group_size
-        if self._fp8coat_handoff is None or not torch.is_grad_enabled():
-            return layernorm(x, self.weight, self.bias, _eps(self), group)
         y, x_q, x_s, mean, rstd = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
-        self._fp8coat_handoff.offer(y, Recompute("layernorm", (x_q, x_s, mean, rstd, self.weight, self.bias),
-                                                 group))
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}{_fp8_repr(self)}"
-
-
-def _fp8_repr(norm) -> str:
-    """The FP8 part of a converted norm's ``repr``: its group size and the consumer it hands its input to."""
-    link = f", hands its FP8 input to {norm._fp8coat_handoff.consumer}" if norm._fp8coat_handoff else ""
-    return f", fp8=1x{norm._fp8coat_recipe.activation_group_size}{link}"
+        return y, (x_q, x_s, mean, rstd, self.weight, self.bias)

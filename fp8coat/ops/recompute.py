@@ -29,7 +29,8 @@ from .activation_math import ACTIVATIONS, act_torch
 
 __all__ = ["RECOMPUTE_KINDS", "Recompute", "recompute_input", "recompute_quantized_t"]
 
-RECOMPUTE_KINDS = ("rmsnorm", "swiglu", "layernorm")
+_SOURCES = {"rmsnorm": (3, 4), "swiglu": (4,), "layernorm": (6,)}  # kind -> how many tensors it takes
+RECOMPUTE_KINDS = tuple(_SOURCES)
 _FUSED_KINDS = ("rmsnorm", "swiglu")  # kinds the one-pass Triton kernel computes
 
 
@@ -45,7 +46,7 @@ class Recompute:
 def _check(kind: str, src) -> None:
     if kind not in RECOMPUTE_KINDS:
         raise ValueError(f"unknown recompute kind {kind!r}; expected one of {RECOMPUTE_KINDS}")
-    expected = {"rmsnorm": (3, 4), "swiglu": (4,), "layernorm": (6,)}[kind]
+    expected = _SOURCES[kind]
     if len(src) not in expected:
         raise ValueError(f"recompute {kind!r} takes {' or '.join(map(str, expected))} tensors, got {len(src)}")
 
