@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.provenance import gpu_name, run_meta  # noqa: E402
-from fp8coat.train.compare import _mean_std, write_reports  # noqa: E402
+from fp8coat.train.compare import _mean_std, merge_records, write_reports  # noqa: E402
 
 # per model: sequence length (image tokens + the longest prompt and caption) — llava-100m takes 256 image tokens,
 # qwen2vl-100m 64, tiny-llava 16
@@ -127,24 +127,6 @@ def load_compare(out_dir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def merge_runs(records: list[dict], variants: list[str]) -> dict:
-    """One compare record from several of one seed and one variant each (same config but those): results and
-    labels in the order of ``variants``, the first being the baseline."""
-    first = records[0]
-    results = {v: [] for v in variants}
-    labels = {}
-    for rec in records:
-        labels.update(rec["labels"])
-        for variant, runs in rec["results"].items():
-            results[variant].extend(runs)
-    for runs in results.values():
-        runs.sort(key=lambda r: r["seed"])
-    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
-    return {**first, "variants": variants, "seeds": seeds, "baseline": variants[0], "labels": labels,
-            "results": results, "runs_finished": sum(len(r) for r in results.values()),
-            "runs_total": sum(rec["runs_total"] for rec in records)}
 
 
 def _ratio(run: dict, baseline: dict, key: str) -> float | None:
@@ -253,7 +235,7 @@ def main(argv=None) -> int:
                      "results": {v: [] for v in args.variants}}
             results[model] = {"rows": model_rows(empty, speed), "problems": problems}
             continue
-        merged = merge_runs(records, args.variants)
+        merged = merge_records(records, args.variants)
         write_reports(args.out, merged, names=(f"{model}.md", f"{model}.json", f"{model}.png"))
         results[model] = {"rows": model_rows(merged, speed), "problems": problems, "config": merged["config"]}
     with open(os.path.join(args.out, "vlm_compare.json"), "w") as f:

@@ -10,16 +10,7 @@ import json
 import os
 import sys
 
-from fp8coat.train import TrainConfig
-from fp8coat.train.compare import _plot, report  # _plot: the loss plot of `fp8coat compare` (not public yet)
-
-
-def _baseline(variants: list[str], recorded: list) -> str | None:
-    """The baseline the merged files recorded, else the first of ``bf16-torchopt`` / ``bf16``, else the first."""
-    for name in [*recorded, "bf16-torchopt", "bf16", *variants]:
-        if name in variants:
-            return name
-    return None
+from fp8coat.train.compare import merge_records, write_reports
 
 
 def main(argv: list[str]) -> int:
@@ -27,34 +18,13 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     out_dir, files = argv[0], argv[1:]
-    results: dict[str, list] = {}
-    labels: dict[str, str] = {}
-    baselines: list = []
-    seeds: set = set()
-    config = None
+    records = []
     for path in files:
         with open(path) as f:
-            data = json.load(f)
-        config = config or data.get("config")
-        seeds.update(data.get("seeds", []))
-        labels.update(data.get("labels") or {})
-        if data.get("baseline"):
-            baselines.append(data["baseline"])
-        for variant, runs in data["results"].items():
-            results.setdefault(variant, []).extend(runs)
-    labels = {v: labels.get(v, v) for v in results}
-    baseline = _baseline(list(results), baselines)
-    base = TrainConfig.from_dict(config or {}, where=files[0])
+            records.append(json.load(f))
+    record = {**merge_records(records), "merged_from": files}
     os.makedirs(out_dir, exist_ok=True)
-    document = report(results, labels, baseline, base, sorted(seeds))
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(document)
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump({"config": config, "variants": list(results), "seeds": sorted(seeds), "baseline": baseline,
-                   "labels": labels, "results": results, "merged_from": files}, f, indent=1)
-    title = document.split("\n", 1)[0].removeprefix("# fp8coat compare: ")
-    _plot(results, labels, title, os.path.join(out_dir, "loss.png"))
-    print(document)
+    print(write_reports(out_dir, record))
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import vlm_compare
+from fp8coat.train.compare import merge_records
 
 
 def _run_summary(seed: int, val: float, **extra) -> dict:
@@ -25,7 +26,7 @@ def test_merge_and_rows_arithmetic():
     records = [rec for s, v, c in ((2, 1.90, 1.881), (0, 2.00, 2.02), (1, 2.10, 2.10))  # finished in any order
                for rec in (_record("coat", _run_summary(s, c, em=0.25)),
                            _record("bf16-torchopt", _run_summary(s, v, em=0.5, peak_mem_gib=8.0)))]
-    merged = vlm_compare.merge_runs(records, VARIANTS)
+    merged = merge_records(records, VARIANTS)
     assert merged["seeds"] == [0, 1, 2] and merged["runs_total"] == 6 and merged["baseline"] == "bf16-torchopt"
     assert list(merged["results"]) == VARIANTS and merged["labels"] == {"bf16-torchopt": "BF16-TORCHOPT",
                                                                         "coat": "COAT"}
@@ -48,7 +49,7 @@ def test_merge_and_rows_arithmetic():
 
 
 def test_target_floor_and_a_miss():
-    merged = vlm_compare.merge_runs(
+    merged = merge_records(
         [_record("bf16-torchopt", _run_summary(s, 2.0, peak_mem_gib=8.0, saved_lm_bytes=100)) for s in (0, 1)]
         + [_record("coat", _run_summary(s, 2.02, peak_mem_gib=4.0 + s, saved_lm_bytes=40)) for s in (0, 1)],
         VARIANTS)

@@ -273,3 +273,23 @@ def test_compare_again_into_the_same_folder_replaces_its_runs(tmp_path):
     assert _run(args) == 0
     again = json.loads((out / "compare.json").read_text())["results"]["coat"][0]["history"]
     assert [r["step"] for r in again] == [1, 2] and [r["loss"] for r in again] == [r["loss"] for r in first]
+
+
+def test_merge_records_joins_runs_and_picks_the_baseline():
+    """Records of one seed each: runs joined per variant and sorted by seed, seeds and labels united; without a
+    variant order the baseline is the one the records name, else bf16-torchopt, else the first variant."""
+    from fp8coat.train.compare import merge_records
+
+    def record(seed, baseline=None, variants=("coat", "bf16-torchopt")):
+        return {"config": {"steps": 3}, "baseline": baseline, "labels": {v: v.upper() for v in variants},
+                "runs_total": len(variants), "results": {v: [{"seed": seed, "final_val_loss": 1.0 + seed}]
+                                                         for v in variants}}
+
+    merged = merge_records([record(2), record(0)])
+    assert merged["seeds"] == [0, 2] and merged["variants"] == ["coat", "bf16-torchopt"]
+    assert [r["seed"] for r in merged["results"]["coat"]] == [0, 2]
+    assert merged["baseline"] == "bf16-torchopt" and merged["labels"]["coat"] == "COAT"
+    assert (merged["runs_finished"], merged["runs_total"], merged["config"]) == (4, 4, {"steps": 3})
+    assert merge_records([record(0, baseline="coat")])["baseline"] == "coat"
+    assert merge_records([record(0, variants=("coat", "fp8-linear"))])["baseline"] == "coat"
+    assert merge_records([record(0)], variants=["coat", "bf16-torchopt"])["baseline"] == "coat"

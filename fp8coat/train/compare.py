@@ -32,7 +32,7 @@ from .distributed import launch_world
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 
-__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "variant_config", "write_reports"]
+__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "merge_records", "variant_config", "write_reports"]
 
 DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 REPORT_FILES = ("compare.md", "compare.json", "loss.png")
@@ -164,6 +164,32 @@ def write_reports(out_dir: str, record: dict, names: tuple[str, str, str] = REPO
     atomic_write_text(os.path.join(out_dir, raw), json.dumps(record, indent=1))
     _plot(results, labels, _title(results, base, seeds), os.path.join(out_dir, plot))
     return document
+
+
+def merge_records(records: list[dict], variants: "list[str] | None" = None) -> dict:
+    """One compare record (the content of ``compare.json``) from several of the same configuration, e.g. one per
+    seed, per variant or per GPU call: each variant's runs joined and sorted by seed, labels and seeds united, the
+    first record's config. ``variants``: their order, the first one the baseline (default: in order of
+    appearance, the baseline the records name, else ``bf16-torchopt``, else ``bf16``, else the first)."""
+    order = list(variants or [])
+    results: dict[str, list] = {v: [] for v in order}
+    labels: dict[str, str] = {}
+    for rec in records:
+        labels.update(rec.get("labels") or {})
+        for variant, runs in rec["results"].items():
+            results.setdefault(variant, []).extend(runs)
+    for runs in results.values():
+        runs.sort(key=lambda r: r.get("seed", 0))
+    names = list(results)
+    recorded = [rec["baseline"] for rec in records if rec.get("baseline")]
+    baseline = order[0] if order else next((v for v in [*recorded, "bf16-torchopt", "bf16", *names] if v in names),
+                                           None)
+    return {"config": records[0].get("config"), "variants": names,
+            "seeds": sorted({r.get("seed", 0) for runs in results.values() for r in runs}), "baseline": baseline,
+            "labels": {v: labels.get(v, v) for v in names},
+            "runs_finished": sum(len(runs) for runs in results.values()),
+            "runs_total": sum(rec.get("runs_total", sum(map(len, rec["results"].values()))) for rec in records),
+            "results": results}
 
 
 def _remove_reports(out_dir: str) -> None:
