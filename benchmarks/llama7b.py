@@ -42,8 +42,11 @@ step time over the timed steps (``step_ms``, CUDA events, synchronized after eac
 ``tok_s`` = batch · seq / step time, ``peak_gib`` = ``torch.cuda.max_memory_allocated`` / 2³⁰ from after the
 build (parameters and optimizer count; None on the CPU), the final step's loss, ``wall_s`` (build + all steps),
 ``build_s`` (model on the GPU, conversion, compile wrappers, optimizer), ``first_step_s`` (host clock,
-compilation included) and ``allocated_before_gib`` (memory still allocated when the run started, which its peak
-includes; 0 unless an earlier run left something behind). ``recipe`` / ``optimizer`` / ``master_weights`` use the
+compilation included), ``allocated_before_gib`` (memory still allocated when the run started, which its peak
+includes; 0 unless an earlier run left something behind), ``reserved_gib`` (``max_memory_reserved``: what the
+caching allocator held at most) and ``alloc_retries`` (the allocator's ``num_alloc_retries`` since the build:
+allocations that first failed and succeeded only after freeing cached blocks, each a device synchronization).
+``recipe`` / ``optimizer`` / ``master_weights`` use the
 names of ``fp8coat.memory.PlanSettings`` where it has them (``coat`` / ``bf16``, ``fp8coat`` / ``torch`` /
 ``torchao-fp8``, ``fp32`` for the anchors' fp32 parameters); torchao's recipe is ``torchao-float8``. ``meta``
 records date, commit (``FP8COAT_COMMIT``), command, GPU and versions. The table printed last gives tok/s relative
@@ -81,6 +84,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -99,7 +103,7 @@ REF_SEQ = 2048  # the sequence length the default batches are for
 
 ROW_KEYS = ("row", "recipe", "optimizer", "master_weights", "step_in_backward", "chunked_loss", "compiled",
             "cache_fp8_weights", "batch", "seq", "layers", "ok", "oom", "step_ms", "tok_s", "peak_gib", "loss",
-            "wall_s", "build_s", "first_step_s", "allocated_before_gib")
+            "wall_s", "build_s", "first_step_s", "allocated_before_gib", "reserved_gib", "alloc_retries")
 
 TORCHAO_ROW = "torchao_fp8_compiled_adamwfp8"
 BF16_ROW = "bf16amp_compiled"
@@ -463,6 +467,7 @@ class Bench(harness.Bench):
     def __init__(self, args, meta: dict | None = None):
         config = {k: v for k, v in vars(args).items() if k not in ("plan", "sections")}
         config["plan"] = [[row.name, list(batches)] for row, batches in args.plan]
+        config["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # the caching allocator's settings
         super().__init__(args, {"config": config, "rows": [], "errors": {}, "skipped": [], "memory": [],
                                 "profile": None, "saved_bytes": None}, meta)
         self.shape = DRY_SHAPE if args.dry_run else FULL_SHAPE
@@ -513,6 +518,7 @@ class Bench(harness.Bench):
                 f"{({str(p.dtype) for p in tr.model.parameters()})}, allocated {self.allocated_gib() or 0:.2f} GiB")
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_accumulated_memory_stats()  # num_alloc_retries counts from here
             times_ms, loss = [], None
             for i in range(a.warmup + a.steps):
                 ids = torch.randint(0, self.shape["vocab"], (batch, a.seq), device=dev)
@@ -536,13 +542,16 @@ class Bench(harness.Bench):
                     times_ms.append((time.perf_counter() - t) * 1e3)
             if self.cuda:
                 entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+                entry["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+                entry["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
             step_ms = statistics.median(times_ms)
             entry.update(ok=True, step_ms=round(step_ms, 2), tok_s=round(batch * a.seq / step_ms * 1e3, 1),
                          loss=round(float(loss), 4), wall_s=round(time.perf_counter() - t_run, 1))
             self.res["rows"].append(entry)
             log(f"  {row.name} @ {batch}: {entry['tok_s']:,.0f} tok/s, step {step_ms:.1f} ms "
                 f"(min {min(times_ms):.1f}, max {max(times_ms):.1f}), peak "
-                f"{entry['peak_gib'] if entry['peak_gib'] is not None else '-'} GiB, loss {entry['loss']}")
+                f"{entry['peak_gib'] if entry['peak_gib'] is not None else '-'} GiB (reserved {entry['reserved_gib']}, "
+                f"allocator retries {entry['alloc_retries']}), loss {entry['loss']}")
             if a.profile == (row.name, batch):
                 try:
                     self.profile(tr, batch, step_ms)
