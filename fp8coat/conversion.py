@@ -6,8 +6,14 @@ What changes (training mode only; ``model.eval()`` runs every original forward, 
   GEMM saving only its FP8 input; q/k/v and gate/up projections share one quantized input.
 * ``coat`` also: RMSNorm / LayerNorm inside blocks save their input in FP8 1×16; gated MLPs (Llama, Mistral,
   Qwen2, Qwen3) run SwiGLU/GeGLU as one op saving FP8 gate and up; GELU/SiLU modules save FP8 inputs.
-* Untouched: embeddings, the attention core (SDPA / flash / eager, in BF16), and everything outside the
-  repeated blocks — the final norm and the LM head — unless ``module_filter_fn`` selects them.
+* ``Recipe.fp8_attention`` (opt-in, with ``coat``): the attention core of HF attention modules in the blocks
+  (:func:`~fp8coat.nn.attention.is_attention_module`) saves FP8 q, k, v and recomputes itself in backward. It goes
+  through transformers' attention interface: the configs those modules read switch from ``"sdpa"`` to
+  ``"fp8coat_sdpa"`` (:mod:`fp8coat.nn.attention`; a text and a vision config each on their own). Attention modules
+  running another implementation (eager, flash, flex) stay as they are; ``conversion_summary`` counts them under
+  ``"attention kept: <implementation>"``. ``unconvert`` switches the configs back.
+* Untouched: embeddings, the attention core (SDPA / flash / eager, in BF16) unless ``fp8_attention``, and everything
+  outside the repeated blocks — the final norm and the LM head — unless ``module_filter_fn`` selects them.
 
 "Inside a repeated block" means: below an ``nn.ModuleList`` (HF decoder/encoder layers, GPT-2 ``h``, ViT
 ``layer``). Modules keep their class hierarchy (a subclass is swapped in), parameters and names, so
@@ -37,6 +43,7 @@ import torch
 
 from .nn._swap import is_swapped, restore_class, swap_class
 from .nn.activations import GATED_KINDS, FP8ActivationMixin, FP8GatedMLPMixin, activation_kind
+from .nn.attention import ATTENTION_NAME, FP8AttentionMixin, is_attention_module, register_attention
 from .nn.handoff import Handoff
 from .nn.linear import FP8LinearMixin, InputShare
 from .nn.norms import RMSNORM_CLASS_NAMES, FP8LayerNormMixin, FP8RMSNormMixin
@@ -157,7 +164,28 @@ def convert(
                 swap_class(module, FP8ActivationMixin, _fp8coat_recipe=recipe, _fp8coat_kind=activation_kind(module))
         for module in selected.values():
             _link_norms_to_consumers(module)
+    if recipe.fp8_attention:
+        _convert_attention(selected.values(), recipe)
     return model
+
+
+def _convert_attention(selected, recipe: Recipe) -> None:
+    """Swap :class:`FP8AttentionMixin` onto the selected HF attention modules whose config runs ``"sdpa"`` and point
+    those configs to :data:`~fp8coat.nn.attention.ATTENTION_NAME`; mark the others with the implementation they
+    keep. The configs switch after every module was looked at (modules of one encoder share one config)."""
+    register_attention()
+    configs = []
+    for module in selected:
+        if not is_attention_module(module) or is_swapped(module):
+            continue
+        implementation = module.config._attn_implementation
+        if implementation in ("sdpa", ATTENTION_NAME):
+            swap_class(module, FP8AttentionMixin, _fp8coat_recipe=recipe)
+            configs.append(module.config)
+        else:
+            module._fp8coat_attention_kept = str(implementation)
+    for config in configs:
+        config._attn_implementation_internal = ATTENTION_NAME  # this config only, not its sub-configs
 
 
 def _link_norms_to_consumers(block: torch.nn.Module) -> None:
@@ -204,8 +232,12 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 def unconvert(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`convert` (the modules get their original classes back)."""
+    """Undo :func:`convert` (the modules get their original classes back, the attention modules' configs their
+    ``"sdpa"``)."""
     for module in model.modules():
+        if isinstance(module, FP8AttentionMixin) and module.config._attn_implementation == ATTENTION_NAME:
+            module.config._attn_implementation_internal = "sdpa"
+        module.__dict__.pop("_fp8coat_attention_kept", None)
         restore_class(module)
     if hasattr(model, "_fp8coat_recipe"):
         del model._fp8coat_recipe
@@ -213,12 +245,19 @@ def unconvert(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def conversion_summary(model: torch.nn.Module) -> dict:
-    """Counts of converted modules by kind, e.g. ``{"FP8LinearMixin": 7, "FP8RMSNormMixin": 2, ...}``."""
+    """Counts of converted modules by kind, e.g. ``{"FP8LinearMixin": 7, "FP8RMSNormMixin": 2, ...}``; with
+    ``Recipe.fp8_attention``, attention modules left on another implementation than SDPA count as
+    ``"attention kept: <implementation>"`` (e.g. ``"attention kept: eager"``)."""
     counts: dict[str, int] = {}
     for module in model.modules():
+        kept = getattr(module, "_fp8coat_attention_kept", None)
         if is_swapped(module):
             kind = type(module).__mro__[1].__name__
-            counts[kind] = counts.get(kind, 0) + 1
+        elif kept is not None:
+            kind = f"attention kept: {kept}"
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 

@@ -9,6 +9,9 @@ recipe         linear GEMMs        saved for backward                     notes
 ``coat``       as ``fp8-linear``   + FP8 (E4M3, 1×16 per-group) inputs    COAT's precision flow: norms and
                                    of norms and activation functions      activations save FP8, recompute the rest
 =============  ==================  =====================================  =======================================
+
+Opt-in on top of ``coat``: ``fp8_attention=True`` has the attention core save FP8 (E4M3, 1×G) q, k, v and recompute
+itself in backward instead of keeping q, k, v and its output in BF16.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class Recipe:
             when it changed — once per optimizer step however many micro-batches, which pays only under gradient
             accumulation. Same results, bit for bit; on a full Llama-2-7B (H100, batch 8 × 2048) both ran at the
             same speed and the copies cost 6 GiB of peak memory. Weights that FSDP manages are never cached.
+        fp8_attention: False (the default): the attention core (HF's SDPA call between the q/k/v projections and
+            the output projection) runs as in the original model and keeps q, k, v and its output in the model's
+            dtype for backward. True (needs ``fp8_activations``): it keeps only E4M3 1×G copies of q, k and v
+            (``activation_group_size``; 3.75 bytes per token and channel at G = 16 instead of 8 in bf16), and its
+            backward recomputes the attention forward from the dequantized inputs — one more attention forward per
+            backward — and returns the exact gradients at the quantized inputs, as the FP8 norms and activations do.
+            The forward computes what plain SDPA computes, bit for bit (``fp8coat.ops.attention``,
+            ``fp8coat.nn.attention``).
     """
 
     name: str
@@ -50,6 +61,7 @@ class Recipe:
     fast_accum: bool = True
     emulate: bool = False
     cache_fp8_weights: bool = False
+    fp8_attention: bool = False
 
     def __post_init__(self):
         get_format(self.forward_format)
@@ -59,6 +71,9 @@ class Recipe:
                              "multiplies gradients by weights, and FP8 GEMMs take at most one E5M2 operand")
         if self.fp8_activations and not self.fp8_linear:
             raise ValueError("fp8_activations needs fp8_linear (the precision flow feeds FP8 GEMMs)")
+        if self.fp8_attention and not self.fp8_activations:
+            raise ValueError("fp8_attention needs fp8_activations (it saves the attention inputs as the FP8 norms "
+                             "and activations save theirs)")
 
     def with_options(self, **changes) -> "Recipe":
         return replace(self, **changes)
@@ -67,8 +82,9 @@ class Recipe:
         if not self.fp8_linear:
             return f"{self.name} (BF16)"
         acts = f", FP8 1x{self.activation_group_size} activations" if self.fp8_activations else ""
+        attn = ", FP8-saved attention inputs" if self.fp8_attention else ""
         cache = ", FP8 weight copies kept between steps" if self.cache_fp8_weights else ""
-        return f"{self.name} ({self.forward_format.upper()}/{self.backward_format.upper()} GEMMs{acts}{cache})"
+        return f"{self.name} ({self.forward_format.upper()}/{self.backward_format.upper()} GEMMs{acts}{attn}{cache})"
 
 
 RECIPES = {

@@ -1,21 +1,40 @@
-"""FP8-saved attention inputs: the op ``fp8coat.ops.attention.fp8_attention`` against torch's SDPA.
+"""FP8-saved attention inputs (``Recipe.fp8_attention``): the op ``fp8coat.ops.attention.fp8_attention`` against
+torch's SDPA, and its routing through transformers' attention interface in converted models.
 
 The op's oracle: its forward is plain SDPA on the original q, k, v (bit for bit); its gradients are autograd's
 through SDPA at the dequantized q, k, v (bit for bit: the same SDPA backward on the same tensors); against the
 gradients of plain SDPA at the original inputs they keep an SQNR of at least 22 dB (bf16; measured 24-34 dB).
+Converted models: the training forward and the eval forward are the unconverted ones bit for bit, training tracks
+plain ``coat`` (every loss of 6 AdamW steps within 0.5%), ``unconvert`` restores ``"sdpa"``, and a saved checkpoint
+loads without fp8coat's registration.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
+import vlm_models as V
 from helpers import assert_bit_equal, device, sqnr_db
 
+import fp8coat
+from fp8coat.conversion import conversion_summary
 from fp8coat.formats import E4M3
 from fp8coat.memory import measure_saved_tensors
+from fp8coat.nn.attention import ATTENTION_NAME, FP8AttentionMixin
 from fp8coat.ops.attention import fp8_attention, fp8_attention_with_saved
 from fp8coat.quantization import dequantize_per_group, quantize_per_group
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+FP8_ATTENTION = fp8coat.get_recipe("coat").with_options(fp8_attention=True)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the op
@@ -161,3 +180,209 @@ def test_op_rejects_what_it_cannot_differentiate():
         fp8_attention(q, k, v, mask, enable_gqa=True)
     with pytest.raises(ValueError, match="4-D"):
         fp8_attention(q[0], k[0], v[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# converted models
+
+
+def _tiny_llama(attn: str = "sdpa", dropout: float = 0.0):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False, attention_dropout=dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).bfloat16()
+
+
+IDS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_llama_conversion_keys_eval_training_forward_and_unconvert():
+    base = _tiny_llama()
+    coat = fp8coat.convert(copy.deepcopy(base), "coat")
+    model = fp8coat.convert(copy.deepcopy(base), FP8_ATTENTION)
+    assert list(model.state_dict()) == list(base.state_dict())
+    assert conversion_summary(model) == {**conversion_summary(coat), "FP8AttentionMixin": 2}
+    assert model.config._attn_implementation == ATTENTION_NAME and base.config._attn_implementation == "sdpa"
+    assert "fp8 attention inputs=1x16" in repr(model.model.layers[0].self_attn)
+    base.eval(), model.eval()
+    with torch.no_grad():
+        assert_bit_equal(model(input_ids=IDS).logits, base(input_ids=IDS).logits)  # eval: the original forwards
+    model.train(), coat.train()
+    assert_bit_equal(model(input_ids=IDS, labels=IDS).loss, coat(input_ids=IDS, labels=IDS).loss)  # plain SDPA fwd
+    with torch.no_grad():  # no grad: plain SDPA, nothing to save
+        assert_bit_equal(model(input_ids=IDS).logits, coat(input_ids=IDS).logits)
+    fp8coat.unconvert(model)
+    assert model.config._attn_implementation == "sdpa" and conversion_summary(model) == {}
+    assert not any(isinstance(m, FP8AttentionMixin) for m in model.modules())
+
+
+def test_llama_padding_mask_is_sdpa_s():
+    """A padded batch: HF builds the mask it builds for SDPA (the name is registered with SDPA's mask function),
+    and the training forward equals plain coat's."""
+    mask = torch.ones_like(IDS)
+    mask[0, :5] = 0
+    coat = fp8coat.convert(_tiny_llama(), "coat").train()
+    model = fp8coat.convert(_tiny_llama(), FP8_ATTENTION).train()
+    a = model(input_ids=IDS, attention_mask=mask).logits
+    b = coat(input_ids=IDS, attention_mask=mask).logits
+    assert_bit_equal(a, b)
+    a.float().sum().backward()
+
+
+def _train(model, inputs, steps=6):
+    opt = fp8coat.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", ["llama", "llava-clip", "qwen2-vl"])
+def test_training_tracks_plain_coat(family):
+    """6 steps of fp8coat.AdamW (lr 1e-3) on one batch: the first loss equal to plain coat's, every other within
+    0.5% of it, and the model learns."""
+    if family == "llama":
+        base, inputs = _tiny_llama(), dict(input_ids=IDS, labels=IDS)
+    else:
+        base, inputs = V.build(family).bfloat16(), V.inputs(family, dtype=torch.bfloat16)
+    coat = _train(fp8coat.convert(copy.deepcopy(base), "coat").train(), inputs)
+    fp8 = _train(fp8coat.convert(copy.deepcopy(base), FP8_ATTENTION).train(), inputs)
+    assert fp8[0] == coat[0]
+    assert all(abs(a / b - 1) < 0.005 for a, b in zip(fp8, coat)), (fp8, coat)
+    assert fp8[-1] < 0.9 * fp8[0]
+
+
+@pytest.mark.parametrize("family", V.FAMILIES)
+def test_vlm_conversion_switches_text_and_vision_configs(family):
+    base = V.build(family).bfloat16()
+    model = fp8coat.convert(copy.deepcopy(base), FP8_ATTENTION)
+    cfg = model.config
+    assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == (ATTENTION_NAME,) * 2
+    assert cfg._attn_implementation == "sdpa"  # the top config is read by no attention module
+    attention = [m for m in model.modules() if isinstance(m, FP8AttentionMixin)]
+    assert len(attention) == 4  # 2 vision blocks, 2 decoder layers
+    inputs = V.inputs(family, seed=3, dtype=torch.bfloat16)
+    base.eval(), model.eval()
+    with torch.no_grad():
+        assert_bit_equal(model(**inputs).logits, base(**inputs).logits)
+    model.train()
+    model(**inputs).loss.backward()
+    fp8coat.unconvert(model)
+    assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == ("sdpa", "sdpa")
+
+
+def test_qwen2_vl_vision_attention_saves_one_fp8_copy_per_image():
+    """Qwen2-VL's vision attention calls the interface once per image (its cu_seqlens chunks): 2 images × 2 blocks
+    × q, k, v, each (1, 4, 16, 16) E4M3 with (1, 4, 16, 1) scales."""
+    model = fp8coat.convert(V.build("qwen2-vl").bfloat16(), FP8_ATTENTION).train()
+    inputs = V.inputs("qwen2-vl", dtype=torch.bfloat16)
+    _, report = measure_saved_tensors(lambda: model(**inputs).loss, modules=model)
+    fp8 = [(module, shape) for _, module, dtype, shape, _ in report.entries
+           if dtype == torch.float8_e4m3fn and module.endswith(".attn")]
+    assert sorted(fp8) == sorted([(f"model.visual.blocks.{b}.attn", (1, 4, 16, 16)) for b in (0, 1)] * 6)
+
+
+def test_module_filter_selects_which_configs_switch():
+    """Converting the vision tower only switches the vision config; the LM's attention stays plain SDPA."""
+    model = V.build("llava-clip").bfloat16()
+    fp8coat.convert(model, FP8_ATTENTION, module_filter_fn=lambda m, fqn: fqn.startswith("model.vision_tower.")
+                    and ".layers." in fqn)
+    assert model.config.vision_config._attn_implementation == ATTENTION_NAME
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert conversion_summary(model)["FP8AttentionMixin"] == 2
+
+
+def test_other_attention_implementations_are_kept_and_reported():
+    model = fp8coat.convert(_tiny_llama("eager"), FP8_ATTENTION)
+    summary = conversion_summary(model)
+    assert summary["attention kept: eager"] == 2 and "FP8AttentionMixin" not in summary
+    assert model.config._attn_implementation == "eager"
+    fp8coat.unconvert(model)
+    assert conversion_summary(model) == {}
+
+
+def test_dropout_keeps_plain_sdpa():
+    """A recompute would draw another dropout mask: with attention dropout in training, SDPA runs as it is."""
+    model = fp8coat.convert(_tiny_llama(dropout=0.1), FP8_ATTENTION).train()
+    _, report = measure_saved_tensors(lambda: model(input_ids=IDS, labels=IDS).loss, modules=model)
+    assert not any(dtype == torch.float8_e4m3fn and module.endswith("self_attn")
+                   for _, module, dtype, _, _ in report.entries)
+
+
+def _unregistered():
+    """A context without fp8coat's registration (as in a process that never imported fp8coat)."""
+    import contextlib
+
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = [(m, m._global_mapping.pop(ATTENTION_NAME)) for m in (AttentionInterface, AttentionMaskInterface)]
+        try:
+            yield
+        finally:
+            for m, fn in saved:
+                m._global_mapping[ATTENTION_NAME] = fn
+    return ctx()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-vl"])
+def test_save_pretrained_writes_plain_sdpa_and_loads_without_fp8coat(family, tmp_path):
+    """The name lives in the configs' ``_attn_implementation``, which transformers never writes: the checkpoint of a
+    converted model is the unconverted model's (same config.json, same tensors), and a process without fp8coat's
+    registration (emulated by removing it) loads it as an SDPA model whose forward is the unconverted one."""
+    base = _tiny_llama() if family == "llama" else V.build(family).bfloat16()
+    model = fp8coat.convert(copy.deepcopy(base), FP8_ATTENTION)
+    model.save_pretrained(tmp_path / "converted")
+    base.save_pretrained(tmp_path / "plain")
+    text = (tmp_path / "converted" / "config.json").read_text()
+    assert ATTENTION_NAME not in text
+    assert json.loads(text) == json.loads((tmp_path / "plain" / "config.json").read_text())
+    inputs = dict(input_ids=IDS) if family == "llama" else V.inputs(family, seed=3, dtype=torch.bfloat16)
+    with _unregistered():
+        loaded, plain = (type(base).from_pretrained(tmp_path / name).eval() for name in ("converted", "plain"))
+        assert loaded.config.get_text_config()._attn_implementation == "sdpa"
+        with torch.no_grad():
+            assert_bit_equal(loaded(**inputs).logits, plain(**inputs).logits)
+    again = pickle.loads(pickle.dumps(model))  # the copy stays converted and finds the name registered
+    assert conversion_summary(again) == conversion_summary(model)
+    assert again.config.get_text_config()._attn_implementation == ATTENTION_NAME
+
+
+def test_compiled_layers_equal_eager_and_stay_one_graph():
+    """torch.compile (aot_eager) of each decoder layer: the two custom ops are opaque nodes inside one graph (no
+    graph break), and 2 training steps give the eager losses and gradients bit for bit. (Inductor also compiles
+    it; its own fusions change the last bits of the other ops.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def steps(compiled: bool):
+        model = fp8coat.convert(_tiny_llama(), FP8_ATTENTION).train()
+        torch._dynamo.reset()
+        counters.clear()
+        if compiled:
+            fp8coat.compile_layers(model.model.layers, backend="aot_eager", fullgraph=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        out = []
+        for _ in range(2):
+            loss = model(input_ids=IDS, labels=IDS).loss
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+            opt.zero_grad()
+        graphs = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+        return out, graphs
+
+    (compiled, graphs), (eager, _) = steps(True), steps(False)
+    assert graphs == 1
+    for (la, ga), (lb, gb) in zip(compiled, eager):
+        assert_bit_equal(la, lb)
+        for a, b in zip(ga, gb):
+            assert_bit_equal(a, b)

@@ -51,6 +51,7 @@ CHANGES = {
     "backward_format": dict(backward_format="e4m3"),
     "activation_group_size": dict(activation_group_size=32),
     "cache_fp8_weights": dict(cache_fp8_weights=True),
+    "fp8_attention": dict(fp8_attention=True),
 }
 
 
@@ -85,6 +86,18 @@ def test_fp8_weight_cache_changes_memory_only():
                       if isinstance(m, torch.nn.Linear)]
     assert cached[3] == sum(w.numel() + 4 + 16 for w in linear_weights)
     assert fresh[3] == 0
+
+
+def test_fp8_attention_changes_gradients_and_saved_bytes_not_the_forward():
+    """The attention core's forward is plain SDPA (the same loss, bit for bit); its backward runs from FP8 copies of
+    q, k, v (other gradients) and it keeps less."""
+    base, fp8 = _run(COAT), _run(COAT.with_options(fp8_attention=True))
+    assert torch.equal(base[0], fp8[0])
+    assert any(not torch.equal(base[1][n], fp8[1][n]) for n in base[1])
+    assert fp8[2] < base[2]
+    assert not any(r.fp8_attention for r in fp8coat.RECIPES.values())
+    with pytest.raises(ValueError, match="fp8_attention needs fp8_activations"):
+        fp8coat.get_recipe("fp8-linear").with_options(fp8_attention=True)
 
 
 def test_backward_format_changes_gradients_only():
@@ -123,6 +136,8 @@ def test_recipe_printed_as_it_runs():
     assert str(COAT) == "coat (E4M3/E5M2 GEMMs, FP8 1x16 activations)"
     assert str(COAT.with_options(cache_fp8_weights=True)) == (
         "coat (E4M3/E5M2 GEMMs, FP8 1x16 activations, FP8 weight copies kept between steps)")
+    assert str(COAT.with_options(fp8_attention=True)) == (
+        "coat (E4M3/E5M2 GEMMs, FP8 1x16 activations, FP8-saved attention inputs)")
     model = fp8coat.convert(_tiny_llama(), r)
     assert "fp8=e4m3/e4m3" in repr(model.model.layers[0].self_attn.q_proj)
     assert copy.deepcopy(r) == r

@@ -1,0 +1,113 @@
+"""FP8-saved attention inputs in HF attention modules (``Recipe.fp8_attention``).
+
+HF attention modules run their attention core through transformers' attention interface:
+``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)(self, q, k, v, mask, scaling=...,
+dropout=..., is_causal=..., **kwargs)``. :func:`register_attention` registers one function there with HF's
+``AttentionInterface.register``, :func:`fp8coat_sdpa` under :data:`ATTENTION_NAME`, and HF's SDPA mask function under
+the same name with ``AttentionMaskInterface.register`` (so the masks HF builds for it are SDPA's, bit for bit).
+``fp8coat.convert`` with ``fp8_attention`` swaps :class:`FP8AttentionMixin` onto the attention modules it converts
+(their forward is unchanged) and points their configs from ``"sdpa"`` to :data:`ATTENTION_NAME`; ``unconvert``
+points them back.
+
+:func:`fp8coat_sdpa` is HF's own ``sdpa_attention_forward``, called with the same arguments. For a module carrying
+:class:`FP8AttentionMixin`, in training mode with grad enabled, the one ``F.scaled_dot_product_attention`` call that
+function makes — after its own GQA (``enable_gqa`` or ``repeat_kv``), causal-flag and cropping logic, whichever
+transformers version runs — goes to :func:`fp8coat.ops.attention.fp8_attention` (q, k, v saved as E4M3 1×G, the
+attention recomputed in backward), through a ``TorchFunctionMode`` entered around that call only. The SDPA call
+stays plain when it draws dropout (a recompute would draw another mask), when its mask needs a gradient (a learned
+position bias), under autocast (the FP8 op is not autocast) or when q, k, v are not (B, H, S, D) with one batch. In
+every other case — ``model.eval()``, ``torch.no_grad()``, modules not converted — :func:`fp8coat_sdpa` is exactly
+``sdpa_attention_forward``.
+
+Qwen2-VL / Qwen2.5-VL vision attention calls the interface once per image (its ``cu_seqlens`` chunks): each call
+saves its own chunk's FP8 q, k, v. The custom name lives in the config's ``_attn_implementation``, which transformers
+never writes to ``config.json``: a saved checkpoint loads without fp8coat.
+
+Under ``torch.compile`` dynamo traces the mode (entered and left inside the layer's graph) and records the two
+opaque custom ops of ``fp8coat.ops.attention``: a compiled layer stays one graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..recipe import Recipe
+
+__all__ = ["ATTENTION_NAME", "FP8AttentionMixin", "fp8coat_sdpa", "is_attention_module", "register_attention"]
+
+ATTENTION_NAME = "fp8coat_sdpa"
+
+
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """An HF attention module calling the attention interface: its class name ends in ``Attention`` and it holds its
+    model's config (``nn.MultiheadAttention`` and other attention modules without one do not qualify)."""
+    return type(module).__name__.endswith("Attention") and hasattr(getattr(module, "config", None),
+                                                                   "_attn_implementation")
+
+
+class FP8AttentionMixin:
+    """An HF attention module whose SDPA saves FP8 q, k, v in training (see the module docstring); the forward is the
+    module's own."""
+
+    _fp8coat_recipe: Recipe
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}{', ' if base else ''}fp8 attention inputs=1x{self._fp8coat_recipe.activation_group_size}"
+
+    def __setstate__(self, state: dict) -> None:
+        register_attention()  # an unpickled model (another process) finds the name its config holds
+        super().__setstate__(state)
+
+
+class _SDPAToFP8(torch.overrides.TorchFunctionMode):
+    """Runs the ``F.scaled_dot_product_attention`` calls made inside it as :func:`~fp8coat.ops.attention.fp8_attention`
+    where that op applies; every other function unchanged."""
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _sdpa(*args, group_size=self.group_size, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+          group_size: int):
+    plain = (dropout_p != 0.0 or (attn_mask is not None and attn_mask.requires_grad)
+             or torch.is_autocast_enabled(query.device.type)
+             or not (query.dim() == key.dim() == value.dim() == 4)
+             or not (query.shape[0] == key.shape[0] == value.shape[0]))
+    if plain:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    from ..ops.attention import fp8_attention
+
+    return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                         group_size=group_size)
+
+
+def fp8coat_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs):
+    """HF's ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)``, its SDPA call saving FP8
+    q, k, v when ``module`` was converted with FP8 attention and trains with grad enabled."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not (isinstance(module, FP8AttentionMixin) and module.training and torch.is_grad_enabled()):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with _SDPAToFP8(module._fp8coat_recipe.activation_group_size):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Register :func:`fp8coat_sdpa` (and SDPA's mask function) under :data:`ATTENTION_NAME` with transformers'
+    ``AttentionInterface`` / ``AttentionMaskInterface`` (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, fp8coat_sdpa)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
