@@ -94,6 +94,46 @@ def test_layer_saved_bytes_equal_the_measured_ones_per_op(model_type, kv, batch,
     assert sum(planned.values()) == measured.total_bytes
 
 
+@pytest.mark.parametrize("model_type,kv,batch,seq,precision", [
+    ("llama", 2, 2, 23, "bf16"), ("llama", HEADS, 1, 32, "fp32"), ("qwen3", 2, 2, 9, "bf16"),
+])
+def test_fp8_attention_layer_saved_bytes_equal_the_measured_ones_per_op(model_type, kv, batch, seq, precision):
+    """``Recipe.fp8_attention``: the attention core keeps FP8 q, k (k, v at the key-value heads) and v with their
+    1×16 scales, counted under fp8coat's custom-op node; the rest of the layer as ``coat``."""
+    cfg = _config(model_type, kv)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(DTYPES[precision])
+    model = fp8coat.convert(model, fp8coat.get_recipe("coat").with_options(fp8_attention=True)).train()
+    layer = model.model.layers[0]
+    x = torch.randn(batch, seq, H, dtype=DTYPES[precision], requires_grad=True)
+    pe = model.model.rotary_emb(x, torch.arange(seq)[None])
+    out, measured = measure_saved_tensors(lambda: layer(x, position_embeddings=pe), modules=layer)
+    out.float().sum().backward()
+    shape = ModelShape.from_config(cfg)
+    planned = _add(layer_saved_bytes(shape, "coat", batch, seq, device="cpu", precision=precision,
+                                     fp8_attention=True), rope_saved_bytes(shape, seq, precision=precision))
+    assert planned == measured.by_op
+    coat = layer_saved_bytes(shape, "coat", batch, seq, device="cpu", precision=precision)
+    assert sum(planned.values()) < sum(_add(coat, rope_saved_bytes(shape, seq, precision=precision)).values())
+
+
+def test_fp8_attention_plan_saves_less_and_needs_coat():
+    """Llama-2-7B, batch 8 × 2048: the attention core's 8 bytes per token and channel (+ log-sum-exp and cuDNN's
+    two int64) become 3 · (1 + 4/16); the attention's backward rebuilds q, k, v, the output and the log-sum-exp, below
+    the layer's largest backward workspace (the MLP's)."""
+    coat = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048))
+    fp8 = plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, fp8_attention=True))
+    t, h, heads = 8 * 2048, 4096, 32
+    sdpa, fp8_qkv = 8 * t * h + t * heads * 4 + 16, 3 * (t * h + t * h // 16 * 4)
+    assert fp8.layer_activations == coat.layer_activations - sdpa + fp8_qkv
+    assert fp8.workspace == coat.workspace and fp8.peak < coat.peak
+    assert "coat + FP8 attention inputs" in fp8.table()
+    with pytest.raises(ValueError, match="fp8_attention is an option of the coat recipe"):
+        PlanSettings(batch=8, seq=2048, recipe="fp8-linear", fp8_attention=True)
+    with pytest.raises(ValueError, match="fp8_attention is an option of the coat recipe"):
+        layer_saved_bytes(LLAMA7B, "bf16", 1, 16, fp8_attention=True)
+
+
 def _loss_fn(model, ids, labels, chunked: bool, amp: bool):
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -360,6 +400,10 @@ def test_cli_text_json_max_batch_and_config_paths(tmp_path, capsys):
     assert main(["plan", "--model", "llama2-7b", "--max-batch", "--memory-gib", "80", "--step-in-backward"]) == 0
     best = max_batch(LLAMA7B, PlanSettings(batch=1, seq=2048, step_in_backward=True), 80)
     assert capsys.readouterr().out.strip().endswith(f": {best}")
+    assert main(["plan", "--model", "llama2-7b", "--batch-size", "8", "--fp8-attention", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"]["fp8_attention"] is True
+    assert d["peak_bytes"] == plan_memory(LLAMA7B, PlanSettings(batch=8, seq=2048, fp8_attention=True)).peak
     folder = tmp_path / "ckpt"
     folder.mkdir()
     cfg = _config("qwen3", 2, layers=3).to_dict()
@@ -377,6 +421,7 @@ def test_cli_errors(tmp_path, capsys):
         (["--model", str(bad)], "model_type 'gpt2'"), (["--batch-size", "0"], "batch must be"),
         (["--recipe", "fp4"], "unknown recipe"), (["--model", str(tmp_path / "none")], "unknown model"),
         (["--max-batch", "--memory-gib", "0"], "memory must be"),
+        (["--recipe", "bf16", "--fp8-attention"], "fp8_attention is an option of the coat recipe"),
     ]:
         assert main(["plan", *argv]) == 2
         assert message in capsys.readouterr().err

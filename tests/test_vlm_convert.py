@@ -27,6 +27,10 @@ channel, a fifth to a quarter of a block's bf16 bytes), and their GELU MLPs give
 tokens (34 CLIP tokens -> 48) add to that. The converted modules alone save 0.45 (CLIP) to 0.26 (Qwen2.5-VL) of
 their bf16 bytes at real shapes (docs/vlm.md). In LLaVA only the vision layers up to the feature layer (-2: the
 first of two) are on the loss path and counted.
+
+With ``Recipe.fp8_attention`` the attention cores keep FP8 q, k, v instead (:func:`_attention_bytes`, exact), and the
+vision encoders save 0.562 (CLIP) / 0.593 (SigLIP) / 0.460 (Qwen2-VL) / 0.364 (Qwen2.5-VL) of bf16's bytes, the LMs
+0.346 (LLaVA) / 0.353 (Qwen) (:data:`RATIOS_FP8_ATTENTION`).
 """
 
 from __future__ import annotations
@@ -237,6 +241,65 @@ def test_saved_bytes_vision_and_lm_exact(family):
         if part == "lm":
             assert coat / bf16 <= 0.45
     assert totals["bf16"]["other"] == totals["coat"]["other"]  # projector / merger, LM head and loss
+
+
+def _attention_bytes(family: str, part: str, fp8: bool, batch: int = 2, text: int = 12) -> int:
+    """Bytes the attention cores of ``part`` on the loss path save in a bf16 model on the CPU (t tokens, width d,
+    4 heads of 16, the LMs' k and v at 2 heads):
+
+    * SDPA (``ScaledDotProductFlashAttentionForCpu``): the storages of q, k, v and of its output, bf16, and the fp32
+      log-sum-exp (4 per token and head). In the LLaVA towers q, k, v are views of the q/k/v projections' outputs
+      (2td each); in Qwen's vision blocks q and k are RoPE's outputs (2td each) and v a view of the fused qkv
+      output, which it keeps whole (6td); each image's chunk has its own output and log-sum-exp. In the LMs: q and
+      k RoPE's outputs, v the projection's output.
+    * ``fp8_attention``: q, k, v in E4M3 with fp32 1×16 scales (16 + 4 bytes per token and head), nothing else.
+    """
+    heads, head_dim = 4, 16
+    if part == "lm":
+        t, layers, kv_heads = batch * ((V.IMAGES_PER_LLAVA if family in LLAVA else V.MERGED_PER_QWEN + 2) + text), 2, 2
+    elif family in LLAVA:
+        t, layers, kv_heads = batch * (V.IMAGES_PER_LLAVA + (family != "llava-siglip")), 1, heads
+    else:
+        t, layers, kv_heads = batch * V.IMAGES_PER_LLAVA, 2, heads
+    if fp8:
+        return layers * (heads + 2 * kv_heads) * t * (head_dim + 4 * -(-head_dim // 16))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    v_storage = 3 * q if part == "vision" and family not in LLAVA else kv
+    return layers * (2 * t * (2 * q + kv + v_storage) + 4 * t * heads)
+
+
+RATIOS_FP8_ATTENTION = {  # coat with fp8_attention / bf16 bytes saved for backward: (vision encoder, LM)
+    "llava-clip": (0.5618, 0.3458), "llava-siglip": (0.5932, 0.3458), "llava-clip-qwen2": (0.5618, 0.3458),
+    "qwen2-vl": (0.4595, 0.3533), "qwen2.5-vl": (0.3637, 0.3533),
+}
+
+
+@pytest.mark.parametrize("family", V.FAMILIES)
+def test_fp8_attention_saved_bytes_vision_and_lm_exact(family):
+    """``Recipe.fp8_attention``: per part, what ``coat`` saves less what its attention cores' SDPA saves plus
+    their FP8 q, k, v (:func:`_attention_bytes`, each asserted against the measurement), exactly; below ``coat``."""
+    fa = fp8coat.get_recipe("coat").with_options(fp8_attention=True)
+    base = V.build(family).bfloat16()
+    inputs = V.inputs(family, dtype=torch.bfloat16)
+    totals, attention = {}, {}
+    for name, recipe in (("bf16", "bf16"), ("coat", "coat"), ("fa", fa)):
+        model = fp8coat.convert(copy.deepcopy(base), recipe).train()
+        _, report = measure_saved_tensors(lambda m=model: m(**inputs).loss, modules=model)
+        totals[name] = {part: sum(b for fqn, b in report.by_module.items() if _part(family, fqn) == part)
+                        for part in ("vision", "lm")}
+        totals[name]["vision"] += report.by_module.get("", 0)  # the bf16 quick-GELUs' scalars
+        cores = [(op, _part(family, module), nbytes) for op, module, _, _, nbytes in report.entries
+                 if module.endswith(("self_attn", ".attn"))]
+        attention[name] = {part: sum(b for op, p, b in cores if p == part and op in (
+            "ScaledDotProductFlashAttentionForCpu", "_EagerOpBackward")) for part in ("vision", "lm")}
+    for k, part in enumerate(("vision", "lm")):
+        sdpa, fp8 = _attention_bytes(family, part, False), _attention_bytes(family, part, True)
+        assert attention["coat"][part] == sdpa and attention["fa"][part] == fp8
+        assert totals["fa"][part] == totals["coat"][part] - sdpa + fp8 < totals["coat"][part]
+        ratio = totals["fa"][part] / totals["bf16"][part]
+        print(f"{family} {part}: coat+fp8_attention {totals['fa'][part]} / bf16 {totals['bf16'][part]} = "
+              f"{ratio:.4f} (coat {totals['coat'][part] / totals['bf16'][part]:.4f})")
+        assert round(ratio, 4) == RATIOS_FP8_ATTENTION[family][k]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ each RMSNorm (rows R, W)    fp32 input R·W·4 (Pow), rstd    as ``bf16``       
 q/k/v (one shared input)    T·H·a (Mm)                      FP8 transposed input H·Tp       nothing (rebuilt from
                                                             + fp32 scales                   the norm's FP8 input)
 attention (SDPA)            q, out B·Hq·S·D·a; k, v B·Hkv·S·D·a; log-sum-exp B·Hq·S fp32 (CUDA: + two int64)
+                            ``coat`` with ``fp8_attention``: q, k, v FP8 (B·Hq + 2·B·Hkv)·S·D + fp32 scales
+                            (B·Hq + 2·B·Hkv)·S·ceil(D/G)·4, nothing else (``fp8coat.ops.attention``)
 o projection                nothing (its input is SDPA's     FP8 transposed input Hq·D·Tp    as ``fp8-linear``
                             output)
 gate/up (one shared input)  T·H·a (Mm)                      FP8 transposed input H·Tp       nothing (rebuilt)
@@ -97,11 +99,15 @@ def _fp8_rmsnorm(out: Counter, rows: int, width: int) -> None:
 
 
 def attention_saved_bytes(shape: ModelShape, batch: int, seq: int, *, device: str = "cuda",
-                          precision: str = "bf16") -> "dict[str, int]":
+                          precision: str = "bf16", fp8_attention: bool = False) -> "dict[str, int]":
     """What SDPA keeps: q and the output (B, Hq, S, D), k and v (B, Hkv, S, D) in the attention dtype (bf16 under
-    autocast), the fp32 log-sum-exp (B, Hq, S) (CUDA fp32: rows padded to 32) and, on CUDA, two int64 scalars."""
-    e = 4 if precision == "fp32" else 2
+    autocast), the fp32 log-sum-exp (B, Hq, S) (CUDA fp32: rows padded to 32) and, on CUDA, two int64 scalars.
+    ``fp8_attention`` (``Recipe.fp8_attention``): q, k, v as E4M3 with fp32 1×G scales, on any device and
+    precision, and nothing else."""
     b, s, d = batch, seq, shape.head_dim
+    if fp8_attention:
+        return {FP8_OP: (shape.heads + 2 * shape.kv_heads) * b * s * (d + 4 * cdiv(d, ACT_GROUP))}
+    e = 4 if precision == "fp32" else 2
     tensors = (2 * shape.heads + 2 * shape.kv_heads) * b * s * d * e
     if device == "cpu":
         return {"ScaledDotProductFlashAttentionForCpu": tensors + b * shape.heads * s * 4}
@@ -115,14 +121,18 @@ def _linear_op(bias: bool) -> str:
 
 
 def layer_saved_bytes(shape: ModelShape, recipe: str, batch: int, seq: int, *, device: str = "cuda",
-                      precision: str = "bf16", compiled: bool = False) -> "dict[str, int]":
+                      precision: str = "bf16", compiled: bool = False, fp8_attention: bool = False
+                      ) -> "dict[str, int]":
     """``{op: bytes}`` one decoder layer keeps for backward (RoPE's shared cos/sin excluded); see the module
-    docstring for the formulas."""
+    docstring for the formulas. ``fp8_attention``: ``Recipe.fp8_attention`` (``coat`` only)."""
     _check(recipe, precision, device)
+    if fp8_attention and recipe != "coat":
+        raise ValueError(f"fp8_attention is an option of the coat recipe, not of {recipe!r}")
     t, tp = batch * seq, padded(batch * seq, 16)
     h, i, d = shape.hidden, shape.intermediate, shape.head_dim
     r, a = _residual_bytes(precision), _linear_out_bytes(precision)
-    attention = attention_saved_bytes(shape, batch, seq, device=device, precision=precision)
+    attention = attention_saved_bytes(shape, batch, seq, device=device, precision=precision,
+                                      fp8_attention=fp8_attention)
     out: Counter = Counter()
     if compiled and recipe == "bf16" and precision == "bf16":
         out["CompiledFunction"] = 4 * t * h * a + 3 * t * i * a + 2 * t * 4 + sum(attention.values())

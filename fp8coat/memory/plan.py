@@ -65,7 +65,9 @@ class PlanSettings:
     bf16 parameters fp8coat trains, ``fp32`` makes them fp32). ``loss_chunk_tokens``: tokens per chunk of the
     chunked loss (None: its default). ``activation_checkpointing``: each decoder layer keeps only its input and
     recomputes the rest in backward. ``cache_fp8_weights``: converted linears keep their weights' FP8 copies
-    between steps (``Recipe.cache_fp8_weights``; off by default, as in ``fp8coat train``). ``compiled``:
+    between steps (``Recipe.cache_fp8_weights``; off by default, as in ``fp8coat train``). ``fp8_attention``:
+    the attention core saves FP8 q, k, v and recomputes itself in backward (``Recipe.fp8_attention``; ``coat``
+    only). ``compiled``:
     ``torch.compile`` per decoder layer. ``device``: ``cuda`` or ``cpu`` (which attention kernel saves what, and
     whether the fused kernels run).
     """
@@ -81,6 +83,7 @@ class PlanSettings:
     loss_chunk_tokens: "int | None" = None
     activation_checkpointing: bool = False
     cache_fp8_weights: bool = False
+    fp8_attention: bool = False
     grad_accum: int = 1
     compiled: bool = False
     expansion: bool = True
@@ -108,6 +111,8 @@ class PlanSettings:
         if self.batch % self.gpus:
             raise ValueError(f"batch {self.batch} must be a multiple of gpus {self.gpus} (each rank takes an equal "
                              "share of the rows)")
+        if self.fp8_attention and self.recipe != "coat":
+            raise ValueError(f"fp8_attention is an option of the coat recipe, not of {self.recipe!r}")
         if self.gpus > 1 and self.optimizer == "torchao-fp8":
             raise ValueError("optimizer torchao-fp8 is not supported with FSDP (gpus > 1)")
 
@@ -198,7 +203,8 @@ class MemoryPlan:
     def table(self) -> str:
         """Markdown table of the breakdown and the phases, in GiB."""
         s = self.settings
-        title = (f"{s.recipe}, optimizer {s.optimizer} ({s.master_mode} master, {s.param_dtype} params), batch "
+        recipe = s.recipe + (" + FP8 attention inputs" if s.fp8_attention else "")
+        title = (f"{recipe}, optimizer {s.optimizer} ({s.master_mode} master, {s.param_dtype} params), batch "
                  f"{s.batch} x seq {s.seq}" + (f" over {s.gpus} GPUs ({s.rank_batch} per GPU)" if s.gpus > 1 else "")
                  + (", step in backward" if s.step_in_backward else "")
                  + (", chunked loss" if s.chunked_loss else ", full logits")
@@ -278,7 +284,8 @@ def plan_memory(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
 
     b, seq, prec = s.rank_batch, s.seq, s.precision
     compiled = s.compiled
-    eager_layer = layer_saved_bytes(shape, s.recipe, b, seq, device=s.device, precision=prec, compiled=compiled)
+    eager_layer = layer_saved_bytes(shape, s.recipe, b, seq, device=s.device, precision=prec, compiled=compiled,
+                                    fp8_attention=s.fp8_attention)
     if s.activation_checkpointing:
         layer = checkpointed_layer_bytes(shape, b, seq, precision=prec)
     else:
@@ -292,7 +299,7 @@ def plan_memory(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
                                          chunk_tokens=s.loss_chunk_tokens)
     grad_elem = 2 if n > 1 else pb  # FSDP computes the unsharded gradients in bf16
     workspace = layer_backward_workspace(shape, s.recipe, b, seq, precision=prec, device=s.device,
-                                         grad_bytes=grad_elem, compiled=compiled)
+                                         grad_bytes=grad_elem, compiled=compiled, fp8_attention=s.fp8_attention)
 
     fsdp_fwd = fsdp_bwd = 0
     if n > 1:

@@ -8,7 +8,8 @@ These are estimates from the tensor sizes each step allocates (not exact counts)
   output and input; chunked: the scaled d_hidden and d_weight).
 * :func:`layer_backward_workspace`: one decoder layer's backward replayed as a sequence of allocations and frees
   (incoming gradient, per op the gradients it makes and its temporaries — FP8 GEMM operands G8, G8ᵀ, Wᵀ8 and the
-  rebuilt X8ᵀ, the attention's gradients and fp32 dq accumulator — and the saved tensors released after each op);
+  rebuilt X8ᵀ, the attention's gradients and fp32 dq accumulator; with ``fp8_attention`` also the dequantized q, k,
+  v and the recomputed output and log-sum-exp — and the saved tensors released after each op);
   returns the largest level reached above "the layer's saved tensors held". The layer's parameter gradients are
   included (the caller subtracts nothing for them).
 """
@@ -16,7 +17,7 @@ These are estimates from the tensor sizes each step allocates (not exact counts)
 from __future__ import annotations
 
 from .._grid import cdiv, padded
-from .layer_saved import ACT_GROUP, layer_saved_bytes
+from .layer_saved import ACT_GROUP, attention_saved_bytes
 from .model_shape import ModelShape
 
 __all__ = ["layer_backward_workspace", "loss_transients"]
@@ -90,11 +91,13 @@ def _norm_bwd(tl: _Timeline, rows: int, width: int, fp8: bool, cpu: bool, r: int
 
 
 def layer_backward_workspace(shape: ModelShape, recipe: str, batch: int, seq: int, *, precision: str = "bf16",
-                             device: str = "cuda", grad_bytes: "int | None" = None, compiled: bool = False) -> int:
+                             device: str = "cuda", grad_bytes: "int | None" = None, compiled: bool = False,
+                             fp8_attention: bool = False) -> int:
     """Peak bytes above "the layer's saved tensors held" while one decoder layer runs its backward, incoming
     gradient and the layer's parameter gradients (``grad_bytes`` per element; default: the parameters' dtype)
     included. A compiled ``bf16``-recipe layer (one backward graph that frees each saved tensor after its last
-    use) is approximated by the incoming gradient and the layer's gradients alone."""
+    use) is approximated by the incoming gradient and the layer's gradients alone. ``fp8_attention``:
+    ``Recipe.fp8_attention``, whose backward rebuilds q, k, v and reruns the attention forward first."""
     t = batch * seq
     tp = padded(t, 16)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_out, shape.kv_out
@@ -146,12 +149,15 @@ def layer_backward_workspace(shape: ModelShape, recipe: str, batch: int, seq: in
     else:
         tl.alloc(t * q * a, h * q * p)
     e = 4 if precision == "fp32" else 2
-    attn_saved = sum(layer_saved_bytes(shape, "bf16", batch, seq, device=device, precision=precision).get(op, 0)
-                     for op in ("ScaledDotProductCudnnAttention", "ScaledDotProductEfficientAttention",
-                                "ScaledDotProductFlashAttentionForCpu"))
+    attn_saved = sum(attention_saved_bytes(shape, batch, seq, device=device, precision=precision,
+                                           fp8_attention=fp8_attention).values())
     sdpa_temps = 0 if cpu else t * q * 4 + batch * shape.heads * seq * 4  # fp32 dq accumulator, softmax delta
+    rebuilt = 0
+    if fp8_attention:  # q̂, k̂, v̂ dequantized, the recomputed output and its log-sum-exp
+        rebuilt = t * (q + 2 * kv) * e + t * q * e + batch * shape.heads * seq * 4
+        tl.alloc(rebuilt)
     tl.alloc(t * (q + 2 * kv) * e, sdpa_temps)
-    tl.free(sdpa_temps, t * q * a, attn_saved)
+    tl.free(sdpa_temps, rebuilt, t * q * a, attn_saved)
     tl.alloc(2 * t * (q + kv) * e)  # RoPE backward: dq·cos + rot(dq·sin), same for k
     tl.free(t * (q + kv) * e, t * (q + kv) * e)
     if shape.qk_norm:

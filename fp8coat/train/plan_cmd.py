@@ -63,6 +63,9 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache-fp8-weights", dest="cache_fp8_weights", action=argparse.BooleanOptionalAction,
                    default=False, help="converted linears keep their FP8 weight copies between steps, 1 byte "
                    "per weight (default: off, as fp8coat train)")
+    p.add_argument("--fp8-attention", dest="fp8_attention", action=argparse.BooleanOptionalAction,
+                   default=False, help="coat only: the attention core keeps FP8 q, k, v for backward and recomputes "
+                   "itself there (default: off, as fp8coat train)")
     p.add_argument("--compile", dest="compiled", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile each decoder layer")
     p.add_argument("--expansion", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +87,7 @@ def run_plan(args) -> int:
         master_weights=args.master_weights, gpus=args.gpus, step_in_backward=args.step_in_backward,
         chunked_loss=args.chunked_loss, loss_chunk_tokens=args.loss_chunk,
         activation_checkpointing=args.activation_checkpointing, cache_fp8_weights=args.cache_fp8_weights,
+        fp8_attention=args.fp8_attention,
         grad_accum=args.grad_accum, compiled=args.compiled, expansion=args.expansion, device=args.device,
     )
     if args.max_batch:
