@@ -155,6 +155,16 @@ def test_fp8_weight_cache_option_applies_to_the_fp8_variants_only():
     assert not compare_module.variant_config(TrainConfig(), "coat", 0, "x").cache_fp8_weights
 
 
+def test_fp8_attention_option_applies_to_the_coat_variants_only():
+    base = TrainConfig(fp8_attention=True)
+    assert not compare_module.variant_config(base, "bf16-torchopt", 0, "x").fp8_attention
+    assert not compare_module.variant_config(base, "fp8-linear", 0, "x").fp8_attention
+    coat = compare_module.variant_config(base, "coat-noexp", 0, "x")
+    assert coat.fp8_attention
+    assert compare_module.describe(coat) == "coat (FP8 attention) + fp8coat AdamW (no expansion)"
+    assert not compare_module.variant_config(TrainConfig(), "coat", 0, "x").fp8_attention
+
+
 def test_plot_draws_the_mean_and_min_max_band_of_each_variant():
     pytest.importorskip("matplotlib")
     import matplotlib

@@ -57,6 +57,27 @@ def test_uncached_fp8_weights_give_the_same_run_and_hold_nothing(tmp_path):
     assert json.loads((tmp_path / "default" / "config.json").read_text())["cache_fp8_weights"] is False
 
 
+def test_fp8_attention_option_keeps_the_forward_saves_less_and_stays_on_resume(tmp_path, capsys):
+    """--fp8-attention (Recipe.fp8_attention): the first step's loss is the default run's (the same forward), the
+    later ones differ (gradients at the FP8 q, k, v), less is saved for backward; the run's config records it and a
+    resume may not turn it off."""
+    losses, summaries = {}, {}
+    for flags in ((), ("--fp8-attention",)):
+        out = tmp_path / ("fp8" if flags else "default")
+        assert _run(["train", "--out-dir", str(out), "--steps", "3", "--eval-every", "0", *flags, *COMMON]) == 0
+        losses[flags] = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")]
+        summaries[flags] = json.loads((out / "summary.json").read_text())
+    fp8 = ("--fp8-attention",)
+    assert losses[fp8][0] == losses[()][0] and losses[fp8][1:] != losses[()][1:]
+    assert summaries[fp8]["saved_activation_bytes"] < summaries[()]["saved_activation_bytes"]
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["fp8_attention"] is True
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["fp8_attention"] is False
+    capsys.readouterr()
+    assert _run(["train", "--out-dir", str(tmp_path / "fp8"), "--resume", "--steps", "4", "--no-fp8-attention",
+                 *COMMON]) == 2
+    assert "--fp8-attention False (the run has True)" in capsys.readouterr().err
+
+
 def test_fp8_weight_cache_option_needs_an_fp8_recipe():
     """bf16 runs take the default (no cache); asking for FP8 weight copies of a BF16 model is refused by name."""
     from fp8coat.train.config import TrainConfig
@@ -127,6 +148,7 @@ def test_resume_continues_with_identical_losses(tmp_path, recipe, master, extra)
     (["--min-lr-ratio", "nan"], "min-lr-ratio must be in [0, 1], got nan"),
     (["--keep-last", "-1"], "keep-last must be >= 0, got -1"),
     (["--recipe", "bf16", "--cache-fp8-weights"], "--cache-fp8-weights keeps the FP8 weight copies"),
+    (["--recipe", "fp8-linear", "--fp8-attention"], "--fp8-attention has the attention core save FP8 q, k, v"),
 ])
 def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "bad"

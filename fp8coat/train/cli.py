@@ -49,6 +49,10 @@ _HELP = {
                          "--grad-accum. Off (the default), the weights are quantized in every forward and nothing "
                          "is held from forward to backward: same results, and on Llama-2-7B the same speed with "
                          "1 byte per weight less memory",
+    "fp8_attention": "coat only: the attention core (SDPA) keeps FP8 copies of q, k, v for backward instead of q, "
+                     "k, v and its output in BF16, and its backward runs the attention forward again (one more "
+                     "attention forward per step); the forward is unchanged, the gradients are those at the "
+                     "quantized q, k, v",
     "fsdp": "shard the model over the processes of torchrun with FSDP2: auto (on when WORLD_SIZE > 1) | on | off. "
             "--batch-size is the global batch: each rank takes an equal share of its rows (it must divide evenly), "
             "so a step sees the data of one process; rank 0 logs and writes the files; checkpoints resume on any "

@@ -7,7 +7,8 @@ torchao is installed: FP8 states in blocks of 256 of the flattened tensor, no ex
 params). The default, :data:`DEFAULT_VARIANTS`, is the usual BF16 baseline (``bf16-torchopt``: BF16 autocast,
 torch's AdamW with fp32 params and states) against fp8coat (``coat``: FP8 linear layers and FP8-saved
 activations, ``fp8coat.AdamW`` with FP8 states). The other options apply to every variant, except
-``--cache-fp8-weights``, which only the FP8 variants take (a ``bf16`` variant has no FP8 weights to keep).
+``--cache-fp8-weights``, which only the FP8 variants take (a ``bf16`` variant has no FP8 weights to keep), and
+``--fp8-attention``, which only the ``coat`` variants take (an option of that recipe).
 
 Gaps and memory ratios are relative to the baseline row: the first variant with recipe ``bf16`` and torch's
 AdamW, else the first ``bf16`` variant, else the first variant. With several seeds every variant runs once per
@@ -45,7 +46,8 @@ _OPTIMIZER_NAMES = {"torch": "torch AdamW", "fp8coat": "fp8coat AdamW", "torchao
 _RECIPE_NOTES = {
     "bf16": "the model unchanged (BF16 GEMMs, activations saved as the original model saves them)",
     "fp8-linear": "FP8 linear layers (E4M3 forward, E5M2 gradients) that save FP8 inputs",
-    "coat": "FP8 linear layers plus FP8-saved inputs of norms and activation functions (COAT)",
+    "coat": "FP8 linear layers plus FP8-saved inputs of norms and activation functions (COAT); with \"FP8 "
+            "attention\" (`--fp8-attention`) also FP8-saved q, k, v of the attention core, recomputed in backward",
 }
 _OPTIMIZER_NOTES = {
     "torch": "`torch.optim.AdamW`: fp32 params and fp32 moments, 12 B/param with the params (with the `bf16` "
@@ -68,6 +70,8 @@ def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> 
     changes = {"recipe": recipe, "seed": seed, "out_dir": os.path.join(out_dir, f"{variant}_seed{seed}")}
     if recipe == "bf16":  # --cache-fp8-weights is for the FP8 variants; a BF16 model has no FP8 weights
         changes["cache_fp8_weights"] = False
+    if recipe != "coat":  # --fp8-attention is an option of the coat recipe
+        changes["fp8_attention"] = False
     for mod in mods:
         if mod not in _MODIFIERS:
             raise ValueError(f"unknown variant modifier {mod!r} in {variant!r}; known: {sorted(_MODIFIERS)}")
@@ -77,7 +81,8 @@ def variant_config(base: TrainConfig, variant: str, seed: int, out_dir: str) -> 
 
 def describe(cfg: TrainConfig) -> str:
     """A row name for a run: ``"<recipe> + <optimizer>"`` with its optimizer options in parentheses, e.g.
-    ``"bf16 + torch AdamW"``, ``"coat + fp8coat AdamW"``, ``"coat + fp8coat AdamW (no expansion)"``."""
+    ``"bf16 + torch AdamW"``, ``"coat + fp8coat AdamW"``, ``"coat + fp8coat AdamW (no expansion)"``,
+    ``"coat (FP8 attention) + fp8coat AdamW"``."""
     options = []
     if cfg.optimizer == "fp8coat":
         if not cfg.expansion:
@@ -88,7 +93,8 @@ def describe(cfg: TrainConfig) -> str:
             options.append("no master, stochastic rounding")
         elif cfg.master_weights == "none":
             options.append("no master, round to nearest")
-    name = f"{cfg.recipe} + {_OPTIMIZER_NAMES.get(cfg.optimizer, cfg.optimizer)}"
+    recipe = cfg.recipe + (" (FP8 attention)" if cfg.fp8_attention else "")
+    name = f"{recipe} + {_OPTIMIZER_NAMES.get(cfg.optimizer, cfg.optimizer)}"
     return name + (f" ({', '.join(options)})" if options else "")
 
 

@@ -32,6 +32,7 @@ class TrainConfig:
     chunked_loss: bool = True  # LM head + cross-entropy over token chunks: the logits are never kept for backward
     step_in_backward: bool = False  # update each parameter as soon as its gradient exists; no gradients kept
     cache_fp8_weights: bool = False  # FP8 linears keep their weights' E4M3 copies between steps (Recipe option)
+    fp8_attention: bool = False  # the attention core saves FP8 q, k, v and recomputes itself (Recipe option; coat)
     activation_checkpointing: bool = False  # each decoder layer keeps only its input; recomputed in backward
     # several processes (torchrun)
     fsdp: str = "auto"  # shard the model with FSDP2: "on", "off", or "auto" (on when launched with WORLD_SIZE > 1)
@@ -79,6 +80,9 @@ class TrainConfig:
         if self.cache_fp8_weights and self.recipe == "bf16":
             raise ValueError("--cache-fp8-weights keeps the FP8 weight copies of FP8 linear layers: it needs an "
                              "FP8 recipe (fp8-linear or coat)")
+        if self.fp8_attention and self.recipe != "coat":
+            raise ValueError("--fp8-attention has the attention core save FP8 q, k, v like coat's norms and "
+                             "activations: it needs the coat recipe")
         if self.fsdp_reduce_fp32 and self.fsdp == "off":
             raise ValueError("--fsdp-reduce-fp32 sets how FSDP averages the gradients over the ranks: it needs "
                              "--fsdp on or auto")

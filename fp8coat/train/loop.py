@@ -380,7 +380,8 @@ def _setup(cfg: TrainConfig, ranks: Ranks, run_id: str, device: torch.device, ck
     else:
         model, data, identity, train_data, val, source = _setup_text(cfg, ranks, model_source, ckpt, state, device,
                                                                       dtype, quiet)
-    model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights))
+    model = convert(model, get_recipe(cfg.recipe).with_options(cache_fp8_weights=cfg.cache_fp8_weights,
+                                                               fp8_attention=cfg.fp8_attention))
     model.train()
     if cfg.activation_checkpointing:
         _checkpoint_layers(model)
@@ -459,7 +460,8 @@ def _describe(run: _Run) -> str:
                  f"{cfg.batch_size // ranks.world_size} rows of each batch per rank)")
     size = (f"{len(data.images.train)} train records" if run.vlm else
             f"{human_count(data.n_train_tokens)} train tokens")
-    return (f"{run.source}: {human_count(run.n_params)} params, recipe {cfg.recipe}, optimizer {cfg.optimizer}, "
+    recipe = cfg.recipe + (" with FP8 attention inputs" if cfg.fp8_attention else "")
+    return (f"{run.source}: {human_count(run.n_params)} params, recipe {recipe}, optimizer {cfg.optimizer}, "
             f"{'bf16' if _param_dtype(cfg) == torch.bfloat16 else 'fp32'} params, {where}, data "
             f"{data.source} ({size}), {cfg.steps} steps of {human_count(run.tokens_per_step)} tokens")
 

@@ -45,6 +45,7 @@ def run_plan(cfg: TrainConfig, model: str, vocab_size: int, world_size: int = 1
         batch=cfg.batch_size, seq=cfg.seq_len, recipe=cfg.recipe, optimizer=cfg.optimizer,
         master_weights=cfg.master_weights, gpus=world_size, step_in_backward=cfg.step_in_backward,
         chunked_loss=cfg.chunked_loss, cache_fp8_weights=cfg.cache_fp8_weights, grad_accum=cfg.grad_accum,
+        fp8_attention=cfg.fp8_attention,
         activation_checkpointing=cfg.activation_checkpointing,
         compiled=cfg.compile, expansion=cfg.expansion, device="cuda",
     )
