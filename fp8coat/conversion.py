@@ -172,7 +172,9 @@ def convert(
 def _convert_attention(selected, recipe: Recipe) -> None:
     """Swap :class:`FP8AttentionMixin` onto the selected HF attention modules whose config runs ``"sdpa"`` and point
     those configs to :data:`~fp8coat.nn.attention.ATTENTION_NAME`; mark the others with the implementation they
-    keep. The configs switch after every module was looked at (modules of one encoder share one config)."""
+    keep. The configs switch after every module was looked at (modules of one encoder share one config), through
+    ``_attn_implementation_internal`` as ``PreTrainedModel.set_attn_implementation`` itself writes it: that method
+    applies to whole sub-models, not to the modules ``module_filter_fn`` selected."""
     register_attention()
     configs = []
     for module in selected:
