@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--caption-eval", type=int, default=64, help="held-out records captioned per accuracy run")
     ap.add_argument("--jobs", type=int, default=6, help="accuracy runs at once")
-    ap.add_argument("--extra", default="", help="more fp8coat compare arguments for every run, space-separated")
+    ap.add_argument("--extra", default="", help="more fp8coat compare arguments for every run, space-separated "
+                    "(write --extra=--flag when the first one begins with -)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="after this many seconds, running compares are interrupted (finished runs are kept)")
     ap.add_argument("--out", default="/tmp/fp8coat_vlm", help="where the reports go")

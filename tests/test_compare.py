@@ -165,6 +165,16 @@ def test_fp8_attention_option_applies_to_the_coat_variants_only():
     assert not compare_module.variant_config(TrainConfig(), "coat", 0, "x").fp8_attention
 
 
+def test_fp8attn_modifier_selects_fp8_attention_for_one_coat_variant():
+    plain = compare_module.variant_config(TrainConfig(), "coat", 0, "x")
+    fp8attn = compare_module.variant_config(TrainConfig(), "coat-fp8attn", 0, "x")
+    assert not plain.fp8_attention and fp8attn.fp8_attention
+    assert compare_module.describe(fp8attn) == "coat (FP8 attention) + fp8coat AdamW"
+    assert fp8attn.out_dir.endswith("coat-fp8attn_seed0")
+    with pytest.raises(ValueError, match="coat"):  # an option of the coat recipe only
+        compare_module.variant_config(TrainConfig(), "fp8-linear-fp8attn", 0, "x")
+
+
 def test_plot_draws_the_mean_and_min_max_band_of_each_variant():
     pytest.importorskip("matplotlib")
     import matplotlib

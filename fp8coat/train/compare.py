@@ -1,11 +1,12 @@
 """``fp8coat compare``: several recipes on identical data order and seed; a loss-curve PNG and a summary table.
 
-A variant is a recipe name (``bf16``, ``fp8-linear``, ``coat``) optionally followed by modifiers:
-``-noexp`` (optimizer states without dynamic range expansion), ``-torchopt`` (``torch.optim.AdamW`` with fp32
-params and states instead of ``fp8coat.AdamW``), ``-torchaofp8`` (torchao's ``AdamWFp8`` with fp32 params, if
-torchao is installed: FP8 states in blocks of 256 of the flattened tensor, no expansion), ``-fp32master`` (fp32
-params). The default, :data:`DEFAULT_VARIANTS`, is the usual BF16 baseline (``bf16-torchopt``: BF16 autocast,
-torch's AdamW with fp32 params and states) against fp8coat (``coat``: FP8 linear layers and FP8-saved
+A variant is a recipe name (``bf16``, ``fp8-linear``, ``coat``) optionally followed by modifiers: ``-noexp``
+(optimizer states without dynamic range expansion), ``-torchopt`` (``torch.optim.AdamW`` with fp32 params and states
+instead of ``fp8coat.AdamW``), ``-torchaofp8`` (torchao's ``AdamWFp8`` with fp32 params, if torchao is installed:
+FP8 states in blocks of 256 of the flattened tensor, no expansion), ``-fp32master`` (fp32 params), ``-fp8attn``
+(``coat`` only: the attention core saves FP8 q, k, v, as ``--fp8-attention``, so that ``coat`` and ``coat-fp8attn``
+can run side by side). The default, :data:`DEFAULT_VARIANTS`, is the usual BF16 baseline (``bf16-torchopt``: BF16
+autocast, torch's AdamW with fp32 params and states) against fp8coat (``coat``: FP8 linear layers and FP8-saved
 activations, ``fp8coat.AdamW`` with FP8 states). The other options apply to every variant, except
 ``--cache-fp8-weights``, which only the FP8 variants take (a ``bf16`` variant has no FP8 weights to keep), and
 ``--fp8-attention``, which only the ``coat`` variants take (an option of that recipe).
@@ -39,7 +40,8 @@ DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 REPORT_FILES = ("compare.md", "compare.json", "loss.png")
 
 _MODIFIERS = {"noexp": {"expansion": False}, "torchopt": {"optimizer": "torch"},
-              "torchaofp8": {"optimizer": "torchao-fp8"}, "fp32master": {"master_weights": "fp32"}}
+              "torchaofp8": {"optimizer": "torchao-fp8"}, "fp32master": {"master_weights": "fp32"},
+              "fp8attn": {"fp8_attention": True}}
 
 _OPTIMIZER_NAMES = {"torch": "torch AdamW", "fp8coat": "fp8coat AdamW", "torchao-fp8": "torchao AdamWFp8"}
 
