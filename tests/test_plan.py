@@ -238,6 +238,24 @@ def test_llama7b_bf16_torch_adamw_peak_is_within_10_percent_of_the_measured_one(
     assert plan.settings.precision == "amp" and plan.weights == LLAMA7B.n_params * 4
 
 
+@pytest.mark.parametrize("batch,seq,measured_gib", [(3, 2048, 115.666), (1, 4096, 106.316)])
+def test_llama7b_compiled_bf16_autocast_peak_is_within_10_percent_of_the_measured_one(batch, seq, measured_gib):
+    """Measured on the H200 (docs/results/llama7b/2026-12-05-h200-seq{2048,4096}.json, ``bf16amp_compiled``: fp32
+    parameters, bf16 autocast, each decoder layer compiled, fused torch AdamW)."""
+    settings = PlanSettings(batch=batch, seq=seq, recipe="bf16", optimizer="torch", chunked_loss=False,
+                            compiled=True)
+    assert abs(plan_memory(LLAMA7B, settings).peak / GIB / measured_gib - 1) < 0.10
+
+
+def test_compiled_autocast_layer_keeps_one_cast_per_shared_input_and_no_weight_casts():
+    t, h, i = 3 * 2048, LLAMA7B.hidden, LLAMA7B.intermediate
+    eager = sum(layer_saved_bytes(LLAMA7B, "bf16", 3, 2048, precision="amp").values())
+    compiled = sum(layer_saved_bytes(LLAMA7B, "bf16", 3, 2048, precision="amp", compiled=True).values())
+    weight_casts = sum(w.numel for w in LLAMA7B.linear_weights()) * 2
+    assert eager - compiled == weight_casts + (2 + 1) * t * h * 2  # q/k/v share one input cast, gate/up one
+    assert i * h * 2 * 3 < weight_casts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # parameters, optimizer states, masters, FP8 weight copies
 

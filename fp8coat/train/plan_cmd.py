@@ -75,7 +75,8 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", dest="max_batch", action="store_true",
                    help="print the largest --batch-size whose peak fits in --memory-gib")
     p.add_argument("--memory-gib", dest="memory_gib", type=float, default=None,
-                   help="memory per GPU for --max-batch (default: the CUDA GPU's total memory, if there is one)")
+                   help="memory per GPU for --max-batch (default: 95%% of the CUDA GPU's total memory, if there "
+                        "is one)")
     p.set_defaults(func=run_plan)
     return p
 
