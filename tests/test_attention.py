@@ -307,12 +307,33 @@ def test_other_attention_implementations_are_kept_and_reported():
     assert conversion_summary(model) == {}
 
 
-def test_dropout_keeps_plain_sdpa():
-    """A recompute would draw another dropout mask: with attention dropout in training, SDPA runs as it is."""
+def _saves_fp8_attention_inputs(report) -> bool:
+    return any(dtype == torch.float8_e4m3fn and module.endswith("self_attn")
+               for _, module, dtype, _, _ in report.entries)
+
+
+def test_dropout_keeps_plain_sdpa_and_warns():
+    """A recompute would draw another dropout mask: with attention dropout in training, SDPA runs as it is, and the
+    user who asked for FP8 attention inputs is told."""
     model = fp8coat.convert(_tiny_llama(dropout=0.1), FP8_ATTENTION).train()
-    _, report = measure_saved_tensors(lambda: model(input_ids=IDS, labels=IDS).loss, modules=model)
-    assert not any(dtype == torch.float8_e4m3fn and module.endswith("self_attn")
-                   for _, module, dtype, _, _ in report.entries)
+    with pytest.warns(UserWarning, match="attention dropout"):
+        _, report = measure_saved_tensors(lambda: model(input_ids=IDS, labels=IDS).loss, modules=model)
+    assert not _saves_fp8_attention_inputs(report)
+
+
+def test_under_autocast_the_attention_saves_fp8_inputs_of_the_autocast_dtype():
+    """fp32 parameters under bf16 autocast (the trainer's fp32 masters): SDPA's inputs are cast to bf16 as autocast
+    casts them, so the forward equals plain coat's under autocast bit for bit and q, k, v are still saved in FP8."""
+    base = _tiny_llama().float()
+    coat = fp8coat.convert(copy.deepcopy(base), "coat").train()
+    model = fp8coat.convert(copy.deepcopy(base), FP8_ATTENTION).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = coat(input_ids=IDS, labels=IDS).loss
+        loss, report = measure_saved_tensors(lambda: model(input_ids=IDS, labels=IDS).loss, modules=model)
+    assert_bit_equal(loss, expected)
+    assert _saves_fp8_attention_inputs(report)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def _unregistered():

@@ -13,9 +13,10 @@ points them back.
 :class:`FP8AttentionMixin`, in training mode with grad enabled, the one ``F.scaled_dot_product_attention`` call that
 function makes — after its own GQA (``enable_gqa`` or ``repeat_kv``), causal-flag and cropping logic, whichever
 transformers version runs — goes to :func:`fp8coat.ops.attention.fp8_attention` (q, k, v saved as E4M3 1×G, the
-attention recomputed in backward), through a ``TorchFunctionMode`` entered around that call only. The SDPA call
-stays plain when it draws dropout (a recompute would draw another mask), when its mask needs a gradient (a learned
-position bias), under autocast (the FP8 op is not autocast) or when q, k, v are not (B, H, S, D) with one batch. In
+attention recomputed in backward), through a ``TorchFunctionMode`` entered around that call only. Under autocast
+(fp32 parameters) q, k, v are cast to the autocast dtype first, as autocast casts SDPA's inputs. The SDPA call stays
+plain, with a warning, when it draws dropout (a recompute would draw another mask), when its mask needs a gradient
+(a learned position bias) or when q, k, v are not (B, H, S, D) with one batch. In
 every other case — ``model.eval()``, ``torch.no_grad()``, modules not converted — :func:`fp8coat_sdpa` is exactly
 ``sdpa_attention_forward``.
 
@@ -28,6 +29,8 @@ opaque custom ops of ``fp8coat.ops.attention``: a compiled layer stays one graph
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,19 +79,39 @@ class _SDPAToFP8(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _plain_reason(query, key, value, attn_mask, dropout_p) -> "str | None":
+    """Why this SDPA call must run as it is (None: the FP8-saving op applies)."""
+    if dropout_p != 0.0:
+        return "attention dropout (a recompute in backward would draw another mask)"
+    if attn_mask is not None and attn_mask.requires_grad:
+        return "an attention mask that requires grad"
+    if not (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]):
+        return "q, k, v not (B, H, S, D) with one batch size"
+    return None
+
+
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
           group_size: int):
-    plain = (dropout_p != 0.0 or (attn_mask is not None and attn_mask.requires_grad)
-             or torch.is_autocast_enabled(query.device.type)
-             or not (query.dim() == key.dim() == value.dim() == 4)
-             or not (query.shape[0] == key.shape[0] == value.shape[0]))
-    if plain:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     from ..ops.attention import fp8_attention
 
-    return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                         group_size=group_size)
+    reason = _plain_reason(query, key, value, attn_mask, dropout_p)
+    if reason is not None:
+        warnings.warn(f"fp8coat: FP8 attention inputs skipped for this attention call ({reason}): it saves q, k, v "
+                      "and its output as plain SDPA does", stacklevel=3)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                             group_size=group_size)
+    # under autocast SDPA runs in the autocast dtype: the op takes q, k, v (and a float mask) cast as autocast casts
+    dtype = torch.get_autocast_dtype(device)
+    query, key, value = (t.to(dtype) for t in (query, key, value))
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                             group_size=group_size)
 
 
 def fp8coat_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
