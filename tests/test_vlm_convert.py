@@ -13,14 +13,14 @@ converted modules' bytes are asserted against the formulas of :func:`_converted_
 convert are asserted to save the same tensors under both recipes:
 
     family             vision encoder             LM (embedding, decoder layers, final norm)
-    llava-clip          60056 /  78528 = 0.7648   145144 / 342048 = 0.4243
-    llava-siglip        50216 /  62208 = 0.8072   145144 / 342048 = 0.4243
-    llava-clip-qwen2    60056 /  78528 = 0.7648   145144 / 342048 = 0.4243
-    qwen2-vl           120896 / 169488 = 0.7133    95368 / 221040 = 0.4315
+    llava-clip          53912 /  78528 = 0.6865   145144 / 342048 = 0.4243
+    llava-siglip        46120 /  62208 = 0.7414   145144 / 342048 = 0.4243
+    llava-clip-qwen2    53912 /  78528 = 0.6865   145144 / 342048 = 0.4243
+    qwen2-vl           112704 / 169488 = 0.6650    95368 / 221040 = 0.4315
     qwen2.5-vl         114376 / 218752 = 0.5229    95368 / 221040 = 0.4315
 
 The LMs reach <= 0.45 (asserted). The vision encoders do not, and cannot at any shape for CLIP / SigLIP / Qwen2-VL
-blocks: their attention core, which stays as it is, keeps q, k, v and its output in bf16 (8 bytes per token and
+blocks without ``fp8_attention``: their attention core, which then stays as it is, keeps q, k, v and its output in bf16 (8 bytes per token and
 channel, a fifth to a quarter of a block's bf16 bytes), and their GELU MLPs give less to gain than a gated MLP
 (SigLIP's tanh-GELU saves only its input in bf16). At these tiny shapes the pixels saved by the patch embedding
 (12 KB of LLaVA's 78 KB, 24 KB of Qwen's) and the padding of the FP8 transposed linear inputs to a multiple of 16
