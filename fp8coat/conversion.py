@@ -12,6 +12,10 @@ What changes (training mode only; ``model.eval()`` runs every original forward, 
   ``"fp8coat_sdpa"`` (:mod:`fp8coat.nn.attention`; a text and a vision config each on their own). Attention modules
   running another implementation (eager, flash, flex) stay as they are; ``conversion_summary`` counts them under
   ``"attention kept: <implementation>"``. ``unconvert`` switches the configs back.
+* ``coat`` also, in attention modules with one fused q/k/v projection (:data:`FUSED_QKV_NAMES`) running SDPA: the
+  attention core gets compact copies of inputs that are views into a larger output (Qwen2-VL's v, split from the
+  fused output after q and k went through RoPE, would keep the whole output alive: 4 bytes per token and channel
+  more), through the same attention interface as ``fp8_attention`` — same values, less memory.
 * Untouched: embeddings, the attention core (SDPA / flash / eager, in BF16) unless ``fp8_attention``, and everything
   outside the repeated blocks — the final norm and the LM head — unless ``module_filter_fn`` selects them.
 
@@ -54,6 +58,8 @@ from .recipe import Recipe, get_recipe
 __all__ = ["convert", "unconvert", "conversion_summary", "weight_caches"]
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# one projection computing q, k and v (Qwen2-VL / Qwen2.5-VL vision attention, Phi-3, GPT-2, GPT-NeoX)
+FUSED_QKV_NAMES = ("qkv", "qkv_proj", "c_attn", "query_key_value")
 # FP8 RMSNorm -> the module(s) reading its output, in a pre-norm block: (norm, consumer, sibling group or None)
 NORM_CONSUMERS = (("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),  # decoder layers
                   ("post_attention_layernorm", "mlp", None),
@@ -164,21 +170,29 @@ def convert(
                 swap_class(module, FP8ActivationMixin, _fp8coat_recipe=recipe, _fp8coat_kind=activation_kind(module))
         for module in selected.values():
             _link_norms_to_consumers(module)
-    if recipe.fp8_attention:
+    if recipe.fp8_activations:
         _convert_attention(selected.values(), recipe)
     return model
+
+
+def _has_fused_qkv(module: torch.nn.Module) -> bool:
+    """Whether the attention module computes q, k, v with one converted projection (:data:`FUSED_QKV_NAMES`)."""
+    return any(isinstance(getattr(module, name, None), FP8LinearMixin) for name in FUSED_QKV_NAMES)
 
 
 def _convert_attention(selected, recipe: Recipe) -> None:
     """Swap :class:`FP8AttentionMixin` onto the selected HF attention modules whose config runs ``"sdpa"`` and point
     those configs to :data:`~fp8coat.nn.attention.ATTENTION_NAME`; mark the others with the implementation they
-    keep. The configs switch after every module was looked at (modules of one encoder share one config), through
-    ``_attn_implementation_internal`` as ``PreTrainedModel.set_attn_implementation`` itself writes it: that method
-    applies to whole sub-models, not to the modules ``module_filter_fn`` selected."""
+    keep. With ``recipe.fp8_attention`` every attention module; otherwise only those with a fused q/k/v projection
+    (their SDPA gets compact inputs). The configs switch after every module was looked at (modules of one encoder
+    share one config), through ``_attn_implementation_internal`` as ``PreTrainedModel.set_attn_implementation``
+    itself writes it: that method applies to whole sub-models, not to the modules ``module_filter_fn`` selected."""
     register_attention()
     configs = []
     for module in selected:
         if not is_attention_module(module) or is_swapped(module):
+            continue
+        if not (recipe.fp8_attention or _has_fused_qkv(module)):
             continue
         implementation = module.config._attn_implementation
         if implementation in ("sdpa", ATTENTION_NAME):

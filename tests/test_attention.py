@@ -25,7 +25,7 @@ import fp8coat
 from fp8coat.conversion import conversion_summary
 from fp8coat.formats import E4M3
 from fp8coat.memory import measure_saved_tensors
-from fp8coat.nn.attention import ATTENTION_NAME, FP8AttentionMixin
+from fp8coat.nn.attention import ATTENTION_NAME, FP8AttentionMixin, compact_views
 from fp8coat.ops.attention import fp8_attention, fp8_attention_with_saved
 from fp8coat.quantization import dequantize_per_group, quantize_per_group
 
@@ -286,6 +286,45 @@ def test_qwen2_vl_vision_attention_saves_one_fp8_copy_per_image():
     fp8 = [(module, shape) for _, module, dtype, shape, _ in report.entries
            if dtype == torch.float8_e4m3fn and module.endswith(".attn")]
     assert sorted(fp8) == sorted([(f"model.visual.blocks.{b}.attn", (1, 4, 16, 16)) for b in (0, 1)] * 6)
+
+
+def test_compact_views_copies_only_views_of_larger_storages():
+    fused = torch.randn(2, 6, 6, dtype=torch.bfloat16)  # a fused q/k/v output: (B, S, 3·D), D = 2
+    q, k, v = fused[..., 0:2], fused[..., 2:4], fused[..., 4:6]
+    same = compact_views([q, k, v])  # the three fill the storage together (GPT-2): no copy
+    assert all(a is b for a, b in zip(same, (q, k, v)))
+    rope_q, rope_k = q * 2, k * 2  # q and k replaced by new tensors (RoPE): v alone keeps the fused storage
+    out = compact_views([rope_q, rope_k, v])
+    assert out[0] is rope_q and out[1] is rope_k and out[2] is not v
+    assert torch.equal(out[2], v) and out[2].is_contiguous()
+    assert out[2].untyped_storage().nbytes() == v.numel() * v.element_size()
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+def test_coat_hands_sdpa_a_compact_v_in_fused_qkv_vision_attention(family):
+    """coat converts the vision attention modules with a fused qkv projection (the LM's and LLaVA's separate q/k/v
+    stay plain SDPA): their SDPA gets a compact copy of v, so the fused output is not kept — same loss and gradients
+    bit for bit, 4 bytes per token and channel less."""
+    base = V.build(family).bfloat16()
+    model = fp8coat.convert(copy.deepcopy(base), "coat").train()
+    assert conversion_summary(V.vision_tower(model))["FP8AttentionMixin"] == 2
+    assert model.config.vision_config._attn_implementation == ATTENTION_NAME
+    assert model.config.text_config._attn_implementation == "sdpa"
+    plain = copy.deepcopy(model)
+    plain.config.vision_config._attn_implementation_internal = "sdpa"  # the same model, SDPA on the views
+    inputs = V.inputs(family, dtype=torch.bfloat16)
+    losses, grads, vision = [], [], []
+    for m in (model, plain):
+        loss, report = measure_saved_tensors(lambda m=m: m(**inputs).loss, modules=m)
+        loss.backward()
+        losses.append(loss)
+        grads.append([p.grad for p in m.parameters() if p.grad is not None])
+        vision.append(sum(b for fqn, b in report.by_module.items() if fqn.startswith("model.visual.blocks")))
+    assert_bit_equal(losses[0], losses[1])
+    for a, b in zip(*grads):
+        assert_bit_equal(a, b)
+    tokens, width = V.IMAGES_PER_LLAVA * 2, 64
+    assert vision[1] - vision[0] == 2 * 4 * tokens * width  # 2 blocks: the q and k parts of the fused output
 
 
 def test_module_filter_selects_which_configs_switch():

@@ -16,17 +16,18 @@ convert are asserted to save the same tensors under both recipes:
     llava-clip          53912 /  78528 = 0.6865   145144 / 342048 = 0.4243
     llava-siglip        46120 /  62208 = 0.7414   145144 / 342048 = 0.4243
     llava-clip-qwen2    53912 /  78528 = 0.6865   145144 / 342048 = 0.4243
-    qwen2-vl           112704 / 169488 = 0.6650    95368 / 221040 = 0.4315
-    qwen2.5-vl         114376 / 218752 = 0.5229    95368 / 221040 = 0.4315
+    qwen2-vl            96320 / 169488 = 0.5683    95368 / 221040 = 0.4315
+    qwen2.5-vl          97992 / 218752 = 0.4480    95368 / 221040 = 0.4315
 
-The LMs reach <= 0.45 (asserted). The vision encoders do not, and cannot at any shape for CLIP / SigLIP / Qwen2-VL
-blocks without ``fp8_attention``: their attention core, which then stays as it is, keeps q, k, v and its output in bf16 (8 bytes per token and
-channel, a fifth to a quarter of a block's bf16 bytes), and their GELU MLPs give less to gain than a gated MLP
-(SigLIP's tanh-GELU saves only its input in bf16). At these tiny shapes the pixels saved by the patch embedding
-(12 KB of LLaVA's 78 KB, 24 KB of Qwen's) and the padding of the FP8 transposed linear inputs to a multiple of 16
-tokens (34 CLIP tokens -> 48) add to that. The converted modules alone save 0.45 (CLIP) to 0.26 (Qwen2.5-VL) of
-their bf16 bytes at real shapes (docs/vlm.md). In LLaVA only the vision layers up to the feature layer (-2: the
-first of two) are on the loss path and counted.
+In Qwen's vision blocks ``coat`` also hands SDPA a compact copy of v (a view of the fused qkv output, which it would
+keep whole). The LMs reach <= 0.45 (asserted). The vision encoders do not (Qwen2.5-VL just does), and cannot at any
+shape for CLIP / SigLIP / Qwen2-VL blocks without ``fp8_attention``: their attention core keeps q, k, v and its
+output in bf16 (8 bytes per token and channel, a fifth to a quarter of a block's bf16 bytes), and their GELU MLPs
+give less to gain than a gated MLP (SigLIP's tanh-GELU saves only its input in bf16). At these tiny shapes the
+pixels saved by the patch embedding (12 KB of LLaVA's 78 KB, 24 KB of Qwen's) and the padding of the FP8 transposed
+linear inputs to a multiple of 16 tokens (34 CLIP tokens -> 48) add to that. The converted modules alone save 0.45
+(CLIP) to 0.26 (Qwen2.5-VL) of their bf16 bytes at real shapes (docs/vlm.md). In LLaVA only the vision layers up to
+the feature layer (-2: the first of two) are on the loss path and counted.
 
 With ``Recipe.fp8_attention`` the attention cores keep FP8 q, k, v instead (:func:`_attention_bytes`, exact), and the
 vision encoders save 0.562 (CLIP) / 0.593 (SigLIP) / 0.460 (Qwen2-VL) / 0.364 (Qwen2.5-VL) of bf16's bytes, the LMs
@@ -72,8 +73,9 @@ def _vision_encoder_summary(model) -> dict:
 EXPECTED_COUNTS = {
     "clip": {"FP8LayerNormMixin": 5, "FP8LinearMixin": 12, "FP8ActivationMixin": 2},  # pre_layrnorm + 2 layers
     "siglip": {"FP8LayerNormMixin": 4, "FP8LinearMixin": 12, "FP8ActivationMixin": 2},
-    "qwen2-vl": {"FP8LayerNormMixin": 4, "FP8LinearMixin": 8, "FP8ActivationMixin": 2},
-    "qwen2.5-vl": {"FP8RMSNormMixin": 4, "FP8LinearMixin": 10, "FP8GatedMLPMixin": 2, "FP8ActivationMixin": 2},
+    "qwen2-vl": {"FP8LayerNormMixin": 4, "FP8LinearMixin": 8, "FP8ActivationMixin": 2, "FP8AttentionMixin": 2},
+    "qwen2.5-vl": {"FP8RMSNormMixin": 4, "FP8LinearMixin": 10, "FP8GatedMLPMixin": 2, "FP8ActivationMixin": 2,
+                   "FP8AttentionMixin": 2},
     # decoder layers: q k v o gate up down, the gated MLP (and its act_fn, which the fused MLP does not call)
     "lm": {"FP8LinearMixin": 14, "FP8GatedMLPMixin": 2, "FP8ActivationMixin": 2, "FP8RMSNormMixin": 4},
 }
@@ -180,7 +182,9 @@ def _converted_bytes(family: str, part: str, recipe: str, batch: int = 2, text: 
                  + linear(t, i))
     else:  # Qwen2.5-VL: RMSNorms handing their FP8 input to qkv and the gated MLP
         block = 2 * rms(t, d) + linear(t, d, handoff=True) + linear(t, d) + gated_mlp(t, d, i)
-    return layers * block
+    # the attention modules convert too (fused qkv: compact SDPA inputs under coat), with the vision RoPE's fp32 cos
+    # and sin (t × head dim 16 each) that their q·cos and rot(q)·sin keep, shared by the blocks
+    return layers * block + _attention_bytes(family, "vision", recipe, batch, text) + 2 * t * 16 * 4
 
 
 def _part(family: str, fqn: str) -> str:
@@ -214,7 +218,7 @@ def _split(model, report) -> dict:
 
 RATIOS = {  # coat / bf16 bytes saved for backward: (vision encoder, LM)
     "llava-clip": (0.6865, 0.4243), "llava-siglip": (0.7414, 0.4243), "llava-clip-qwen2": (0.6865, 0.4243),
-    "qwen2-vl": (0.665, 0.4315), "qwen2.5-vl": (0.5229, 0.4315),
+    "qwen2-vl": (0.5683, 0.4315), "qwen2.5-vl": (0.448, 0.4315),
 }
 QUICK_GELU_CALLS = {"llava-clip": 1, "llava-clip-qwen2": 1, "qwen2-vl": 2}  # bf16, on the loss path
 
@@ -243,17 +247,19 @@ def test_saved_bytes_vision_and_lm_exact(family):
     assert totals["bf16"]["other"] == totals["coat"]["other"]  # projector / merger, LM head and loss
 
 
-def _attention_bytes(family: str, part: str, fp8: bool, batch: int = 2, text: int = 12) -> int:
+def _attention_bytes(family: str, part: str, mode: str, batch: int = 2, text: int = 12) -> int:
     """Bytes the attention cores of ``part`` on the loss path save in a bf16 model on the CPU (t tokens, width d,
-    4 heads of 16, the LMs' k and v at 2 heads):
+    4 heads of 16, the LMs' k and v at 2 heads), ``mode`` ``bf16``, ``coat`` or ``fp8`` (``fp8_attention``):
 
     * SDPA (``ScaledDotProductFlashAttentionForCpu``): the storages of q, k, v and of its output, bf16, and the fp32
       log-sum-exp (4 per token and head). In the LLaVA towers q, k, v are views of the q/k/v projections' outputs
       (2td each); in Qwen's vision blocks q and k are RoPE's outputs (2td each) and v a view of the fused qkv
-      output, which it keeps whole (6td); each image's chunk has its own output and log-sum-exp. In the LMs: q and
-      k RoPE's outputs, v the projection's output.
-    * ``fp8_attention``: q, k, v in E4M3 with fp32 1×16 scales (16 + 4 bytes per token and head), nothing else.
+      output, which it keeps whole (6td) in bf16 and which ``coat`` replaces by a compact copy of v (2td); each
+      image's chunk has its own output and log-sum-exp. In the LMs: q and k RoPE's outputs, v the projection's
+      output.
+    * ``fp8``: q, k, v in E4M3 with fp32 1×16 scales (16 + 4 bytes per token and head), nothing else.
     """
+    fp8 = mode == "fp8"
     heads, head_dim = 4, 16
     if part == "lm":
         t, layers, kv_heads = batch * ((V.IMAGES_PER_LLAVA if family in LLAVA else V.MERGED_PER_QWEN + 2) + text), 2, 2
@@ -264,7 +270,7 @@ def _attention_bytes(family: str, part: str, fp8: bool, batch: int = 2, text: in
     if fp8:
         return layers * (heads + 2 * kv_heads) * t * (head_dim + 4 * -(-head_dim // 16))
     q, kv = heads * head_dim, kv_heads * head_dim
-    v_storage = 3 * q if part == "vision" and family not in LLAVA else kv
+    v_storage = 3 * q if part == "vision" and family not in LLAVA and mode == "bf16" else kv
     return layers * (2 * t * (2 * q + kv + v_storage) + 4 * t * heads)
 
 
@@ -293,7 +299,7 @@ def test_fp8_attention_saved_bytes_vision_and_lm_exact(family):
         attention[name] = {part: sum(b for op, p, b in cores if p == part and op in (
             "ScaledDotProductFlashAttentionForCpu", "_EagerOpBackward")) for part in ("vision", "lm")}
     for k, part in enumerate(("vision", "lm")):
-        sdpa, fp8 = _attention_bytes(family, part, False), _attention_bytes(family, part, True)
+        sdpa, fp8 = _attention_bytes(family, part, "coat"), _attention_bytes(family, part, "fp8")
         assert attention["coat"][part] == sdpa and attention["fa"][part] == fp8
         assert totals["fa"][part] == totals["coat"][part] - sdpa + fp8 < totals["coat"][part]
         ratio = totals["fa"][part] / totals["bf16"][part]

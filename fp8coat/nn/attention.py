@@ -1,19 +1,23 @@
-"""FP8-saved attention inputs in HF attention modules (``Recipe.fp8_attention``).
+"""The attention core of converted HF attention modules: FP8-saved inputs (``Recipe.fp8_attention``), or compact
+inputs (``coat`` in attention modules with a fused q/k/v projection).
 
 HF attention modules run their attention core through transformers' attention interface:
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)(self, q, k, v, mask, scaling=...,
 dropout=..., is_causal=..., **kwargs)``. :func:`register_attention` registers one function there with HF's
 ``AttentionInterface.register``, :func:`fp8coat_sdpa` under :data:`ATTENTION_NAME`, and HF's SDPA mask function under
 the same name with ``AttentionMaskInterface.register`` (so the masks HF builds for it are SDPA's, bit for bit).
-``fp8coat.convert`` with ``fp8_attention`` swaps :class:`FP8AttentionMixin` onto the attention modules it converts
-(their forward is unchanged) and points their configs from ``"sdpa"`` to :data:`ATTENTION_NAME`; ``unconvert``
-points them back.
+``fp8coat.convert`` swaps :class:`FP8AttentionMixin` onto the attention modules it converts (with ``fp8_attention``
+all of them; with plain ``coat`` those with a fused q/k/v projection; their forward is unchanged) and points their
+configs from ``"sdpa"`` to :data:`ATTENTION_NAME`; ``unconvert`` points them back. Without ``fp8_attention`` the
+SDPA call runs as it is on compact inputs (:func:`compact_views`): same values, and v split from a fused output no
+longer keeps that whole output alive for backward.
 
 :func:`fp8coat_sdpa` is HF's own ``sdpa_attention_forward``, called with the same arguments. For a module carrying
 :class:`FP8AttentionMixin`, in training mode with grad enabled, the one ``F.scaled_dot_product_attention`` call that
 function makes — after its own GQA (``enable_gqa`` or ``repeat_kv``), causal-flag and cropping logic, whichever
-transformers version runs — goes to :func:`fp8coat.ops.attention.fp8_attention` (q, k, v saved as E4M3 1×G, the
-attention recomputed in backward), through a ``TorchFunctionMode`` entered around that call only. Under autocast
+transformers version runs — goes, through a ``TorchFunctionMode`` entered around that call only, to
+:func:`fp8coat.ops.attention.fp8_attention` (with ``fp8_attention``: q, k, v saved as E4M3 1×G, the attention
+recomputed in backward) or to SDPA on :func:`compact_views` of its inputs (without). Under autocast
 (fp32 parameters) q, k, v are cast to the autocast dtype first, as autocast casts SDPA's inputs. The SDPA call stays
 plain, with a warning, when it draws dropout (a recompute would draw another mask), when its mask needs a gradient
 (a learned position bias) or when q, k, v are not (B, H, S, D) with one batch. In
@@ -37,7 +41,8 @@ import torch.nn.functional as F
 
 from ..recipe import Recipe
 
-__all__ = ["ATTENTION_NAME", "FP8AttentionMixin", "fp8coat_sdpa", "is_attention_module", "register_attention"]
+__all__ = ["ATTENTION_NAME", "FP8AttentionMixin", "compact_views", "fp8coat_sdpa", "is_attention_module",
+           "register_attention"]
 
 ATTENTION_NAME = "fp8coat_sdpa"
 
@@ -57,26 +62,56 @@ class FP8AttentionMixin:
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        return f"{base}{', ' if base else ''}fp8 attention inputs=1x{self._fp8coat_recipe.activation_group_size}"
+        recipe = self._fp8coat_recipe
+        mode = f"fp8 attention inputs=1x{recipe.activation_group_size}" if recipe.fp8_attention else \
+            "compact attention inputs"
+        return f"{base}{', ' if base else ''}{mode}"
 
     def __setstate__(self, state: dict) -> None:
         register_attention()  # an unpickled model (another process) finds the name its config holds
         super().__setstate__(state)
 
 
-class _SDPAToFP8(torch.overrides.TorchFunctionMode):
-    """Runs the ``F.scaled_dot_product_attention`` calls made inside it as :func:`~fp8coat.ops.attention.fp8_attention`
-    where that op applies; every other function unchanged."""
+class _SDPAOverride(torch.overrides.TorchFunctionMode):
+    """Runs the ``F.scaled_dot_product_attention`` calls made inside it as :func:`_sdpa` (``recipe.fp8_attention``:
+    FP8-saved q, k, v) or :func:`_compact_sdpa` (plain SDPA on compact inputs); every other function unchanged."""
 
-    def __init__(self, group_size: int):
+    def __init__(self, recipe: Recipe):
         super().__init__()
-        self.group_size = group_size
+        self.recipe = recipe
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return _sdpa(*args, group_size=self.group_size, **kwargs)
-        return func(*args, **kwargs)
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        if self.recipe.fp8_attention:
+            return _sdpa(*args, group_size=self.recipe.activation_group_size, **kwargs)
+        return _compact_sdpa(*args, **kwargs)
+
+
+def compact_views(tensors: "list[torch.Tensor]") -> "list[torch.Tensor]":
+    """``tensors`` with each one that views a storage holding more than the ``tensors`` viewing it replaced by a
+    contiguous copy (same values): SDPA saves its inputs, and a view keeps its whole storage alive — v split from a
+    fused q/k/v projection's output keeps all three parts, though q and k were replaced by RoPE's outputs. Inputs
+    that fill their storage together (GPT-2's q, k, v split from one output) stay views. Under ``torch.compile``
+    the tensors are returned as they are (the partitioner decides what the compiled graph saves)."""
+    if torch.compiler.is_compiling():
+        return list(tensors)
+    viewed: dict[int, int] = {}
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        viewed[key] = viewed.get(key, 0) + t.numel() * t.element_size()
+    out = []
+    for t in tensors:
+        storage = t.untyped_storage()
+        wasteful = storage.nbytes() > viewed[storage.data_ptr()]
+        out.append(t.clone(memory_format=torch.contiguous_format) if wasteful else t)
+    return out
+
+
+def _compact_sdpa(query, key, value, *args, **kwargs):
+    query, key, value = compact_views([query, key, value])
+    return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
 
 
 def _plain_reason(query, key, value, attn_mask, dropout_p) -> "str | None":
@@ -116,13 +151,14 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 def fp8coat_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs):
-    """HF's ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)``, its SDPA call saving FP8
-    q, k, v when ``module`` was converted with FP8 attention and trains with grad enabled."""
+    """HF's ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)``; where ``module`` was
+    converted and trains with grad enabled, its SDPA call saves FP8 q, k, v (``fp8_attention``) or runs on compact
+    inputs."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not (isinstance(module, FP8AttentionMixin) and module.training and torch.is_grad_enabled()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    with _SDPAToFP8(module._fp8coat_recipe.activation_group_size):
+    with _SDPAOverride(module._fp8coat_recipe):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
