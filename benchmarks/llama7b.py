@@ -60,8 +60,8 @@ Flags:
   saved after every run; SIGTERM stops cleanly); ``--no-compile``: every row eager.
 * ``--profile ROW@BATCH``: after that run's timed steps, one more step under ``torch.profiler`` (CPU + CUDA);
   the top 25 kernels by self CUDA time and the step's time by category (FP8 GEMM, BF16 GEMM, attention, fp8coat
-  Triton kernels by module, elementwise / other, idle = step wall − time the GPU was busy) are printed and kept
-  under ``profile``. The run is added to the plan if absent.
+  Triton kernels by module, collectives (NCCL; none on one GPU), elementwise / other, idle = step wall − time the
+  GPU was busy) are printed and kept under ``profile``. The run is added to the plan if absent.
 * ``--saved-bytes``: ``fp8coat.memory.measure_saved_tensors`` of one bf16 decoder layer's forward at
   (``--saved-batch``, seq, 4096) for the ``bf16`` and ``coat`` recipes (and ``coat_cache``: ``coat`` with
   ``cache_fp8_weights=True``, where that field exists): bytes saved for backward per op (and the FP8 weight
@@ -306,7 +306,7 @@ def train_step(tr: Trainer, ids: torch.Tensor) -> torch.Tensor:
 # profile: where the step's time goes
 
 PROFILE_TOP = 25
-CATEGORIES = ("fp8_gemm", "bf16_gemm", "attention", "fp8coat_triton", "elementwise_other")
+CATEGORIES = ("fp8_gemm", "bf16_gemm", "attention", "fp8coat_triton", "collectives", "elementwise_other")
 # fp8coat's Triton kernels (module-level FastKernel objects named _*_kernel) by the module that defines them
 FP8COAT_KERNEL_MODULES = {"fp8coat.quantization.triton_kernels": "quantize", "fp8coat.ops.norms_kernels": "norm",
                           "fp8coat.ops.activation_kernels": "activation",
@@ -332,9 +332,12 @@ def fp8coat_kernel_names() -> dict[str, str]:
 def categorize(name: str, parents: "tuple[str, ...] | list[str]", fp8coat_kernels: dict[str, str]) -> tuple[str, str]:
     """``(category, detail)`` of one kernel (or, on the CPU, one op) from its name and the names of the ops that
     launched it. Categories: ``CATEGORIES``; the detail is the fp8coat module label, or for
-    ``elementwise_other``: ``inductor``, ``memcpy/memset`` or ``other``."""
+    ``elementwise_other``: ``inductor``, ``memcpy/memset`` or ``other``. ``collectives``: NCCL kernels (names
+    containing ``nccl``), on the CPU the c10d / gloo ops (FSDP2's all-gathers and reduce-scatters)."""
     n = name.lower()
     p = " ".join(parents).lower()
+    if "nccl" in n or n.startswith(("c10d::", "gloo:")):
+        return "collectives", ""
     if "_scaled_mm" in p or "_scaled_mm" in n or any(s in n for s in ("e4m3", "e5m2", "fp8")):
         return "fp8_gemm", ""
     if any(s in n or s in p for s in ("flash", "fmha", "attention", "sdpa")):
@@ -805,15 +808,8 @@ def parse_args(argv=None):
 
 def run_meta(argv) -> dict:
     """Provenance (date, commit, command) plus the GPU and package versions."""
-    import transformers
-
     meta = provenance.run_meta("benchmarks.llama7b", argv)
-    meta.update(torch=torch.__version__, transformers=transformers.__version__, python=sys.version.split()[0])
-    for mod in ("triton", "torchao"):
-        try:
-            meta[mod] = importlib.import_module(mod).__version__
-        except Exception as ex:  # noqa: BLE001 - a missing or broken package is recorded, not raised
-            meta[mod] = f"absent ({type(ex).__name__})"
+    meta.update(provenance.package_versions())
     if provenance.gpu_name():
         meta["gpu"] = provenance.gpu_name()
     return meta

@@ -4,6 +4,7 @@ and shown by ``benchmarks.report`` in each table row."""
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import shlex
 import subprocess
@@ -39,3 +40,15 @@ def run_meta(module: str, argv: list[str] | None = None) -> dict:
     process's arguments)."""
     args = sys.argv[1:] if argv is None else list(argv)
     return {"date": utc_now(), "commit": commit(), "command": shlex.join(["python", "-m", module, *args])}
+
+
+def package_versions() -> dict:
+    """The versions of torch, transformers, Python, triton and torchao (``absent (<error>)`` for a package that does
+    not import)."""
+    meta = {"python": sys.version.split()[0]}
+    for mod in ("torch", "transformers", "triton", "torchao"):
+        try:
+            meta[mod] = importlib.import_module(mod).__version__
+        except Exception as ex:  # noqa: BLE001 - a missing or broken package is recorded, not raised
+            meta[mod] = f"absent ({type(ex).__name__})"
+    return meta

@@ -17,7 +17,7 @@ export OUT="${OUT:-/tmp/fp8coat_gpu}"
 export RUN_ID="${RUN_ID:-$(date -u +%Y-%m-%d-%H%M)}"
 export RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS/optimizer" "$RESULTS/layers" "$RESULTS/fsdp" "$RESULTS/llama7b" "$RESULTS/compile_time" \
-  "$RESULTS/vlm"
+  "$RESULTS/vlm" "$RESULTS/multi_gpu"
 export PYTHONUNBUFFERED=1
 if [ -z "${FP8COAT_COMMIT:-}" ]; then
   FP8COAT_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || true)"
@@ -38,6 +38,7 @@ SECTIONS=(
   "compile_time_eager 150"
   "bench_llama7b_seq4096 300"
   "vlm_compare 580"
+  "multi_gpu 590"
   "bench_layers_before 330"
   "bench_optimizer_before 300"
   "compile_time_before 300"
@@ -136,6 +137,16 @@ section_bench_llama7b_seq4096() {
   python3 -m benchmarks.llama7b --seq 4096 --rows fp8coat_best,torchao_fp8_compiled_adamwfp8,bf16amp_compiled \
     --batches "fp8coat_best:8,10,12" --budget-s 280 --out "$RESULTS/llama7b/seq4096" ${BENCH_ARGS:-} \
     ${BENCH_LLAMA7B_SEQ4096_ARGS:-}
+}
+
+section_multi_gpu() {
+  # FSDP2 over GPUS GPUs (default: all visible): throughput per GPU of bf16 / torchao float8 / coat / coat with FP8
+  # all-gather on Llama-2-7B and the 4-layer model, loss parity of N GPUs with 1, DCP resumes N -> N and N -> 1,
+  # scaling 1 -> N with a profile (benchmarks/multi_gpu.py). One 600 s call takes either the throughput section or
+  # the other three: MULTI_GPU_ARGS="--sections throughput", then MULTI_GPU_ARGS="--sections parity,dcp,scaling"
+  local gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+  python3 -m benchmarks.multi_gpu --gpus "${gpus:-1}" --out "$RESULTS/multi_gpu/$RUN_ID" ${BENCH_ARGS:-} \
+    ${MULTI_GPU_ARGS:-}
 }
 
 # Before/after comparisons in one run: BEFORE names a tree of an earlier commit (e.g. `git archive <commit> fp8coat

@@ -152,6 +152,10 @@ def test_profile_categories_and_busy_time():
         ("_quant_transpose_kernel", ("fp8coat::linear",)): "fp8coat_triton",
         ("triton_poi_fused_add_mul_0", ()): "elementwise_other",
         ("Memcpy DtoD (Device -> Device)", ()): "elementwise_other",
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", ("nccl:_all_gather_base",)):
+            "collectives",
+        ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", ()): "collectives",
+        ("c10d::allgather_", ()): "collectives",
     }
     for (name, parents), cat in cases.items():
         assert llama7b.categorize(name, parents, kernels)[0] == cat, name
