@@ -58,10 +58,12 @@ Flags:
   batches, and a row named only there is added to the run (e.g. ``--batches fp8coat_best_cache:16``).
 * ``--seq 4096``; ``--budget-s S``: a run starts only while the elapsed time plus its estimated cost fits S (JSON
   saved after every run; SIGTERM stops cleanly); ``--no-compile``: every row eager.
-* ``--profile ROW@BATCH``: after that run's timed steps, one more step under ``torch.profiler`` (CPU + CUDA);
-  the top 25 kernels by self CUDA time and the step's time by category (FP8 GEMM, BF16 GEMM, attention, fp8coat
+* ``--profile ROW@BATCH`` (repeatable): after that run's timed steps, one more step under ``torch.profiler`` (CPU +
+  CUDA); the top 25 kernels by self CUDA time and the step's time by category (FP8 GEMM, BF16 GEMM, attention, fp8coat
   Triton kernels by module, collectives (NCCL; none on one GPU), elementwise / other, idle = step wall − time the
-  GPU was busy) are printed and kept under ``profile``. The run is added to the plan if absent.
+  GPU was busy) are printed and appended to ``profiles`` (files written before ``--profile`` repeated hold one
+  summary under ``profile``). The run is added to the plan if absent; e.g. ``--profile fp8coat_best@16 --profile
+  fp8coat_exact@16`` shows the optimizer step inside backward (per parameter) and after it (one launch).
 * ``--saved-bytes``: ``fp8coat.memory.measure_saved_tensors`` of one bf16 decoder layer's forward at
   (``--saved-batch``, seq, 4096) for the ``bf16`` and ``coat`` recipes (and ``coat_cache``: ``coat`` with
   ``cache_fp8_weights=True``, where that field exists): bytes saved for backward per op (and the FP8 weight
@@ -472,7 +474,7 @@ class Bench(harness.Bench):
         config["plan"] = [[row.name, list(batches)] for row, batches in args.plan]
         config["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # the caching allocator's settings
         super().__init__(args, {"config": config, "rows": [], "errors": {}, "skipped": [], "memory": [],
-                                "profile": None, "saved_bytes": None}, meta)
+                                "profiles": [], "saved_bytes": None}, meta)
         self.shape = DRY_SHAPE if args.dry_run else FULL_SHAPE
 
     # -- memory -----------------------------------------------------------------------------------------------
@@ -555,7 +557,7 @@ class Bench(harness.Bench):
                 f"(min {min(times_ms):.1f}, max {max(times_ms):.1f}), peak "
                 f"{entry['peak_gib'] if entry['peak_gib'] is not None else '-'} GiB (reserved {entry['reserved_gib']}, "
                 f"allocator retries {entry['alloc_retries']}), loss {entry['loss']}")
-            if a.profile == (row.name, batch):
+            if (row.name, batch) in a.profile:
                 try:
                     self.profile(tr, batch, step_ms)
                 except Exception as ex:  # noqa: BLE001 - the run's figures above stand
@@ -565,7 +567,7 @@ class Bench(harness.Bench):
             tr.close()
 
     def profile(self, tr: Trainer, batch: int, step_ms: float) -> None:
-        """One more step under ``torch.profiler``; its summary goes to ``res['profile']`` and is printed."""
+        """One more step under ``torch.profiler``; its summary is appended to ``res['profiles']`` and printed."""
         from torch.profiler import ProfilerActivity, profile
 
         a, dev = self.args, self.device
@@ -587,7 +589,7 @@ class Bench(harness.Bench):
         summary = summarize_items(profile_items(prof, self.cuda), wall_ms, fp8coat_kernel_names(),
                                   "cuda" if self.cuda else "cpu")
         summary.update(row=tr.row.name, batch=batch, seq=a.seq, step_ms_unprofiled=step_ms)
-        self.res["profile"] = summary
+        self.res["profiles"].append(summary)
         log(profile_table(summary))
 
     def cost_s(self, row: Row, batch: int, compiled: bool) -> float:
@@ -597,7 +599,7 @@ class Bench(harness.Bench):
         steps = self.args.warmup + self.args.steps
         return (BUILD_COST_S + (COMPILE_COST_S if compiled else 0.0)
                 + steps * batch * self.args.seq / EST_TOK_S[row.library]
-                + (PROFILE_COST_S if self.args.profile == (row.name, batch) else 0.0))
+                + (PROFILE_COST_S if (row.name, batch) in self.args.profile else 0.0))
 
     def run_row(self, row: Row, batches: list[int]) -> None:
         """``row`` at ``batches`` in order, until one does not succeed (out of memory, error, budget)."""
@@ -766,8 +768,7 @@ def make_plan(args) -> list[tuple[Row, list[int]]]:
             plan[n] = list(DRY_BATCHES.get(n, (2,)))
         else:
             plan[n] = sorted({max(1, b * REF_SEQ // args.seq) for b in DEFAULT_BATCHES[n]})
-    if args.profile is not None:
-        name, batch = args.profile
+    for name, batch in args.profile:
         plan.setdefault(name, [])
         plan[name] = sorted(set(plan[name]) | {batch})
     return [(ROWS[n], b) for n, b in plan.items()]
@@ -786,7 +787,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=REF_SEQ)
     ap.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                     help="run every row eagerly (the default with --dry-run)")
-    ap.add_argument("--profile", default=None, help="ROW@BATCH: profile one step of that run")
+    ap.add_argument("--profile", action="append", default=[],
+                    help="ROW@BATCH: profile one step of that run (repeatable)")
     ap.add_argument("--saved-bytes", action="store_true", help="bytes saved for backward of one decoder layer")
     ap.add_argument("--saved-batch", type=int, default=None, help="batch of --saved-bytes (default: 16; dry: 2)")
     args = ap.parse_args(argv)
@@ -797,11 +799,13 @@ def parse_args(argv=None):
     args.compile = True if args.compile is None else args.compile
     args.warmup = max(1, args.warmup)  # the first step (compilation, allocations) is never timed
     args.saved_batch = args.saved_batch or (2 if args.dry_run else 16)
-    if args.profile is not None:
-        name, sep, batch = args.profile.partition("@")
+    profiles = []
+    for spec in args.profile:
+        name, sep, batch = spec.partition("@")
         if not sep or name not in ROWS or not batch.isdigit():
-            raise SystemExit(f"--profile {args.profile!r}: expected ROW@BATCH with ROW one of {sorted(ROWS)}")
-        args.profile = (name, int(batch))
+            raise SystemExit(f"--profile {spec!r}: expected ROW@BATCH with ROW one of {sorted(ROWS)}")
+        profiles.append((name, int(batch)))
+    args.profile = profiles
     args.plan = make_plan(args)
     return harness.finish_args(args)
 

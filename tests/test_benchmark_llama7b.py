@@ -119,9 +119,11 @@ def test_out_of_memory_moves_to_the_next_row(tmp_path, monkeypatch):
 
 
 def test_profile_and_saved_bytes(tmp_path):
-    res = _run(tmp_path, "--rows", "fp8coat_exact", "--profile", "fp8coat_best@4", "--saved-bytes")
+    res = _run(tmp_path, "--rows", "fp8coat_exact", "--profile", "fp8coat_best@4", "--profile", "fp8coat_exact@2",
+               "--saved-bytes")
     assert [(r["row"], r["batch"]) for r in res["rows"]] == [("fp8coat_exact", 2), ("fp8coat_best", 4)]
-    p = res["profile"]
+    assert [(p["row"], p["batch"]) for p in res["profiles"]] == [("fp8coat_exact", 2), ("fp8coat_best", 4)]
+    p = res["profiles"][1]
     assert (p["row"], p["batch"], p["device"]) == ("fp8coat_best", 4, "cpu")
     assert set(p["categories_ms"]) == set(llama7b.CATEGORIES)
     assert sum(p["categories_ms"].values()) == pytest.approx(p["kernel_sum_ms"])
