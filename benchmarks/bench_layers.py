@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 import fp8coat
 from benchmarks import harness, provenance
-from benchmarks.harness import graph_replay_ms, log, problem_lines, sync, time_back_to_back_ms, time_ms
+from benchmarks.harness import fmt, graph_replay_ms, log, problem_lines, sync, time_back_to_back_ms, time_ms
 from benchmarks.report import TARGET_PEAK_GIB, TARGET_TOK_S  # model4 targets for fp8coat
 from fp8coat.compiling import compile_layers
 from fp8coat.conversion import weight_caches
@@ -407,10 +407,6 @@ class Bench(harness.Bench):
 # report
 
 
-def _fmt(v, spec: str, missing: str = "-") -> str:
-    return missing if v is None else format(v, spec)
-
-
 def table(res: dict) -> str:
     """Compact markdown tables of the three sections, the target check, errors and skipped runs."""
     lines = []
@@ -430,9 +426,9 @@ def table(res: dict) -> str:
             extra = []
             for col in ("b2b_ms", "graph_ms"):
                 x = base[col] / r[col] if r.get(col) and base.get(col) else None
-                extra += [_fmt(r.get(col), ".3f"), _fmt(x, ".2f")]
+                extra += [fmt(r.get(col), ".3f"), fmt(x, ".2f")]
             lines.append(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['ms']:.3f} | {r['TFLOPs']:.1f} | "
-                         f"{_fmt(ratio, '.2f')} | {' | '.join(extra)} | {err} |")
+                         f"{fmt(ratio, '.2f')} | {' | '.join(extra)} | {err} |")
         lines.append("")
     if rows["layer"]:
         lines += ["layer (one decoder layer; U = B*S*H*2 bytes)",
@@ -444,9 +440,9 @@ def table(res: dict) -> str:
                 lines.append(f"| {key} | out of memory |||||||")
                 continue
             ratio = base["ms"] / r["ms"] if "ms" in base else None
-            lines.append(f"| {key} | {r['ms']:.2f} | {_fmt(ratio, '.2f')} | {_fmt(r.get('saved_U'), '.2f')} | "
-                         f"{_fmt(r.get('saved_GiB'), '.3f')} | {_fmt(r.get('mem_fwd_U'), '.2f')} | "
-                         f"{_fmt(r.get('mem_fwd_GiB'), '.3f')} | {_fmt(r.get('peak_fwd_bwd_GiB'), '.2f')} | "
+            lines.append(f"| {key} | {r['ms']:.2f} | {fmt(ratio, '.2f')} | {fmt(r.get('saved_U'), '.2f')} | "
+                         f"{fmt(r.get('saved_GiB'), '.3f')} | {fmt(r.get('mem_fwd_U'), '.2f')} | "
+                         f"{fmt(r.get('mem_fwd_GiB'), '.3f')} | {fmt(r.get('peak_fwd_bwd_GiB'), '.2f')} | "
                          f"{r['first_step_s']:.1f} |")
         lines.append("")
     if rows["model4"]:
@@ -462,8 +458,8 @@ def table(res: dict) -> str:
                 lines.append(f"| {key} | out of memory |||||||")
                 continue
             tps = r["tok_per_s"]
-            lines.append(f"| {key} | {tps:,.0f} | {_fmt(tps / b_ref if b_ref else None, '.2f')} | "
-                         f"{_fmt(tps / t_ref if t_ref else None, '.2f')} | {_fmt(r.get('peak_GiB'), '.2f')} | "
+            lines.append(f"| {key} | {tps:,.0f} | {fmt(tps / b_ref if b_ref else None, '.2f')} | "
+                         f"{fmt(tps / t_ref if t_ref else None, '.2f')} | {fmt(r.get('peak_GiB'), '.2f')} | "
                          f"{r['loss_first']:.3f} -> {r['loss']:.3f} | {r['step_s'] * 1e3:.1f} | "
                          f"{' / '.join(f'{v:.1f}' for v in r.get('ms_by_phase', {}).values()) or '-'} | "
                          f"{r['first_step_s']:.1f} |")
@@ -472,7 +468,7 @@ def table(res: dict) -> str:
             ok_t = r["tok_per_s"] >= TARGET_TOK_S
             ok_m = r.get("peak_GiB") is not None and r["peak_GiB"] <= TARGET_PEAK_GIB
             lines.append(f"target {k}: tok/s {r['tok_per_s']:,.0f} {'>=' if ok_t else '<'} {TARGET_TOK_S:,.0f} "
-                         f"[{'ok' if ok_t else 'MISS'}], peak {_fmt(r.get('peak_GiB'), '.2f', 'n/a')} GiB "
+                         f"[{'ok' if ok_t else 'MISS'}], peak {fmt(r.get('peak_GiB'), '.2f', 'n/a')} GiB "
                          f"{'<=' if ok_m else 'vs'} {TARGET_PEAK_GIB} [{'ok' if ok_m else 'MISS'}]")
     lines += problem_lines(res)
     return "\n".join(lines)

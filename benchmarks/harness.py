@@ -21,6 +21,11 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
+def fmt(value, spec: str, missing: str = "-") -> str:
+    """``format(value, spec)`` for a table cell; ``missing`` where the value is None."""
+    return missing if value is None else format(value, spec)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

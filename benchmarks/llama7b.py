@@ -94,7 +94,7 @@ import time
 import torch
 
 from benchmarks import harness, provenance
-from benchmarks.harness import log, sync
+from benchmarks.harness import fmt, log, sync
 
 GIB = 2**30
 LR = 1e-5  # as the anchor script
@@ -710,10 +710,6 @@ class Bench(harness.Bench):
 # report and command line
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def best_tok_s(rows: list[dict], name: str) -> float | None:
     """The highest tok/s of ``name``'s successful runs, None when it has none."""
     found = [r["tok_s"] for r in rows if r["row"] == name and r["ok"]]
@@ -725,7 +721,7 @@ def table(res: dict) -> str:
     rows = res["rows"]
     t_ref, b_ref = best_tok_s(rows, TORCHAO_ROW), best_tok_s(rows, BF16_ROW)
     lines = [f"Llama-2-7B shape, seq {res['config']['seq']}; x torchao / x bf16: tok/s over the best "
-             f"{TORCHAO_ROW} ({_fmt(t_ref, ',.0f')}) / {BF16_ROW} ({_fmt(b_ref, ',.0f')}) of this run",
+             f"{TORCHAO_ROW} ({fmt(t_ref, ',.0f')}) / {BF16_ROW} ({fmt(b_ref, ',.0f')}) of this run",
              "| row | batch | status | tok/s | peak GiB | x torchao | x bf16 | step ms | first step s | build s "
              "| loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -733,9 +729,9 @@ def table(res: dict) -> str:
         tps = r["tok_s"]
         xt = tps / t_ref if tps and t_ref else None
         xb = tps / b_ref if tps and b_ref else None
-        lines.append(f"| {r['row']} | {r['batch']} | {status} | {_fmt(tps, ',.0f')} | {_fmt(r['peak_gib'], '.2f')} "
-                     f"| {_fmt(xt, '.2f')} | {_fmt(xb, '.2f')} | {_fmt(r['step_ms'], '.1f')} | "
-                     f"{_fmt(r['first_step_s'], '.1f')} | {_fmt(r['build_s'], '.1f')} | {_fmt(r['loss'], '.4f')} |")
+        lines.append(f"| {r['row']} | {r['batch']} | {status} | {fmt(tps, ',.0f')} | {fmt(r['peak_gib'], '.2f')} "
+                     f"| {fmt(xt, '.2f')} | {fmt(xb, '.2f')} | {fmt(r['step_ms'], '.1f')} | "
+                     f"{fmt(r['first_step_s'], '.1f')} | {fmt(r['build_s'], '.1f')} | {fmt(r['loss'], '.4f')} |")
     lines += harness.problem_lines(res)
     return "\n".join(lines)
 

@@ -79,7 +79,7 @@ import sys
 import time
 
 from benchmarks import harness, llama7b, provenance
-from benchmarks.harness import log
+from benchmarks.harness import fmt, log
 from benchmarks.multi_gpu_rank import VARIANTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -615,10 +615,6 @@ class Bench(harness.Bench):
 # report
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def best_rows(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (model, variant) with a successful run: the row of its largest batch that fit."""
     best = {}
@@ -639,8 +635,8 @@ def throughput_table(rows: list[dict]) -> list[str]:
         ref = best.get((r["model"], "bf16"))
         x = r["tok_s_per_gpu"] / ref["tok_s_per_gpu"] if r["tok_s_per_gpu"] and ref else None
         lines.append(f"| {r['model']} | {r['variant']} | {r['gpus']} | {r['batch']} | {r['status']} | "
-                     f"{_fmt(r['tok_s_per_gpu'], ',.0f')} | {_fmt(x, '.2f')} | {_fmt(r['peak_gib'], '.2f')} | "
-                     f"{_fmt(r['planned_peak_gib'], '.2f')} | {_fmt(r['first_step_s'], '.1f')} | "
+                     f"{fmt(r['tok_s_per_gpu'], ',.0f')} | {fmt(x, '.2f')} | {fmt(r['peak_gib'], '.2f')} | "
+                     f"{fmt(r['planned_peak_gib'], '.2f')} | {fmt(r['first_step_s'], '.1f')} | "
                      f"{(r['optimizer'] or '-')[:60]} |")
     lines += ["", "| model | variant | largest batch that fit (smallest out of memory) | tok/s per GPU there |",
               "|---|---|---|---|"]
@@ -654,10 +650,10 @@ def throughput_table(rows: list[dict]) -> list[str]:
 def parity_lines(p: dict) -> list[str]:
     verdict = "within" if p["within_tolerance"] else "OUTSIDE"
     return [f"parity: {p['gpus']} GPUs vs 1 GPU, global batch {p['global_batch']} x {p['seq']}, {p['steps']} steps "
-            f"({p['steps_compared']} compared): |loss difference| at step 1 {_fmt(p['first_abs_diff'], '.2e')} "
-            f"({_fmt(p['first_rel_diff'], '.1e')} of the loss), max {_fmt(p['max_abs_diff'], '.2e')} "
-            f"({_fmt(p['max_rel_diff'], '.1e')}), mean {_fmt(p['mean_abs_diff'], '.2e')} "
-            f"({_fmt(p['mean_rel_diff'], '.1e')}): {verdict} the tolerance {p['tolerance']}; validation loss "
+            f"({p['steps_compared']} compared): |loss difference| at step 1 {fmt(p['first_abs_diff'], '.2e')} "
+            f"({fmt(p['first_rel_diff'], '.1e')} of the loss), max {fmt(p['max_abs_diff'], '.2e')} "
+            f"({fmt(p['max_rel_diff'], '.1e')}), mean {fmt(p['mean_abs_diff'], '.2e')} "
+            f"({fmt(p['mean_rel_diff'], '.1e')}): {verdict} the tolerance {p['tolerance']}; validation loss "
             f"{p['val_loss']}"]
 
 
@@ -666,18 +662,18 @@ def dcp_lines(d: dict) -> list[str]:
              "against the uninterrupted run", "| resumed on | status | steps | max abs diff | exact | val loss diff |",
              "|---|---|---|---|---|---|"]
     for label, r in d["resumed"].items():
-        lines.append(f"| {label} | {r['status']} | {len(r['steps'])} | {_fmt(r.get('max_abs_diff'), '.2e')} | "
-                     f"{r.get('exact', '-')} | {_fmt(r['val_loss_diff'], '.2e')} |")
+        lines.append(f"| {label} | {r['status']} | {len(r['steps'])} | {fmt(r.get('max_abs_diff'), '.2e')} | "
+                     f"{r.get('exact', '-')} | {fmt(r['val_loss_diff'], '.2e')} |")
     return lines
 
 
 def scaling_lines(s: dict) -> list[str]:
     lines = [f"scaling: {s['variant']} on {s['model']}, batch {s['batch']} per GPU; efficiency (tok/s per GPU at N "
-             f"over 1 GPU): {_fmt(s.get('efficiency'), '.3f')}", "| GPUs | status | tok/s per GPU | peak GiB |",
+             f"over 1 GPU): {fmt(s.get('efficiency'), '.3f')}", "| GPUs | status | tok/s per GPU | peak GiB |",
              "|---|---|---|---|"]
     for r in s["rows"]:
-        lines.append(f"| {r['gpus']} | {r['status']} | {_fmt(r['tok_s_per_gpu'], ',.0f')} | "
-                     f"{_fmt(r['peak_gib'], '.2f')} |")
+        lines.append(f"| {r['gpus']} | {r['status']} | {fmt(r['tok_s_per_gpu'], ',.0f')} | "
+                     f"{fmt(r['peak_gib'], '.2f')} |")
     if s.get("profile"):
         lines += ["", llama7b.profile_table(s["profile"])]
     return lines

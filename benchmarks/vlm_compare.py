@@ -35,6 +35,7 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.harness import fmt  # noqa: E402
 from benchmarks.provenance import gpu_name, run_meta  # noqa: E402
 from fp8coat.train.compare import _mean_std, merge_records, write_reports  # noqa: E402
 
@@ -173,10 +174,6 @@ def model_rows(merged: dict, speed: dict | None) -> list[dict]:
     return rows
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"# fp8coat VLM compare ({meta.get('device', '?')}, {meta['date']}, commit {meta['commit']})", "",
              f"`{meta['command']}`", "",
@@ -187,12 +184,12 @@ def markdown(results: dict, meta: dict) -> str:
         for r in entry["rows"]:
             gaps = ", ".join(f"{g:+.2f}" for g in r["val_gap_pct"])
             lines.append(
-                f"| {model} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['val_loss_mean'])} ± "
-                f"{_fmt(r['val_loss_std'])} | {_fmt(r['val_gap_pct_mean'], '+.2f')} ({gaps}) | "
-                f"{_fmt(r['target_pct'], '.2f')} | {_fmt(r['caption_exact_match'], '.3f')} | "
-                f"{_fmt(r['tok_per_s'], ',.0f')} | {_fmt(r['tok_per_s_ratio'], '.2f')} | "
-                f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['peak_mem_ratio'], '.2f')} | "
-                f"{_fmt(r['saved_vision_ratio'], '.3f')} | {_fmt(r['saved_lm_ratio'], '.3f')} |")
+                f"| {model} | {r['variant']} | {len(r['seeds'])} | {fmt(r['val_loss_mean'], '.4f')} ± "
+                f"{fmt(r['val_loss_std'], '.4f')} | {fmt(r['val_gap_pct_mean'], '+.2f')} ({gaps}) | "
+                f"{fmt(r['target_pct'], '.2f')} | {fmt(r['caption_exact_match'], '.3f')} | "
+                f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['tok_per_s_ratio'], '.2f')} | "
+                f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r['peak_mem_ratio'], '.2f')} | "
+                f"{fmt(r['saved_vision_ratio'], '.3f')} | {fmt(r['saved_lm_ratio'], '.3f')} |")
         for problem in entry["problems"]:
             lines.append(f"\n{model}: {problem}")
     lines += ["", "val gap: 100 × (val loss / the baseline's with the same seed − 1); target: max(0.5 %, one std of "
