@@ -187,7 +187,6 @@ def _convert_attention(selected, recipe: Recipe) -> None:
     (their SDPA gets compact inputs). The configs switch after every module was looked at (modules of one encoder
     share one config), through ``_attn_implementation_internal`` as ``PreTrainedModel.set_attn_implementation``
     itself writes it: that method applies to whole sub-models, not to the modules ``module_filter_fn`` selected."""
-    register_attention()
     configs = []
     for module in selected:
         if not is_attention_module(module) or is_swapped(module):
@@ -200,6 +199,8 @@ def _convert_attention(selected, recipe: Recipe) -> None:
             configs.append(module.config)
         else:
             module._fp8coat_attention_kept = str(implementation)
+    if configs:  # (a model with no HF attention module converts without transformers)
+        register_attention()
     for config in configs:
         config._attn_implementation_internal = ATTENTION_NAME  # this config only, not its sub-configs
 
@@ -261,9 +262,10 @@ def unconvert(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def conversion_summary(model: torch.nn.Module) -> dict:
-    """Counts of converted modules by kind, e.g. ``{"FP8LinearMixin": 7, "FP8RMSNormMixin": 2, ...}``; with
-    ``Recipe.fp8_attention``, attention modules left on another implementation than SDPA count as
-    ``"attention kept: <implementation>"`` (e.g. ``"attention kept: eager"``)."""
+    """Counts of converted modules by kind, e.g. ``{"FP8LinearMixin": 7, "FP8RMSNormMixin": 2, ...}``; attention
+    modules ``convert`` would have converted (with ``Recipe.fp8_attention``, or with a fused q/k/v projection) but
+    that run another implementation than SDPA count as ``"attention kept: <implementation>"`` (e.g.
+    ``"attention kept: eager"``)."""
     counts: dict[str, int] = {}
     for module in model.modules():
         kept = getattr(module, "_fp8coat_attention_kept", None)

@@ -55,8 +55,8 @@ def is_attention_module(module: torch.nn.Module) -> bool:
 
 
 class FP8AttentionMixin:
-    """An HF attention module whose SDPA saves FP8 q, k, v in training (see the module docstring); the forward is the
-    module's own."""
+    """An HF attention module whose SDPA, in training, saves FP8 q, k, v (``recipe.fp8_attention``) or runs on
+    compact inputs (see the module docstring); the forward is the module's own."""
 
     _fp8coat_recipe: Recipe
 
@@ -136,15 +136,12 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     device = query.device.type
-    if not torch.is_autocast_enabled(device):
-        return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                             group_size=group_size)
-    # under autocast SDPA runs in the autocast dtype: the op takes q, k, v (and a float mask) cast as autocast casts
-    dtype = torch.get_autocast_dtype(device)
-    query, key, value = (t.to(dtype) for t in (query, key, value))
-    if attn_mask is not None and attn_mask.is_floating_point():
-        attn_mask = attn_mask.to(dtype)
-    with torch.autocast(device, enabled=False):
+    if torch.is_autocast_enabled(device):  # SDPA runs in the autocast dtype: cast q, k, v (and a float mask) so
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
+    with torch.autocast(device, enabled=False):  # the op is not autocast
         return fp8_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                              group_size=group_size)
 
