@@ -80,3 +80,25 @@ def test_report_prints_summary_and_warning_and_names_unknown_models(tmp_path, ca
 def test_unknown_model_sources_raise(bad):
     with pytest.raises(ValueError, match="unknown model"):
         run_plan(_cfg(), bad, 32000)
+
+
+def test_gpu_memory_is_the_usable_share_of_the_total(monkeypatch):
+    """A run plans against 95% of the GPU's memory (CUDA context, workspaces, the allocator's reserve): a batch
+    whose planned peak fits the total but not that share is reported as not fitting."""
+    import types
+
+    import torch
+
+    from fp8coat.train import memory_plan
+
+    total = 140.4 * GIB  # an H200
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=total))
+    gib = memory_plan.gpu_memory_gib()
+    assert gib == pytest.approx(140.4 * memory_plan.USABLE_FRACTION)
+    shape, settings, plan = run_plan(_cfg(batch_size=23, step_in_backward=True, grad_clip=0.0, compile=True,
+                                          master_weights="bf16-stochastic"), "llama2-7b", 32000)
+    assert gib * GIB < plan.peak < total  # batch 23: planned 134.8 GiB, out of memory on the H200
+    assert plan_lines(shape, settings, plan, gib)[1] is not None  # the warning
+    assert plan_lines(shape, settings, plan, total / GIB)[1] is None
