@@ -27,6 +27,7 @@ fi
 SECTIONS=(
   "env 45"
   "launch 60"
+  "kernel_sweep 200"
   "pytest_gpu 200"
   "bench_optimizer 300"
   "bench_layers 330"
@@ -75,6 +76,11 @@ EOF
 section_launch() {
   # where the FP8 linear's host time goes: pieces, whole calls (tiny and real shapes), cProfile
   python3 -m scripts.host_overhead_gpu
+}
+
+section_kernel_sweep() {
+  # launch configurations of the norm, SwiGLU, recompute and amax kernels at the 7B's shapes (batch 16 × 2048)
+  python3 -m scripts.kernel_sweep_gpu --json "$OUT/kernel_sweep.json" ${KERNEL_SWEEP_ARGS:-}
 }
 
 section_pytest_gpu() {
