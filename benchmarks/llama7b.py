@@ -25,6 +25,8 @@ Rows (``ROWS``; the fp8coat ones come from :func:`fp8coat_row`, whose arguments 
   cached rows ``fp8coat_best`` / ``fp8coat_exact`` and the uncached ones ``*_nocache``; every row records the
   value it ran with under ``cache_fp8_weights``.
 * ``fp8coat_best_eager``: ``fp8coat_best`` without ``compile_layers``.
+* ``fp8coat_best_after``: ``fp8coat_best`` with the usual ``opt.step()`` after backward instead of the update
+  inside it (what stepping inside backward costs or saves in time, at the memory of the kept gradients).
 * ``torchao_fp8_compiled_adamwfp8``: as ``/work/shared/bench/anchors_7b.py``: fp32 parameters, torchao
   ``convert_to_float8_training`` (lm_head left out), ``torch.compile`` of each decoder layer,
   ``torchao.optim.AdamWFp8``, bf16 autocast around the forward. Skipped with a note when torchao is absent.
@@ -159,6 +161,7 @@ ROWS = {r.name: r for r in (
     fp8coat_row("fp8coat_best_cache", cache_fp8_weights=True),
     fp8coat_row("fp8coat_exact_cache", master="bf16-remainder", in_backward=False, cache_fp8_weights=True),
     fp8coat_row("fp8coat_best_eager", compiled=False),
+    fp8coat_row("fp8coat_best_after", in_backward=False),
     Row(TORCHAO_ROW, "torchao", master_weights="fp32"),
     Row(BF16_ROW, "bf16amp", master_weights="fp32"),
     Row("bf16amp_eager", "bf16amp", compiled=False, master_weights="fp32"),
@@ -166,8 +169,8 @@ ROWS = {r.name: r for r in (
 
 DEFAULT_ROWS = ("fp8coat_best", TORCHAO_ROW, BF16_ROW, "fp8coat_exact")
 DEFAULT_BATCHES = {"fp8coat_best": (16, 20, 24), "fp8coat_exact": (16,), "fp8coat_best_cache": (16,),
-                   "fp8coat_exact_cache": (16,), "fp8coat_best_eager": (16,), TORCHAO_ROW: (8, 10), BF16_ROW: (3,),
-                   "bf16amp_eager": (2,)}
+                   "fp8coat_exact_cache": (16,), "fp8coat_best_eager": (16,), "fp8coat_best_after": (16,),
+                   TORCHAO_ROW: (8, 10), BF16_ROW: (3,), "bf16amp_eager": (2,)}
 DRY_BATCHES = {"fp8coat_best": (2, 4)}  # every other row: (2,)
 
 
