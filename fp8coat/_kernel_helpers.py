@@ -89,6 +89,18 @@ def abs_nan_to_inf(x):
 
 
 @triton.jit
+def fold_tile_amax(y, mask, amax_ptr):
+    """Folds the max of ``|y|`` over the 2-D tile's ``mask``ed elements (NaN counts as +inf) into the int32 slot
+    ``amax_ptr``, zeroed before the launch: non-negative floats order like their int32 bit patterns, so an integer
+    atomic max leaves the bits of the amax of every tile of the launch. A program whose tile max the slot already
+    reaches (most of a large launch, once a few tiles are in) skips the atomic."""
+    a = tl.where(mask, abs_nan_to_inf(y.to(tl.float32)), 0.0)
+    bits = tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True)
+    if bits > tl.load(amax_ptr):
+        tl.atomic_max(amax_ptr, bits)
+
+
+@triton.jit
 def clamp_cast(y, FMAX: tl.constexpr, out_ty: tl.constexpr):
     # tl.where keeps NaN (tl.minimum/maximum may drop it)
     y = tl.where(y > FMAX, FMAX, y)

@@ -80,20 +80,22 @@ def sweep_norm_fwd(m: int) -> None:
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     want = list(nk.norm_fwd_triton(x, w, None, 1e-5, G, False))
-    want = [want[0], want[1], want[2], want[4]]
+    want = [want[0], want[1], want[2], want[4], want[5]]
     launcher_us = gpu_us(lambda: nk.norm_fwd_triton(x, w, None, 1e-5, G, False))
     ng = cdiv(HIDDEN, G)
     y, q = torch.empty_like(x), torch.empty(x.shape, dtype=E4M3.dtype, device=DEVICE)
     s, rstd = torch.empty(m, ng, device=DEVICE), torch.empty(m, device=DEVICE)
+    amax = torch.zeros((), dtype=torch.int32, device=DEVICE)
     moved = x.numel() * (2 + 2 + 1) + s.numel() * 4 + m * 4
     rows = []
     for block_r, warps in ((1, 16), (1, 8), (1, 4), (2, 8), (2, 16), (4, 16)):
         def launch():
+            amax.zero_()  # as the launcher's fresh slot: every program's tile max is then folded in
             nk._norm_fwd_kernel.fn[(cdiv(m, block_r),)](
-                x, w, x, y, q, s, rstd, rstd, m, HIDDEN, ng, x.stride(0), x.stride(1), 1e-5,
+                x, w, x, y, q, s, rstd, rstd, amax, m, HIDDEN, ng, x.stride(0), x.stride(1), 1e-5,
                 LAYERNORM=False, HAS_W=True, HAS_B=False, FMAX=E4M3.max, G=G, BLOCK_R=block_r, BLOCK_H=4096,
                 num_warps=warps, enable_fp_fusion=False)
-        us, same = _try(launch, [y, q, s, rstd], want)
+        us, same = _try(launch, [y, q, s, rstd, amax.view(torch.float32)], want)
         rows.append((f"BLOCK_R={block_r} warps={warps}", us, same))
     _report("norm_fwd", f"{m}x{HIDDEN}", moved, launcher_us, rows)
 
@@ -102,7 +104,7 @@ def sweep_norm_bwd(m: int) -> None:
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     dy = torch.randn_like(x)
-    _, xq, xs, _, rstd = nk.norm_fwd_triton(x, w, None, 1e-5, G, False)
+    _, xq, xs, _, rstd, _ = nk.norm_fwd_triton(x, w, None, 1e-5, G, False)
     want = list(nk.norm_bwd_triton(dy, xq, xs, None, rstd, w, G, False, False))[:2]
     launcher_us = gpu_us(lambda: nk.norm_bwd_triton(dy, xq, xs, None, rstd, w, G, False, False))
     ng = cdiv(HIDDEN, G)
@@ -141,11 +143,12 @@ def sweep_act(m: int) -> None:
     up = torch.randn_like(gate)
     dy = torch.randn_like(gate)
     want_f = list(ak.forward_triton(gate, up, 0, G))
-    want_b = list(ak.backward_triton(dy, *want_f[1:], 0, G))
+    want_b = list(ak.backward_triton(dy, *want_f[1:5], 0, G))
     ng = cdiv(INTER, G)
     fwd_us = gpu_us(lambda: ak.forward_triton(gate, up, 0, G))
-    bwd_us = gpu_us(lambda: ak.backward_triton(dy, *want_f[1:], 0, G))
-    _, xq, xs, uq, us_ = want_f
+    bwd_us = gpu_us(lambda: ak.backward_triton(dy, *want_f[1:5], 0, G))
+    _, xq, xs, uq, us_, _ = want_f
+    amax = torch.zeros((), dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(gate)
     qs = [torch.empty_like(xq), torch.empty_like(xs), torch.empty_like(uq), torch.empty_like(us_)]
     dx, du = torch.empty_like(gate), torch.empty_like(gate)
@@ -160,8 +163,9 @@ def sweep_act(m: int) -> None:
         label = f"{block_r}x{block_k} warps={warps}"
 
         def launch_f():
+            amax.zero_()
             ak._act_fwd_kernel.fn[grid](
-                gate, up, out, *qs, m, INTER, ng, k_tiles, gate.stride(0), gate.stride(1), up.stride(0),
+                gate, up, out, *qs, amax, m, INTER, ng, k_tiles, gate.stride(0), gate.stride(1), up.stride(0),
                 up.stride(1), ACT=0, GATED=True, FMAX=E4M3.max, G=G, BLOCK_R=block_r, BLOCK_K=block_k,
                 LIBDEVICE=LIBDEV, num_warps=warps, enable_fp_fusion=False)
 
@@ -171,7 +175,7 @@ def sweep_act(m: int) -> None:
                 ACT=0, GATED=True, G=G, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=LIBDEV, num_warps=warps,
                 enable_fp_fusion=False)
 
-        rows_f.append((label, *_try(launch_f, [out, *qs], want_f)))
+        rows_f.append((label, *_try(launch_f, [out, *qs, amax.view(torch.float32)], want_f)))
         rows_b.append((label, *_try(launch_b, [dx, du], want_b)))
     _report("act_fwd", f"{m}x{INTER} swiglu", moved_f, fwd_us, rows_f)
     _report("act_bwd", f"{m}x{INTER} swiglu", moved_b, bwd_us, rows_b)
@@ -182,9 +186,9 @@ def sweep_recompute(m: int) -> None:
 
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(HIDDEN, device=DEVICE, dtype=torch.bfloat16)
-    _, xq, xs, _, rstd = norms_kernels.norm_fwd_triton(x, w, None, 1e-5, G, False)
+    _, xq, xs, _, rstd, _ = norms_kernels.norm_fwd_triton(x, w, None, 1e-5, G, False)
     gate = torch.randn(m, INTER, device=DEVICE, dtype=torch.bfloat16)
-    _, gq, gs, uq, us_ = ak.forward_triton(gate, torch.randn_like(gate), 0, G)
+    _, gq, gs, uq, us_, _ = ak.forward_triton(gate, torch.randn_like(gate), 0, G)
     scale = torch.tensor(0.01, device=DEVICE)
     m_pad = padded(m)
     for kind, src, k in (("rmsnorm", [xq, xs, rstd, w], HIDDEN), ("swiglu", [gq, gs, uq, us_], INTER)):

@@ -355,7 +355,7 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(act._gated_op, (x, u, code, 16, "torch"), test_utils=_OPCHECK)
         torch.library.opcheck(act._plain_op, (x, code, 16, "torch"), test_utils=_OPCHECK)
         out = act._gated_op(x, u, code, 16, "torch")
-        torch.library.opcheck(act._gated_backward_op, (x, *out[1:], code, 16, "torch"), test_utils=_OPCHECK)
+        torch.library.opcheck(act._gated_backward_op, (x, *out[1:5], code, 16, "torch"), test_utils=_OPCHECK)
         saved = act._plain_op(x, code, 16, "torch")[1:]
         torch.library.opcheck(act._plain_backward_op, (x, *saved, code, 16, "torch"), test_utils=_OPCHECK)
 
@@ -392,3 +392,25 @@ def test_gpu_llama_shape(name):
               for i in range(2 if gated else 1)]
     dy = torch.randn(8192, 11008, device="cuda", dtype=torch.bfloat16)
     _compare_backends(name, inputs, dy)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf · 0
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_output_amax(dtype):
+    """``swiglu_with_saved``'s last output is max |out| over the whole output (NaN counted as +inf) on both backends:
+    the per-tensor scale the down projection takes instead of reading the output again."""
+    dev = device()
+    g = torch.Generator().manual_seed(41)
+    gate = (torch.randn(37, 200, generator=g) * 3).to(dtype=dtype, device=dev)
+    up = (torch.randn(37, 200, generator=g) * 3).to(dtype=dtype, device=dev)
+    for backend in ("torch", "triton"):
+        out, *_, out_amax = act.swiglu_with_saved(gate, up, backend=backend)
+        assert out_amax.dim() == 0 and out_amax.dtype == torch.float32
+        assert out_amax.item() == out.float().abs().max().item(), backend
+        zeros = act.swiglu_with_saved(torch.zeros_like(gate), up, backend=backend)[-1]
+        assert zeros.item() == 0.0, backend
+        bad = gate.clone()
+        bad[5, 7] = float("nan")
+        assert act.swiglu_with_saved(bad, up, backend=backend)[-1].item() == float("inf"), backend
+        empty = act.swiglu_with_saved(gate[:0], up[:0], backend=backend)[-1]
+        assert empty.item() == 0.0, backend

@@ -174,6 +174,38 @@ def test_handoffs_are_listed_and_survive_copies():
         torch.testing.assert_close(out.loss, model(input_ids=_ids(), labels=_ids()).loss, rtol=0, atol=0)
 
 
+def test_linear_inputs_take_their_scale_from_the_producer(monkeypatch):
+    """In a coat Llama block only o_proj's input (the attention output) is read for its per-tensor scale: q/k/v and
+    gate/up take it from the amax their FP8 norm offered, down from the SwiGLU op's. Same loss and gradients, bit for
+    bit, as with the amax pass over every input (the handed-off amax is the same number)."""
+    from fp8coat.ops import linear as linear_op
+
+    base = tiny_decoder("llama").bfloat16()
+    model = fp8coat.convert(copy.deepcopy(base), "coat").train()
+    calls = []
+    real = linear_op.tensor_scale
+    monkeypatch.setattr(linear_op, "tensor_scale", lambda x, fmt: calls.append(x.shape) or real(x, fmt))
+    loss = model(input_ids=_ids(), labels=_ids()).loss
+    assert len(calls) == 2  # one o_proj per layer
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def no_handed_amax(x, *args, x_amax=None, **kwargs):
+        return real_linears(x, *args, **kwargs)
+
+    real_linears = linear_op.linears
+    monkeypatch.setattr("fp8coat.nn.linear.linears", no_handed_amax)
+    monkeypatch.setattr("fp8coat.ops.linear.linears", no_handed_amax)
+    again = fp8coat.convert(copy.deepcopy(base), "coat").train()
+    calls.clear()
+    loss_again = again(input_ids=_ids(), labels=_ids()).loss
+    assert len(calls) == 2 * 4  # q/k/v, o, gate/up, down per layer
+    loss_again.backward()
+    assert torch.equal(loss, loss_again)
+    for g, p in zip(grads, again.parameters()):
+        assert torch.equal(g, p.grad)
+
+
 def test_default_conversion_holds_no_fp8_weight_copies():
     """By default the converted linears quantize their weights in every forward and hold nothing: 0 bytes after a
     training step (with ``cache_fp8_weights=True``: 1 byte per weight, below)."""

@@ -50,20 +50,30 @@ def _assert_all_equal(a, b, names):
             assert_bit_equal(u, v, name)
 
 
+def _assert_amax_of(y, y_amax):
+    """``y_amax``: 0-d fp32, max |y| with NaN counted as +inf (what the per-tensor scale of y is taken from)."""
+    a = y.float().abs().cpu()
+    expect = float("inf") if torch.isnan(a).any() else (a.max().item() if a.numel() else 0.0)
+    assert y_amax.dim() == 0 and y_amax.dtype == torch.float32 and y_amax.item() == expect
+
+
 def _check_rms(x, w, dy, eps=1e-6, g=16):
     fr, ft = _both(rmsnorm_fwd, x, w, eps, g)
-    _assert_all_equal(fr, ft, ["y", "x_q", "x_s", "rstd"])
-    br, bt = rmsnorm_bwd(dy, *fr[1:], w, g, backend="torch"), rmsnorm_bwd(dy, *ft[1:], w, g, backend="triton")
+    _assert_all_equal(fr, ft, ["y", "x_q", "x_s", "rstd", "y_amax"])
+    _assert_amax_of(fr[0], fr[-1])
+    br = rmsnorm_bwd(dy, *fr[1:-1], w, g, backend="torch")
+    bt = rmsnorm_bwd(dy, *ft[1:-1], w, g, backend="triton")
     _assert_all_equal(br, bt, ["dx", "dw"])
     return fr, br
 
 
 def _check_ln(x, w, b, dy, eps=1e-5, g=16):
     fr, ft = _both(layernorm_fwd, x, w, b, eps, g)
-    _assert_all_equal(fr, ft, ["y", "x_q", "x_s", "mean", "rstd"])
+    _assert_all_equal(fr, ft, ["y", "x_q", "x_s", "mean", "rstd", "y_amax"])
+    _assert_amax_of(fr[0], fr[-1])
     has_b = b is not None
-    br = layernorm_bwd(dy, *fr[1:], w, g, has_bias=has_b, backend="torch")
-    bt = layernorm_bwd(dy, *ft[1:], w, g, has_bias=has_b, backend="triton")
+    br = layernorm_bwd(dy, *fr[1:-1], w, g, has_bias=has_b, backend="torch")
+    bt = layernorm_bwd(dy, *ft[1:-1], w, g, has_bias=has_b, backend="triton")
     _assert_all_equal(br, bt, ["dx", "dw", "db"])
     return fr, br
 
@@ -80,7 +90,7 @@ def test_rmsnorm_triton_matches_reference(shape, dtype):
     dy = _rows_of_scales(shape, dtype, seed=3, dev=dev)
     for has_w in (True, False):
         w, _ = _params(shape[-1], dtype, has_w, False, dev=dev)
-        (y, x_q, x_s, rstd), (dx, dw) = _check_rms(x, w, dy)
+        (y, x_q, x_s, rstd, _), (dx, dw) = _check_rms(x, w, dy)
         assert y.shape == x.shape and y.dtype == dtype and x_q.dtype == torch.float8_e4m3fn
         assert x_s.shape == (*shape[:-1], math.ceil(shape[-1] / 16)) and rstd.shape == shape[:-1]
         assert dx.shape == x.shape and dx.dtype == dtype and (dw is None) == (w is None)
@@ -94,7 +104,7 @@ def test_layernorm_triton_matches_reference(shape, dtype):
     dy = _rows_of_scales(shape, dtype, seed=5, dev=dev)
     for has_w, has_b in AFFINE:
         w, b = _params(shape[-1], dtype, has_w, has_b, dev=dev)
-        (_y, _x_q, _x_s, mean, rstd), (_dx, dw, db) = _check_ln(x, w, b, dy)
+        (_y, _x_q, _x_s, mean, rstd, _), (_dx, dw, db) = _check_ln(x, w, b, dy)
         assert mean.shape == rstd.shape == shape[:-1] and mean.dtype == torch.float32
         assert (dw is None) == (w is None) and (db is None) == (b is None)
 
@@ -130,12 +140,12 @@ def test_non_contiguous_inputs():
     wt, bt = _params(72, torch.bfloat16, True, True, dev=dev)
     fwd, bwd = _check_rms(x, w, dy)
     _check_rms(xt, wt, dyt)
-    _assert_all_equal(fwd, rmsnorm_fwd(x.contiguous(), w, 1e-6), ["y", "x_q", "x_s", "rstd"])
-    _assert_all_equal(bwd, rmsnorm_bwd(dy.contiguous(), *fwd[1:], w), ["dx", "dw"])
+    _assert_all_equal(fwd, rmsnorm_fwd(x.contiguous(), w, 1e-6), ["y", "x_q", "x_s", "rstd", "y_amax"])
+    _assert_all_equal(bwd, rmsnorm_bwd(dy.contiguous(), *fwd[1:-1], w), ["dx", "dw"])
     fwd, bwd = _check_ln(x, w, b, dy)
     _check_ln(xt, wt, bt, dyt)
-    _assert_all_equal(fwd, layernorm_fwd(x.contiguous(), w, b, 1e-5), ["y", "x_q", "x_s", "mean", "rstd"])
-    _assert_all_equal(bwd, layernorm_bwd(dy.contiguous(), *fwd[1:], w), ["dx", "dw", "db"])
+    _assert_all_equal(fwd, layernorm_fwd(x.contiguous(), w, b, 1e-5), ["y", "x_q", "x_s", "mean", "rstd", "y_amax"])
+    _assert_all_equal(bwd, layernorm_bwd(dy.contiguous(), *fwd[1:-1], w), ["dx", "dw", "db"])
 
 
 @pytest.mark.parametrize("shape", [(0, 64), (2, 0, 48)])
@@ -143,7 +153,7 @@ def test_zero_rows(shape):
     dev = device()
     x = torch.empty(shape, dtype=torch.bfloat16, device=dev)
     w, b = _params(shape[-1], torch.bfloat16, True, True, dev=dev)
-    (y, _x_q, x_s, rstd), (_dx, dw) = _check_rms(x, w, x)
+    (y, _x_q, x_s, rstd, _), (_dx, dw) = _check_rms(x, w, x)
     assert y.shape == x.shape and x_s.shape == (*shape[:-1], math.ceil(shape[-1] / 16)) and rstd.shape == shape[:-1]
     assert torch.equal(dw, torch.zeros_like(w))
     _, (_dx, dw, db) = _check_ln(x, w, b, x)
@@ -176,7 +186,8 @@ def test_adversarial_rows(dtype):
         fwd, bwd = _check_rms(x, w, dy) if norm == "rms" else _check_ln(x, w, b, dy)
         y, dx = fwd[0], bwd[0]
         assert torch.isfinite(y[good]).all() and torch.isfinite(dx[good]).all(), norm
-        assert torch.isfinite(fwd[-1][good]).all()  # rstd
+        assert torch.isfinite(fwd[-2][good]).all()  # rstd
+        assert fwd[-1].item() == float("inf"), norm  # y_amax: rows with inf and NaN
         assert (~torch.isfinite(y[bad])).any(dim=-1).all(), norm
         assert (~torch.isfinite(dx[bad])).any(dim=-1).all(), norm
 
@@ -194,7 +205,7 @@ def test_reference_rounds_once():
     x = _rows_of_scales((6, 200), torch.bfloat16, seed=13)
     w, b = _params(200, torch.bfloat16, True, True)
     eps = 1e-6
-    y, x_q, x_s, rstd = rmsnorm_fwd(x, w, eps, backend="torch")
+    y, x_q, x_s, rstd, _ = rmsnorm_fwd(x, w, eps, backend="torch")
     xs = x.double().tolist()
     for i, row in enumerate(xs):
         ms = math.fsum(v * v for v in row) / 200  # exact sum (bf16 squares), then one IEEE division
@@ -206,7 +217,7 @@ def test_reference_rounds_once():
     assert_bit_equal(x_q, q_ref, "x_q")
     assert_bit_equal(x_s, s_ref, "x_s")
 
-    y, _, _, mean, rstd = layernorm_fwd(x, w, b, eps, backend="torch")
+    y, _, _, mean, rstd, _ = layernorm_fwd(x, w, b, eps, backend="torch")
     for i, row in enumerate(xs):
         mu = math.fsum(row) / 200
         var = math.fsum((v - mu) ** 2 for v in row) / 200

@@ -72,7 +72,9 @@ class FP8GatedMLPMixin:
 
     Saved for backward: gate and up in FP8 (by the SwiGLU op) — and nothing else: the gate/up GEMMs rebuild their
     input from the preceding FP8 norm's saved tensors (when it offered them), and the down GEMM rebuilds its input
-    silu(gate)·up from the SwiGLU op's saved gate and up. When any of the parts (gate, up, down, act_fn) has hooks,
+    silu(gate)·up from the SwiGLU op's saved gate and up. The gate/up GEMMs take their input's per-tensor scale from
+    the amax the norm offered with its tensors, the down GEMM from the amax the SwiGLU op computed as it wrote its
+    output: no pass over either input only to find its scale. When any of the parts (gate, up, down, act_fn) has hooks,
     the module's original forward runs instead (calling each part, so that every hook runs; the parts are FP8
     modules themselves).
     """
@@ -84,7 +86,7 @@ class FP8GatedMLPMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        recompute = self._fp8coat_handoff.take(x) if self._fp8coat_handoff is not None else None
+        recompute, x_amax = self._fp8coat_handoff.take(x) if self._fp8coat_handoff is not None else (None, None)
         if any(has_hooks(m) for m in (self.gate_proj, self.up_proj, self.down_proj, self.act_fn)):
             return super().forward(x)  # hooks of the parts must run: the module's own forward calls each of them
         from ..ops import activations as A
@@ -95,14 +97,14 @@ class FP8GatedMLPMixin:
         kw = fp8_linear_kwargs(recipe)
         gate, up = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
-            [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, **kw,
+            [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, x_amax=x_amax, **kw,
         )
         if self._fp8coat_kind != "silu":
             approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"
             return self.down_proj(A.geglu(gate, up, approximate=approximate, group_size=g))
         if not torch.is_grad_enabled():
             return self.down_proj(A.swiglu(gate, up, group_size=g))
-        act, g_q, g_s, u_q, u_s = A.swiglu_with_saved(gate, up, group_size=g)
+        act, g_q, g_s, u_q, u_s, act_amax = A.swiglu_with_saved(gate, up, group_size=g)
         down = self.down_proj
         return linears(act, [_weight_nk(down)], [down.bias], [weight_cache(down)],
-                       recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), **kw)[0]
+                       recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), x_amax=act_amax, **kw)[0]

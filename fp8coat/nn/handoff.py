@@ -2,12 +2,13 @@
 
 An FP8 RMSNorm keeps the FP8 per-group copy of its input (and ``rstd``) for its own backward. The linears reading
 its output can rebuild their input from exactly those tensors in backward instead of saving an FP8 copy of their
-own (:class:`fp8coat.ops.recompute.Recompute`). ``fp8coat.convert`` links such a pair with one :class:`Handoff`
-held by both ends — the norm (producer) and the module computing the linears (consumer: the q/k/v
-:class:`~fp8coat.nn.linear.InputShare` or a gated MLP): the norm's forward :meth:`~Handoff.offer` s its output
-with the ``Recompute``; the consumer's forward :meth:`~Handoff.take` s it if it was called with that very output,
-not modified in place since. Neither end sets attributes of the other, the offer lives from the norm's call to the
-consumer's call within one forward, and ``describe_handoffs(model)`` lists every link.
+own (:class:`fp8coat.ops.recompute.Recompute`), and take their input's per-tensor scale from the amax the norm
+computed while writing its output instead of reading the output once more. ``fp8coat.convert`` links such a pair
+with one :class:`Handoff` held by both ends — the norm (producer) and the module computing the linears (consumer:
+the q/k/v :class:`~fp8coat.nn.linear.InputShare` or a gated MLP): the norm's forward :meth:`~Handoff.offer` s its
+output with the ``Recompute`` and the amax; the consumer's forward :meth:`~Handoff.take` s them if it was called
+with that very output, not modified in place since. Neither end sets attributes of the other, the offer lives from
+the norm's call to the consumer's call within one forward, and ``describe_handoffs(model)`` lists every link.
 
 Under ``torch.compile`` the offer is written and read inside one traced layer (dynamo resolves the tensor
 identity while tracing and needs no guard on it); in-place changes of the offered tensor are then seen by
@@ -36,19 +37,20 @@ class Handoff:
 
     def __init__(self, producer: str, consumer: str):
         self.producer, self.consumer = producer, consumer
-        self._offer = None  # (tensor, its version, Recompute) from the producer's current call
+        self._offer = None  # (tensor, its version, Recompute, amax) from the producer's current call
 
-    def offer(self, y: torch.Tensor, recompute) -> None:
-        """Producer side: ``y`` (the norm's output) can be rebuilt in backward by ``recompute``."""
-        self._offer = (y, version(y), recompute)
+    def offer(self, y: torch.Tensor, recompute, amax: torch.Tensor) -> None:
+        """Producer side: ``y`` (the norm's output) can be rebuilt in backward by ``recompute``; ``amax`` is its
+        0-d fp32 max |y| (NaN as +inf)."""
+        self._offer = (y, version(y), recompute, amax)
 
     def take(self, x: torch.Tensor):
-        """Consumer side: the offered ``Recompute`` if ``x`` is the offered tensor, unchanged since; else None. The
-        offer is consumed either way."""
+        """Consumer side: ``(recompute, amax)`` as offered if ``x`` is the offered tensor, unchanged since; else
+        ``(None, None)``. The offer is consumed either way."""
         offer, self._offer = self._offer, None
         if offer is not None and offer[0] is x and unchanged(x, offer[1]):
-            return offer[2]
-        return None
+            return offer[2], offer[3]
+        return None, None
 
     def __getstate__(self) -> dict:
         return {"producer": self.producer, "consumer": self.consumer}  # an offer belongs to one forward

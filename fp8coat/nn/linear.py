@@ -91,14 +91,14 @@ class InputShare:
             return _single(module, x)
         self.x = None
         self.outputs = [None] * len(self.members)
-        recompute = self.handoff.take(x) if self.handoff is not None else None
+        recompute, x_amax = self.handoff.take(x) if self.handoff is not None else (None, None)
         for m in self.members[1:]:
             if runs_code_before_forward(m):
                 return _single(module, x)  # computed alone: the producer's offer is not used
         recipe = module._fp8coat_recipe
         outs = linears(
             x, [_weight_nk(m) for m in self.members], [m.bias for m in self.members],
-            [weight_cache(m) for m in self.members], recompute=recompute, **fp8_linear_kwargs(recipe),
+            [weight_cache(m) for m in self.members], recompute=recompute, x_amax=x_amax, **fp8_linear_kwargs(recipe),
         )
         if len(self.members) > 1:  # the others' outputs wait for their calls, with the input they belong to
             self.x, self.x_version = x, version(x)

@@ -31,7 +31,7 @@ class _FP8NormMixin:
     """The training forward of the FP8 norms: the norm op (its backward keeps the input as FP8) and, when linked to
     a consumer by a :class:`~fp8coat.nn.handoff.Handoff`, the offer of the tensors that op saved, from which the
     consumer's linears rebuild their input in backward and save nothing of their own. ``_recompute_kind`` names
-    how; ``_norm_with_saved(x, group)`` returns ``(y, those tensors)``."""
+    how; ``_norm_with_saved(x, group)`` returns ``(y, those tensors, amax of y)``."""
 
     _fp8coat_recipe: Recipe
     _fp8coat_handoff: "Handoff | None" = None
@@ -43,9 +43,9 @@ class _FP8NormMixin:
         from ..ops.linear import Recompute
 
         group = self._fp8coat_recipe.activation_group_size
-        y, saved = self._norm_with_saved(x, group)
+        y, saved, y_amax = self._norm_with_saved(x, group)
         if self._fp8coat_handoff is not None and torch.is_grad_enabled():
-            self._fp8coat_handoff.offer(y, Recompute(self._recompute_kind, saved, group))
+            self._fp8coat_handoff.offer(y, Recompute(self._recompute_kind, saved, group), y_amax)
         return y
 
     def extra_repr(self) -> str:
@@ -62,8 +62,8 @@ class FP8RMSNormMixin(_FP8NormMixin):
     def _norm_with_saved(self, x: torch.Tensor, group: int):
         from ..ops.norms import rmsnorm_with_saved
 
-        y, x_q, x_s, rstd = rmsnorm_with_saved(x, self.weight, _eps(self), group)
-        return y, (x_q, x_s, rstd, self.weight)
+        y, x_q, x_s, rstd, y_amax = rmsnorm_with_saved(x, self.weight, _eps(self), group)
+        return y, (x_q, x_s, rstd, self.weight), y_amax
 
 
 class FP8LayerNormMixin(_FP8NormMixin):
@@ -76,5 +76,5 @@ class FP8LayerNormMixin(_FP8NormMixin):
     def _norm_with_saved(self, x: torch.Tensor, group: int):
         from ..ops.norms import layernorm_with_saved
 
-        y, x_q, x_s, mean, rstd = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
-        return y, (x_q, x_s, mean, rstd, self.weight, self.bias)
+        y, x_q, x_s, mean, rstd, y_amax = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
+        return y, (x_q, x_s, mean, rstd, self.weight, self.bias), y_amax

@@ -8,7 +8,15 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv, tile_2d
-from .._kernel_helpers import act_grad_tl, act_tl, group_dequant_load, group_quant_store, on_gpu, use_libdevice
+from .._kernel_helpers import (
+    act_grad_tl,
+    act_tl,
+    fold_tile_amax,
+    group_dequant_load,
+    group_quant_store,
+    on_gpu,
+    use_libdevice,
+)
 from .._launch import fast_kernel
 from ..formats import E4M3
 
@@ -19,6 +27,7 @@ __all__ = ["backward_triton", "forward_triton"]
 @triton.jit
 def _act_fwd_kernel(
     x_ptr, u_ptr, out_ptr, xq_ptr, xs_ptr, uq_ptr, us_ptr,  # x, u: (R, K) strided; the rest contiguous
+    amax_ptr,  # int32 (), zero on entry: the bits of amax(|out|) on exit
     R, K, NG, K_TILES, stride_xr, stride_xk, stride_ur, stride_uk,
     ACT: tl.constexpr, GATED: tl.constexpr, FMAX: tl.constexpr, G: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
@@ -37,7 +46,9 @@ def _act_fwd_kernel(
         u = u.to(tl.float32)
         group_quant_store(u, uq_ptr, us_ptr, rows, cols, mask, pid_k, R, K, NG, FMAX, G, BLOCK_R, BLOCK_K)
         y = y * u
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], y, mask=mask)
+    fold_tile_amax(y, mask, amax_ptr)
 
 
 @fast_kernel
@@ -93,20 +104,21 @@ def forward_triton(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
                torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)]
     if u is not None:
         tensors += [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])]
+    amax = torch.zeros((), dtype=torch.int32, device=x.device)
     if x.numel() == 0:
-        return (out, *tensors)
+        return (out, *tensors, amax.view(torch.float32))
     x2 = x.reshape(-1, n)
     u2 = u.reshape(-1, n) if u is not None else x2
     xq, xs = tensors[:2]
     uq, us = tensors[2:] if u is not None else tensors[:2]
     r, k, block_r, block_k, k_tiles, grid = _launch_geometry(x2, group_size)
     _act_fwd_kernel[grid](
-        x2, u2, out, xq, xs, uq, us, r, k, ng, k_tiles, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1),
+        x2, u2, out, xq, xs, uq, us, amax, r, k, ng, k_tiles, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1),
         ACT=act, GATED=u is not None, FMAX=E4M3.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
         LIBDEVICE=use_libdevice(x),
         num_warps=_GPU_TILE[2], enable_fp_fusion=False,
     )
-    return (out, *tensors)
+    return (out, *tensors, amax.view(torch.float32))
 
 
 def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):

@@ -62,7 +62,7 @@ import torch
 from .._grid import cdiv
 from ..formats import E4M3
 from ..quantization import resolve_backend
-from ..quantization.reference import check_group_size, dequantize_per_group, quantize_per_group
+from ..quantization.reference import check_group_size, dequantize_per_group, quantize_per_group, tensor_amax
 from .activation_math import ACTIVATIONS, act_grad_torch, act_torch
 from .eager import call, register_eager
 
@@ -100,7 +100,8 @@ def _forward_torch(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
         uq, us = quantize_per_group(u, E4M3, group_size)
         y = y * u.float()
         saved += [uq, us.contiguous()]
-    return (y.to(x.dtype).contiguous(), *saved)
+    y = y.to(x.dtype).contiguous()
+    return (y, *saved, tensor_amax(y))
 
 
 def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int):
@@ -116,7 +117,8 @@ def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int):
 
 
 def _forward(x, u, act: int, group_size: int, backend: str):
-    """(out, x_q, x_s[, u_q, u_s]) for f(x) (u None) or f(x)·u; ``backend`` is "torch" or "triton"."""
+    """(out, x_q, x_s[, u_q, u_s], out_amax) for f(x) (u None) or f(x)·u; ``backend`` is "torch" or "triton".
+    ``out_amax``: 0-d fp32 max |out| (NaN counts as +inf; ``quantization.tensor_amax(out)``)."""
     if backend == "triton":
         from .activation_kernels import forward_triton
 
@@ -143,7 +145,7 @@ def _fake_saved(x: torch.Tensor, group_size: int):
 
 
 def _gated_impl(gate: torch.Tensor, up: torch.Tensor, act: int, group_size: int, backend: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_forward(gate, up, act, group_size, backend))
 
 
@@ -152,7 +154,8 @@ _gated_op = torch.library.custom_op("fp8coat::gated_activation", _gated_impl, mu
 
 @_gated_op.register_fake
 def _(gate, up, act, group_size, backend):
-    return (gate.new_empty(gate.shape), *_fake_saved(gate, group_size), *_fake_saved(up, group_size))
+    return (gate.new_empty(gate.shape), *_fake_saved(gate, group_size), *_fake_saved(up, group_size),
+            gate.new_empty((), dtype=torch.float32))
 
 
 def _gated_backward_impl(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
@@ -172,7 +175,7 @@ def _(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend):
 
 def _plain_impl(x: torch.Tensor, act: int, group_size: int, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_forward(x, None, act, group_size, backend))
+    return tuple(_forward(x, None, act, group_size, backend)[:3])  # (out, x_q, x_s): no consumer takes the amax
 
 
 _plain_op = torch.library.custom_op("fp8coat::activation", _plain_impl, mutates_args=())
@@ -197,8 +200,9 @@ def _(dy, x_q, x_s, act, group_size, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    saved = output[1:]  # (x_q, x_s) or (gate_q, gate_s, up_q, up_s)
-    ctx.mark_non_differentiable(*saved)
+    # output: (out, x_q, x_s) or (out, gate_q, gate_s, up_q, up_s, out_amax)
+    saved = output[1:5] if len(output) == 6 else output[1:]
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero tensors for the FP8 outputs' (absent) gradients
     ctx.save_for_backward(*saved)
     ctx.args = inputs[len(saved) // 2:]  # act, group_size, backend
@@ -234,8 +238,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backen
 
 
 def swiglu_with_saved(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backend: str | None = None):
-    """SwiGLU returning ``(out, gate_q, gate_s, up_q, up_s)``: the output and the FP8 tensors its backward keeps
-    (which the following FP8 linear layer can rebuild its input from)."""
+    """SwiGLU returning ``(out, gate_q, gate_s, up_q, up_s, out_amax)``: the output, the FP8 tensors its backward
+    keeps (which the following FP8 linear layer can rebuild its input from) and the amax of the output (its
+    per-tensor scale)."""
     _check(gate, up, group_size)
     return call(_gated_op, gate, up, _SILU, group_size, resolve_backend(gate, backend))
 

@@ -2,7 +2,8 @@
 
 For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, sharing ONE quantized input:
 
-    forward   X8, sX  = E4M3 per-tensor (scale from a two-stage amax, on device)
+    forward   X8, sX  = E4M3 per-tensor (scale from a two-stage amax, on device — or from ``x_amax``, the amax the op
+                        producing X computed as it wrote X: FP8 norms and SwiGLU do)
               W8, sW  = E4M3 per-tensor (``weight_cache.weight_fp8``, before the op: with an
                         :class:`FP8WeightCache`, quantized again only when the weight's content changed)
               Y_i     = (X8·sX)(W8_i·sW_i)ᵀ + b_i         torch._scaled_mm on CUDA (fast accumulation), fp32
@@ -38,7 +39,7 @@ import torch
 
 from .._grid import padded
 from ..formats import E4M3, get_format
-from ..quantization import joint_tensor_scale, quantize_transpose, tensor_scale
+from ..quantization import joint_tensor_scale, quantize_transpose, scale_from_amax, tensor_scale
 from .eager import call, register_eager
 from .fp8_gather import GatheredFP8Weight, stand_in
 from .recompute import Recompute, recompute_input, recompute_quantized_t
@@ -100,6 +101,7 @@ def _forward_impl(
     recompute_kind: str,
     recompute_src: list[torch.Tensor],
     recompute_group: int,
+    x_amax: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
 
@@ -111,10 +113,11 @@ def _forward_impl(
     ``biases`` holds the biases of the layers with ``has_bias[i]``, in order (no None entries: the autograd
     wrapper of custom ops cannot return gradients for a list with holes). ``bwd_format`` is the gradients'
     format, used by the backward. ``want_dw``: the weight gradients will be computed; without them the input
-    is not needed in backward and nothing of it is returned for saving (``x_saved`` is empty)."""
+    is not needed in backward and nothing of it is returned for saving (``x_saved`` is empty). ``x_amax``: None, or
+    the 0-d fp32 amax of ``|x|`` (NaN as +inf) to take the scale from instead of reading x for it."""
     fmt = get_format(fwd_format)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    sx = tensor_scale(x2, fmt)
+    sx = tensor_scale(x2, fmt) if x_amax is None else scale_from_amax(x_amax, fmt)
     saves_own_copy = want_dw and not save_input_hp and not recompute_kind
     xq, xqt = quantize_transpose(x2, fmt, sx, rowwise=True, transposed=saves_own_copy)
     ys = []
@@ -134,7 +137,7 @@ _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutate
 
 @_linears_fwd.register_fake
 def _(x, weights, weights_fp8, weight_scales, weights_gathered, biases, has_bias, save_input_hp, want_dw, fast_accum,
-      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
+      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, x_amax):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
@@ -232,7 +235,7 @@ def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape
 
 def _setup(ctx, inputs, output):
     (x, weights, weights_fp8, w_scales, weights_gathered, _, has_bias, save_input_hp, want_dw, _, emulate,
-     fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group) = inputs
+     fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, _) = inputs
     n = len(weights)
     saved, x_scale = output[n], output[n + 1]
     ctx.mark_non_differentiable(saved, x_scale)
@@ -274,7 +277,7 @@ def _backward(ctx, grads, backward_fn=None):
     else:
         dx, dws, dbs = out[0], [None] * n, out[1:]
     return (dx, dws, [None] * n, [None] * n, None, list(dbs), None, None, None, None, None, None, None, None,
-            [None] * n_src, None)
+            [None] * n_src, None, None)
 
 
 def _eager_backward(ctx, *grads):
@@ -301,6 +304,7 @@ def linears(
     fwd_format: str = "e4m3",
     bwd_format: str = "e5m2",
     recompute: "Recompute | None" = None,
+    x_amax: "torch.Tensor | None" = None,
 ) -> "list[torch.Tensor]":
     """Several FP8 linear layers on one input, quantized once: returns ``[x @ W_iᵀ + b_i]``.
 
@@ -310,7 +314,10 @@ def linears(
     keeps ``x`` itself for backward instead of its FP8 transposed copy (use it when ``x`` is saved by another op
     anyway); ``recompute`` saves nothing of ``x`` and rebuilds it in backward from its producer's saved FP8
     tensors. Where grad mode is off or no weight requires grad (frozen layers), nothing of ``x`` is saved (only
-    the weight gradients need it) and backward computes the input and bias gradients only.
+    the weight gradients need it) and backward computes the input and bias gradients only. ``x_amax``: the 0-d fp32
+    max of ``|x|`` (NaN counted as +inf) where the op that produced ``x`` computed it (the FP8 norms and SwiGLU
+    return it): ``x``'s per-tensor scale then comes from it instead of from one more pass over ``x``. It must be
+    exactly ``x``'s amax (a smaller one clamps ``x``, a larger one wastes FP8 range).
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
@@ -336,7 +343,7 @@ def linears(
     group = int(recompute.group_size) if recompute else 16
     out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], is_gathered,
                present, has_bias, save_input_hp, want_dw, fast_accum, emulate, fwd_format, bwd_format, kind, src,
-               group)
+               group, x_amax)
     return list(out[:n])
 
 

@@ -15,7 +15,9 @@ Forward (per row, x upcast to fp32 and, exactly, to fp64):
     saved      x_q, x_s = quantize_per_group(x, E4M3, G)            (exactly ``quantization.reference`` semantics)
 
 Outputs: ``y`` (x.shape, x.dtype), ``x_q`` (x.shape, float8_e4m3fn), ``x_s`` (..., ceil(H/G)) fp32,
-``mean`` / ``rstd`` (...,) fp32. ``eps`` is rounded to fp32 before it is added in fp64.
+``mean`` / ``rstd`` (...,) fp32, ``y_amax`` 0-d fp32: max |y| over the whole output (NaN counts as +inf, 0 for no
+rows; ``quantization.tensor_amax(y)``), from which a following FP8 linear takes its per-tensor input scale without
+reading y again. ``eps`` is rounded to fp32 before it is added in fp64.
 
 Backward (per row; x̂ is rebuilt from the FP8 copy, so the input itself is never kept):
 
@@ -102,7 +104,8 @@ def _norm_fwd_torch(x, weight, bias, eps, group_size, layernorm):
     if bias is not None:
         y = y + bias.float()
     x_q, x_s = qref.quantize_per_group(x, E4M3, group_size)
-    return y.to(x.dtype), x_q, x_s, mean, rstd
+    y = y.to(x.dtype)
+    return y, x_q, x_s, mean, rstd, qref.tensor_amax(y)
 
 
 def _norm_bwd_torch(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, need_db):
@@ -146,11 +149,11 @@ def _contig(*ts):
 
 
 def rmsnorm_fwd(x, weight, eps, group_size=16, *, backend=None):
-    """RMSNorm forward -> ``(y, x_q, x_s, rstd)``; see the module docstring for the exact arithmetic."""
+    """RMSNorm forward -> ``(y, x_q, x_s, rstd, y_amax)``; see the module docstring for the exact arithmetic."""
     _check_inputs(x, group_size, weight)
     impl = _impls(x, backend)[0]
-    y, x_q, x_s, _, rstd = impl(x, weight, None, float(eps), group_size, False)
-    return _contig(y, x_q, x_s, rstd)
+    y, x_q, x_s, _, rstd, y_amax = impl(x, weight, None, float(eps), group_size, False)
+    return (*_contig(y, x_q, x_s, rstd), y_amax)
 
 
 def rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, backend=None):
@@ -162,7 +165,7 @@ def rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, backend=None):
 
 
 def layernorm_fwd(x, weight, bias, eps, group_size=16, *, backend=None):
-    """LayerNorm forward -> ``(y, x_q, x_s, mean, rstd)``; weight and bias are optional."""
+    """LayerNorm forward -> ``(y, x_q, x_s, mean, rstd, y_amax)``; weight and bias are optional."""
     _check_inputs(x, group_size, weight, bias)
     impl = _impls(x, backend)[0]
     return _contig(*impl(x, weight, bias, float(eps), group_size, True))
@@ -190,12 +193,12 @@ def _empty_like_scales(x: torch.Tensor, group_size: int):
     x_q = x.new_empty(x.shape, dtype=E4M3.dtype)
     x_s = x.new_empty((*lead, cdiv(h, group_size)), dtype=torch.float32)
     row = x.new_empty(lead, dtype=torch.float32)
-    return x_q, x_s, row
+    return x_q, x_s, row, x.new_empty((), dtype=torch.float32)
 
 
 def _rmsnorm_impl(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return rmsnorm_fwd(x, weight, eps, group_size)
 
 
@@ -204,8 +207,8 @@ _rmsnorm_op = torch.library.custom_op("fp8coat::rmsnorm", _rmsnorm_impl, mutates
 
 @_rmsnorm_op.register_fake
 def _(x, weight, eps, group_size):
-    x_q, x_s, rstd = _empty_like_scales(x, group_size)
-    return x.new_empty(x.shape), x_q, x_s, rstd
+    x_q, x_s, rstd, y_amax = _empty_like_scales(x, group_size)
+    return x.new_empty(x.shape), x_q, x_s, rstd, y_amax
 
 
 def _rmsnorm_backward_impl(
@@ -227,14 +230,14 @@ def _(dy, x_q, x_s, rstd, weight, group_size):
 
 def _rmsnorm_setup_context(ctx, inputs, output):
     _, weight, _, group_size = inputs
-    _, x_q, x_s, rstd = output
-    ctx.mark_non_differentiable(x_q, x_s, rstd)
+    _, x_q, x_s, rstd, y_amax = output
+    ctx.mark_non_differentiable(x_q, x_s, rstd, y_amax)
     ctx.set_materialize_grads(False)  # no zero tensors for the FP8 outputs' (absent) gradients
     ctx.save_for_backward(x_q, x_s, rstd, weight)
     ctx.group_size = group_size
 
 
-def _rmsnorm_backward(ctx, dy, _dq, _ds, _drstd, _bwd=None):
+def _rmsnorm_backward(ctx, dy, _dq, _ds, _drstd, _damax, _bwd=None):
     if dy is None:
         return None, None, None, None
     x_q, x_s, rstd, weight = ctx.saved_tensors
@@ -249,7 +252,7 @@ register_eager(_rmsnorm_op, _rmsnorm_impl, _rmsnorm_setup_context,
 
 def _layernorm_impl(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return layernorm_fwd(x, weight, bias, eps, group_size)
 
 
@@ -258,8 +261,8 @@ _layernorm_op = torch.library.custom_op("fp8coat::layernorm", _layernorm_impl, m
 
 @_layernorm_op.register_fake
 def _(x, weight, bias, eps, group_size):
-    x_q, x_s, rstd = _empty_like_scales(x, group_size)
-    return x.new_empty(x.shape), x_q, x_s, torch.empty_like(rstd), rstd
+    x_q, x_s, rstd, y_amax = _empty_like_scales(x, group_size)
+    return x.new_empty(x.shape), x_q, x_s, torch.empty_like(rstd), rstd, y_amax
 
 
 def _layernorm_backward_impl(
@@ -284,15 +287,15 @@ def _(dy, x_q, x_s, mean, rstd, weight, group_size, has_bias):
 
 def _layernorm_setup_context(ctx, inputs, output):
     _, weight, bias, _, group_size = inputs
-    _, x_q, x_s, mean, rstd = output
-    ctx.mark_non_differentiable(x_q, x_s, mean, rstd)
+    _, x_q, x_s, mean, rstd, y_amax = output
+    ctx.mark_non_differentiable(x_q, x_s, mean, rstd, y_amax)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_q, x_s, mean, rstd, weight)
     ctx.group_size = group_size
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _layernorm_backward(ctx, dy, _dq, _ds, _dmean, _drstd, _bwd=None):
+def _layernorm_backward(ctx, dy, _dq, _ds, _dmean, _drstd, _damax, _bwd=None):
     if dy is None:
         return None, None, None, None, None
     x_q, x_s, mean, rstd, weight = ctx.saved_tensors
@@ -312,8 +315,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, group_size
 
 
 def rmsnorm_with_saved(x: torch.Tensor, weight: torch.Tensor | None, eps: float, group_size: int = 16):
-    """RMSNorm returning ``(y, x_q, x_s, rstd)``: the output and the FP8 tensors its backward keeps (which a
-    following FP8 linear layer can rebuild its input from)."""
+    """RMSNorm returning ``(y, x_q, x_s, rstd, y_amax)``: the output, the FP8 tensors its backward keeps (which a
+    following FP8 linear layer can rebuild its input from) and the amax of the output (its per-tensor scale)."""
     return call(_rmsnorm_op, x, weight, float(eps), group_size)
 
 
@@ -326,6 +329,6 @@ def layernorm(
 
 def layernorm_with_saved(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                          group_size: int = 16):
-    """LayerNorm returning ``(y, x_q, x_s, mean, rstd)``: the output and the FP8 tensors its backward keeps
-    (which a following FP8 linear layer can rebuild its input from)."""
+    """LayerNorm returning ``(y, x_q, x_s, mean, rstd, y_amax)``: the output, the FP8 tensors its backward keeps
+    (which a following FP8 linear layer can rebuild its input from) and the amax of the output."""
     return call(_layernorm_op, x, weight, bias, float(eps), group_size)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._grid import cdiv, tile_2d
-from .._kernel_helpers import group_dequant_load, group_quant_store
+from .._kernel_helpers import fold_tile_amax, group_dequant_load, group_quant_store
 from .._launch import fast_kernel
 from .._numerics import f32
 from ..formats import E4M3
@@ -24,6 +24,7 @@ _TILE_ELEMS = 4096  # elements per program and row block (BLOCK_R * BLOCK_H, BLO
 def _norm_fwd_kernel(
     x_ptr, w_ptr, b_ptr,  # x: (R, H) strided; w, b: (H,)
     y_ptr, q_ptr, s_ptr, mean_ptr, rstd_ptr,  # y, q: (R, H); s: (R, NG); mean, rstd: (R,) — all contiguous
+    amax_ptr,  # int32 (), zero on entry: the bits of amax(|y|) on exit
     R, H, NG, stride_xr, stride_xh, eps,  # eps: fp32
     LAYERNORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     FMAX: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -55,7 +56,9 @@ def _norm_fwd_kernel(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = rows64[:, None] * H  # row offsets in int64, column offsets in int32
-    tl.store(y_ptr + out + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + out + cols[None, :], y, mask=mask)
+    fold_tile_amax(y, mask, amax_ptr)
 
     # per-group E4M3 copy of x (the arithmetic of quantize_per_group)
     group_quant_store(x, q_ptr, s_ptr, rows64, cols, mask, 0, R, H, NG, FMAX, G, BLOCK_R, BLOCK_H)
@@ -141,21 +144,22 @@ def norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
     x_s = torch.empty((*lead, ng), dtype=torch.float32, device=x.device)
     rstd = torch.empty(lead, dtype=torch.float32, device=x.device)
     mean = torch.empty(lead, dtype=torch.float32, device=x.device) if layernorm else None
+    amax = torch.zeros((), dtype=torch.int32, device=x.device)
     x2 = x.reshape(-1, h)
     r = x2.shape[0]
     if r == 0:
-        return y, x_q, x_s, mean, rstd
+        return y, x_q, x_s, mean, rstd, amax.view(torch.float32)
     block_r, block_h, num_warps = _tiles(r, h, group_size)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     _norm_fwd_kernel[(cdiv(r, block_r),)](
-        x2, w, b, y, x_q, x_s, mean if layernorm else rstd, rstd,
+        x2, w, b, y, x_q, x_s, mean if layernorm else rstd, rstd, amax,
         r, h, ng, x2.stride(0), x2.stride(1), f32(eps),
         LAYERNORM=layernorm, HAS_W=weight is not None, HAS_B=bias is not None,
         FMAX=E4M3.max, G=group_size, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return y, x_q, x_s, mean, rstd
+    return y, x_q, x_s, mean, rstd, amax.view(torch.float32)
 
 
 def norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, need_db):

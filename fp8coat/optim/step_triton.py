@@ -33,6 +33,7 @@ from .._kernel_helpers import (
     abs_nan_to_inf,
     clamp_cast,
     floor_min_scale,
+    fold_tile_amax,
     mix32,
     on_gpu,
     recip_rn,
@@ -167,12 +168,9 @@ def _encode_store(x, q_ptr, offs, mask, amax_ptr, expo_ptr, gidx, gmask,
 @triton.jit
 def _record_amax(x, mask, amax_ptr, meta, NT, t):
     """If tensor ``t`` records its amax: the max of ``|x|`` over the tile's elements (NaN counts as +inf, as in
-    ``quantization.tensor_amax``) into its slot. Non-negative floats order like their int32 bit patterns, so an
-    integer atomic max on the zeroed slot leaves the bits of the tensor's amax."""
+    ``quantization.tensor_amax``) into its int32 slot (``fold_tile_amax``)."""
     if tl.load(meta + 4 * NT + t) != 0:
-        a = tl.where(mask, abs_nan_to_inf(x), 0.0)
-        tile_max = tl.max(tl.max(a, axis=1), axis=0)
-        tl.atomic_max(amax_ptr + t, tile_max.to(tl.int32, bitcast=True))
+        fold_tile_amax(x, mask, amax_ptr + t)
 
 
 @fast_kernel
