@@ -1,12 +1,12 @@
 """Tile sweep of the FP8 quantize-transpose kernel (and of the amax kernel) at a real shape: device time per launch
 and bandwidth.
 
-    python -m scripts.quant_transpose_sweep_gpu [--m 8192 --k 4096] [--amax]      # needs a CUDA GPU
+    python -m scripts.quant_transpose_sweep_gpu [--m 8192 --k 4096]      # needs a CUDA GPU
 
 For each (BLOCK_M, BLOCK_K, warps) it launches ``_quant_transpose_kernel`` directly (row-major + transposed copy, and
 transposed only), checks the output bit for bit against the launcher's current configuration, and times 20 launches
-captured in a CUDA graph (median of 7 replays). Bytes moved: the bf16 read plus the FP8 writes. ``--amax`` also
-sweeps the per-tensor amax kernel (tiles, warps, programs) against ``torch.amax`` of the same tensor.
+captured in a CUDA graph (median of 7 replays). Bytes moved: the bf16 read plus the FP8 writes. The per-tensor amax
+kernel's sweep is ``scripts.kernel_sweep_gpu --only amax``.
 """
 
 from __future__ import annotations
@@ -22,42 +22,10 @@ from fp8coat.quantization import triton_kernels as tk
 # ruff: noqa: B023 - every closure below is timed within the loop iteration that defines it
 
 
-def amax_sweep(x: torch.Tensor) -> None:
-    r, k = x.shape
-    part, count = tk._amax_scratch(x.device)
-    out = torch.empty((), dtype=torch.float32, device="cuda")
-    want = tk.tensor_scale_triton(x, E4M3)
-    read = x.numel() * x.element_size()
-    torch_us = gpu_us(lambda: torch.amax(x))
-    launcher_us = gpu_us(lambda: tk.tensor_scale_triton(x, E4M3))
-    print(f"\namax: torch.amax {torch_us:.1f} µs ({read / torch_us / 1e6:.2f} TB/s), launcher {launcher_us:.1f} µs "
-          f"({read / launcher_us / 1e6:.2f} TB/s)")
-    print(f"{'tile':>10} {'warps':>6} {'programs':>9} {'µs':>7} {'TB/s':>6}  same bits")
-    for block_r, block_k in ((2, 1024), (4, 1024), (8, 1024), (4, 2048), (16, 512)):
-        tiles_k = -(-k // block_k)
-        tiles = -(-r // block_r) * tiles_k
-        for warps in (4, 8, 16):
-            for programs in (264, 528, 1024):
-                if programs > min(tiles, tk.AMAX_PROGRAMS):
-                    continue
-
-                def launch():
-                    tk._amax_kernel.fn[(programs,)](
-                        x, part, count, out, r, k, x.stride(0), x.stride(1), tiles_k, tiles, FMAX=E4M3.max,
-                        SCALE=True, PRIOR=False, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK=tk.AMAX_PROGRAMS,
-                        num_warps=warps)
-
-                launch()
-                same = torch.equal(out, want)
-                us = gpu_us(launch)
-                print(f"{block_r:>4}x{block_k:<5} {warps:>6} {programs:>9} {us:7.1f} {read / us / 1e6:6.2f}  {same}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--amax", action="store_true", help="also sweep the amax kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("quant_transpose_sweep_gpu: needs a CUDA device")
@@ -100,8 +68,6 @@ def main() -> None:
                 same = same and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
             us = gpu_us(launch)
             print(f"{block_m:>8} {block_k:>8} {warps:>6} {us:7.1f} {moved / us / 1e6:6.2f}  {same}")
-    if args.amax:
-        amax_sweep(x)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ __all__ = ["backward_triton", "forward_triton"]
 @triton.jit
 def _act_fwd_kernel(
     x_ptr, u_ptr, out_ptr, xq_ptr, xs_ptr, uq_ptr, us_ptr,  # x, u: (R, K) strided; the rest contiguous
-    amax_ptr,  # int32 (), zero on entry: the bits of amax(|out|) on exit
+    amax_ptr,  # GATED: int32 (), zero on entry: the bits of amax(|out|) on exit
     R, K, NG, K_TILES, stride_xr, stride_xk, stride_ur, stride_uk,
     ACT: tl.constexpr, GATED: tl.constexpr, FMAX: tl.constexpr, G: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
@@ -48,7 +48,8 @@ def _act_fwd_kernel(
         y = y * u
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], y, mask=mask)
-    fold_tile_amax(y, mask, amax_ptr)
+    if GATED:  # the gated op's output feeds a linear layer, which takes its scale from this amax
+        fold_tile_amax(y, mask, amax_ptr)
 
 
 @fast_kernel
@@ -102,23 +103,27 @@ def forward_triton(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     tensors = [torch.empty(x.shape, dtype=E4M3.dtype, device=x.device),
                torch.empty((*x.shape[:-1], ng), dtype=torch.float32, device=x.device)]
+    amax = None
     if u is not None:
         tensors += [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])]
-    amax = torch.zeros((), dtype=torch.int32, device=x.device)
+        amax = torch.zeros((), dtype=torch.int32, device=x.device)
+    result = (out, *tensors) if amax is None else (out, *tensors, amax.view(torch.float32))
     if x.numel() == 0:
-        return (out, *tensors, amax.view(torch.float32))
+        return result
     x2 = x.reshape(-1, n)
     u2 = u.reshape(-1, n) if u is not None else x2
     xq, xs = tensors[:2]
     uq, us = tensors[2:] if u is not None else tensors[:2]
     r, k, block_r, block_k, k_tiles, grid = _launch_geometry(x2, group_size)
+    amax_slot = amax if amax is not None else xs  # not read without GATED
     _act_fwd_kernel[grid](
-        x2, u2, out, xq, xs, uq, us, amax, r, k, ng, k_tiles, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1),
+        x2, u2, out, xq, xs, uq, us, amax_slot,
+        r, k, ng, k_tiles, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1),
         ACT=act, GATED=u is not None, FMAX=E4M3.max, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
         LIBDEVICE=use_libdevice(x),
         num_warps=_GPU_TILE[2], enable_fp_fusion=False,
     )
-    return (out, *tensors, amax.view(torch.float32))
+    return result
 
 
 def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):

@@ -101,7 +101,7 @@ def _forward_torch(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
         y = y * u.float()
         saved += [uq, us.contiguous()]
     y = y.to(x.dtype).contiguous()
-    return (y, *saved, tensor_amax(y))
+    return (y, *saved) if u is None else (y, *saved, tensor_amax(y))
 
 
 def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int):
@@ -117,8 +117,9 @@ def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int):
 
 
 def _forward(x, u, act: int, group_size: int, backend: str):
-    """(out, x_q, x_s[, u_q, u_s], out_amax) for f(x) (u None) or f(x)·u; ``backend`` is "torch" or "triton".
-    ``out_amax``: 0-d fp32 max |out| (NaN counts as +inf; ``quantization.tensor_amax(out)``)."""
+    """(out, x_q, x_s) for f(x) (u None), (out, x_q, x_s, u_q, u_s, out_amax) for f(x)·u; ``backend`` is "torch" or
+    "triton". ``out_amax``: 0-d fp32 max |out| (NaN counts as +inf; ``quantization.tensor_amax(out)``): the gated op
+    feeds a linear layer, which takes its per-tensor scale from it."""
     if backend == "triton":
         from .activation_kernels import forward_triton
 
@@ -175,7 +176,7 @@ def _(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend):
 
 def _plain_impl(x: torch.Tensor, act: int, group_size: int, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_forward(x, None, act, group_size, backend)[:3])  # (out, x_q, x_s): no consumer takes the amax
+    return tuple(_forward(x, None, act, group_size, backend))
 
 
 _plain_op = torch.library.custom_op("fp8coat::activation", _plain_impl, mutates_args=())
