@@ -6,9 +6,11 @@ configuration next to the launcher's current one, outputs checked bit for bit ag
 
 Kernels: the RMSNorm forward and backward (``ops.norms_kernels``), the SwiGLU forward and backward
 (``ops.activation_kernels``), the recompute-quantize-transpose of an RMSNorm or SwiGLU output
-(``ops.recompute_kernels``) and the per-tensor amax (``quantization.triton_kernels``). Each configuration
-launches the kernel directly (``kernel.fn[grid](...)``) and is timed as 20 launches in a CUDA graph (median of 7
-replays). Bytes moved: what the kernel must read and write once (the bandwidth a perfect kernel would need).
+(``ops.recompute_kernels``) and the per-tensor amax (``quantization.triton_kernels``); and torch's causal SDPA
+per backend (forward and forward + backward at 32 heads × 2048 × 128, CUDA events, median of 7), the attention
+the converted models call. Each kernel configuration launches the kernel directly (``kernel.fn[grid](...)``) and
+is timed as 20 launches in a CUDA graph (median of 7 replays).
+Bytes moved: what the kernel must read and write once (the bandwidth a perfect kernel would need).
 """
 
 from __future__ import annotations
@@ -241,8 +243,65 @@ def sweep_amax(m: int) -> None:
         _report("amax", f"{m}x{k}", x.numel() * 2, launcher_us, rows)
 
 
+def sweep_sdpa(m: int, seq: int = 2048, heads: int = 32, head_dim: int = 128) -> None:
+    """Causal SDPA forward + backward at the 7B's attention shape per backend (``torch.nn.attention``): the
+    backend torch picks by default next to each one forced. Gradients compared with the default's (max |diff|)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch = max(m // seq, 1)
+    seq = min(seq, m)
+    shape = (batch, heads, seq, head_dim)
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+    def fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def timed(fn) -> float:
+        if DEVICE == "cpu":
+            fn()
+            return 1.0
+        for _ in range(2):  # warm-up: each call is milliseconds, so CUDA events around one call suffice
+            fn()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    want = step()
+    rows = [dict(config="default", fwd_us=timed(fwd), fwd_bwd_us=timed(step), max_diff=0.0)]
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    for backend in backends if DEVICE == "cuda" else []:
+        try:
+            with sdpa_kernel([backend]):
+                got = step()
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+                rows.append(dict(config=backend.name, fwd_us=timed(fwd), fwd_bwd_us=timed(step), max_diff=diff))
+        except Exception as ex:  # noqa: BLE001 - a backend that does not support the shape / GPU
+            rows.append(dict(config=backend.name, fwd_us=None, fwd_bwd_us=None, max_diff=None,
+                             error=f"{type(ex).__name__}: {str(ex)[:120]}"))
+    print(f"\nsdpa causal {shape} bf16 (forward / forward + backward):")
+    for r in rows:
+        if r["fwd_us"] is None:
+            print(f"  {r['config']:<22} failed: {r['error']}")
+        else:
+            print(f"  {r['config']:<22} {r['fwd_us']:9.1f} / {r['fwd_bwd_us']:9.1f} µs  max |diff| {r['max_diff']:.3g}")
+    RESULTS.append(dict(kernel="sdpa", shape=str(shape), configs=rows))
+
+
 SWEEPS = {"norm_fwd": sweep_norm_fwd, "norm_bwd": sweep_norm_bwd, "act": sweep_act, "recompute": sweep_recompute,
-          "amax": sweep_amax}
+          "amax": sweep_amax, "sdpa": sweep_sdpa}
 
 
 def main() -> None:
