@@ -145,10 +145,10 @@ def sweep_act(m: int) -> None:
     up = torch.randn_like(gate)
     dy = torch.randn_like(gate)
     want_f = list(ak.forward_triton(gate, up, 0, G))
-    want_b = list(ak.backward_triton(dy, *want_f[1:5], 0, G))
+    want_b = list(ak.backward_triton(dy, *want_f[1:5], 0, G, want_amax=True))  # (dx, du, amax)
     ng = cdiv(INTER, G)
     fwd_us = gpu_us(lambda: ak.forward_triton(gate, up, 0, G))
-    bwd_us = gpu_us(lambda: ak.backward_triton(dy, *want_f[1:5], 0, G))
+    bwd_us = gpu_us(lambda: ak.backward_triton(dy, *want_f[1:5], 0, G, want_amax=True))
     _, xq, xs, uq, us_, _ = want_f
     amax = torch.zeros((), dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(gate)
@@ -172,13 +172,14 @@ def sweep_act(m: int) -> None:
                 LIBDEVICE=LIBDEV, num_warps=warps, enable_fp_fusion=False)
 
         def launch_b():
+            amax.zero_()
             ak._act_bwd_kernel.fn[grid](
-                dy, xq, xs, uq, us_, dx, du, m, INTER, ng, k_tiles, dy.stride(0), dy.stride(1),
-                ACT=0, GATED=True, G=G, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=LIBDEV, num_warps=warps,
+                dy, xq, xs, uq, us_, dx, du, amax, m, INTER, ng, k_tiles, dy.stride(0), dy.stride(1),
+                ACT=0, GATED=True, AMAX=True, G=G, BLOCK_R=block_r, BLOCK_K=block_k, LIBDEVICE=LIBDEV, num_warps=warps,
                 enable_fp_fusion=False)
 
         rows_f.append((label, *_try(launch_f, [out, *qs, amax.view(torch.float32)], want_f)))
-        rows_b.append((label, *_try(launch_b, [dx, du], want_b)))
+        rows_b.append((label, *_try(launch_b, [dx, du, amax.view(torch.float32)], want_b)))
     _report("act_fwd", f"{m}x{INTER} swiglu", moved_f, fwd_us, rows_f)
     _report("act_bwd", f"{m}x{INTER} swiglu", moved_b, bwd_us, rows_b)
 

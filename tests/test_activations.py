@@ -352,10 +352,13 @@ def test_custom_ops_opcheck():
     """Fake implementation and autograd registration of the two activation ops and their backwards."""
     x, u = torch.randn(4, 40), torch.randn(4, 40)
     for code in act.ACTIVATIONS.values():
-        torch.library.opcheck(act._gated_op, (x, u, code, 16, "torch"), test_utils=_OPCHECK)
+        for link in (None, torch.zeros(())):
+            torch.library.opcheck(act._gated_op, (x, u, link, code, 16, "torch"), test_utils=_OPCHECK)
         torch.library.opcheck(act._plain_op, (x, code, 16, "torch"), test_utils=_OPCHECK)
-        out = act._gated_op(x, u, code, 16, "torch")
-        torch.library.opcheck(act._gated_backward_op, (x, *out[1:5], code, 16, "torch"), test_utils=_OPCHECK)
+        out = act._gated_op(x, u, None, code, 16, "torch")
+        for want_amax in (False, True):
+            torch.library.opcheck(act._gated_backward_op, (x, *out[1:5], code, 16, "torch", want_amax),
+                                  test_utils=_OPCHECK)
         saved = act._plain_op(x, code, 16, "torch")[1:]
         torch.library.opcheck(act._plain_backward_op, (x, *saved, code, 16, "torch"), test_utils=_OPCHECK)
 
@@ -414,3 +417,55 @@ def test_swiglu_output_amax(dtype):
         assert act.swiglu_with_saved(bad, up, backend=backend)[-1].item() == float("inf"), backend
         empty = act.swiglu_with_saved(gate[:0], up[:0], backend=backend)[-1]
         assert empty.item() == 0.0, backend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_gradients_amax_through_the_link(dtype):
+    """With a ``grad_amax_link``, SwiGLU's backward returns the joint max of |d_gate| and |d_up| as the link's
+    gradient (NaN counted as +inf), on both backends and in the eager and registered paths; the gradients
+    themselves are those without a link, bit for bit. Without a link nothing is returned for it."""
+    dev = device()
+    g = torch.Generator().manual_seed(43)
+    gate = (torch.randn(37, 200, generator=g) * 3).to(dtype=dtype, device=dev)
+    up = (torch.randn(37, 200, generator=g) * 3).to(dtype=dtype, device=dev)
+    dy = torch.randn(37, 200, generator=g).to(dtype=dtype, device=dev)
+    cases = [("finite", dy), ("zero", torch.zeros_like(dy))]
+    bad = dy.clone()
+    bad[3, 9] = float("nan")
+    cases.append(("nan", bad))
+    for backend in ("torch", "triton"):
+        for name, d in cases:
+            leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+            link = torch.zeros((), device=dev, requires_grad=True)
+            out = act.swiglu_with_saved(*leaves, grad_amax_link=link, backend=backend)[0]
+            dg, du, dlink = torch.autograd.grad(out, [*leaves, link], d)
+            want = torch.maximum(dg.float().abs().nan_to_num(nan=float("inf")).max(),
+                                 du.float().abs().nan_to_num(nan=float("inf")).max())
+            assert dlink.dim() == 0 and dlink.dtype == torch.float32
+            assert dlink.item() == want.item(), (backend, name)
+            leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+            plain = torch.autograd.grad(act.swiglu_with_saved(*leaves, backend=backend)[0], leaves, d)
+            for a, b in zip(plain, (dg, du)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{backend} {name}")
+        empty = [gate[:0].clone().requires_grad_(), up[:0].clone().requires_grad_()]
+        link = torch.zeros((), device=dev, requires_grad=True)
+        out = act.swiglu_with_saved(*empty, grad_amax_link=link, backend=backend)[0]
+        assert torch.autograd.grad(out, link, dy[:0])[0].item() == 0.0, backend
+
+
+def test_swiglu_gradients_amax_compiled():
+    """The link survives ``torch.compile`` (aot_eager): the same gradients and link gradient as eager."""
+    g = torch.Generator().manual_seed(44)
+    gate, up, dy = (torch.randn(6, 64, generator=g).bfloat16() for _ in range(3))
+
+    def f(a, b, link):
+        return act.swiglu_with_saved(a, b, grad_amax_link=link, backend="torch")[0]
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_(), torch.zeros((), requires_grad=True)]
+        results.append(torch.autograd.grad(fn(*leaves), leaves, dy))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][2].item() == max(results[0][0].float().abs().max().item(),
+                                       results[0][1].float().abs().max().item())

@@ -176,31 +176,39 @@ def test_handoffs_are_listed_and_survive_copies():
 
 def test_linear_inputs_take_their_scale_from_the_producer(monkeypatch):
     """In a coat Llama block only o_proj's input (the attention output) is read for its per-tensor scale: q/k/v and
-    gate/up take it from the amax their FP8 norm offered, down from the SwiGLU op's. Same loss and gradients, bit for
-    bit, as with the amax pass over every input (the handed-off amax is the same number)."""
+    gate/up take it from the amax their FP8 norm offered, down from the SwiGLU op's. In backward the gate/up
+    gradients' joint scale comes from the amax the SwiGLU backward returns through the link, so only the q/k/v
+    gradients are read for a joint scale (o and down: one gradient each). Same loss and gradients, bit for bit, as
+    with the amax pass over every input and gradient (the handed-off amax is the same number)."""
     from fp8coat.ops import linear as linear_op
 
     base = tiny_decoder("llama").bfloat16()
     model = fp8coat.convert(copy.deepcopy(base), "coat").train()
-    calls = []
-    real = linear_op.tensor_scale
+    calls, joint_calls = [], []
+    real, real_joint = linear_op.tensor_scale, linear_op.joint_tensor_scale
     monkeypatch.setattr(linear_op, "tensor_scale", lambda x, fmt: calls.append(x.shape) or real(x, fmt))
+    monkeypatch.setattr(linear_op, "joint_tensor_scale",
+                        lambda xs, fmt: joint_calls.append(len(xs)) or real_joint(xs, fmt))
     loss = model(input_ids=_ids(), labels=_ids()).loss
     assert len(calls) == 2  # one o_proj per layer
     loss.backward()
+    assert joint_calls == [3, 3]  # q/k/v per layer; not gate/up
     grads = [p.grad.clone() for p in model.parameters()]
 
-    def no_handed_amax(x, *args, x_amax=None, **kwargs):
-        return real_linears(x, *args, **kwargs)
+    def no_handoffs(x, *args, x_amax=None, grad_amax_link=False, **kwargs):
+        outs = real_linears(x, *args, **kwargs)
+        return outs + [None] if grad_amax_link else outs  # a None link: the SwiGLU op returns no amax
 
     real_linears = linear_op.linears
-    monkeypatch.setattr("fp8coat.nn.linear.linears", no_handed_amax)
-    monkeypatch.setattr("fp8coat.ops.linear.linears", no_handed_amax)
+    monkeypatch.setattr("fp8coat.nn.linear.linears", no_handoffs)
+    monkeypatch.setattr("fp8coat.ops.linear.linears", no_handoffs)
     again = fp8coat.convert(copy.deepcopy(base), "coat").train()
     calls.clear()
+    joint_calls.clear()
     loss_again = again(input_ids=_ids(), labels=_ids()).loss
     assert len(calls) == 2 * 4  # q/k/v, o, gate/up, down per layer
     loss_again.backward()
+    assert sorted(joint_calls) == [2, 2, 3, 3]
     assert torch.equal(loss, loss_again)
     for g, p in zip(grads, again.parameters()):
         assert torch.equal(g, p.grad)

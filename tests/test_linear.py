@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import device, sqnr_db
@@ -197,3 +199,54 @@ def test_x_amax_gives_the_scale():
         assert torch.equal(a, b)
     wrong = linears(x, ws, x_amax=tensor_amax(x.detach()) * 3)
     assert not torch.equal(wrong[0], plain[0])
+
+
+class _ScaledLinkGrad(torch.autograd.Function):
+    """``y_i * 1`` for each output, returning ``factor ×`` the joint amax of the incoming gradients as the link's
+    gradient (1: what the SwiGLU op returns; others: a wrong amax, to show the backward uses it)."""
+
+    @staticmethod
+    def forward(ctx, factor, link, *ys):
+        ctx.factor = factor
+        return tuple(y.clone() for y in ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from fp8coat.quantization import tensor_amax
+
+        amax = functools.reduce(torch.maximum, [tensor_amax(g) for g in grads])
+        return (None, amax * ctx.factor, *grads)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_grad_amax_link_gives_the_gradients_scale(n, monkeypatch):
+    """``grad_amax_link=True`` returns a 0-d zero after the outputs; the gradient the consumer returns for it is the
+    joint amax of the outputs' gradients, and the backward takes their scale from it: the true amax gives the same
+    gradients bit for bit (one pass over the gradients fewer), another number changes them. A link nothing
+    consumes leaves the backward as without it."""
+    from fp8coat.ops import linear as linear_op
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(24, 64, generator=g).bfloat16().requires_grad_()
+    ws = [torch.randn(32, 64, generator=g).bfloat16().requires_grad_() for _ in range(n)]
+    dys = [torch.randn(24, 32, generator=g).bfloat16() for _ in range(n)]
+    plain = linears(x, ws)
+    *linked, link = linears(x, ws, grad_amax_link=True)
+    assert link.shape == () and link.dtype == torch.float32 and link.item() == 0.0 and link.requires_grad
+    for a, b in zip(plain, linked):
+        assert torch.equal(a, b)
+    want = torch.autograd.grad(plain, [x, *ws], dys)
+    calls = []
+    joint, single = linear_op.joint_tensor_scale, linear_op.tensor_scale
+    monkeypatch.setattr(linear_op, "joint_tensor_scale", lambda xs, fmt: calls.append(len(xs)) or joint(xs, fmt))
+    monkeypatch.setattr(linear_op, "tensor_scale", lambda t, fmt: calls.append(1) or single(t, fmt))
+    for factor, same in ((1.0, True), (3.0, False)):
+        *ys, link = linears(x, ws, grad_amax_link=True)
+        calls.clear()
+        got = torch.autograd.grad(_ScaledLinkGrad.apply(factor, link, *ys), [x, *ws], dys)
+        assert calls == []  # the gradients' scale came through the link: no pass over them
+        assert all(torch.equal(a, b) for a, b in zip(want, got)) == same, factor
+    *ys, link = linears(x, ws, grad_amax_link=True)  # a link nothing consumes: no gradient reaches it
+    unlinked = torch.autograd.grad(ys, [x, *ws], dys)
+    for a, b in zip(want, unlinked):
+        assert torch.equal(a, b)

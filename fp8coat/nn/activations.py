@@ -74,9 +74,11 @@ class FP8GatedMLPMixin:
     input from the preceding FP8 norm's saved tensors (when it offered them), and the down GEMM rebuilds its input
     silu(gate)·up from the SwiGLU op's saved gate and up. The gate/up GEMMs take their input's per-tensor scale from
     the amax the norm offered with its tensors, the down GEMM from the amax the SwiGLU op computed as it wrote its
-    output: no pass over either input only to find its scale. When any of the parts (gate, up, down, act_fn) has hooks,
-    the module's original forward runs instead (calling each part, so that every hook runs; the parts are FP8
-    modules themselves).
+    output: no pass over either input only to find its scale. In backward, likewise, the SwiGLU op computes the
+    joint amax of the gate and up gradients as it writes them and returns it as the gradient of the link the
+    gate/up op returned (``linears(..., grad_amax_link=True)``), which takes their scale from it.
+    When any of the parts (gate, up, down, act_fn) has hooks, the module's original forward runs instead (calling
+    each part, so that every hook runs; the parts are FP8 modules themselves).
     """
 
     _fp8coat_recipe: Recipe
@@ -95,16 +97,19 @@ class FP8GatedMLPMixin:
         recipe = self._fp8coat_recipe
         g = recipe.activation_group_size
         kw = fp8_linear_kwargs(recipe)
-        gate, up = linears(
+        # the SwiGLU op hands the joint amax of the gate and up gradients back to these GEMMs' backward through
+        # `link` (its gradient); GeGLU and the no-grad path do not use it
+        gate, up, link = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
-            [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, x_amax=x_amax, **kw,
+            [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, x_amax=x_amax,
+            grad_amax_link=True, **kw,
         )
         if self._fp8coat_kind != "silu":
             approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"
             return self.down_proj(A.geglu(gate, up, approximate=approximate, group_size=g))
         if not torch.is_grad_enabled():
             return self.down_proj(A.swiglu(gate, up, group_size=g))
-        act, g_q, g_s, u_q, u_s, act_amax = A.swiglu_with_saved(gate, up, group_size=g)
+        act, g_q, g_s, u_q, u_s, act_amax = A.swiglu_with_saved(gate, up, group_size=g, grad_amax_link=link)
         down = self.down_proj
         return linears(act, [_weight_nk(down)], [down.bias], [weight_cache(down)],
                        recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), x_amax=act_amax, **kw)[0]

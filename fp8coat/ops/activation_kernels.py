@@ -56,8 +56,9 @@ def _act_fwd_kernel(
 @triton.jit
 def _act_bwd_kernel(
     dy_ptr, xq_ptr, xs_ptr, uq_ptr, us_ptr, dx_ptr, du_ptr,  # dy: (R, K) strided; the rest contiguous
+    amax_ptr,  # AMAX: int32 (), zero on entry: the bits of the joint amax(|dx|, |du|) on exit
     R, K, NG, K_TILES, stride_dr, stride_dk,
-    ACT: tl.constexpr, GATED: tl.constexpr, G: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, AMAX: tl.constexpr, G: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -72,12 +73,16 @@ def _act_bwd_kernel(
     fp = act_grad_tl(x, ACT, LIBDEVICE)
     if GATED:
         u = group_dequant_load(uq_ptr, us_ptr, rows, cols, mask, pid_k, R, K, NG, G, BLOCK_R, BLOCK_K)
-        du = d * act_tl(x, ACT, LIBDEVICE)
-        tl.store(du_ptr + rows[:, None] * K + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        du = (d * act_tl(x, ACT, LIBDEVICE)).to(du_ptr.dtype.element_ty)
+        tl.store(du_ptr + rows[:, None] * K + cols[None, :], du, mask=mask)
         dx = (d * u) * fp
     else:
         dx = d * fp
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = dx.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx, mask=mask)
+    if AMAX:  # (gated only) both gradients feed one FP8 GEMM operand, whose joint scale this amax gives
+        fold_tile_amax(dx, mask, amax_ptr)
+        fold_tile_amax(du, mask, amax_ptr)
 
 
 _GPU_TILE = (1024, 2048, 4)  # (max BLOCK_K, elements per program, warps)
@@ -126,13 +131,17 @@ def forward_triton(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
     return result
 
 
-def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):
+def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int, want_amax: bool = False):
+    """``(dx, du, amax)``: ``du`` None when ungated; ``amax`` (gated and ``want_amax`` only, else None) the 0-d
+    fp32 joint max of ``|dx|`` and ``|du|`` as written (NaN as +inf)."""
     n = dy.shape[-1]
     ng = cdiv(n, group_size)
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
     du = torch.empty_like(dx) if uq is not None else None
+    amax = torch.zeros((), dtype=torch.int32, device=dy.device) if want_amax and uq is not None else None
+    result = (dx, du, None if amax is None else amax.view(torch.float32))
     if dy.numel() == 0:
-        return dx, du
+        return result
     d2 = dy.reshape(-1, n)
     xq, xs = xq.contiguous(), xs.float().contiguous()
     if uq is not None:
@@ -140,9 +149,10 @@ def backward_triton(dy, xq, xs, uq, us, act: int, group_size: int):
     r, k, block_r, block_k, k_tiles, grid = _launch_geometry(d2, group_size)
     _act_bwd_kernel[grid](
         d2, xq, xs, uq if uq is not None else xq, us if uq is not None else xs, dx, du if du is not None else dx,
+        amax if amax is not None else xs,  # (not read without AMAX)
         r, k, ng, k_tiles, d2.stride(0), d2.stride(1),
-        ACT=act, GATED=uq is not None, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
+        ACT=act, GATED=uq is not None, AMAX=amax is not None, G=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
         LIBDEVICE=use_libdevice(dy),
         num_warps=_GPU_TILE[2], enable_fp_fusion=False,
     )
-    return dx, du
+    return result

@@ -104,16 +104,16 @@ def _forward_torch(x: torch.Tensor, u: torch.Tensor | None, act: int, group_size
     return (y, *saved) if u is None else (y, *saved, tensor_amax(y))
 
 
-def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int):
+def _backward_torch(dy, xq, xs, uq, us, act: int, group_size: int, want_amax: bool = False):
     x = dequantize_per_group(xq, xs, group_size, torch.float32)
     d = dy.float()
     fp = act_grad_torch(x, act)
     if uq is None:
-        return (d * fp).to(dy.dtype).contiguous(), None
+        return (d * fp).to(dy.dtype).contiguous(), None, None
     u = dequantize_per_group(uq, us, group_size, torch.float32)
-    du = d * act_torch(x, act)
-    dx = (d * u) * fp
-    return dx.to(dy.dtype).contiguous(), du.to(dy.dtype).contiguous()
+    du = (d * act_torch(x, act)).to(dy.dtype).contiguous()
+    dx = ((d * u) * fp).to(dy.dtype).contiguous()
+    return dx, du, torch.maximum(tensor_amax(dx), tensor_amax(du)) if want_amax else None
 
 
 def _forward(x, u, act: int, group_size: int, backend: str):
@@ -127,13 +127,14 @@ def _forward(x, u, act: int, group_size: int, backend: str):
     return _forward_torch(x, u, act, group_size)
 
 
-def _backward(dy, xq, xs, uq, us, act: int, group_size: int, backend: str):
-    """(dx, du) (du None when ungated) from the saved FP8 inputs."""
+def _backward(dy, xq, xs, uq, us, act: int, group_size: int, backend: str, want_amax: bool = False):
+    """(dx, du, amax) from the saved FP8 inputs: du None when ungated; amax (gated with ``want_amax``, else None)
+    the 0-d fp32 joint max of ``|dx|`` and ``|du|`` (NaN as +inf), computed as the kernel writes them."""
     if backend == "triton":
         from .activation_kernels import backward_triton
 
-        return backward_triton(dy, xq, xs, uq, us, act, group_size)
-    return _backward_torch(dy, xq, xs, uq, us, act, group_size)
+        return backward_triton(dy, xq, xs, uq, us, act, group_size, want_amax)
+    return _backward_torch(dy, xq, xs, uq, us, act, group_size, want_amax)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,8 +146,10 @@ def _fake_saved(x: torch.Tensor, group_size: int):
     return x.new_empty(x.shape, dtype=E4M3.dtype), x.new_empty((*x.shape[:-1], ng), dtype=torch.float32)
 
 
-def _gated_impl(gate: torch.Tensor, up: torch.Tensor, act: int, group_size: int, backend: str
+def _gated_impl(gate: torch.Tensor, up: torch.Tensor, grad_amax_link: torch.Tensor | None, act: int,
+                group_size: int, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # grad_amax_link is not read: only its gradient matters (the autograd formula below)
     return tuple(_forward(gate, up, act, group_size, backend))
 
 
@@ -154,15 +157,17 @@ _gated_op = torch.library.custom_op("fp8coat::gated_activation", _gated_impl, mu
 
 
 @_gated_op.register_fake
-def _(gate, up, act, group_size, backend):
+def _(gate, up, grad_amax_link, act, group_size, backend):
     return (gate.new_empty(gate.shape), *_fake_saved(gate, group_size), *_fake_saved(up, group_size),
             gate.new_empty((), dtype=torch.float32))
 
 
 def _gated_backward_impl(dy: torch.Tensor, gate_q: torch.Tensor, gate_s: torch.Tensor, up_q: torch.Tensor,
-                         up_s: torch.Tensor, act: int, group_size: int, backend: str
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend)
+                         up_s: torch.Tensor, act: int, group_size: int, backend: str, want_amax: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d_gate, d_up, amax)``; ``amax``: their joint amax (0-d fp32) with ``want_amax``, else an empty tensor."""
+    dg, du, amax = _backward(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend, want_amax)
+    return dg, du, amax if amax is not None else dy.new_empty((0,), dtype=torch.float32)
 
 
 _gated_backward_op = torch.library.custom_op("fp8coat::gated_activation_backward", _gated_backward_impl,
@@ -170,8 +175,9 @@ _gated_backward_op = torch.library.custom_op("fp8coat::gated_activation_backward
 
 
 @_gated_backward_op.register_fake
-def _(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend):
-    return dy.new_empty(dy.shape), dy.new_empty(dy.shape)
+def _(dy, gate_q, gate_s, up_q, up_s, act, group_size, backend, want_amax):
+    amax = dy.new_empty((), dtype=torch.float32) if want_amax else dy.new_empty((0,), dtype=torch.float32)
+    return dy.new_empty(dy.shape), dy.new_empty(dy.shape), amax
 
 
 def _plain_impl(x: torch.Tensor, act: int, group_size: int, backend: str
@@ -201,19 +207,22 @@ def _(dy, x_q, x_s, act, group_size, backend):
 
 
 def _setup_context(ctx, inputs, output):
+    # inputs: (x, act, group_size, backend) or (gate, up, grad_amax_link, act, group_size, backend);
     # output: (out, x_q, x_s) or (out, gate_q, gate_s, up_q, up_s, out_amax)
-    saved = output[1:5] if len(output) == 6 else output[1:]
+    gated = len(output) == 6
+    saved = output[1:5] if gated else output[1:]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero tensors for the FP8 outputs' (absent) gradients
     ctx.save_for_backward(*saved)
-    ctx.args = inputs[len(saved) // 2:]  # act, group_size, backend
+    ctx.args = inputs[-3:]  # act, group_size, backend
+    ctx.link = gated and inputs[2] is not None
 
 
 def _gated_autograd(ctx, d_out, *unused, _bwd=None):
     if d_out is None:
-        return None, None, None, None, None
-    dg, du = (_bwd or _gated_backward_op)(d_out, *ctx.saved_tensors, *ctx.args)
-    return dg, du, None, None, None
+        return None, None, None, None, None, None
+    dg, du, amax = (_bwd or _gated_backward_op)(d_out, *ctx.saved_tensors, *ctx.args, ctx.link)
+    return dg, du, amax if ctx.link else None, None, None, None
 
 
 def _plain_autograd(ctx, d_out, *unused, _bwd=None):
@@ -238,19 +247,24 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backen
     return swiglu_with_saved(gate, up, group_size, backend=backend)[0]
 
 
-def swiglu_with_saved(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *, backend: str | None = None):
+def swiglu_with_saved(gate: torch.Tensor, up: torch.Tensor, group_size: int = 16, *,
+                      grad_amax_link: "torch.Tensor | None" = None, backend: str | None = None):
     """SwiGLU returning ``(out, gate_q, gate_s, up_q, up_s, out_amax)``: the output, the FP8 tensors its backward
     keeps (which the following FP8 linear layer can rebuild its input from) and the amax of the output (its
-    per-tensor scale)."""
+    per-tensor scale).
+
+    ``grad_amax_link``: the link :func:`fp8coat.ops.linear.linears` returned with ``gate`` and ``up`` (its only
+    outputs, computed from one input): backward then returns the joint amax of the gate and up gradients as the
+    link's gradient, which that op's backward takes their per-tensor scale from."""
     _check(gate, up, group_size)
-    return call(_gated_op, gate, up, _SILU, group_size, resolve_backend(gate, backend))
+    return call(_gated_op, gate, up, grad_amax_link, _SILU, group_size, resolve_backend(gate, backend))
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", group_size: int = 16, *,
           backend: str | None = None) -> torch.Tensor:
     """``gelu(gate, approximate) · up``; saves gate and up as FP8 E4M3 with 1×G fp32 scales."""
     _check(gate, up, group_size)
-    return call(_gated_op, gate, up, _gelu_code(approximate), group_size, resolve_backend(gate, backend))[0]
+    return call(_gated_op, gate, up, None, _gelu_code(approximate), group_size, resolve_backend(gate, backend))[0]
 
 
 def silu(x: torch.Tensor, group_size: int = 16, *, backend: str | None = None) -> torch.Tensor:

@@ -102,8 +102,11 @@ def _forward_impl(
     recompute_src: list[torch.Tensor],
     recompute_group: int,
     x_amax: torch.Tensor | None,
+    grad_amax_link: bool,
 ) -> list[torch.Tensor]:
-    """Returns ``[*ys, x_saved, x_scale]``: outputs (…, N_i) in x's dtype, then what backward needs.
+    """Returns ``[*ys, x_saved, x_scale, link]``: outputs (…, N_i) in x's dtype, what backward needs, and the
+    link: with ``grad_amax_link`` a 0-d fp32 zero whose gradient, when the op consuming the ``ys`` gives one, is
+    the joint amax of the ``ys``' gradients (see :func:`linears`); else an empty tensor.
 
     ``weights_fp8[i]`` / ``weight_scales[i]``: ``weights[i]``'s E4M3 copy and 0-d fp32 scale
     (:func:`~fp8coat.ops.weight_cache.weight_fp8`); ``weights`` themselves are read only by the backward.
@@ -129,7 +132,8 @@ def _forward_impl(
         ys.append(y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0]))
     # otherwise setup_context saves x itself (save_input_hp) or the producer's tensors (recompute)
     saved = xqt if saves_own_copy else xq.new_empty(0)
-    return ys + [saved, sx]
+    link = sx.new_zeros(()) if grad_amax_link else sx.new_empty((0,))
+    return ys + [saved, sx, link]
 
 
 _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutates_args=())
@@ -137,14 +141,15 @@ _linears_fwd = torch.library.custom_op("fp8coat::linears", _forward_impl, mutate
 
 @_linears_fwd.register_fake
 def _(x, weights, weights_fp8, weight_scales, weights_gathered, biases, has_bias, save_input_hp, want_dw, fast_accum,
-      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, x_amax):
+      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, x_amax, grad_amax_link):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     k = x.shape[-1]
     ys = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
     fp8 = get_format(fwd_format).dtype
     own = want_dw and not save_input_hp and not recompute_kind
     saved = x.new_empty((k, padded(m)), dtype=fp8) if own else x.new_empty((0,), dtype=fp8)
-    return ys + [saved, x.new_empty((), dtype=torch.float32)]
+    link = x.new_empty((), dtype=torch.float32) if grad_amax_link else x.new_empty((0,), dtype=torch.float32)
+    return ys + [saved, x.new_empty((), dtype=torch.float32), link]
 
 
 def _backward_impl(
@@ -165,10 +170,12 @@ def _backward_impl(
     recompute_kind: str,
     recompute_src: list[torch.Tensor],
     recompute_group: int,
+    grads_amax: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """Returns ``[dx, *dw_i, *db_i (for biased layers)]`` (without the ``dw_i`` unless ``want_dw``).
     ``weights_fp8``: empty, or the FP8 codes of FP8 all-gathered weights (``weights`` are then stand-ins for their
-    shape and dtype)."""
+    shape and dtype). ``grads_amax``: None, or the joint amax of the ``grads`` (0-d fp32, NaN as +inf) that the op
+    consuming the outputs computed: their per-tensor scale comes from it instead of from a pass over them."""
     fmt, gfmt = get_format(fwd_format), get_format(bwd_format)
     k = x_shape[-1]
     m = 1
@@ -185,7 +192,8 @@ def _backward_impl(
     ns = [w.shape[0] for w in weights]
     g2s = [g if g.dim() == 2 else g.reshape(-1, n) for g, n in zip(grads, ns)]
     if len(weights) == 1:
-        sg, sw = tensor_scale(g2s[0], gfmt), w_scales[0]
+        sg = tensor_scale(g2s[0], gfmt) if grads_amax is None else scale_from_amax(grads_amax, gfmt)
+        sw = w_scales[0]
         gq, gqt = quantize_transpose(g2s[0], gfmt, sg, rowwise=True, transposed=want_dw)
         if weights_fp8:  # the codes are quantize(W, sw): their transpose is what quantizing Wᵀ gives
             wqt = weights_fp8[0].t().contiguous()
@@ -196,7 +204,7 @@ def _backward_impl(
         # the layers' input gradients in ONE GEMM, as for a fused projection: the dY_i side by side (M × ΣN_i) and
         # the W_iᵀ side by side (K × ΣN_i), each under one joint scale. Against a GEMM per layer summed in x's
         # dtype: n - 1 fewer GEMMs and no add passes.
-        sg = joint_tensor_scale(g2s, gfmt)
+        sg = joint_tensor_scale(g2s, gfmt) if grads_amax is None else scale_from_amax(grads_amax, gfmt)
         sw = functools.reduce(torch.maximum, w_scales)  # = scale_from_amax(max amax_i): the scale rule is monotone
         ends = list(itertools.accumulate(ns))
         device, m_pad = x_scale.device, padded(m)
@@ -226,7 +234,7 @@ _linears_bwd = torch.library.custom_op("fp8coat::linears_backward", _backward_im
 
 @_linears_bwd.register_fake
 def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape, x_dtype, save_input_hp, want_dw,
-      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group):
+      emulate, fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, grads_amax):
     dx = x_saved.new_empty(x_shape, dtype=x_dtype)
     dws = [torch.empty_like(w) for w in weights] if want_dw else []
     dbs = [w.new_empty((w.shape[0],)) for w, hb in zip(weights, has_bias) if hb]
@@ -235,10 +243,10 @@ def _(grads, x_saved, x_scale, weights, w_scales, weights_fp8, has_bias, x_shape
 
 def _setup(ctx, inputs, output):
     (x, weights, weights_fp8, w_scales, weights_gathered, _, has_bias, save_input_hp, want_dw, _, emulate,
-     fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, _) = inputs
+     fwd_format, bwd_format, recompute_kind, recompute_src, recompute_group, _, grad_amax_link) = inputs
     n = len(weights)
-    saved, x_scale = output[n], output[n + 1]
-    ctx.mark_non_differentiable(saved, x_scale)
+    saved, x_scale, link = output[n], output[n + 1], output[n + 2]
+    ctx.mark_non_differentiable(saved, x_scale, *([] if grad_amax_link else [link]))
     ctx.set_materialize_grads(False)  # outputs that do not reach the loss: None, handled in _backward
     if save_input_hp:
         saved = x
@@ -270,14 +278,14 @@ def _backward(ctx, grads, backward_fn=None):
     out = backward_fn(
         ys_grads, saved, x_scale, weights, list(w_scales), list(codes), meta["has_bias"], meta["x_shape"],
         meta["x_dtype"], meta["save_input_hp"], meta["want_dw"], meta["emulate"], meta["fwd_format"],
-        meta["bwd_format"], kind, list(src), group,
+        meta["bwd_format"], kind, list(src), group, grads[n + 2],
     )
     if meta["want_dw"]:
         dx, dws, dbs = out[0], list(out[1 : 1 + n]), out[1 + n :]
     else:
         dx, dws, dbs = out[0], [None] * n, out[1:]
     return (dx, dws, [None] * n, [None] * n, None, list(dbs), None, None, None, None, None, None, None, None,
-            [None] * n_src, None, None)
+            [None] * n_src, None, None, None)
 
 
 def _eager_backward(ctx, *grads):
@@ -305,6 +313,7 @@ def linears(
     bwd_format: str = "e5m2",
     recompute: "Recompute | None" = None,
     x_amax: "torch.Tensor | None" = None,
+    grad_amax_link: bool = False,
 ) -> "list[torch.Tensor]":
     """Several FP8 linear layers on one input, quantized once: returns ``[x @ W_iᵀ + b_i]``.
 
@@ -318,6 +327,13 @@ def linears(
     max of ``|x|`` (NaN counted as +inf) where the op that produced ``x`` computed it (the FP8 norms and SwiGLU
     return it): ``x``'s per-tensor scale then comes from it instead of from one more pass over ``x``. It must be
     exactly ``x``'s amax (a smaller one clamps ``x``, a larger one wastes FP8 range).
+
+    ``grad_amax_link``: also return a link, a 0-d fp32 tensor (value 0) after the outputs. Pass it to the op that
+    consumes ALL the outputs and nothing else of them (``ops.activations.swiglu_with_saved`` for gate and up):
+    that op's backward returns the joint amax of the outputs' gradients as the link's gradient, and this op's
+    backward takes their per-tensor scale from it instead of from one more pass over them. The gradient reaches
+    here through autograd like any other (nothing is stored on the side); a link nothing consumes gets no
+    gradient, and the backward then reads the gradients for their scale as without it.
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
@@ -343,8 +359,8 @@ def linears(
     group = int(recompute.group_size) if recompute else 16
     out = call(_linears_fwd, x, list(weights), [c[0] for c in casts], [c[1] for c in casts], is_gathered,
                present, has_bias, save_input_hp, want_dw, fast_accum, emulate, fwd_format, bwd_format, kind, src,
-               group, x_amax)
-    return list(out[:n])
+               group, x_amax, grad_amax_link)
+    return list(out[:n]) + ([out[n + 2]] if grad_amax_link else [])
 
 
 def linear(x, weight, bias=None, cache: "FP8WeightCache | None" = None, **kwargs) -> torch.Tensor:
