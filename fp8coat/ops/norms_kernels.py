@@ -119,10 +119,14 @@ def _norm_bwd_kernel(
         tl.store(db_ptr + pid * H + cols[None, :], db_acc, mask=cmask[None, :])
 
 
-def _tiles(r: int, h: int, group_size: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_H, num_warps): a whole row per program (BLOCK_H = next_pow2(H)), rows up to _TILE_ELEMS."""
+def _tiles(r: int, h: int, group_size: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps): a whole row per program (BLOCK_H = next_pow2(H)), rows up to _TILE_ELEMS;
+    32 elements per thread in the forward, 16 in the backward (4 and 8 warps for a 4096-wide row: at 32768 × 4096
+    bf16 on an H100, 253 and 313 µs against 294 and 415 µs with 16 warps, scripts/kernel_sweep_gpu.py), 4 to 16
+    warps."""
     block_r, block_h = tile_2d(r, h, min_k=group_size, max_k=None, elems=_TILE_ELEMS)
-    num_warps = max(4, min(16, block_r * block_h // 256))  # 8 elements per thread up to BLOCK_H = 4096
+    per_thread = 16 if backward else 32
+    num_warps = max(4, min(16, block_r * block_h // (32 * per_thread)))
     return block_r, block_h, num_warps
 
 
@@ -149,7 +153,7 @@ def norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
     r = x2.shape[0]
     if r == 0:
         return y, x_q, x_s, mean, rstd, amax.view(torch.float32)
-    block_r, block_h, num_warps = _tiles(r, h, group_size)
+    block_r, block_h, num_warps = _tiles(r, h, group_size, backward=False)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     _norm_fwd_kernel[(cdiv(r, block_r),)](
@@ -173,7 +177,7 @@ def norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, nee
         dw = torch.zeros(h, dtype=weight.dtype, device=dy.device) if weight is not None else None
         db = torch.zeros(h, dtype=db_dtype, device=dy.device) if need_db else None
         return dx, dw, db
-    block_r, block_h, num_warps = _tiles(r, h, group_size)
+    block_r, block_h, num_warps = _tiles(r, h, group_size, backward=True)
     n_blocks = cdiv(r, block_r)
     nprog = _bwd_programs(n_blocks, dy.device)
     dw_part = torch.empty((nprog, h), dtype=torch.float64, device=dy.device) if weight is not None else dx

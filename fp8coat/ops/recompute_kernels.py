@@ -85,13 +85,15 @@ def recompute_quantized_t_triton(kind, src, group_size: int, dtype: torch.dtype,
         out = torch.empty((m, k), dtype=dtype, device=a_q.device)
     if m_pad * k == 0:
         return out if fused else quantize_transpose(out, fmt, scale, rowwise=False, backend="triton")[1]
-    block_m, block_k = 64, max(64, group_size)
+    # 64 × 128 tiles, 8 warps: at 32768 tokens on an H100, 121 / 595 µs for the rmsnorm / swiglu kinds against
+    # 137 / 636 µs with 64 × 64 and 4 warps (scripts/kernel_sweep_gpu.py)
+    block_m, block_k = 64, max(128, group_size)
     grid = (cdiv(m_pad if fused else m, block_m), cdiv(k, block_k))
     _recompute_kernel[grid](
         a_q, a_s, b_q, b_s, rstd, w, scale, out, m, k, ng, m_pad,
         KIND=code, ROUND=_ROUNDING[dtype], STORE_T=fused, FMAX=fmt.max, G=group_size, BLOCK_M=block_m,
         BLOCK_K=block_k, LIBDEVICE=use_libdevice(a_q),
-        enable_fp_fusion=False,
+        num_warps=8, enable_fp_fusion=False,
     )
     if fused:
         return out
