@@ -727,7 +727,7 @@ def vlm_table(runs: list[Run]) -> list[str]:
     runs = [r for r in runs if r.path.name.startswith("vlm_compare")]  # not the per-model compare reports
     if not runs:
         return _no_result("vlm")
-    rows, used, checks = [], [], []
+    rows, used, checks, shown = [], [], [], set()
     for (model, variant), (run, row, _) in latest(runs, _vlm_rows).items():
         base = _vlm_models(run)[model]["rows"][0]
         is_base = row is base
@@ -750,6 +750,7 @@ def vlm_table(runs: list[Run]) -> list[str]:
                      _f(row.get("peak_mem_gib"), ".2f"), ratio("peak_mem_gib"), ratio("saved_vision_bytes", ".3f"),
                      ratio("saved_lm_bytes", ".3f"), *run.cells()])
         used.append(run)
+        shown.add((id(run), model))
         if not is_base:
             parts = [f"gap {'not measured' if gap is None else f'{gap:+.2f}%'} "
                      f"{'met' if within else 'MISSED'}" + (f" (bound {target:.2f}%)" if target is not None else "")]
@@ -763,9 +764,11 @@ def vlm_table(runs: list[Run]) -> list[str]:
               "within target", "caption exact match", "tok/s", "× baseline (same run)", "peak GiB", "× baseline",
               "saved vision ×", "saved LM ×", *PROVENANCE]
     lines = _table(header, rows)
-    sources = sorted({id(r): r for r in [*used, runs[-1]]}.values(), key=lambda r: r.key)  # and the newest run
+    # the problems of the (file, model) pairs the table shows, and all of the newest file's
+    sources = sorted({id(r): r for r in [*used, runs[-1]]}.values(), key=lambda r: r.key)
     problems = [f"`{run.name}`, {model}: {problem}" for run in sources
-                for model, entry in _vlm_models(run).items() for problem in entry.get("problems", [])]
+                for model, entry in _vlm_models(run).items() for problem in entry.get("problems", [])
+                if (id(run), model) in shown or run is runs[-1]]
     if problems:
         lines += ["", "Problems the runs reported: " + "; ".join(problems) + "."]
     lines += ["", f"Targets: val gap within max({TARGET_VLM_GAP_PCT}%, one BF16 std); bytes saved for backward by "

@@ -435,14 +435,19 @@ def test_vlm_gap_target_and_ratios_to_the_baseline(tmp_path):
 def test_vlm_newest_file_per_model_and_variant_and_dry_runs(tmp_path):
     folder = tmp_path / "vlm"
     old = _vlm_file({"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
-                                     _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 150.0, 4, 4)], [])})
+                                     _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 150.0, 4, 4)], ["seed1 cut"]),
+                     "qwen2vl-100m": ([_vlm_row("bf16-torchopt", [2.0, 2.1], [0.0, 0.0], 100.0, 10, 10)],
+                                      ["seed2 cut"])})
     old["meta"]["date"] = "2026-12-01 12:00 UTC"
     _write(folder / "vlm_compare-old.json", old)
     _write(folder / "vlm_compare-new.json", _vlm_file(
         {"llava-100m": ([_vlm_row("bf16-torchopt", [3.0, 3.1], [0.0, 0.0], 100.0, 10, 10),
                          _vlm_row("coat", [3.0, 3.1], [0.1, -0.1], 120.0, 4, 4)], [])}))
-    row = _row_of(report.vlm_table(report.load_runs(folder)), "llava-100m | `coat`")
+    lines = report.vlm_table(report.load_runs(folder))
+    row = _row_of(lines, "llava-100m | `coat`")
     assert row[8:10] == ["120", "1.20×"] and row[-1] == "`vlm/vlm_compare-new.json`"
+    # the old file's llava problem is superseded (its llava rows are not shown); its qwen2vl one still stands
+    assert "Problems the runs reported: `vlm/vlm_compare-old.json`, qwen2vl-100m: seed2 cut." in lines
 
     dry = tmp_path / "dry" / "vlm"
     _write(dry / "vlm_compare.json", _vlm_file(
