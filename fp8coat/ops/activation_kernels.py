@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .._grid import cdiv, tile_2d
 from .._kernel_helpers import (
+    abs_nan_to_inf,
     act_grad_tl,
     act_tl,
     fold_tile_amax,
@@ -80,9 +81,10 @@ def _act_bwd_kernel(
         dx = d * fp
     dx = dx.to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx, mask=mask)
-    if AMAX:  # (gated only) both gradients feed one FP8 GEMM operand, whose joint scale this amax gives
-        fold_tile_amax(dx, mask, amax_ptr)
-        fold_tile_amax(du, mask, amax_ptr)
+    if AMAX:  # (gated only) both gradients feed one FP8 GEMM operand, whose joint scale this amax gives:
+        # one reduction over the elementwise max of their magnitudes (NaN already +inf, so none is dropped)
+        both = tl.maximum(abs_nan_to_inf(dx.to(tl.float32)), abs_nan_to_inf(du.to(tl.float32)))
+        fold_tile_amax(both, mask, amax_ptr)
 
 
 # (max BLOCK_K, elements per program, warps): 4 × 256 tiles with 2 warps ran SwiGLU forward / backward at 32768 ×
