@@ -12,7 +12,8 @@ For an input X (M×K, bf16/fp32), weights W_i (N_i×K) and optional biases b_i, 
                       ``save_input_hp``, the high-precision X itself when another op keeps it anyway (attention
                       output); nothing of X where no weight requires grad (frozen layers: no wgrad)
     backward  G8, sG  = ``bwd_format`` (E5M2 by default, or E4M3) per-tensor of [dY_1 … dY_n] side by side
-                        (M × ΣN_i, one joint scale), row-major and transposed
+                        (M × ΣN_i, one joint scale — from a pass over them, or from the amax the op consuming
+                        the Y_i returned as the gradient of the op's ``grad_amax_link``), row-major and transposed
               Wᵀ8, sW' = E4M3 of [W_1ᵀ … W_nᵀ] side by side (K × ΣN_i), sW' = max_i sW_i (sW_1 for one layer)
               dX      = (G8·sG)(Wᵀ8·sW')ᵀ                 ONE GEMM over ΣN_i, as for a fused projection; precise
                                                            accumulation, in x's dtype
