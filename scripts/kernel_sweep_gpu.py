@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from benchmarks.harness import launch_graph_us
+from benchmarks.harness import launch_graph_us, time_ms
 from fp8coat._grid import cdiv, padded, tile_2d
 from fp8coat.formats import E4M3
 from fp8coat.ops import activation_kernels as ak
@@ -264,21 +264,8 @@ def sweep_sdpa(m: int, seq: int = 2048, heads: int = 32, head_dim: int = 128) ->
         with torch.no_grad():
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def timed(fn) -> float:
-        if DEVICE == "cpu":
-            fn()
-            return 1.0
-        for _ in range(2):  # warm-up: each call is milliseconds, so CUDA events around one call suffice
-            fn()
-        times = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return sorted(times)[len(times) // 2]
+    def timed(fn) -> float:  # each call is milliseconds: CUDA events around single calls suffice
+        return time_ms(fn, DEVICE, warmup=2, iters=7)["ms"] * 1e3
 
     want = step()
     rows = [dict(config="default", fwd_us=timed(fwd), fwd_bwd_us=timed(step), max_diff=0.0)]

@@ -97,19 +97,20 @@ class FP8GatedMLPMixin:
         recipe = self._fp8coat_recipe
         g = recipe.activation_group_size
         kw = fp8_linear_kwargs(recipe)
-        # the SwiGLU op hands the joint amax of the gate and up gradients back to these GEMMs' backward through
-        # `link` (its gradient); GeGLU and the no-grad path do not use it
-        gate, up, link = linears(
+        # with grad on, the SwiGLU op hands the joint amax of the gate and up gradients back to these GEMMs'
+        # backward through `link` (its gradient); GeGLU does not
+        linked = self._fp8coat_kind == "silu" and torch.is_grad_enabled()
+        gate, up, *link = linears(
             x, [_weight_nk(self.gate_proj), _weight_nk(self.up_proj)], [self.gate_proj.bias, self.up_proj.bias],
             [weight_cache(self.gate_proj), weight_cache(self.up_proj)], recompute=recompute, x_amax=x_amax,
-            grad_amax_link=True, **kw,
+            grad_amax_link=linked, **kw,
         )
         if self._fp8coat_kind != "silu":
             approximate = "tanh" if self._fp8coat_kind == "gelu_tanh" else "none"
             return self.down_proj(A.geglu(gate, up, approximate=approximate, group_size=g))
         if not torch.is_grad_enabled():
             return self.down_proj(A.swiglu(gate, up, group_size=g))
-        act, g_q, g_s, u_q, u_s, act_amax = A.swiglu_with_saved(gate, up, group_size=g, grad_amax_link=link)
+        act, g_q, g_s, u_q, u_s, act_amax = A.swiglu_with_saved(gate, up, group_size=g, grad_amax_link=link[0])
         down = self.down_proj
         return linears(act, [_weight_nk(down)], [down.bias], [weight_cache(down)],
                        recompute=Recompute("swiglu", (g_q, g_s, u_q, u_s), g), x_amax=act_amax, **kw)[0]

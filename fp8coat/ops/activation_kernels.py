@@ -87,8 +87,8 @@ def _act_bwd_kernel(
         fold_tile_amax(both, mask, amax_ptr)
 
 
-# (max BLOCK_K, elements per program, warps): 4 × 256 tiles with 2 warps ran SwiGLU forward / backward at 32768 ×
-# 11008 bf16 on an H100 in 1052 / 1051 µs against 1072 / 1093 µs with 2 × 1024 and 4 warps (kernel_sweep_gpu)
+# (max BLOCK_K, elements per program, warps), chosen with scripts/kernel_sweep_gpu.py at the 7B's shapes
+# (docs/benchmarks.md)
 _GPU_TILE = (256, 1024, 2)
 
 

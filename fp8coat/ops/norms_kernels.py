@@ -121,9 +121,8 @@ def _norm_bwd_kernel(
 
 def _tiles(r: int, h: int, group_size: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps): a whole row per program (BLOCK_H = next_pow2(H)), rows up to _TILE_ELEMS;
-    32 elements per thread in the forward, 16 in the backward (4 and 8 warps for a 4096-wide row: at 32768 × 4096
-    bf16 on an H100, 253 and 313 µs against 294 and 415 µs with 16 warps, scripts/kernel_sweep_gpu.py), 4 to 16
-    warps."""
+    32 elements per thread in the forward, 16 in the backward (4 and 8 warps for a 4096-wide row), 4 to 16 warps.
+    Chosen with scripts/kernel_sweep_gpu.py at the 7B's shapes (its results: docs/benchmarks.md)."""
     block_r, block_h = tile_2d(r, h, min_k=group_size, max_k=None, elems=_TILE_ELEMS)
     per_thread = 16 if backward else 32
     num_warps = max(4, min(16, block_r * block_h // (32 * per_thread)))

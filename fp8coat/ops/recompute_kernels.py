@@ -85,8 +85,7 @@ def recompute_quantized_t_triton(kind, src, group_size: int, dtype: torch.dtype,
         out = torch.empty((m, k), dtype=dtype, device=a_q.device)
     if m_pad * k == 0:
         return out if fused else quantize_transpose(out, fmt, scale, rowwise=False, backend="triton")[1]
-    # 64 × 128 tiles, 8 warps: at 32768 tokens on an H100, 121 / 595 µs for the rmsnorm / swiglu kinds against
-    # 137 / 636 µs with 64 × 64 and 4 warps (scripts/kernel_sweep_gpu.py)
+    # 64 × 128 tiles, 8 warps: chosen with scripts/kernel_sweep_gpu.py at the 7B's shapes (docs/benchmarks.md)
     block_m, block_k = 64, max(128, group_size)
     grid = (cdiv(m_pad if fused else m, block_m), cdiv(k, block_k))
     _recompute_kernel[grid](
