@@ -206,6 +206,7 @@ def test_llama7b_largest_batch_oom_and_ratios(tmp_path):
         _llama_entry("fp8coat_best", 20, tok_s=22_000.0, peak=120.5, first=95.25),
         _llama_entry("fp8coat_best", 24, oom=True, peak=139.0),
         _llama_entry(report.LLAMA7B_TORCHAO, 8, tok_s=17_500.0, peak=94.2),
+        _llama_entry(report.LLAMA7B_TORCHAO, 10, tok_s=17_000.0, peak=108.3),  # larger but slower
         _llama_entry(report.LLAMA7B_BF16, 3, tok_s=12_000.0, peak=115.7),
         _llama_entry("fp8coat_exact", 16, oom=True),
     ]))
@@ -215,19 +216,20 @@ def test_llama7b_largest_batch_oom_and_ratios(tmp_path):
     ], seq=4096, date="2026-12-06 11:00 UTC", commit="def5678"))
     lines = report.llama7b_table(report.load_runs(folder))
     best = _row_of(lines, "`fp8coat_best` | 2048")
-    # largest batch that fit with the smallest that ran out of memory; tok/s over torchao's and BF16 compiled's
-    assert best[2:8] == ["20 (24 OOM)", "22,000", "1.26×", "1.83×", "120.50", "95.2"]
+    # largest batch that fit with the smallest that ran out of memory, its tok/s; the best tok/s over the batches
+    # over torchao's best (its batch 8, not its larger and slower 10) and BF16 compiled's
+    assert best[2:9] == ["20 (24 OOM)", "22,000", "22,000 (20)", "1.26×", "1.83×", "120.50", "95.2"]
     assert best[-4:] == ["2026-12-06", "`abc1234`", "NVIDIA H200", "`llama7b/seq2048.json`"]
-    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[2:5] == ["8", "17,500", "1.00×"]
+    assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[2:6] == ["10", "17,000", "17,500 (8)", "1.00×"]
     # a row that never fit: no speed, but the batch that ran out of memory
-    assert _row_of(lines, "`fp8coat_exact` | 2048")[2:6] == ["– (16 OOM)", "–", "–", "–"]
+    assert _row_of(lines, "`fp8coat_exact` | 2048")[2:7] == ["– (16 OOM)", "–", "–", "–", "–"]
     # seq 4096 was measured without the anchors
     long = _row_of(lines, "`fp8coat_best` | 4096")
-    assert long[2:6] == ["8 (10 OOM)", "18,000", ANCHOR_MISSING, ANCHOR_MISSING]
+    assert long[2:7] == ["8 (10 OOM)", "18,000", "18,000 (8)", ANCHOR_MISSING, ANCHOR_MISSING]
     assert long[-3] == "`def5678`"
     text = "\n".join(lines)
-    assert "`fp8coat_best` seq 2048: batch 20 met, 22,000 tok/s met" in text
-    assert "`fp8coat_exact` seq 2048: batch none MISSED, – tok/s MISSED" in text
+    assert "`fp8coat_best` seq 2048: batch 20 met, best 22,000 tok/s met" in text
+    assert "`fp8coat_exact` seq 2048: batch none MISSED, best – tok/s MISSED" in text
     assert "`fp8coat_best` seq 4096: batch 8 met" in text
     assert "- `llama7b/seq4096.json`: `python -m benchmarks.llama7b --out $OUT --seq 4096`" in lines
 
@@ -243,7 +245,7 @@ def test_llama7b_newest_run_of_a_seq_and_its_own_anchors(tmp_path):
                                           _llama_entry("fp8coat_best", 16, tok_s=21_000.0)], date="2026-12-02"))
     lines = report.llama7b_table(report.load_runs(folder))
     row = _row_of(lines, "`fp8coat_best` | 2048")
-    assert row[2:5] == ["16", "21,000", ANCHOR_MISSING]  # not the older run's torchao
+    assert row[2:6] == ["16", "21,000", "21,000 (16)", ANCHOR_MISSING]  # not the older run's torchao
     assert row[-1] == "`llama7b/b.json`"
     assert _row_of(lines, "`fp8coat_best` (eager) | 2048")[2:4] == ["16 (20 failed)", "15,000"]
     assert _row_of(lines, f"`{report.LLAMA7B_TORCHAO}` | 2048")[-1] == "`llama7b/a.json`"
@@ -287,8 +289,10 @@ def test_llama7b_dry_run_output_renders(tmp_path):
     best = _row_of(lines, "`fp8coat_best` (eager) | 32")
     assert best[2] == str(largest)
     assert best[3] == f"{tok_s['fp8coat_best', largest]:,.0f}"
-    assert best[4] == ANCHOR_MISSING  # torchao is skipped on the CPU
-    assert best[5] == f"{tok_s['fp8coat_best', largest] / tok_s['bf16amp_compiled', 2]:.2f}×"
+    fastest = max((b for name, b in tok_s if name == "fp8coat_best"), key=lambda b: tok_s["fp8coat_best", b])
+    assert best[4] == f"{tok_s['fp8coat_best', fastest]:,.0f} ({fastest})"
+    assert best[5] == ANCHOR_MISSING  # torchao is skipped on the CPU
+    assert best[6] == f"{tok_s['fp8coat_best', fastest] / tok_s['bf16amp_compiled', 2]:.2f}×"
     assert best[-4:-1] == [data["meta"]["date"].split(" ")[0], f"`{data['meta']['commit']}`", "none (CPU)"]
     assert "not measured (no fp8coat row at seq 2048 or 4096)" in "\n".join(lines)
 
