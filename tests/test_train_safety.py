@@ -538,9 +538,9 @@ def test_sharded_checkpoint_loads_the_shards_its_index_names(tmp_path):
 
 # --- J: steps with non-finite gradients are reported -------------------------------------------------------------
 
-def _poison_gradient_at(monkeypatch, step: int) -> None:
-    """From now on, the ``step``-th training forward gets a term of value 0 whose gradient is NaN in one element
-    (of the first parameter): the loss stays finite."""
+def _poison_gradient_at(monkeypatch, *steps: int) -> None:
+    """From now on, the training forwards numbered ``steps`` (from 1) get a term of value 0 whose gradient is NaN in
+    one element (of the first parameter): the loss stays finite."""
     from fp8coat.train import loop
 
     original, calls = loop._loss, []
@@ -549,7 +549,7 @@ def _poison_gradient_at(monkeypatch, step: int) -> None:
         loss = original(model, ids, autocast, head)
         if torch.is_grad_enabled():
             calls.append(1)
-            if len(calls) == step:
+            if len(calls) in steps:
                 w = next(model.parameters()).reshape(-1)[0].float()
                 loss = loss + 0.0 * torch.sqrt(w - w.detach())  # sqrt'(0) = inf, times 0: a NaN gradient
         return loss
@@ -589,6 +589,35 @@ def test_non_finite_gradients_with_torchs_adamw_stop_the_run_as_diverged(tmp_pat
     assert _train(out, "--steps", "4", *FAST, "--optimizer", "torch", "--master-weights", "auto") == 1
     assert "non-finite at step 3" in capsys.readouterr().err
     assert MetricsLog.read(out / "metrics.jsonl")[1]["nonfinite_grad_steps"] == 1
+
+
+@pytest.mark.parametrize("limit, poisoned, stops", [
+    (3, (2, 3, 4, 5, 6, 7, 8), True),  # stuck from step 2 on: stopped at step 4
+    (0, (2, 3, 4, 5, 6, 7, 8), False),  # 0: never stop
+    (3, (2, 3, 5, 6, 8), False),  # never 3 in a row
+])
+def test_a_run_whose_gradients_stay_non_finite_stops(tmp_path, monkeypatch, capsys, limit, poisoned, stops):
+    """Consecutive skipped steps (the weights no longer change) stop the run once --max-nonfinite-streak of them
+    have passed, with an error naming the steps and no checkpoint after them; isolated ones do not."""
+    _poison_gradient_at(monkeypatch, *poisoned)
+    out = tmp_path / "run"
+    rc = _train(out, "--steps", "8", "--save-every", "1", "--max-nonfinite-streak", str(limit), *FAST)
+    err = capsys.readouterr().err
+    log = MetricsLog.read(out / "metrics.jsonl")
+    if stops:
+        assert rc == 1
+        assert "the gradient norm was NaN or inf in 3 consecutive steps (2 to 4)" in err
+        assert [r["step"] for r in log] == [1, 2, 3]  # the sync at step 4's record found it
+        assert sorted(os.listdir(out / "checkpoints")) == ["step_000001", "step_000002", "step_000003"]
+        assert "the newest checkpoint is" in err and "step_000003" in err
+    else:
+        assert rc == 0, err
+        assert log[-1]["nonfinite_grad_steps"] == len(poisoned)
+        streaks, streak = [], 0
+        for step in range(1, 9):
+            streak = streak + 1 if step in poisoned else 0
+            streaks.append(streak)
+        assert [r["nonfinite_grad_streak"] for r in log] == streaks
 
 
 # --- K: hand-damaged run files give clear errors --------------------------------------------------------------------

@@ -85,6 +85,9 @@ _HELP = {
                  "fp8coat's AdamW skips the whole step (torch's AdamW writes NaN weights: the run stops as "
                  "diverged); without clipping fp8coat's AdamW skips only the non-finite elements. Such steps are "
                  "counted in metrics.jsonl, on the progress line and in the summary",
+    "max_nonfinite_streak": "stop the run (an error naming the steps; no checkpoint after them) once the gradient "
+                            "norm was NaN or inf in this many consecutive steps: every one of them was skipped, so "
+                            "the weights stopped changing (0: never stop)",
     "eval_every": "validation loss every N steps and at the last step (0: only at the last step)",
     "eval_batches": "validation batches per evaluation",
     "caption_eval": "vision-language models: at the end of the run, greedy captions (at most 16 new tokens, eval "

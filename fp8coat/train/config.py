@@ -56,6 +56,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    max_nonfinite_streak: int = 20  # stop once this many steps in a row had a NaN/inf gradient norm (0: never)
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 8
@@ -94,7 +95,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "caption_eval", "eval_every", "save_every", "keep_last"):
+        for name in ("warmup_steps", "caption_eval", "eval_every", "save_every", "keep_last", "max_nonfinite_streak"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.data_workers < -1:

@@ -13,7 +13,7 @@ import torch
 
 from ..optim.sharding import is_sharded, local_tensor
 
-__all__ = ["NonFiniteError", "count_non_finite", "device_int", "first_non_finite", "track_loss"]
+__all__ = ["NonFiniteError", "count_non_finite", "device_int", "first_non_finite", "track_loss", "track_streak"]
 
 
 class NonFiniteError(RuntimeError):
@@ -29,6 +29,16 @@ def device_int(device: torch.device, value: int = 0) -> torch.Tensor:
 def track_loss(tracker: torch.Tensor, step: int, loss: torch.Tensor) -> None:
     """Record ``step`` in ``tracker`` if ``loss`` is not finite and no earlier step was recorded (no host sync)."""
     tracker.masked_fill_(~torch.isfinite(loss) & (tracker == 0), step)
+
+
+def track_streak(streak: torch.Tensor, stuck: torch.Tensor, step: int, value: torch.Tensor, limit: int) -> None:
+    """``streak``: the number of consecutive steps up to ``step`` whose 0-d ``value`` was NaN or inf (reset by a
+    finite one). Once it reaches ``limit`` (> 0), ``stuck`` records the step where it did, unless an earlier step
+    was recorded. No host sync."""
+    bad = ~torch.isfinite(value)
+    streak.copy_(torch.where(bad, streak + 1, torch.zeros_like(streak)))
+    if limit > 0:
+        stuck.masked_fill_((streak >= limit) & (stuck == 0), step)
 
 
 def count_non_finite(counter: torch.Tensor, value: torch.Tensor) -> None:

@@ -57,6 +57,7 @@ from .finite import (
     device_int,
     first_non_finite,
     track_loss,
+    track_streak,
 )
 from .fsdp import Objective, reshard, shard_model
 from .memory_plan import gpu_memory_gib, report_plan
@@ -238,6 +239,8 @@ class _Tracking:
     diverged: torch.Tensor  # the first step whose loss was not finite, 0 while none was (finite.track_loss)
     bad_grad_steps: torch.Tensor  # the steps whose gradient norm was NaN or inf (finite.count_non_finite)
     elements_before: int  # gradient elements the optimizer skipped before a resume
+    streak: torch.Tensor  # consecutive steps up to now whose gradient norm was NaN or inf (finite.track_streak)
+    stuck: torch.Tensor  # the step where the streak reached the run's max_nonfinite_streak, 0 while it did not
 
     @classmethod
     def restore(cls, state: dict, device: torch.device) -> _Tracking:
@@ -245,21 +248,24 @@ class _Tracking:
         recent = collections.deque((torch.tensor(v, device=device) for v in state.get("recent_losses", [])),
                                    maxlen=FINAL_WINDOW)
         return cls(recent, device_int(device), device_int(device, state.get("nonfinite_grad_steps", 0)),
-                   state.get("nonfinite_grad_elements", 0))
+                   state.get("nonfinite_grad_elements", 0), device_int(device, state.get("nonfinite_grad_streak", 0)),
+                   device_int(device))
 
-    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """Step ``step``'s mean loss and gradient norm (None with step-in-backward)."""
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, max_streak: int) -> None:
+        """Step ``step``'s mean loss and gradient norm (None with step-in-backward); ``max_streak``: the run's
+        ``max_nonfinite_streak``."""
         self.recent.append(loss)
         track_loss(self.diverged, step, loss)
         if grad_norm is not None:
             count_non_finite(self.bad_grad_steps, grad_norm)
+            track_streak(self.streak, self.stuck, step, grad_norm, max_streak)
 
     def counts(self, optimizer, ranks: Ranks) -> dict:
         """``nonfinite_grad_steps``: the steps of the run so far whose gradient norm was NaN or inf; for an
         optimizer that counts them (``nonfinite_grad_count``: ``fp8coat.AdamW``), ``nonfinite_grad_elements``: the
         gradient elements it skipped in the run so far (summed over the ranks' shards). Host syncs, read at log
         and save steps (by every rank)."""
-        counts = {"nonfinite_grad_steps": int(self.bad_grad_steps)}
+        counts = {"nonfinite_grad_steps": int(self.bad_grad_steps), "nonfinite_grad_streak": int(self.streak)}
         skipped = getattr(optimizer, "nonfinite_grad_count", None)
         if isinstance(skipped, torch.Tensor):
             counts["nonfinite_grad_elements"] = self.elements_before + ranks.sum_int(int(skipped))
@@ -483,7 +489,7 @@ def _train_steps(run: _Run, state: dict, log: MetricsLog | None, progress: Progr
         lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         loss_sum, grad_norm = _step(run, batches, lr)
         done = step + 1
-        tracking.record(done, loss_sum / cfg.grad_accum, grad_norm)
+        tracking.record(done, loss_sum / cfg.grad_accum, grad_norm, cfg.max_nonfinite_streak)
         steps_since += 1
         is_eval = (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps
         if done % cfg.log_every == 0 or is_eval or done == run.start + 1:
@@ -537,7 +543,7 @@ def _metrics(run: _Run, tracking: _Tracking, step: int, loss_sum: torch.Tensor, 
     sync of the step; NonFiniteError if a loss so far was not finite."""
     cfg = run.cfg
     train_loss = loss_sum.item() / cfg.grad_accum  # the host sync of this step
-    _stop_if_diverged(tracking.diverged, cfg.out_dir)
+    _stop_if_diverged(tracking, cfg)
     elapsed = time.time() - t_log
     record = {"step": step, "loss": train_loss, "lr": lr,
               "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -553,7 +559,7 @@ def _checkpoint(run: _Run, tracking: _Tracking, last: dict, step: int) -> None:
     continue exactly (``last``: the latest metrics record). NonFiniteError, writing nothing, if the run
     diverged."""
     cfg = run.cfg
-    _check_before_save(tracking.diverged, run.model, run.optimizer, cfg.out_dir, step)
+    _check_before_save(tracking, cfg, run.model, run.optimizer, step)
     saved = {"run_id": run.run_id, "config": cfg.to_dict(), "data_identity": run.identity, "last": last,
              "recent_losses": torch.stack(list(tracking.recent)).tolist(),
              **tracking.counts(run.optimizer, run.ranks)}
@@ -672,19 +678,30 @@ def _resume_note(ckpt: str, state: dict, cfg: TrainConfig) -> str:
     return note
 
 
-def _stop_if_diverged(diverged: torch.Tensor, out_dir: str) -> None:
-    first = int(diverged)  # the first step whose loss was not finite, 0: none
+def _stop_if_diverged(tracking: _Tracking, cfg: TrainConfig) -> None:
+    """NonFiniteError if a training loss was not finite, or if the gradient norm was NaN or inf in
+    ``cfg.max_nonfinite_streak`` consecutive steps (every one skipped: the weights stopped changing)."""
+    first = int(tracking.diverged)  # the first step whose loss was not finite, 0: none
     if first:
         raise NonFiniteError(f"the training loss became non-finite at step {first}: the run diverged (lower --lr, "
-                             f"or check the data); stopped without writing a checkpoint after it{_newest(out_dir)}")
+                             f"or check the data); stopped without writing a checkpoint after it"
+                             f"{_newest(cfg.out_dir)}")
+    stuck = int(tracking.stuck)
+    if stuck:
+        n = cfg.max_nonfinite_streak
+        raise NonFiniteError(f"the gradient norm was NaN or inf in {n} consecutive steps ({stuck - n + 1} to "
+                             f"{stuck}): each was skipped, so the weights stopped changing and the run is stuck "
+                             f"(lower --lr, train with fp32 weights or bf16 autocast, or check the data; "
+                             f"--max-nonfinite-streak sets how many such steps stop a run); stopped without "
+                             f"writing a checkpoint after them{_newest(cfg.out_dir)}")
 
 
-def _check_before_save(diverged: torch.Tensor, model, optimizer, out_dir: str, step: int) -> None:
-    _stop_if_diverged(diverged, out_dir)
+def _check_before_save(tracking: _Tracking, cfg: TrainConfig, model, optimizer, step: int) -> None:
+    _stop_if_diverged(tracking, cfg)
     bad = first_non_finite(model, optimizer)
     if bad is not None:
         raise NonFiniteError(f"{bad} became non-finite at step {step}: the run diverged (lower --lr, or check the "
-                             f"data); stopped without writing its checkpoint{_newest(out_dir)}")
+                             f"data); stopped without writing its checkpoint{_newest(cfg.out_dir)}")
 
 
 def _newest(out_dir: str) -> str:
