@@ -68,7 +68,7 @@ class FP8RMSNormMixin(_FP8NormMixin):
 
 class FP8LayerNormMixin(_FP8NormMixin):
     """Linked to a consumer (the q/k/v group or the first MLP linear reading this norm's output, in vision encoder
-    blocks), the norm offers its saved FP8 input, mean, rstd, weight and bias. Only norms with both a weight and a
+    blocks), the norm offers its saved FP8 centered input, rstd, weight and bias. Only norms with both a weight and a
     bias are linked (``convert``)."""
 
     _recompute_kind = "layernorm"
@@ -76,5 +76,5 @@ class FP8LayerNormMixin(_FP8NormMixin):
     def _norm_with_saved(self, x: torch.Tensor, group: int):
         from ..ops.norms import layernorm_with_saved
 
-        y, x_q, x_s, mean, rstd, y_amax = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
-        return y, (x_q, x_s, mean, rstd, self.weight, self.bias), y_amax
+        y, x_q, x_s, rstd, y_amax = layernorm_with_saved(x, self.weight, self.bias, _eps(self), group)
+        return y, (x_q, x_s, rstd, self.weight, self.bias), y_amax

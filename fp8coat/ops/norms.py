@@ -9,20 +9,24 @@ Forward (per row, x upcast to fp32 and, exactly, to fp64):
     LayerNorm  μ    = Σ x / H,  var = Σ (x − μ)² / H                (fp64, two passes over the row in registers)
                rstd = fp32( 1 / sqrt(var + fp32(eps)) )             (fp64 IEEE sqrt and division, one fp32 rounding)
                mean = fp32(μ)                                       (LayerNorm only)
-    RMSNorm    y    = ((x · rstd) · w)                              (fp32, each product rounded, no FMA)
-    LayerNorm  y    = (((x − mean) · rstd) · w) + b                 (fp32, same)
+    RMSNorm    c    = x                                             (fp32)
+    LayerNorm  c    = x − mean                                      (fp32, rounded once)
+               y    = ((c · rstd) · w) + b                          (fp32, each product rounded, no FMA; w, b
+                                                                     when present: RMSNorm has no b)
                y is cast once to x.dtype
-    saved      x_q, x_s = quantize_per_group(x, E4M3, G)            (exactly ``quantization.reference`` semantics)
+    saved      x_q, x_s = quantize_per_group(c, E4M3, G)            (exactly ``quantization.reference`` semantics)
 
-Outputs: ``y`` (x.shape, x.dtype), ``x_q`` (x.shape, float8_e4m3fn), ``x_s`` (..., ceil(H/G)) fp32,
-``mean`` / ``rstd`` (...,) fp32, ``y_amax`` 0-d fp32: max |y| over the whole output (NaN counts as +inf, 0 for no
-rows; ``quantization.tensor_amax(y)``), from which a following FP8 linear takes its per-tensor input scale without
+LayerNorm keeps the centered input: its backward needs x − mean, and a copy of x itself would lose that difference
+to the FP8 rounding whenever |mean| is large against the row's spread (a residual stream with an offset).
+
+Outputs: ``y`` (x.shape, x.dtype), ``x_q`` (x.shape, float8_e4m3fn), ``x_s`` (..., ceil(H/G)) fp32, ``rstd``
+(...,) fp32, ``y_amax`` 0-d fp32: max |y| over the whole output (NaN counts as +inf, 0 for no rows;
+``quantization.tensor_amax(y)``), from which a following FP8 linear takes its per-tensor input scale without
 reading y again. ``eps`` is rounded to fp32 before it is added in fp64.
 
 Backward (per row; x̂ is rebuilt from the FP8 copy, so the input itself is never kept):
 
-    x̂    = fp32(x_q) · x_s · rstd                  RMSNorm        (fp32)
-    x̂    = (fp32(x_q) · x_s − mean) · rstd         LayerNorm      (fp32)
+    x̂    = fp32(x_q) · x_s · rstd                  (fp32)
     g    = w · dy                                  (fp32; g = dy without weight)
     c2   = fp32( Σ x̂·g / H )                       (fp64 sum of exact fp64 products)
     c1   = fp32( Σ g / H )                         LayerNorm only (fp64 sum)
@@ -39,8 +43,8 @@ their row: a row holding inf or NaN gets non-finite y and dx (and pollutes dw / 
 rows are unaffected.
 
 Autograd and ``torch.compile``: ``rmsnorm`` / ``layernorm`` call the custom ops ``fp8coat::rmsnorm`` /
-``fp8coat::layernorm``, whose backward saves only ``x_q``, ``x_s``, ``rstd`` (+ ``mean``) and the weight:
-H + 4·ceil(H/G) + 4 (+ 4) bytes per row instead of H·sizeof(x.dtype).
+``fp8coat::layernorm``, whose backward saves only ``x_q``, ``x_s``, ``rstd`` and the weight: H + 4·ceil(H/G) + 4
+bytes per row instead of H·sizeof(x.dtype).
 """
 
 from __future__ import annotations
@@ -87,33 +91,28 @@ def _norm_fwd_torch(x, weight, bias, eps, group_size, layernorm):
     h = x.shape[-1]
     xf = x.float()
     xd = xf.double()
-    mean = None
     if layernorm:
         mu = div64(xd.sum(-1), h)
         d = xd - mu.unsqueeze(-1)
         var = div64((d * d).sum(-1), h)
-        mean = mu.float()
-        y = xf - mean.unsqueeze(-1)
+        c = xf - mu.float().unsqueeze(-1)
     else:
         var = div64((xd * xd).sum(-1), h)
-        y = xf
+        c = xf
     rstd = _rstd_from_var(var, eps)
-    y = y * rstd.unsqueeze(-1)
+    y = c * rstd.unsqueeze(-1)
     if weight is not None:
         y = y * weight.float()
     if bias is not None:
         y = y + bias.float()
-    x_q, x_s = qref.quantize_per_group(x, E4M3, group_size)
+    x_q, x_s = qref.quantize_per_group(c, E4M3, group_size)
     y = y.to(x.dtype)
-    return y, x_q, x_s, mean, rstd, qref.tensor_amax(y)
+    return y, x_q, x_s, rstd, qref.tensor_amax(y)
 
 
-def _norm_bwd_torch(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, need_db):
+def _norm_bwd_torch(dy, x_q, x_s, rstd, weight, group_size, layernorm, need_db):
     h = dy.shape[-1]
-    xq = qref.dequantize_per_group(x_q, x_s, group_size)
-    if layernorm:
-        xq = xq - mean.unsqueeze(-1)
-    xhat = xq * rstd.unsqueeze(-1)
+    xhat = qref.dequantize_per_group(x_q, x_s, group_size) * rstd.unsqueeze(-1)
     dyf = dy.float()
     g = dyf * weight.float() if weight is not None else dyf
     c2 = div64((xhat.double() * g.double()).sum(-1), h).float()
@@ -152,7 +151,7 @@ def rmsnorm_fwd(x, weight, eps, group_size=16, *, backend=None):
     """RMSNorm forward -> ``(y, x_q, x_s, rstd, y_amax)``; see the module docstring for the exact arithmetic."""
     _check_inputs(x, group_size, weight)
     impl = _impls(x, backend)[0]
-    y, x_q, x_s, _, rstd, y_amax = impl(x, weight, None, float(eps), group_size, False)
+    y, x_q, x_s, rstd, y_amax = impl(x, weight, None, float(eps), group_size, False)
     return (*_contig(y, x_q, x_s, rstd), y_amax)
 
 
@@ -160,19 +159,21 @@ def rmsnorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, backend=None):
     """RMSNorm backward from the FP8 copy of x -> ``(dx, dw)`` (``dw`` None without weight)."""
     _check_inputs(dy, group_size, weight)
     impl = _impls(dy, backend)[1]
-    dx, dw, _ = impl(dy, x_q, x_s, None, rstd, weight, group_size, False, False)
+    dx, dw, _ = impl(dy, x_q, x_s, rstd, weight, group_size, False, False)
     return _contig(dx, dw)
 
 
 def layernorm_fwd(x, weight, bias, eps, group_size=16, *, backend=None):
-    """LayerNorm forward -> ``(y, x_q, x_s, mean, rstd, y_amax)``; weight and bias are optional."""
+    """LayerNorm forward -> ``(y, x_q, x_s, rstd, y_amax)`` (x_q, x_s: the centered input x − mean); weight and bias
+    are optional."""
     _check_inputs(x, group_size, weight, bias)
     impl = _impls(x, backend)[0]
-    return _contig(*impl(x, weight, bias, float(eps), group_size, True))
+    y, x_q, x_s, rstd, y_amax = impl(x, weight, bias, float(eps), group_size, True)
+    return (*_contig(y, x_q, x_s, rstd), y_amax)
 
 
-def layernorm_bwd(dy, x_q, x_s, mean, rstd, weight, group_size=16, *, has_bias=None, backend=None):
-    """LayerNorm backward from the FP8 copy of x -> ``(dx, dw, db)``.
+def layernorm_bwd(dy, x_q, x_s, rstd, weight, group_size=16, *, has_bias=None, backend=None):
+    """LayerNorm backward from the FP8 copy of the centered x -> ``(dx, dw, db)``.
 
     ``dw`` is None without weight; ``db`` is computed when ``has_bias`` (default: ``weight is not None``), in
     ``weight.dtype`` (``dy.dtype`` without weight).
@@ -180,7 +181,7 @@ def layernorm_bwd(dy, x_q, x_s, mean, rstd, weight, group_size=16, *, has_bias=N
     _check_inputs(dy, group_size, weight)
     need_db = (weight is not None) if has_bias is None else bool(has_bias)
     impl = _impls(dy, backend)[1]
-    return _contig(*impl(dy, x_q, x_s, mean, rstd, weight, group_size, True, need_db))
+    return _contig(*impl(dy, x_q, x_s, rstd, weight, group_size, True, need_db))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ register_eager(_rmsnorm_op, _rmsnorm_impl, _rmsnorm_setup_context,
 
 def _layernorm_impl(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return layernorm_fwd(x, weight, bias, eps, group_size)
 
 
@@ -262,14 +263,14 @@ _layernorm_op = torch.library.custom_op("fp8coat::layernorm", _layernorm_impl, m
 @_layernorm_op.register_fake
 def _(x, weight, bias, eps, group_size):
     x_q, x_s, rstd, y_amax = _empty_like_scales(x, group_size)
-    return x.new_empty(x.shape), x_q, x_s, torch.empty_like(rstd), rstd, y_amax
+    return x.new_empty(x.shape), x_q, x_s, rstd, y_amax
 
 
 def _layernorm_backward_impl(
-    dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, group_size: int, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = layernorm_bwd(dy, x_q, x_s, mean, rstd, weight, group_size, has_bias=has_bias)
+    dx, dw, db = layernorm_bwd(dy, x_q, x_s, rstd, weight, group_size, has_bias=has_bias)
     return dx, dw if dw is not None else dy.new_empty(0), db if db is not None else dy.new_empty(0)
 
 
@@ -278,7 +279,7 @@ _layernorm_backward_op = torch.library.custom_op("fp8coat::layernorm_backward", 
 
 
 @_layernorm_backward_op.register_fake
-def _(dy, x_q, x_s, mean, rstd, weight, group_size, has_bias):
+def _(dy, x_q, x_s, rstd, weight, group_size, has_bias):
     dw = weight.new_empty(weight.shape) if weight is not None else dy.new_empty(0)
     db_dtype = weight.dtype if weight is not None else dy.dtype
     db = dy.new_empty(dy.shape[-1:], dtype=db_dtype) if has_bias else dy.new_empty(0)
@@ -287,20 +288,20 @@ def _(dy, x_q, x_s, mean, rstd, weight, group_size, has_bias):
 
 def _layernorm_setup_context(ctx, inputs, output):
     _, weight, bias, _, group_size = inputs
-    _, x_q, x_s, mean, rstd, y_amax = output
-    ctx.mark_non_differentiable(x_q, x_s, mean, rstd, y_amax)
+    _, x_q, x_s, rstd, y_amax = output
+    ctx.mark_non_differentiable(x_q, x_s, rstd, y_amax)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x_q, x_s, mean, rstd, weight)
+    ctx.save_for_backward(x_q, x_s, rstd, weight)
     ctx.group_size = group_size
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _layernorm_backward(ctx, dy, _dq, _ds, _dmean, _drstd, _damax, _bwd=None):
+def _layernorm_backward(ctx, dy, _dq, _ds, _drstd, _damax, _bwd=None):
     if dy is None:
         return None, None, None, None, None
-    x_q, x_s, mean, rstd, weight = ctx.saved_tensors
+    x_q, x_s, rstd, weight = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dx, dw, db = (_bwd or _layernorm_backward_op)(dy, x_q, x_s, mean, rstd, weight, ctx.group_size, has_bias)
+    dx, dw, db = (_bwd or _layernorm_backward_op)(dy, x_q, x_s, rstd, weight, ctx.group_size, has_bias)
     return dx, (dw if weight is not None else None), (db.to(ctx.bias_dtype) if has_bias else None), None, None
 
 
@@ -323,12 +324,12 @@ def rmsnorm_with_saved(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
 def layernorm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_size: int = 16
 ) -> torch.Tensor:
-    """Differentiable LayerNorm whose backward keeps x only as FP8 (x_q, x_s) plus mean and rstd."""
+    """Differentiable LayerNorm whose backward keeps x − mean only as FP8 (x_q, x_s) plus rstd."""
     return layernorm_with_saved(x, weight, bias, eps, group_size)[0]
 
 
 def layernorm_with_saved(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                          group_size: int = 16):
-    """LayerNorm returning ``(y, x_q, x_s, mean, rstd, y_amax)``: the output, the FP8 tensors its backward keeps
-    (which a following FP8 linear layer can rebuild its input from) and the amax of the output."""
+    """LayerNorm returning ``(y, x_q, x_s, rstd, y_amax)``: the output, the FP8 tensors its backward keeps (of the
+    centered input, from which a following FP8 linear layer can rebuild its input) and the amax of the output."""
     return call(_layernorm_op, x, weight, bias, float(eps), group_size)

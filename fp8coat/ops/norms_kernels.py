@@ -23,7 +23,7 @@ _TILE_ELEMS = 4096  # elements per program and row block (BLOCK_R * BLOCK_H, BLO
 @triton.jit
 def _norm_fwd_kernel(
     x_ptr, w_ptr, b_ptr,  # x: (R, H) strided; w, b: (H,)
-    y_ptr, q_ptr, s_ptr, mean_ptr, rstd_ptr,  # y, q: (R, H); s: (R, NG); mean, rstd: (R,) — all contiguous
+    y_ptr, q_ptr, s_ptr, rstd_ptr,  # y, q: (R, H); s: (R, NG); rstd: (R,) — all contiguous
     amax_ptr,  # int32 (), zero on entry: the bits of amax(|y|) on exit
     R, H, NG, stride_xr, stride_xh, eps,  # eps: fp32
     LAYERNORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -42,15 +42,13 @@ def _norm_fwd_kernel(
         mu = tl.sum(xd, axis=1) / H
         d = tl.where(mask, xd - mu[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / H
-        mean = mu.to(tl.float32)
-        tl.store(mean_ptr + rows, mean, mask=rmask)
-        y = x - mean[:, None]
+        c = tl.where(mask, x - mu.to(tl.float32)[:, None], 0.0)  # the centered input (masked lanes 0)
     else:
         var = tl.sum(xd * xd, axis=1) / H
-        y = x
+        c = x
     rstd = (1.0 / tl.sqrt(var + tl.cast(eps, tl.float64))).to(tl.float32)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    y = y * rstd[:, None]
+    y = c * rstd[:, None]
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
@@ -60,14 +58,14 @@ def _norm_fwd_kernel(
     tl.store(y_ptr + out + cols[None, :], y, mask=mask)
     fold_tile_amax(y, mask, amax_ptr)
 
-    # per-group E4M3 copy of x (the arithmetic of quantize_per_group)
-    group_quant_store(x, q_ptr, s_ptr, rows64, cols, mask, 0, R, H, NG, FMAX, G, BLOCK_R, BLOCK_H)
+    # per-group E4M3 copy of the (centered) input (the arithmetic of quantize_per_group)
+    group_quant_store(c, q_ptr, s_ptr, rows64, cols, mask, 0, R, H, NG, FMAX, G, BLOCK_R, BLOCK_H)
 
 
 @fast_kernel
 @triton.jit
 def _norm_bwd_kernel(
-    dy_ptr, q_ptr, s_ptr, mean_ptr, rstd_ptr, w_ptr,  # dy: (R, H) strided; the rest as saved by the forward
+    dy_ptr, q_ptr, s_ptr, rstd_ptr, w_ptr,  # dy: (R, H) strided; the rest as saved by the forward
     dx_ptr, dw_ptr, db_ptr,  # dx: (R, H) contiguous; dw, db: (num_programs, H) fp64 partial sums
     R, H, NG, stride_dyr, stride_dyh, n_blocks,
     LAYERNORM: tl.constexpr, HAS_W: tl.constexpr, HAS_DB: tl.constexpr,
@@ -88,8 +86,6 @@ def _norm_bwd_kernel(
         off = rows64[:, None] * H  # row offsets in int64, column offsets in int32
         xq = group_dequant_load(q_ptr, s_ptr, rows64, cols, mask, 0, R, H, NG, G, BLOCK_R, BLOCK_H)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        if LAYERNORM:
-            xq = xq - tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
         xhat = tl.where(mask, xq * rstd[:, None], 0.0)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dyr + cols[None, :] * stride_dyh, mask=mask, other=0.0)
         dy = dy.to(tl.float32)
@@ -146,26 +142,25 @@ def norm_fwd_triton(x, weight, bias, eps, group_size, layernorm):
     x_q = torch.empty(x.shape, dtype=E4M3.dtype, device=x.device)
     x_s = torch.empty((*lead, ng), dtype=torch.float32, device=x.device)
     rstd = torch.empty(lead, dtype=torch.float32, device=x.device)
-    mean = torch.empty(lead, dtype=torch.float32, device=x.device) if layernorm else None
     amax = torch.zeros((), dtype=torch.int32, device=x.device)
     x2 = x.reshape(-1, h)
     r = x2.shape[0]
     if r == 0:
-        return y, x_q, x_s, mean, rstd, amax.view(torch.float32)
+        return y, x_q, x_s, rstd, amax.view(torch.float32)
     block_r, block_h, num_warps = _tiles(r, h, group_size, backward=False)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     _norm_fwd_kernel[(cdiv(r, block_r),)](
-        x2, w, b, y, x_q, x_s, mean if layernorm else rstd, rstd, amax,
+        x2, w, b, y, x_q, x_s, rstd, amax,
         r, h, ng, x2.stride(0), x2.stride(1), f32(eps),
         LAYERNORM=layernorm, HAS_W=weight is not None, HAS_B=bias is not None,
         FMAX=E4M3.max, G=group_size, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return y, x_q, x_s, mean, rstd, amax.view(torch.float32)
+    return y, x_q, x_s, rstd, amax.view(torch.float32)
 
 
-def norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, need_db):
+def norm_bwd_triton(dy, x_q, x_s, rstd, weight, group_size, layernorm, need_db):
     h = dy.shape[-1]
     ng = cdiv(h, group_size)
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
@@ -182,7 +177,7 @@ def norm_bwd_triton(dy, x_q, x_s, mean, rstd, weight, group_size, layernorm, nee
     dw_part = torch.empty((nprog, h), dtype=torch.float64, device=dy.device) if weight is not None else dx
     db_part = torch.empty((nprog, h), dtype=torch.float64, device=dy.device) if need_db else dx
     _norm_bwd_kernel[(nprog,)](
-        dy2, x_q.contiguous(), x_s.contiguous(), mean.contiguous() if layernorm else rstd, rstd.contiguous(),
+        dy2, x_q.contiguous(), x_s.contiguous(), rstd.contiguous(),
         weight.contiguous() if weight is not None else dy2,
         dx, dw_part, db_part,
         r, h, ng, dy2.stride(0), dy2.stride(1), n_blocks,

@@ -5,13 +5,13 @@ input in per-group FP8 (1×G E4M3, fp32 scales), and backward recomputes the lin
 it, transposed, for the weight gradient:
 
     rmsnorm   src = [x_q, x_s, rstd(, w)]     x̂ = (fp32(x_q)·x_s · rstd) · w            (fp32, products rounded)
-    layernorm src = [x_q, x_s, mean, rstd, w, b]
-                                              x̂ = ((fp32(x_q)·x_s − mean) · rstd) · w + b   (fp32, likewise)
+    layernorm src = [x_q, x_s, rstd, w, b]    x̂ = (fp32(x_q)·x_s · rstd) · w + b        (fp32, likewise; x_q holds
+                                                                                          the centered input)
     swiglu    src = [g_q, g_s, u_q, u_s]      x̂ = silu(ĝ) · û,  silu(g) = g · 1/(1 + exp(-g))
     then      x̂ rounded to the linear input's dtype, quantized per tensor with the forward's scale s:
               qt = fp8(clamp(x̂ · (1/s)))ᵀ     (K, M_pad), zero beyond column M
 
-x_q, g_q, u_q: (…, K) FP8; x_s, g_s, u_s: (…, ceil(K/G)) fp32; mean, rstd: (…,) fp32; w, b: (K,). The torch
+x_q, g_q, u_q: (…, K) FP8; x_s, g_s, u_s: (…, ceil(K/G)) fp32; rstd: (…,) fp32; w, b: (K,). The torch
 reference composes the library's primitives; the Triton kernel (``recompute_kernels``) does it in one pass for
 ``rmsnorm`` and ``swiglu``; ``layernorm`` on CUDA computes x̂ with the reference and quantizes it with the
 quantize-transpose kernel.
@@ -29,7 +29,7 @@ from .activation_math import ACTIVATIONS, act_torch
 
 __all__ = ["RECOMPUTE_KINDS", "Recompute", "recompute_input", "recompute_quantized_t"]
 
-_SOURCES = {"rmsnorm": (3, 4), "swiglu": (4,), "layernorm": (6,)}  # kind -> how many tensors it takes
+_SOURCES = {"rmsnorm": (3, 4), "swiglu": (4,), "layernorm": (5,)}  # kind -> how many tensors it takes
 RECOMPUTE_KINDS = tuple(_SOURCES)
 _FUSED_KINDS = ("rmsnorm", "swiglu")  # kinds the one-pass Triton kernel computes
 
@@ -62,8 +62,8 @@ def recompute_input(kind: str, src: list[torch.Tensor], group_size: int, dtype: 
         return y.to(dtype)
     if kind == "layernorm":
         x = dequantize_per_group(src[0], src[1], group_size, torch.float32)
-        y = (x - src[2].float().unsqueeze(-1)) * src[3].float().unsqueeze(-1)
-        return (y * src[4].float() + src[5].float()).to(dtype)
+        y = x * src[2].float().unsqueeze(-1)
+        return (y * src[3].float() + src[4].float()).to(dtype)
     g = dequantize_per_group(src[0], src[1], group_size, torch.float32)
     u = dequantize_per_group(src[2], src[3], group_size, torch.float32)
     return (act_torch(g, ACTIVATIONS["silu"]) * u).to(dtype)
