@@ -1,6 +1,6 @@
 """`fp8coat compare`: BF16 with torch's AdamW as the default baseline against coat, the table (row names, gaps,
 memory with ratios, column notes), the loss plot (mean and band over seeds), results kept after an interrupted
-compare, and clear errors for flags that do not apply."""
+compare, diverged runs recorded while the compare goes on, and clear errors for flags that do not apply."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from fp8coat.train.cli import build_parser, main
 from fp8coat.train.config import TrainConfig
+from fp8coat.train.finite import NonFiniteError
 
 pytest.importorskip("transformers")
 compare_module = importlib.import_module("fp8coat.train.compare")  # the package re-exports the function
@@ -313,3 +314,198 @@ def test_merge_records_joins_runs_and_picks_the_baseline():
     assert merge_records([record(0, baseline="coat")])["baseline"] == "coat"
     assert merge_records([record(0, variants=("coat", "fp8-linear"))])["baseline"] == "coat"
     assert merge_records([record(0)], variants=["coat", "bf16-torchopt"])["baseline"] == "coat"
+
+
+LOSS_MESSAGE = ("the training loss became non-finite at step 37: the run diverged (lower --lr, or check the data); "
+                "stopped without writing a checkpoint after it")
+STREAK_MESSAGE = ("the gradient norm was NaN or inf in 20 consecutive steps (241 to 260): each was skipped, so the "
+                  "weights stopped changing and the run is stuck")
+
+
+def _diverging_train(monkeypatch, diverge: dict) -> list[tuple[str, int]]:
+    """Replace compare's ``train``: the run of (variant folder name, seed) in ``diverge`` writes the metrics of the
+    steps listed with it, then raises NonFiniteError with its message; every other run finishes with val loss
+    3.0 + 0.1 × seed (coat: + 0.03) and train loss 3.1 + 0.1 × seed. Returns the (variant, seed) of the runs
+    started."""
+    started = []
+
+    def fake_train(cfg, label=None, **kwargs):
+        variant = os.path.basename(cfg.out_dir).rsplit("_seed", 1)[0]
+        started.append((variant, cfg.seed))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if (variant, cfg.seed) in diverge:
+            steps, message = diverge[(variant, cfg.seed)]
+            if steps:
+                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+                    f.writelines(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in steps)
+            raise NonFiniteError(message)
+        summary = _summary(cfg.recipe, cfg.optimizer, 3.0 + 0.1 * cfg.seed + (0.03 if cfg.recipe == "coat" else 0),
+                           3.1 + 0.1 * cfg.seed, cfg.seed, param_bytes=4_000_000)
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in summary["history"])
+        return {key: value for key, value in summary.items() if key not in ("seed", "history")}
+
+    monkeypatch.setattr(compare_module, "train", fake_train)
+    return started
+
+
+def test_a_diverged_run_is_recorded_and_the_compare_goes_on(tmp_path, monkeypatch, capsys):
+    """coat diverges with the first of two seeds: the two runs after it still run, compare.json keeps its message
+    and history, its row says where it diverged, its means and gaps are those of the seed that finished, the
+    plot draws its history, and the CLI exits with 1 naming it, after the report."""
+    started = _diverging_train(monkeypatch, {("coat", 0): ((1, 2), LOSS_MESSAGE)})
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), "--seeds", "0,1", *COMMON]) == 1
+    assert started == [("bf16-torchopt", 0), ("coat", 0), ("bf16-torchopt", 1), ("coat", 1)]
+    captured = capsys.readouterr()
+    assert (f"fp8coat compare: error: 1 of 4 runs diverged: coat seed 0 at step 37; the report of every run, "
+            f"diverged ones included: {out / 'compare.md'}") in captured.err
+    assert "coat + fp8coat AdamW seed 0 diverged: the training loss became non-finite at step 37" in captured.err
+
+    data = json.loads((out / "compare.json").read_text())
+    assert (data["runs_finished"], data["runs_diverged"], data["runs_total"]) == (3, 1, 4)
+    bad, good = data["results"]["coat"]
+    assert bad["diverged"] == LOSS_MESSAGE and bad["seed"] == 0 and [r["step"] for r in bad["history"]] == [1, 2]
+    assert "final_val_loss" not in bad and "final_train_loss" not in bad
+    assert not good.get("diverged") and good["final_val_loss"] == pytest.approx(3.13)
+
+    md = (out / "compare.md").read_text()
+    assert "3 of 4 runs finished; 1 diverged: `coat` seed 0 at step 37." in md
+    header, rows = _table(md)
+    col = {name: i for i, name in enumerate(header)}
+    coat = rows["`coat`"]
+    assert coat[col["run"]] == "coat + fp8coat AdamW: 1 of 2 seeds finished, diverged: seed 0 at step 37"
+    assert coat[col["val loss"]] == "3.1300"  # seed 1 alone: no ± over one run
+    assert coat[col["train loss (last 20 steps)"]] == "3.2000"
+    assert coat[col["val gap vs baseline"]] == f"{100 * (3.13 / 3.1 - 1):+.2f}% (1 of 2 seeds)"
+    assert coat[col["tok/s"]] == "1,001"
+    base_val = statistics.fmean([3.0, 3.1])
+    assert rows["`bf16-torchopt`"][col["val loss"]] == f"{base_val:.4f} ± {statistics.stdev([3.0, 3.1]):.4f}"
+    assert "**diverged**" in md.split("**Columns**")[1]
+    assert "| coat + fp8coat AdamW: 1 of 2 seeds finished" in captured.out  # the table printed at the end
+
+    pytest.importorskip("matplotlib")
+    assert (out / "loss.png").stat().st_size > 1000
+    results = data["results"]
+    fig = compare_module._figure(results, data["labels"], "title")
+    try:
+        ax_t = fig.axes[0]
+        legend = [t.get_text() for t in ax_t.get_legend().get_texts()]
+        assert legend == ["bf16 + torch AdamW", "coat + fp8coat AdamW",
+                          "coat + fp8coat AdamW seed 0: diverged at step 37"]
+        assert [list(a) for a in ax_t.lines[2].get_data()] == [[1, 2], [4.0, 2.0]]  # its history as logged
+        assert list(ax_t.lines[1].get_data()[1]) == [r["loss"] for r in good["history"]]  # the mean leaves it out
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_a_diverged_baseline_leaves_the_other_rows_without_gaps(tmp_path, monkeypatch, capsys):
+    """The baseline diverges before logging anything (a streak of NaN gradient norms): its row says where, with
+    "–" for its values; coat's row keeps its losses and bytes, with "–" for gaps and no ratios."""
+    _diverging_train(monkeypatch, {("bf16-torchopt", 0): ((), STREAK_MESSAGE)})
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), *COMMON]) == 1
+    assert "fp8coat compare: error: 1 of 2 runs diverged: bf16-torchopt seed 0 at step 260;" in capsys.readouterr().err
+    data = json.loads((out / "compare.json").read_text())
+    assert data["results"]["bf16-torchopt"] == [{"recipe": "bf16", "optimizer": "torch", "diverged": STREAK_MESSAGE,
+                                                 "seed": 0, "history": []}]
+    md = (out / "compare.md").read_text()
+    header, rows = _table(md)
+    col = {name: i for i, name in enumerate(header)}
+    base = rows["`bf16-torchopt`"]
+    assert base[col["run"]] == "bf16 + torch AdamW (baseline): diverged at step 260"
+    assert base[2:] == ["–"] * (len(header) - 2)
+    coat = rows["`coat`"]
+    assert coat[col["val loss"]] == "3.0300"
+    assert coat[col["val gap vs baseline"]] == coat[col["train gap vs baseline"]] == "–"
+    assert coat[col["weights"]] == f"{4_000_000 / 2**20:.2f} MiB"  # no ratio to a baseline without bytes
+    assert "It has no finished run (diverged): no gaps and no ratios." in md
+    assert (out / "loss.png").exists()
+
+
+def test_a_diverged_baseline_seed_is_left_out_of_the_gaps():
+    """Two seeds, the baseline diverged with seed 1: coat's gap is that of seed 0 alone, and says so."""
+    results = {"bf16-torchopt": [_summary("bf16", "torch", 3.0, 3.2, 0),
+                                 {"recipe": "bf16", "optimizer": "torch", "seed": 1, "diverged": LOSS_MESSAGE,
+                                  "history": []}],
+               "coat": [_summary("coat", "fp8coat", 3.03 + 0.01 * s, 3.22, s) for s in (0, 1)]}
+    labels = {"bf16-torchopt": "bf16 + torch AdamW", "coat": "coat + fp8coat AdamW"}
+    md = compare_module.report(results, labels, "bf16-torchopt", TrainConfig(), [0, 1], runs_total=4)
+    header, rows = _table(md)
+    assert rows["`coat`"][4] == f"{100 * (3.03 / 3.0 - 1):+.2f}% (1 of 2 seeds)"
+    assert rows["`coat`"][3] == f"3.0350 ± {statistics.stdev([3.03, 3.04]):.4f}"  # both coat seeds finished
+    assert rows["`bf16-torchopt`"][0] == ("bf16 + torch AdamW (baseline): 1 of 2 seeds finished, diverged: seed 1 "
+                                          "at step 37")
+    assert rows["`bf16-torchopt`"][3] == "3.0000"
+    assert "Its run of seed 1 diverged: the gaps leave out that seed." in md
+    assert "3 of 4 runs finished; 1 diverged: `bf16-torchopt` seed 1 at step 37." in md
+
+
+def test_every_run_diverged_still_writes_the_report(tmp_path, monkeypatch, capsys):
+    _diverging_train(monkeypatch, {("bf16-torchopt", 0): ((1,), LOSS_MESSAGE), ("coat", 0): ((), "weird")})
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), *COMMON]) == 1
+    err = capsys.readouterr().err
+    assert "fp8coat compare: error: all 2 runs diverged: bf16-torchopt seed 0 at step 37, coat seed 0;" in err
+    data = json.loads((out / "compare.json").read_text())
+    assert (data["runs_finished"], data["runs_diverged"]) == (0, 2)
+    assert [r["diverged"] for runs in data["results"].values() for r in runs] == [LOSS_MESSAGE, "weird"]
+    md = (out / "compare.md").read_text()
+    assert "0 of 2 runs finished; 2 diverged: `bf16-torchopt` seed 0 at step 37, `coat` seed 0." in md
+    _, rows = _table(md)
+    assert rows["`bf16-torchopt`"][0] == "bf16 + torch AdamW (baseline): diverged at step 37"
+    assert rows["`coat`"][0] == "coat + fp8coat AdamW: diverged"  # no step in its message, nothing logged
+    assert rows["`coat`"][2:] == ["–"] * 5
+    assert (out / "loss.png").exists()
+
+
+@pytest.mark.parametrize("message,history,where", [
+    (LOSS_MESSAGE, [{"step": 36}], " at step 37"),
+    (STREAK_MESSAGE, [], " at step 260"),
+    ("model.embed_tokens.weight became non-finite at step 8: the run diverged; stopped without writing its "
+     "checkpoint (the newest checkpoint is runs/x/checkpoints/step_000004)", [], " at step 8"),
+    ("something else", [{"step": 1}, {"step": 2}], " after step 2"),
+    ("something else", [], ""),
+])
+def test_where_a_diverged_run_stopped(message, history, where):
+    assert compare_module._stopped_at({"diverged": message, "history": history}) == where
+
+
+def test_a_run_whose_loss_becomes_nan_is_recorded_as_diverged(tmp_path, monkeypatch, capsys):
+    """End to end with real training (BF16 with torch's AdamW: no Triton kernels to interpret on the CPU): the
+    loss of seed 1 becomes NaN at its second step, so train stops it; seeds 0 and 2 finish, and the row's val
+    loss is their mean."""
+    from fp8coat.train import loop
+
+    original, real_train = loop._loss, compare_module.train
+
+    def train_poisoning_seed_1(cfg, **kwargs):
+        calls = []
+
+        def nan_from_step_2(model, ids, autocast, head=None):
+            loss = original(model, ids, autocast, head)
+            if torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) >= 2:
+                    loss = loss * float("nan")
+            return loss
+
+        monkeypatch.setattr(loop, "_loss", nan_from_step_2 if cfg.seed == 1 else original)
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train", train_poisoning_seed_1)
+    out = tmp_path / "cmp"
+    assert _run(["compare", "--out-dir", str(out), "--variants", "bf16-torchopt", "--seeds", "0,1,2", "--steps", "3",
+                 "--eval-every", "0", *COMMON]) == 1
+    assert "1 of 3 runs diverged: bf16-torchopt seed 1 at step 2;" in capsys.readouterr().err
+    runs = json.loads((out / "compare.json").read_text())["results"]["bf16-torchopt"]
+    assert [r["seed"] for r in runs] == [0, 1, 2]
+    assert runs[1]["diverged"].startswith("the training loss became non-finite at step 2")
+    assert [r["step"] for r in runs[1]["history"]] == [1] and "final_val_loss" not in runs[1]
+    finished = [runs[0]["final_val_loss"], runs[2]["final_val_loss"]]
+    _, rows = _table((out / "compare.md").read_text())
+    row = rows["`bf16-torchopt`"]
+    assert row[0] == "bf16 + torch AdamW (baseline): 2 of 3 seeds finished, diverged: seed 1 at step 2"
+    assert row[3] == f"{statistics.fmean(finished):.4f} ± {statistics.stdev(finished):.4f}"

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from .compare import DEFAULT_VARIANTS, compare
+from .compare import DEFAULT_VARIANTS, compare, diverged_message
 from .config import TrainConfig
 from .distributed import launch_world
 from .finite import NonFiniteError
@@ -168,7 +168,10 @@ def _compare(args) -> int:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     # the recipe and the seed of each run come from its variant and --seeds
     base = argparse.Namespace(**{**vars(args), "recipe": TrainConfig.recipe, "seed": seeds[0] if seeds else 0})
-    compare(TrainConfig(**_options(base)).validate(), variants, seeds, args.out_dir)
+    results = compare(TrainConfig(**_options(base)).validate(), variants, seeds, args.out_dir)
+    message = diverged_message(results, args.out_dir)
+    if message is not None:  # the report is written; a comparison with a diverged run is not a success
+        raise NonFiniteError(message)
     return 0
 
 
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"{who}: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:  # the run diverged: not a usage error
+    except NonFiniteError as err:  # a run diverged (in compare: after the report of every run): not a usage error
         print(f"{who}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,26 +15,37 @@ Gaps and memory ratios are relative to the baseline row: the first variant with 
 AdamW, else the first ``bf16`` variant, else the first variant. With several seeds every variant runs once per
 seed; the table reports mean ± standard deviation and the plot the mean with the min–max band over seeds.
 Runs go seed by seed (every variant for the first seed, then for the next); ``compare.md``, ``compare.json``
-and ``loss.png`` are rewritten after every finished run, so an interrupted compare keeps the runs it finished.
+and ``loss.png`` are rewritten after every run, so an interrupted compare keeps the runs it finished.
 Each run has its own folder, ``<out_dir>/<variant>_seed<seed>``; running compare again replaces those runs, and
 removes the report files of the earlier compare before its first run starts.
+
+A run that diverges (``train`` raises :class:`~fp8coat.train.finite.NonFiniteError`) is recorded as diverged and
+the compare goes on with the next run. Its record holds ``seed``, ``recipe``, ``optimizer``, ``history`` (its
+metrics log so far) and ``diverged`` (the error message), and no final losses. Its row in the table says where
+it diverged; means, standard deviations and gaps use only the runs that finished, and a seed whose baseline run
+diverged has no gaps. The plot draws each diverged run's history as a line of its own. ``fp8coat compare`` exits
+with status 1 after such a compare, naming the diverged runs (:func:`diverged_message`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
+import sys
 from dataclasses import replace
 
 from ..recipe import RECIPES
 from .config import TrainConfig
 from .data._atomic import atomic_file, atomic_write_text
 from .distributed import launch_world
+from .finite import NonFiniteError
 from .loop import FINAL_WINDOW, train
 from .progress import MetricsLog, human_bytes
 
-__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "merge_records", "variant_config", "write_reports"]
+__all__ = ["DEFAULT_VARIANTS", "compare", "describe", "diverged_message", "merge_records", "variant_config",
+           "write_reports"]
 
 DEFAULT_VARIANTS = ("bf16-torchopt", "coat")
 REPORT_FILES = ("compare.md", "compare.json", "loss.png")
@@ -120,9 +131,12 @@ def _check_unique(items, what: str) -> None:
 
 def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: str) -> dict:
     """Train every variant × seed; write ``compare.md``, ``compare.json`` and ``loss.png`` to ``out_dir`` after
-    each finished run (those of an earlier compare are removed before the first run starts). All variants are
-    validated before the first run starts. Returns ``{variant: [summary per
-    seed]}``; each summary is :func:`fp8coat.train.train`'s plus ``seed`` and ``history`` (the metrics log)."""
+    each run (those of an earlier compare are removed before the first run starts). All variants are validated
+    before the first run starts. A run that raises :class:`~fp8coat.train.finite.NonFiniteError` is recorded as
+    diverged and the compare goes on (see :func:`diverged_message`). Returns ``{variant: [record per seed]}``;
+    the record of a finished run is :func:`fp8coat.train.train`'s summary plus ``seed`` and ``history`` (the
+    metrics log), that of a diverged run is ``seed``, ``recipe``, ``optimizer``, ``history`` (the metrics log
+    so far, possibly empty) and ``diverged`` (the error message)."""
     if launch_world()[1] > 1:
         raise ValueError("fp8coat compare runs in one process: start it without torchrun (for a sharded run, "
                          "launch fp8coat train with torchrun)")
@@ -146,13 +160,22 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
             summary = train(cfg, overwrite=True, label=f"{labels[variant]} seed {seed}")  # a compare replaces its runs
         except KeyboardInterrupt:
             if done > 1:
-                print(f"{done - 1} of {len(configs)} runs finished: {os.path.join(out_dir, 'compare.md')}")
+                diverged = _count_diverged(results)
+                print(f"{done - 1 - diverged} of {len(configs)} runs finished"
+                      + (f", {diverged} diverged" if diverged else "") + f": {os.path.join(out_dir, 'compare.md')}")
             raise
+        except NonFiniteError as err:
+            summary = {"recipe": cfg.recipe, "optimizer": cfg.optimizer, "diverged": str(err)}
+            print(f"{labels[variant]} seed {seed} diverged: {err}"
+                  + ("; going on with the next run" if done < len(configs) else ""), file=sys.stderr)
         summary["seed"] = seed
-        summary["history"] = MetricsLog.read(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        summary["history"] = MetricsLog.read(metrics) if os.path.isfile(metrics) else []  # a diverged run: maybe none
         results[variant].append(summary)
+        diverged = _count_diverged(results)
         record = {"config": base.to_dict(), "variants": variants, "seeds": seeds, "baseline": baseline,
-                  "labels": labels, "runs_finished": done, "runs_total": len(configs), "results": results}
+                  "labels": labels, "runs_finished": done - diverged, "runs_diverged": diverged,
+                  "runs_total": len(configs), "results": results}
         document = write_reports(out_dir, record)
     print(document.split("\n**Columns**")[0].rstrip())
     print(f"(column meanings: {os.path.join(out_dir, 'compare.md')}; loss curves: "
@@ -160,10 +183,25 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
     return results
 
 
+def diverged_message(results: dict, out_dir: str) -> str | None:
+    """None if no run in ``results`` (:func:`compare`'s) diverged, else a message for the end of a compare: how
+    many runs diverged, which (variant, seed and step) and where the report is, e.g. ``"1 of 4 runs diverged:
+    coat seed 1 at step 37; ..."``."""
+    diverged = [(variant, run) for variant, runs in results.items() for run in runs if run.get("diverged")]
+    if not diverged:
+        return None
+    total = sum(len(runs) for runs in results.values())
+    how_many = f"all {total} runs" if len(diverged) == total else f"{len(diverged)} of {total} runs"
+    names = ", ".join(f"{variant} seed {run.get('seed')}" + _stopped_at(run) for variant, run in diverged)
+    return (f"{how_many} diverged: {names}; the report of every run, diverged ones included: "
+            f"{os.path.join(out_dir, 'compare.md')}")
+
+
 def write_reports(out_dir: str, record: dict, names: tuple[str, str, str] = REPORT_FILES) -> str:
     """Write a compare's report files into ``out_dir`` from its ``record`` (the content of ``compare.json``:
-    ``config``, ``variants``, ``seeds``, ``baseline``, ``labels``, ``runs_finished``, ``runs_total``, ``results``);
-    ``names`` are the file names of the table, the record and the loss plot. Returns the table's markdown."""
+    ``config``, ``variants``, ``seeds``, ``baseline``, ``labels``, ``runs_finished``, ``runs_diverged``,
+    ``runs_total``, ``results``); ``names`` are the file names of the table, the record and the loss plot.
+    Returns the table's markdown."""
     base = TrainConfig.from_dict(record["config"])
     results, labels, seeds = record["results"], record["labels"], record["seeds"]
     document = report(results, labels, record["baseline"], base, seeds, runs_total=record["runs_total"])
@@ -195,7 +233,8 @@ def merge_records(records: list[dict], variants: "list[str] | None" = None) -> d
     return {"config": records[0].get("config"), "variants": names,
             "seeds": sorted({r.get("seed", 0) for runs in results.values() for r in runs}), "baseline": baseline,
             "labels": {v: labels.get(v, v) for v in names},
-            "runs_finished": sum(len(runs) for runs in results.values()),
+            "runs_finished": sum(not r.get("diverged") for runs in results.values() for r in runs),
+            "runs_diverged": _count_diverged(results),
             "runs_total": sum(rec.get("runs_total", sum(map(len, rec["results"].values()))) for rec in records),
             "results": results}
 
@@ -208,6 +247,26 @@ def _remove_reports(out_dir: str) -> None:
             os.remove(path)
 
 
+def _count_diverged(results: dict) -> int:
+    """The number of diverged runs in ``results`` (``{variant: [record per seed]}``)."""
+    return sum(bool(r.get("diverged")) for runs in results.values() for r in runs)
+
+
+def _stopped_at(run: dict) -> str:
+    """Where a diverged run stopped, for a sentence: ``" at step N"`` with the step its error message names (the
+    first step whose loss or weights were not finite, or the last of a streak of non-finite gradient norms), else
+    ``" after step N"`` with the last step in its history, else ``""``."""
+    message = run.get("diverged") or ""
+    streak = re.search(r"\((\d+) to (\d+)\)", message)
+    at_step = re.search(r"at step (\d+)", message)
+    if streak:
+        return f" at step {streak.group(2)}"
+    if at_step:
+        return f" at step {at_step.group(1)}"
+    steps = [r["step"] for r in run.get("history") or [] if "step" in r]
+    return f" after step {steps[-1]}" if steps else ""
+
+
 def _mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -216,7 +275,7 @@ def _mean_std(values):
 
 
 def _title(results: dict, base: TrainConfig, seeds: list[int]) -> str:
-    params = next((r["params"] for runs in results.values() for r in runs), None)
+    params = next((r["params"] for runs in results.values() for r in runs if r.get("params")), None)
     tokens = base.batch_size * base.grad_accum * base.seq_len
     size = f" ({params / 1e6:.1f}M params)" if params else ""
     return (f"model {base.model}{size}, data {base.data}, {base.steps} steps × {tokens:,} tokens "
@@ -238,15 +297,18 @@ _MEMORY_COLUMNS = (
 
 def report(results: dict, labels: dict[str, str], baseline: str | None, base: TrainConfig,
            seeds: list[int], runs_total: int | None = None) -> str:
-    """``compare.md``: a title line, the table (one row per variant with finished runs; mean ± std over seeds;
-    gaps and memory ratios relative to ``baseline``) and what each column means."""
-    finished = sum(len(runs) for runs in results.values())
+    """``compare.md``: a title line, the table (one row per variant with finished or diverged runs; mean ± std
+    over the seeds that finished; gaps and memory ratios relative to ``baseline``) and what each column means.
+    A row with diverged runs says which seeds diverged at which step, and "–" where no run of it finished."""
     rows = {v: runs for v, runs in results.items() if runs}
-    any_run = [r for runs in rows.values() for r in runs]
+    done = {v: [r for r in runs if not r.get("diverged")] for v, runs in rows.items()}  # the runs that finished
+    diverged = [(v, r) for v, runs in rows.items() for r in runs if r.get("diverged")]
+    finished = sum(len(runs) for runs in done.values())
+    any_run = [r for runs in done.values() for r in runs]
     window = min(FINAL_WINDOW, max((r["steps"] for r in any_run), default=FINAL_WINDOW))
     memory = [c for c in _MEMORY_COLUMNS if any(c[0] in r for r in any_run)]
     captions = any(r.get("caption_exact_match") is not None for r in any_run)  # vision-language models
-    ref = rows.get(baseline, [])
+    ref = done.get(baseline, [])  # the baseline's finished runs: a seed whose baseline run diverged has no gaps
 
     def mean(runs, key):
         return _mean_std([r.get(key) for r in runs])[0]
@@ -262,27 +324,40 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
             return "–"
         return f"{m:.4f}" + (f" ± {s:.4f}" if len(runs) > 1 else "")
 
-    def gap(runs, key):
+    def gap(variant, key):
         """Per seed against the baseline's run of the same seed (same data order and validation split), then
-        mean ± std over seeds."""
-        if runs is ref:
+        mean ± std over seeds; only seeds where both runs finished count (how many, when fewer than the row's
+        runs)."""
+        if variant == baseline:
             return "–"
         ref_by_seed = {r.get("seed"): r.get(key) for r in ref}
-        gaps = [100 * (r[key] / ref_by_seed[r.get("seed")] - 1) for r in runs
+        gaps = [100 * (r[key] / ref_by_seed[r.get("seed")] - 1) for r in done[variant]
                 if r.get(key) is not None and ref_by_seed.get(r.get("seed"))]
         if not gaps:
             return "–"
         m, s = _mean_std(gaps)
-        return f"{m:+.2f}%" + (f" ± {s:.2f}%" if len(gaps) > 1 else "")
+        count = f" ({len(gaps)} of {len(rows[variant])} seeds)" if len(gaps) < len(rows[variant]) else ""
+        return f"{m:+.2f}%" + (f" ± {s:.2f}%" if len(gaps) > 1 else "") + count
+
+    def run_name(variant):
+        """The row's name: recipe + optimizer, and which of its runs diverged where."""
+        name = labels[variant] + (" (baseline)" if variant == baseline else "")
+        bad = [r for r in rows[variant] if r.get("diverged")]
+        if not bad:
+            return name
+        if len(rows[variant]) == 1 and len(seeds) == 1:
+            return f"{name}: diverged{_stopped_at(bad[0])}"
+        where = ", ".join(f"seed {r.get('seed')}{_stopped_at(r)}" for r in bad)
+        return f"{name}: {len(done[variant])} of {len(rows[variant])} seeds finished, diverged: {where}"
 
     header = ["run", "variant", f"train loss (last {window} steps)", "val loss", "val gap vs baseline",
               "train gap vs baseline", "tok/s"] + (["caption exact match"] if captions else []) + [c[1] for c in memory]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant, runs in rows.items():
+    for variant in rows:
+        runs = done[variant]
         speed = mean(runs, "tok_per_s")
-        cells = [labels[variant] + (" (baseline)" if variant == baseline else ""), f"`{variant}`",
-                 loss(runs, "final_train_loss"), loss(runs, "final_val_loss"),
-                 gap(runs, "final_val_loss"), gap(runs, "final_train_loss"), f"{speed:,.0f}" if speed else "–"]
+        cells = [run_name(variant), f"`{variant}`", loss(runs, "final_train_loss"), loss(runs, "final_val_loss"),
+                 gap(variant, "final_val_loss"), gap(variant, "final_train_loss"), f"{speed:,.0f}" if speed else "–"]
         if captions:
             match = mean(runs, "caption_exact_match")
             cells.append("–" if match is None else f"{match:.1%}")
@@ -294,16 +369,30 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
         lines.append("| " + " | ".join(cells) + " |")
 
     out = [f"# fp8coat compare: {_title(results, base, seeds)}", ""]
-    if runs_total is not None and finished < runs_total:
-        out += [f"{finished} of {runs_total} runs finished.", ""]
+    total = runs_total if runs_total is not None else finished + len(diverged)
+    if finished < total:
+        status = f"{finished} of {total} runs finished"
+        if diverged:
+            status += f"; {len(diverged)} diverged: " + ", ".join(
+                f"`{v}` seed {r.get('seed')}{_stopped_at(r)}" for v, r in diverged)
+        out += [status + ".", ""]
     out += lines + [""]
     if baseline is not None:
-        usual = not ref or (ref[0]["recipe"], ref[0]["optimizer"]) == ("bf16", "torch")
+        base_runs = rows.get(baseline, [])
+        usual = not base_runs or (base_runs[0].get("recipe"), base_runs[0].get("optimizer")) == ("bf16", "torch")
         cfg_note = "" if usual else " (add `bf16-torchopt` to `--variants` for BF16 with torch's AdamW)"
-        out += [(f"Baseline: {labels[baseline]} (`{baseline}`){cfg_note}. Gaps and the ratios in parentheses are "
-                 "relative to it."), ""]
-    recipes = [r for r in dict.fromkeys(run["recipe"] for run in any_run) if r in _RECIPE_NOTES]  # row order
-    optimizers = [o for o in dict.fromkeys(run["optimizer"] for run in any_run) if o in _OPTIMIZER_NOTES]
+        base_note = (f"Baseline: {labels[baseline]} (`{baseline}`){cfg_note}. Gaps and the ratios in parentheses "
+                     "are relative to it.")
+        base_diverged = [str(r.get("seed")) for r in base_runs if r.get("diverged")]
+        if base_diverged and not ref:
+            base_note += " It has no finished run (diverged): no gaps and no ratios."
+        elif base_diverged:
+            base_note += (f" Its run of seed{'s' if len(base_diverged) > 1 else ''} {', '.join(base_diverged)} "
+                          "diverged: the gaps leave out that seed.")
+        out += [base_note, ""]
+    every_run = [r for runs in rows.values() for r in runs]  # diverged ones too: their rows are described
+    recipes = [r for r in dict.fromkeys(run.get("recipe") for run in every_run) if r in _RECIPE_NOTES]  # row order
+    optimizers = [o for o in dict.fromkeys(run.get("optimizer") for run in every_run) if o in _OPTIMIZER_NOTES]
     tokens = f"{base.batch_size} × {base.seq_len} tokens"
     notes = [
         "**run**: recipe + optimizer." + "".join(f"\n  - `{r}`: {_RECIPE_NOTES[r]}." for r in recipes) +
@@ -344,6 +433,11 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
     notes += [memory_notes[c[0]] for c in memory]
     if len(seeds) > 1:
         notes.append("**±**: standard deviation over seeds.")
+    if diverged:
+        notes.append("**diverged**: the run stopped because its loss, weights or optimizer state became NaN or inf, "
+                     "or its gradient norm stayed NaN or inf (\"at step N\": the step its error names; \"after step "
+                     "N\": the last step it logged). It has no final values: \"–\" where no run of the row finished; "
+                     "means, standard deviations and gaps are over the runs that finished.")
     out += ["**Columns**", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
 
@@ -357,26 +451,35 @@ def _band(runs: list[dict], key: str):
 
 
 def _figure(results: dict, labels: dict[str, str], title: str):
-    """Training and validation loss against step: per variant the mean over seeds, with the min–max band over
-    seeds shaded; each variant has a colour and a line style of its own, so overlapping curves stay visible."""
+    """Training and validation loss against step: per variant the mean over the seeds that finished, with the
+    min–max band over them shaded; each variant has a colour and a line style of its own, so overlapping curves
+    stay visible. Each diverged run is a thin dotted line of its variant's colour over the history it logged,
+    with a cross at its last point."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.8))
     styles, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v")
-    n_seeds = max((len(runs) for runs in results.values()), default=0)
-    for i, (variant, runs) in enumerate(results.items()):
-        if not runs:
-            continue
+    finished = {v: [r for r in runs if not r.get("diverged")] for v, runs in results.items()}
+    n_seeds = max((len(runs) for runs in finished.values()), default=0)
+    for i, (variant, runs) in enumerate(finished.items()):
         color, style = f"C{i}", styles[i % len(styles)]
         for ax, key, marker in ((ax_t, "loss", None), (ax_v, "val_loss", markers[i % len(markers)])):
             steps, mean, low, high = _band(runs, key)
-            if not steps:
-                continue
-            ax.plot(steps, mean, color=color, ls=style, marker=marker, lw=1.4, ms=4, label=labels.get(variant, variant))
-            if len(runs) > 1:
-                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+            if steps:
+                ax.plot(steps, mean, color=color, ls=style, marker=marker, lw=1.4, ms=4,
+                        label=labels.get(variant, variant))
+                if len(runs) > 1:
+                    ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+            for run in (r for r in results[variant] if r.get("diverged")):
+                points = [(r["step"], r[key]) for r in run.get("history") or [] if key in r]
+                if points:
+                    ax.plot(*zip(*points), color=color, ls=":", lw=1.0, marker="x", markevery=[len(points) - 1],
+                            ms=7, label=f"{labels.get(variant, variant)} seed {run.get('seed')}: "
+                                        f"diverged{_stopped_at(run)}")
     how = f"mean of {n_seeds} seeds, shaded: min–max" if n_seeds > 1 else "one seed"
+    if _count_diverged(results):
+        how = ("mean of the finished seeds, shaded: min–max" if n_seeds > 1 else "one seed") + "; ×: diverged"
     for ax, name in ((ax_t, "training loss (per step)"), (ax_v, "validation loss")):
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
