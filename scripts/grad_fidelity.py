@@ -26,6 +26,7 @@ import torch
 
 import fp8coat
 from fp8coat.train.config import TrainConfig
+from fp8coat.train.vlm_presets import VLM_PRESETS
 from fp8coat.train.vlm_run import setup_vlm, to_model, vlm_step_loss
 
 
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="JSON file for every parameter's figures")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    ckpt = args.model if not args.model.startswith(("tiny-", "llava-", "qwen2vl-")) else None
+    ckpt = None if args.model in VLM_PRESETS else args.model
     cfg = TrainConfig(model=args.model, data=args.data, seq_len=args.seq_len, seed=args.seed)
     model, data, source = setup_vlm(cfg, args.model, ckpt, torch.float32, device)
     batches = data.images.val_batches(args.batch_size, args.batches)

@@ -17,6 +17,7 @@ import torch
 
 import fp8coat
 from fp8coat.train.config import TrainConfig
+from fp8coat.train.vlm_presets import VLM_PRESETS
 from fp8coat.train.vlm_run import setup_vlm, to_model, vlm_step_loss
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    ckpt = None if args.model.startswith(("tiny-", "llava-", "qwen2vl-")) else args.model
+    ckpt = None if args.model in VLM_PRESETS else args.model
     cfg = TrainConfig(model=args.model, data=args.data, seq_len=args.seq_len, seed=args.seed)
     dtype = torch.float32 if args.autocast else torch.bfloat16
     model, data, source = setup_vlm(cfg, args.model, ckpt, dtype, torch.device(args.device))

@@ -160,7 +160,7 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
             summary = train(cfg, overwrite=True, label=f"{labels[variant]} seed {seed}")  # a compare replaces its runs
         except KeyboardInterrupt:
             if done > 1:
-                diverged = _count_diverged(results)
+                diverged = len(_diverged_runs(results))
                 print(f"{done - 1 - diverged} of {len(configs)} runs finished"
                       + (f", {diverged} diverged" if diverged else "") + f": {os.path.join(out_dir, 'compare.md')}")
             raise
@@ -172,7 +172,7 @@ def compare(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: s
         metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
         summary["history"] = MetricsLog.read(metrics) if os.path.isfile(metrics) else []  # a diverged run: maybe none
         results[variant].append(summary)
-        diverged = _count_diverged(results)
+        diverged = len(_diverged_runs(results))
         record = {"config": base.to_dict(), "variants": variants, "seeds": seeds, "baseline": baseline,
                   "labels": labels, "runs_finished": done - diverged, "runs_diverged": diverged,
                   "runs_total": len(configs), "results": results}
@@ -187,7 +187,7 @@ def diverged_message(results: dict, out_dir: str) -> str | None:
     """None if no run in ``results`` (:func:`compare`'s) diverged, else a message for the end of a compare: how
     many runs diverged, which (variant, seed and step) and where the report is, e.g. ``"1 of 4 runs diverged:
     coat seed 1 at step 37; ..."``."""
-    diverged = [(variant, run) for variant, runs in results.items() for run in runs if run.get("diverged")]
+    diverged = _diverged_runs(results)
     if not diverged:
         return None
     total = sum(len(runs) for runs in results.values())
@@ -234,7 +234,7 @@ def merge_records(records: list[dict], variants: "list[str] | None" = None) -> d
             "seeds": sorted({r.get("seed", 0) for runs in results.values() for r in runs}), "baseline": baseline,
             "labels": {v: labels.get(v, v) for v in names},
             "runs_finished": sum(not r.get("diverged") for runs in results.values() for r in runs),
-            "runs_diverged": _count_diverged(results),
+            "runs_diverged": len(_diverged_runs(results)),
             "runs_total": sum(rec.get("runs_total", sum(map(len, rec["results"].values()))) for rec in records),
             "results": results}
 
@@ -247,9 +247,9 @@ def _remove_reports(out_dir: str) -> None:
             os.remove(path)
 
 
-def _count_diverged(results: dict) -> int:
-    """The number of diverged runs in ``results`` (``{variant: [record per seed]}``)."""
-    return sum(bool(r.get("diverged")) for runs in results.values() for r in runs)
+def _diverged_runs(results: dict) -> list[tuple[str, dict]]:
+    """``(variant, record)`` of every diverged run in ``results`` (``{variant: [record per seed]}``), in order."""
+    return [(variant, run) for variant, runs in results.items() for run in runs if run.get("diverged")]
 
 
 def _stopped_at(run: dict) -> str:
@@ -302,7 +302,7 @@ def report(results: dict, labels: dict[str, str], baseline: str | None, base: Tr
     A row with diverged runs says which seeds diverged at which step, and "–" where no run of it finished."""
     rows = {v: runs for v, runs in results.items() if runs}
     done = {v: [r for r in runs if not r.get("diverged")] for v, runs in rows.items()}  # the runs that finished
-    diverged = [(v, r) for v, runs in rows.items() for r in runs if r.get("diverged")]
+    diverged = _diverged_runs(rows)
     finished = sum(len(runs) for runs in done.values())
     any_run = [r for runs in done.values() for r in runs]
     window = min(FINAL_WINDOW, max((r["steps"] for r in any_run), default=FINAL_WINDOW))
@@ -478,7 +478,7 @@ def _figure(results: dict, labels: dict[str, str], title: str):
                             ms=7, label=f"{labels.get(variant, variant)} seed {run.get('seed')}: "
                                         f"diverged{_stopped_at(run)}")
     how = f"mean of {n_seeds} seeds, shaded: min–max" if n_seeds > 1 else "one seed"
-    if _count_diverged(results):
+    if _diverged_runs(results):
         how = ("mean of the finished seeds, shaded: min–max" if n_seeds > 1 else "one seed") + "; ×: diverged"
     for ax, name in ((ax_t, "training loss (per step)"), (ax_v, "validation loss")):
         ax.set_xlabel("step")
