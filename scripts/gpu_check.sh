@@ -126,7 +126,9 @@ section_compile_time_torchao() {
 
 section_vlm_compare() {
   # BF16 vs coat on llava-100m and qwen2vl-100m (synthetic scenes): speed runs alone, then 3 seeds per model in
-  # parallel; reports in $RESULTS/vlm, run folders (checkpoints) outside $OUT; VLM_COMPARE_ARGS: extra arguments
+  # parallel; reports in $RESULTS/vlm, run folders (checkpoints) outside $OUT; VLM_COMPARE_ARGS: extra arguments.
+  # At the default 1,000 steps one model's accuracy runs fill a call: VLM_COMPARE_ARGS="--models llava-100m
+  # --speed-steps 0", and the speed runs of both in another: VLM_COMPARE_ARGS="--steps 0"
   python3 -m benchmarks.vlm_compare --out "$RESULTS/vlm" --work-dir /tmp/fp8coat_vlm_runs --budget-s 550 \
     ${BENCH_ARGS:-} ${VLM_COMPARE_ARGS:-}
 }

@@ -83,3 +83,40 @@ def test_dry_run_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     merged = json.loads((tmp_path / "tiny-llava.json").read_text())
     assert merged["seeds"] == [0, 1] and all(len(runs) == 2 for runs in merged["results"].values())
+
+
+def test_warmup_default_and_cap():
+    args = vlm_compare.parse_args(["--steps", "1000", "--lr", "2e-4"])
+    assert args.warmup_steps == 100
+    accuracy = vlm_compare.compare_command(args, "llava-100m", ["coat"], [0], 1000, "/o", speed=False)
+    speed = vlm_compare.compare_command(args, "llava-100m", ["coat"], [0], 40, "/o", speed=True)
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert (flag(accuracy, "--warmup-steps"), flag(speed, "--warmup-steps")) == ("100", "40")
+    assert flag(accuracy, "--lr") == "0.0002" and flag(accuracy, "--caption-eval") == "256"
+    explicit = vlm_compare.parse_args(["--steps", "300", "--warmup-steps", "7"])
+    assert flag(vlm_compare.compare_command(explicit, "m", ["coat"], [0], 300, "/o", speed=False),
+                "--warmup-steps") == "7"
+    assert vlm_compare.parse_args(["--steps", "5"]).warmup_steps == 1
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0", "--speed-steps", "0"], ["--steps", "-1"],
+                                  ["--warmup-steps", "-2"]])
+def test_bad_step_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        vlm_compare.parse_args(argv)
+    assert "steps" in capsys.readouterr().err
+
+
+def test_speed_only_runs_no_accuracy(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_run_all(commands, jobs, deadline):
+        launched.extend(cmd for _, cmd in commands)
+        return {log: 0 for log, _ in commands}
+
+    monkeypatch.setattr(vlm_compare, "run_all", fake_run_all)
+    assert vlm_compare.main(["--models", "tiny-llava", "--steps", "0", "--speed-steps", "3",
+                             "--out", str(tmp_path)]) == 0
+    assert len(launched) == 1 and launched[0][launched[0].index("--steps") + 1] == "3"
+    res = json.loads((tmp_path / "vlm_compare.json").read_text())["results"]["tiny-llava"]
+    assert res["problems"] == [] and all(r["seeds"] == [] for r in res["rows"])
