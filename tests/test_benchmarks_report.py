@@ -407,7 +407,9 @@ def test_vlm_gap_target_and_ratios_to_the_baseline(tmp_path):
     folder = tmp_path / "vlm"
     _write(folder / "vlm_compare.json", _vlm_file({
         "llava-100m": ([_vlm_row("bf16-torchopt", [3.00, 3.02, 3.04], [0.0, 0.0, 0.0], 50_000.0, 1000, 1000, 10.0),
-                        _vlm_row("coat", [3.01, 3.03, 3.07], [0.2, 0.4, 0.9], 40_000.0, 300, 500, 6.0)], []),
+                        _vlm_row("coat", [3.01, 3.03, 3.07], [0.2, 0.4, 0.9], 40_000.0, 300, 500, 6.0),
+                        _vlm_row("fp8-linear-torchopt", [3.0, 3.1, 3.2], [5.0, 6.0, 7.0], 45_000.0, 1200, 1100)],
+                       []),
         # one-seed std below 0.5%: the target is 0.5%; the baseline's speed was not measured
         "qwen2vl-100m": ([_vlm_row("bf16-torchopt", [2.0, 2.0], [0.0, 0.0], None, 1000, 1000),
                           _vlm_row("coat", [2.012, 2.016], [0.6, 0.8], 30_000.0, 400, 440)],
@@ -431,6 +433,11 @@ def test_vlm_gap_target_and_ratios_to_the_baseline(tmp_path):
     text = "\n".join(lines)
     assert "llava-100m `coat`: gap +0.50% met (bound 0.66%), vision 0.300× met, LM 0.500× MISSED" in text
     assert "qwen2vl-100m `coat`: gap +0.70% MISSED (bound 0.50%), vision 0.400× met, LM 0.440× met" in text
+    # a variant other than coat is a reference row: its gap is shown, no target is checked for it
+    ref = _row_of(lines, "llava-100m | `fp8-linear-torchopt`")
+    assert ref[4:7] == ["+6.00% (+5.00, +6.00, +7.00)", "0.66%", "–"] and ref[12:14] == ["1.200×", "1.100×"]
+    assert "fp8-linear-torchopt`:" not in text
+    assert "Reference rows (the targets are coat's, not theirs): llava-100m `fp8-linear-torchopt`." in text
     assert ("Problems the runs reported: `vlm/vlm_compare.json`, qwen2vl-100m: qwen2vl-100m/seed2.log exited 1; "
             "`vlm/vlm_compare.json`, llava-big: no accuracy run finished.") in text
     assert "- `vlm/vlm_compare.json`: `python -m benchmarks.vlm_compare --out $OUT`" in lines
