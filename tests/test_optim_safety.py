@@ -227,7 +227,8 @@ def test_huge_finite_gradients_never_overflow_the_moments(backend):
     for beta1 in (0.9, 0.3):
         gen = torch.Generator().manual_seed(2)
         p = torch.nn.Parameter(torch.randn(2, 128, generator=gen).to(device()))
-        opt = fp8coat.AdamW([p], lr=1e-2, betas=(beta1, 0.999), min_quantized_numel=0, backend=backend)
+        with pytest.warns(UserWarning, match="drift"):  # beta2 = 0.999 puts v's growth near fp32's top
+            opt = fp8coat.AdamW([p], lr=1e-2, betas=(beta1, 0.999), min_quantized_numel=0, backend=backend)
         sign = 1.0
         for _ in range(6):
             g = torch.full((2, 128), 3.4e38 * sign)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -65,6 +66,25 @@ from .step_reference import StepScalars, adamw_step_reference
 __all__ = ["AdamW"]
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter and gradient dtypes of the Triton step
+
+# Above this beta2 an FP8 second moment drifts: each step moves v by (1 - beta2) of itself, less than FP8 resolves,
+# and re-encoding it every step biases it (benchmarks/moment_drift.py measures it; docs/optimizer_state_error.md)
+FP8_V_MAX_BETA2 = 0.99
+
+
+def fp8_v_drift_warning(group: dict, params: Iterable[torch.Tensor]) -> "str | None":
+    """The warning text when ``group`` stores FP8 second moments for any of ``params`` at a beta2 above
+    :data:`FP8_V_MAX_BETA2`; None otherwise."""
+    beta2 = group["betas"][1]
+    if beta2 <= FP8_V_MAX_BETA2:
+        return None
+    if not any(has_fp8_moments(state_shape(p), group["min_quantized_numel"]) for p in params):
+        return None
+    return (f"fp8coat.AdamW: betas[1]={beta2} with FP8 second moments ({group['v_format']}): each step moves v by "
+            f"{1 - beta2:.3g} of itself, less than FP8 resolves, so re-encoding it every step lets v drift from "
+            "torch's (at 0.999 with heavy-tailed gradients to about half, raising every update by ~40%: "
+            f"docs/optimizer_state_error.md). Use betas[1] <= {FP8_V_MAX_BETA2} (the default is 0.95), or "
+            "min_quantized_numel above the largest parameter for fp32 moments")
 
 
 def _checked_gradient(p: torch.Tensor) -> torch.Tensor:
@@ -133,7 +153,10 @@ class AdamW(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (each group may override any keyword below).
         lr: learning rate, a float or a 0-d tensor (may change every step).
-        betas, eps, weight_decay, maximize: as in :class:`torch.optim.AdamW`.
+        betas, eps, weight_decay, maximize: as in :class:`torch.optim.AdamW`, except that ``betas`` defaults to
+            (0.9, 0.95): above ``beta2`` = 0.99 an FP8 second moment drifts from torch's (each step changes it
+            by less than FP8 resolves), and a group that stores one at such a beta2 gets a UserWarning with the
+            measured drift (:data:`FP8_V_MAX_BETA2`).
         m_format / v_format: ``"e4m3"`` (default) or ``"e5m2"`` for the first / second moment.
         group_size: elements per quantization group along the last dim (power of two >= 16; default 128).
         expansion: dynamic range expansion on (default) or off (plain per-group absmax, for ablations).
@@ -163,7 +186,7 @@ class AdamW(torch.optim.Optimizer):
         self,
         params: Iterable,
         lr: "float | torch.Tensor" = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
@@ -241,6 +264,9 @@ class AdamW(torch.optim.Optimizer):
         self._plans = {}
         group = self.param_groups[-1]
         self._validate_group(group)
+        message = fp8_v_drift_warning(group, group["params"])
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=3)
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError("fp8coat.AdamW does not support complex parameters")
