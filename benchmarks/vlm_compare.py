@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     accuracy = [(os.path.join(args.work_dir, model, f"{variant}_seed{seed}.log"),
                  compare_command(args, model, [variant], [seed], args.steps,
                                  os.path.join(args.work_dir, model, f"{variant}_seed{seed}"), speed=False))
-                for model in args.models for seed in args.seeds for variant in args.variants if args.steps]
+                for model in args.models for seed in args.seeds for variant in args.variants] if args.steps else []
     status.update(run_all(accuracy, args.jobs, deadline))
     print(f"accuracy runs done in {time.time() - start:.0f}s", flush=True)
 

@@ -72,7 +72,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter and 
 FP8_V_MAX_BETA2 = 0.99
 
 
-def fp8_v_drift_warning(group: dict, params: Iterable[torch.Tensor]) -> "str | None":
+def _fp8_v_drift_warning(group: dict, params: Iterable[torch.Tensor]) -> "str | None":
     """The warning text when ``group`` stores FP8 second moments for any of ``params`` at a beta2 above
     :data:`FP8_V_MAX_BETA2`; None otherwise."""
     beta2 = group["betas"][1]
@@ -264,7 +264,7 @@ class AdamW(torch.optim.Optimizer):
         self._plans = {}
         group = self.param_groups[-1]
         self._validate_group(group)
-        message = fp8_v_drift_warning(group, group["params"])
+        message = _fp8_v_drift_warning(group, group["params"])
         if message:
             warnings.warn(message, UserWarning, stacklevel=3)
         for p in group["params"]:

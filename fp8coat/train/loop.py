@@ -681,12 +681,12 @@ def _resume_note(ckpt: str, state: dict, cfg: TrainConfig) -> str:
 def _stop_if_diverged(tracking: _Tracking, cfg: TrainConfig) -> None:
     """NonFiniteError if a training loss was not finite, or if the gradient norm was NaN or inf in
     ``cfg.max_nonfinite_streak`` consecutive steps (every one skipped: the weights stopped changing)."""
-    first = int(tracking.diverged)  # the first step whose loss was not finite, 0: none
+    # the first step whose loss was not finite, and the step where the streak reached its limit (0: none); one sync
+    first, stuck = torch.stack([tracking.diverged, tracking.stuck]).tolist()
     if first:
         raise NonFiniteError(f"the training loss became non-finite at step {first}: the run diverged (lower --lr, "
                              f"or check the data); stopped without writing a checkpoint after it"
                              f"{_newest(cfg.out_dir)}")
-    stuck = int(tracking.stuck)
     if stuck:
         n = cfg.max_nonfinite_streak
         raise NonFiniteError(f"the gradient norm was NaN or inf in {n} consecutive steps ({stuck - n + 1} to "
